@@ -1,0 +1,43 @@
+# Everything runs from a project-local virtualenv that these targets create.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: run test test-pg lint format bench clean
+
+## run: install, migrate and serve the gateway on 127.0.0.1:$${PORT:-8000} (embedded SQLite, no Redis)
+run: $(STAMP) .env
+	$(PY) manage.py migrate --noinput
+	$(PY) manage.py serve
+
+## test: the whole test suite against the current environment (embedded default unless DATABASE_URL/REDIS_URL are set)
+test: $(STAMP)
+	$(PY) -m pytest
+
+## lint: ruff (format check + lint) and mypy
+lint: $(STAMP)
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy .
+
+format: $(STAMP)
+	$(VENV)/bin/ruff format .
+	$(VENV)/bin/ruff check --fix .
+
+## bench: gateway vs direct-to-upstream (and LiteLLM if installed), see docs/performance.md
+bench: $(STAMP)
+	$(PY) -m bench.run
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install --quiet --upgrade pip
+	$(VENV)/bin/pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+# Secrets for the embedded setup, generated once; real environment variables win.
+.env: | $(STAMP)
+	$(PY) manage.py genkeys > .env.tmp && mv .env.tmp .env
+
+clean:
+	rm -rf $(VENV) var .env

@@ -1,0 +1,106 @@
+"""Admin for pools and upstream accounts.
+
+The stored credential is never displayed: ``credential_encrypted`` is excluded and a
+write-only field replaces it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from django import forms
+from django.contrib import admin, messages
+from django.core.exceptions import ValidationError
+from django.db.models import QuerySet
+from django.http import HttpRequest
+
+from accounts.crypto import encrypt_credential
+from accounts.models import DEFAULT_STRIP_FIELDS, Pool, UpstreamAccount
+from accounts.services import strip_fields_clean, upstream_account_set_enabled
+
+
+class PoolForm(forms.ModelForm):
+    class Meta:
+        model = Pool
+        fields = ("name", "strip_fields")
+        help_texts = {
+            "strip_fields": f"null: the default list {DEFAULT_STRIP_FIELDS}. A list: exactly these "
+            "fields (a subset of the default; [] strips nothing)."
+        }
+
+    def clean_strip_fields(self) -> list[str] | None:
+        return strip_fields_clean(self.cleaned_data.get("strip_fields"))
+
+
+@admin.register(Pool)
+class PoolAdmin(admin.ModelAdmin):
+    form = PoolForm
+    list_display = ("name", "strip_fields", "created_at")
+    search_fields = ("name",)
+    readonly_fields = ("created_at",)
+
+
+class UpstreamAccountForm(forms.ModelForm):
+    new_api_key = forms.CharField(
+        required=False,
+        strip=True,
+        label="New API key",
+        widget=forms.PasswordInput(render_value=False),
+        help_text="Write-only. Leave empty to keep the stored key.",
+    )
+    clear_api_key = forms.BooleanField(required=False, label="Remove the stored API key")
+
+    class Meta:
+        model = UpstreamAccount
+        # Not credential_encrypted: the stored key is write-only (new_api_key below).
+        fields = ("pool", "name", "provider", "base_url", "models", "weight", "enabled")
+
+    def clean_models(self) -> list[str]:
+        value = self.cleaned_data.get("models")
+        if not isinstance(value, list) or not value or not all(isinstance(m, str) and m.strip() for m in value):
+            raise ValidationError('Give a non-empty JSON list of model names, e.g. ["gpt-4o"].')
+        return [m.strip() for m in value]
+
+    def clean_base_url(self) -> str:
+        return str(self.cleaned_data.get("base_url", "")).strip().rstrip("/")
+
+
+@admin.action(description="Enable selected accounts")
+def enable_accounts(
+    modeladmin: admin.ModelAdmin[UpstreamAccount], request: HttpRequest, queryset: QuerySet[UpstreamAccount]
+) -> None:
+    for account in queryset:
+        upstream_account_set_enabled(account=account, enabled=True)
+    modeladmin.message_user(request, "Accounts enabled.", messages.SUCCESS)
+
+
+@admin.action(description="Disable selected accounts")
+def disable_accounts(
+    modeladmin: admin.ModelAdmin[UpstreamAccount], request: HttpRequest, queryset: QuerySet[UpstreamAccount]
+) -> None:
+    for account in queryset:
+        upstream_account_set_enabled(account=account, enabled=False)
+    modeladmin.message_user(request, "Accounts disabled.", messages.SUCCESS)
+
+
+@admin.register(UpstreamAccount)
+class UpstreamAccountAdmin(admin.ModelAdmin):
+    form = UpstreamAccountForm
+    list_display = ("id", "name", "pool", "base_url", "models", "weight", "enabled", "has_credential")
+    list_filter = ("enabled", "pool")
+    list_select_related = ("pool",)
+    search_fields = ("name", "base_url")
+    readonly_fields = ("has_credential", "created_at")
+    actions = (enable_accounts, disable_accounts)
+
+    @admin.display(boolean=True, description="API key set")
+    def has_credential(self, obj: UpstreamAccount) -> bool:
+        return bool(obj.credential_encrypted)
+
+    def save_model(self, request: HttpRequest, obj: UpstreamAccount, form: Any, change: bool) -> None:
+        new_key = form.cleaned_data.get("new_api_key")
+        if form.cleaned_data.get("clear_api_key"):
+            obj.credential_encrypted = ""
+        elif new_key:
+            obj.credential_encrypted = encrypt_credential(new_key)
+        super().save_model(request, obj, form, change)

@@ -1,0 +1,61 @@
+"""Admin for tenants, keys and usage. Keys are created by `manage.py apikey_create`
+(the secret is shown once there); the admin shows prefixes and can revoke."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from django.contrib import admin, messages
+from django.db.models import QuerySet
+from django.http import HttpRequest
+
+from tenancy.models import ApiKey, Tenant, UsageRecord
+from tenancy.services import apikey_revoke
+
+
+@admin.register(Tenant)
+class TenantAdmin(admin.ModelAdmin):
+    list_display = ("slug", "name", "is_active", "created_at")
+    list_filter = ("is_active",)
+    search_fields = ("slug", "name")
+    readonly_fields = ("created_at",)
+
+
+@admin.action(description="Revoke selected API keys")
+def revoke_keys(modeladmin: admin.ModelAdmin[ApiKey], request: HttpRequest, queryset: QuerySet[ApiKey]) -> None:
+    count = 0
+    for api_key in queryset.filter(revoked_at__isnull=True):
+        apikey_revoke(api_key=api_key)
+        count += 1
+    modeladmin.message_user(request, f"Revoked {count} API key(s).", messages.SUCCESS)
+
+
+@admin.register(ApiKey)
+class ApiKeyAdmin(admin.ModelAdmin):
+    list_display = ("prefix", "tenant", "name", "expires_at", "revoked_at", "last_used_at", "created_at")
+    list_filter = ("tenant",)
+    list_select_related = ("tenant",)
+    search_fields = ("prefix", "name", "tenant__slug")
+    # The digest is only useful to the gateway; never editable (it would break the key).
+    readonly_fields = ("tenant", "prefix", "digest", "last_used_at", "created_at")
+    actions = (revoke_keys,)
+
+    def has_add_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        # A key made here could never be shown to anyone: use `manage.py apikey_create`.
+        return False
+
+
+@admin.register(UsageRecord)
+class UsageRecordAdmin(admin.ModelAdmin):
+    list_display = ("created_at", "tenant", "api_key", "model", "status_code", "outcome", "total_tokens", "latency_ms")
+    list_filter = ("outcome", "stream")
+    list_select_related = ("tenant", "api_key")
+    search_fields = ("request_id", "response_id")
+    # The table grows fast: no COUNT(*) of the whole table per page.
+    show_full_result_count = False
+
+    def has_add_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False
+
+    def has_change_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False

@@ -1,0 +1,61 @@
+"""python manage.py apikey_create TENANT_SLUG [--name NAME] [--models m1,m2] [--expires-in-days N]
+
+Information lines first; the secret key alone on the LAST line of stdout, so scripts
+can take it with ``| tail -n 1``. It is shown once and cannot be recovered.
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from typing import Any
+
+from django.core.exceptions import ValidationError
+from django.core.management.base import BaseCommand, CommandError, CommandParser
+from django.utils import timezone
+
+from tenancy.models import Tenant
+from tenancy.selectors import tenant_get_by_slug
+from tenancy.services import apikey_create
+
+
+class Command(BaseCommand):
+    help = "Create an API key for a tenant and print it (alone, on the last line). It is shown only once."
+
+    def add_arguments(self, parser: CommandParser) -> None:
+        parser.add_argument("tenant", metavar="TENANT_SLUG")
+        parser.add_argument("--name", default="", help="A label for the key.")
+        parser.add_argument("--models", default="", help="Comma-separated models the key may use (default: all).")
+        parser.add_argument(
+            "--expires-in-days", dest="expires_in_days", default=None, help="Expire the key after N days."
+        )
+
+    def handle(self, *args: Any, **options: Any) -> None:
+        slug: str = options["tenant"]
+        try:
+            tenant = tenant_get_by_slug(slug)
+        except Tenant.DoesNotExist:
+            raise CommandError(f"unknown tenant {slug!r}: create it with `manage.py tenant_create {slug}`.") from None
+        models = [m.strip() for m in str(options["models"] or "").split(",") if m.strip()]
+        expires_at = None
+        days_raw = options["expires_in_days"]
+        if days_raw is not None:
+            try:
+                days = int(days_raw)
+            except (TypeError, ValueError):
+                raise CommandError(f"--expires-in-days must be a whole number of days, not {days_raw!r}.") from None
+            if days < 1:
+                raise CommandError("--expires-in-days must be at least 1.")
+            expires_at = timezone.now() + timedelta(days=days)
+        try:
+            api_key, secret = apikey_create(
+                tenant=tenant, name=options["name"], allowed_models=models, expires_at=expires_at
+            )
+        except ValidationError as exc:
+            raise CommandError(" ".join(exc.messages)) from None
+        if not tenant.is_active:
+            self.stderr.write(f"warning: tenant {tenant.slug} is inactive; the key works once it is reactivated.")
+        self.stdout.write(f"Created API key {api_key.prefix} for tenant {tenant.slug} (id {api_key.pk}).")
+        self.stdout.write(f"Models: {', '.join(api_key.allowed_models) if api_key.allowed_models else 'all'}")
+        self.stdout.write(f"Expires: {api_key.expires_at.isoformat() if api_key.expires_at else 'never'}")
+        self.stdout.write("The key is shown only once; store it now:")
+        self.stdout.write(secret)
