@@ -8,6 +8,8 @@ from django.core.exceptions import ValidationError
 from django.core.validators import MinValueValidator
 from django.db import models
 
+from accounts.health import State
+
 # Fields the seed contract strips before forwarding; a pool may narrow the list.
 DEFAULT_STRIP_FIELDS = ["safety_identifier", "prompt_cache_retention", "temperature", "max_output_tokens"]
 
@@ -38,9 +40,18 @@ def validate_base_url(value: str) -> None:
 
 
 class Pool(models.Model):
+    class Strategy(models.TextChoices):
+        """How the gateway spreads a pool's traffic over its accounts (accounts/selection.py)."""
+
+        WEIGHTED_ROUND_ROBIN = "weighted_round_robin", "weighted round robin"
+        LEAST_IN_FLIGHT = "least_in_flight", "least in-flight requests"
+        FILL_FIRST = "fill_first", "fill first (drain accounts in priority order)"
+
     name = models.SlugField(max_length=64, unique=True)
     # Null: DEFAULT_STRIP_FIELDS. A list: exactly these top-level fields are stripped.
     strip_fields = models.JSONField(null=True, blank=True)
+    # Read from the config snapshot on every pick, so a change applies without a restart.
+    strategy = models.CharField(max_length=32, choices=Strategy.choices, default=Strategy.WEIGHTED_ROUND_ROBIN)
     created_at = models.DateTimeField(auto_now_add=True)
 
     def __str__(self) -> str:
@@ -63,7 +74,19 @@ class UpstreamAccount(models.Model):
     # Fernet token of the upstream API key (GATEWAY_ENCRYPTION_KEY); empty: no credential.
     credential_encrypted = models.TextField(blank=True)
     weight = models.PositiveIntegerField(default=1, validators=[MinValueValidator(1)])
+    # Requests in flight at once on this account, counted per gateway process: with N
+    # replicas the account may see up to N times this. Null: unlimited.
+    max_concurrency = models.PositiveIntegerField(null=True, blank=True, validators=[MinValueValidator(1)])
+    # Fill-first order inside the pool: lower first, ties by id.
+    priority = models.IntegerField(default=0)
+    # The operator's switch. Health (cooldowns, circuit breaker, auth failures) is kept
+    # apart, in accounts.health_store, and never flips this field.
     enabled = models.BooleanField(default=True)
+    # Why the operator disabled the account (shown in the console); empty when enabled.
+    disabled_reason = models.CharField(max_length=500, blank=True)
+    # Set when an operator or the prober re-admits the account. It travels in the config
+    # snapshot, so every replica drops older health state even without Redis.
+    health_reset_at = models.DateTimeField(null=True, blank=True)
     created_at = models.DateTimeField(auto_now_add=True)
     # Declared last on purpose: inside this class body the name ``models`` shadows
     # the django.db.models module from here on.
@@ -71,3 +94,60 @@ class UpstreamAccount(models.Model):
 
     def __str__(self) -> str:
         return self.name or f"account {self.pk}"
+
+
+class ModelRoute(models.Model):
+    """A public model name and the ordered (pool, upstream model) targets serving it.
+
+    Without a route, a model is served by every pool with an enabled account listing it
+    (accounts/routing.py). With one, only its targets serve it, tried in ``position``
+    order: the first is the primary, later ones are fallbacks.
+    """
+
+    model = models.CharField(max_length=200, unique=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    def __str__(self) -> str:
+        return self.model
+
+
+class ModelRouteTarget(models.Model):
+    route = models.ForeignKey(ModelRoute, on_delete=models.CASCADE, related_name="targets")
+    position = models.PositiveSmallIntegerField()
+    # Deleting a pool drops its targets; a route left without targets answers 503.
+    pool = models.ForeignKey(Pool, on_delete=models.CASCADE, related_name="route_targets")
+    # The name sent upstream; accounts of ``pool`` must list it in their ``models``.
+    upstream_model = models.CharField(max_length=200)
+
+    class Meta:
+        ordering = ("route", "position")
+        constraints = [
+            models.UniqueConstraint(fields=["route", "position"], name="accounts_route_target_position_unique"),
+            models.UniqueConstraint(fields=["route", "pool", "upstream_model"], name="accounts_route_target_unique"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.route_id}#{self.position}: {self.pool_id}/{self.upstream_model}"
+
+
+class AccountTransition(models.Model):
+    """The durable log of an account's health transitions (accounts/health.py).
+
+    Written in batches off the request path by ``account_transitions_write``; operator
+    actions (disable, enable, reset) are logged here too. Never read by the data plane.
+    """
+
+    account = models.ForeignKey(UpstreamAccount, on_delete=models.CASCADE, related_name="transitions")
+    from_state = models.CharField(max_length=16, choices=[(s.value, s.value) for s in State])
+    to_state = models.CharField(max_length=16, choices=[(s.value, s.value) for s in State])
+    reason = models.CharField(max_length=500)
+    at = models.DateTimeField()
+    # Cooling deadline or next circuit probe; null for healthy and disabled.
+    until = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        indexes = [models.Index(fields=["account", "at"], name="accounts_transition_acct_at")]
+
+    def __str__(self) -> str:
+        return f"account {self.account_id}: {self.from_state} -> {self.to_state} ({self.reason})"

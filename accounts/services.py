@@ -7,14 +7,37 @@ with a human sentence on bad input (never containing a credential). Writes go th
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import enum
+import time
+from collections.abc import Iterable, Sequence
+from datetime import UTC, datetime
 
 from django.core.exceptions import ValidationError
 from django.core.validators import validate_slug
 from django.db import IntegrityError, transaction
 
 from accounts.crypto import encrypt_credential
-from accounts.models import DEFAULT_STRIP_FIELDS, Pool, UpstreamAccount, validate_base_url
+from accounts.health import Reset, State, Transition
+from accounts.models import (
+    DEFAULT_STRIP_FIELDS,
+    AccountTransition,
+    ModelRoute,
+    ModelRouteTarget,
+    Pool,
+    UpstreamAccount,
+    validate_base_url,
+)
+
+_INT_MAX = 2**31 - 1  # IntegerField / PositiveIntegerField bound on every backend
+_MODEL_NAME_MAX = 200
+
+
+class Unchanged(enum.Enum):
+    UNCHANGED = "unchanged"
+
+
+# Default of optional update arguments where None is a value ("unlimited").
+UNCHANGED = Unchanged.UNCHANGED
 
 
 def pool_get_or_create(*, name: str) -> Pool:
@@ -69,17 +92,22 @@ def upstream_account_create(
     weight: int = 1,
     name: str = "",
     enabled: bool = True,
+    max_concurrency: int | None = None,
+    priority: int = 0,
 ) -> UpstreamAccount:
     """Add an account serving ``models`` at ``{base_url}/responses`` to ``pool``.
 
     ``base_url``: http(s) with a host; stored without trailing slash. ``models``: at
     least one non-empty name (duplicates dropped). ``weight`` >= 1. ``api_key`` None
     or blank: no Authorization header is sent; otherwise stored Fernet-encrypted.
+    ``max_concurrency``: None (unlimited) or >= 1, per gateway process. ``priority``:
+    fill-first order, lower first.
     """
     url = _clean_base_url(base_url)
     model_list = _clean_models(models)
-    if isinstance(weight, bool) or not isinstance(weight, int) or weight < 1:
-        raise ValidationError("weight must be a whole number of at least 1.", code="min_value")
+    weight = _clean_weight(weight)
+    max_concurrency = _clean_max_concurrency(max_concurrency)
+    priority = _clean_priority(priority)
     if len(name) > 200:
         raise ValidationError("account name is too long (200 characters at most).", code="max_length")
     secret = (api_key or "").strip()
@@ -91,17 +119,235 @@ def upstream_account_create(
         models=model_list,
         weight=weight,
         enabled=enabled,
+        max_concurrency=max_concurrency,
+        priority=priority,
     )
     account.save()
     return account
 
 
-def upstream_account_set_enabled(*, account: UpstreamAccount, enabled: bool) -> UpstreamAccount:
-    """Enable or disable ``account`` (no write if unchanged)."""
-    if account.enabled != enabled:
+def _clean_weight(weight: object) -> int:
+    if isinstance(weight, bool) or not isinstance(weight, int) or not 1 <= weight <= _INT_MAX:
+        raise ValidationError("weight must be a whole number of at least 1.", code="min_value")
+    return weight
+
+
+def _clean_max_concurrency(value: object) -> int | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= _INT_MAX:
+        raise ValidationError("max concurrency must be a whole number of at least 1, or unlimited.", code="min_value")
+    return value
+
+
+def _clean_priority(value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not -_INT_MAX <= value <= _INT_MAX:
+        raise ValidationError("priority must be a whole number (lower is used first).", code="invalid")
+    return value
+
+
+def upstream_account_set_enabled(*, account: UpstreamAccount, enabled: bool, reason: str = "") -> UpstreamAccount:
+    """Enable or disable ``account`` as an operator (no write if unchanged).
+
+    Disabling records ``reason`` (shown in the console) and a transition to DISABLED.
+    Enabling clears the reason and re-admits the account (:func:`account_health_reset`),
+    so an account disabled by an upstream auth failure can be turned back on in one step.
+    """
+    reason = reason.strip()
+    if len(reason) > 500:
+        raise ValidationError("the reason is too long (500 characters at most).", code="max_length")
+    if account.enabled == enabled:
+        if not enabled and reason and account.disabled_reason != reason:
+            account.disabled_reason = reason
+            account.save(update_fields=["disabled_reason"])
+        return account
+    with transaction.atomic():
         account.enabled = enabled
-        account.save(update_fields=["enabled"])
+        account.disabled_reason = "" if enabled else reason
+        account.save(update_fields=["enabled", "disabled_reason"])
+        if not enabled:
+            detail = f": {reason}" if reason else ""
+            _record(account.pk, _latest_state(account.pk), State.DISABLED, f"disabled by operator{detail}")
+    if enabled and account_health_reset(account=account, reason="enabled by operator") is None:
+        _record(account.pk, _latest_state(account.pk), State.HEALTHY, "enabled by operator")
     return account
+
+
+def upstream_account_update(
+    *,
+    account: UpstreamAccount,
+    weight: int | None = None,
+    max_concurrency: int | Unchanged | None = UNCHANGED,
+    priority: int | None = None,
+    models: Iterable[str] | None = None,
+    enabled: bool | None = None,
+    disabled_reason: str = "",
+) -> UpstreamAccount:
+    """Change the given settings of ``account`` (None / UNCHANGED: keep). One save, if any.
+
+    ``max_concurrency=None`` means unlimited. ``enabled`` goes through
+    :func:`upstream_account_set_enabled` (``disabled_reason`` with it).
+    """
+    fields: list[str] = []
+    if weight is not None and _clean_weight(weight) != account.weight:
+        account.weight = weight
+        fields.append("weight")
+    if max_concurrency is not UNCHANGED:
+        value = _clean_max_concurrency(max_concurrency)
+        if value != account.max_concurrency:
+            account.max_concurrency = value
+            fields.append("max_concurrency")
+    if priority is not None and _clean_priority(priority) != account.priority:
+        account.priority = priority
+        fields.append("priority")
+    if models is not None:
+        model_list = _clean_models(models)
+        if model_list != account.models:
+            account.models = model_list
+            fields.append("models")
+    with transaction.atomic():
+        if fields:
+            account.save(update_fields=fields)
+        if enabled is not None:
+            upstream_account_set_enabled(account=account, enabled=enabled, reason=disabled_reason)
+    return account
+
+
+def pool_set_strategy(*, pool: Pool, strategy: str) -> Pool:
+    """Set how ``pool`` spreads traffic: one of ``Pool.Strategy`` (applies without a restart)."""
+    value = strategy.strip() if isinstance(strategy, str) else strategy
+    if value not in Pool.Strategy.values:
+        raise ValidationError(
+            f"{strategy!r} is not a strategy: choose from {', '.join(Pool.Strategy.values)}.", code="invalid"
+        )
+    if pool.strategy != value:
+        pool.strategy = value
+        pool.save(update_fields=["strategy"])
+    return pool
+
+
+def _clean_model_name(name: object, what: str) -> str:
+    if not isinstance(name, str) or not name.strip():
+        raise ValidationError(f"{what} must be a non-empty string.", code="required")
+    name = name.strip()
+    if len(name) > _MODEL_NAME_MAX:
+        raise ValidationError(f"{what} is too long ({_MODEL_NAME_MAX} characters at most).", code="max_length")
+    return name
+
+
+def model_route_set(*, model: str, targets: Sequence[tuple[str, str]]) -> ModelRoute:
+    """Route the public ``model`` to ``targets``: ``(pool name, upstream model)`` pairs in order.
+
+    The first target is the primary, later ones are tried when it cannot serve. Replaces
+    any previous route of ``model``. Every pool must exist; a pair may appear once.
+    """
+    public = _clean_model_name(model, "the model name")
+    if isinstance(targets, str | bytes) or not targets:
+        raise ValidationError("a route needs at least one target (pool, upstream model).", code="required")
+    cleaned: list[tuple[Pool, str]] = []
+    pools: dict[str, Pool] = {}
+    for entry in targets:
+        if not isinstance(entry, tuple | list) or len(entry) != 2:
+            raise ValidationError("each target is a (pool name, upstream model) pair.", code="invalid")
+        pool_name, upstream = entry
+        if not isinstance(pool_name, str) or not pool_name.strip():
+            raise ValidationError("each target needs a pool name.", code="required")
+        pool_name = pool_name.strip()
+        upstream = _clean_model_name(upstream, "the upstream model name")
+        if pool_name not in pools:
+            found = Pool.objects.filter(name=pool_name).first()
+            if found is None:
+                raise ValidationError(f"unknown pool {pool_name!r}.", code="invalid")
+            pools[pool_name] = found
+        if any(p.name == pool_name and u == upstream for p, u in cleaned):
+            raise ValidationError(f"target {pool_name}:{upstream} is listed twice.", code="invalid")
+        cleaned.append((pools[pool_name], upstream))
+    with transaction.atomic():
+        route, _ = ModelRoute.objects.select_for_update().get_or_create(model=public)
+        route.targets.all().delete()
+        for position, (pool, upstream) in enumerate(cleaned):
+            ModelRouteTarget(route=route, position=position, pool=pool, upstream_model=upstream).save()
+        route.save(update_fields=["updated_at"])  # announces the change even if only targets moved
+    return route
+
+
+def model_route_delete(*, model: str) -> bool:
+    """Remove the route of ``model`` (it is then served by name again); False if there was none."""
+    route = ModelRoute.objects.filter(model=model.strip()).first()
+    if route is None:
+        return False
+    route.delete()
+    return True
+
+
+# --- health ---------------------------------------------------------------------------------
+
+
+def _at(epoch: float | None) -> datetime | None:
+    return None if epoch is None else datetime.fromtimestamp(epoch, tz=UTC)
+
+
+def account_transitions_write(rows: Sequence[Transition]) -> int:
+    """Store health transitions (accounts.health.Transition) in one bulk insert.
+
+    Rows of accounts deleted meanwhile are skipped. Returns how many were written.
+    """
+    if not rows:
+        return 0
+    existing = set(UpstreamAccount.objects.filter(pk__in={row.account_id for row in rows}).values_list("pk", flat=True))
+    objects = [
+        AccountTransition(
+            account_id=row.account_id,
+            from_state=State(row.from_state).value,
+            to_state=State(row.to_state).value,
+            reason=row.reason[:500],
+            at=datetime.fromtimestamp(row.at, tz=UTC),
+            until=_at(row.until),
+        )
+        for row in rows
+        if row.account_id in existing
+    ]
+    AccountTransition.objects.bulk_create(objects)
+    return len(objects)
+
+
+def _latest_state(account_id: int) -> State:
+    latest = AccountTransition.objects.filter(account_id=account_id).order_by("-at", "-pk").first()
+    return State(latest.to_state) if latest is not None else State.HEALTHY
+
+
+def _record(account_id: int, from_state: State, to_state: State, reason: str) -> Transition:
+    transition = Transition(account_id, from_state, to_state, reason, time.time())
+    account_transitions_write([transition])
+    return transition
+
+
+def account_health_reset(*, account: UpstreamAccount, reason: str = "reset by operator") -> Transition | None:
+    """Re-admit ``account``: HEALTHY, cooldowns and failure counters cleared, on every replica.
+
+    With Redis the shared record is reset and published at once; in every mode
+    ``health_reset_at`` is stamped, which reaches each replica with the next config
+    snapshot (``HealthStore.apply_resets``). Returns the recorded transition, or None
+    if the account was not known to be unhealthy.
+    """
+    from accounts import health_store
+
+    now = time.time()
+    client = health_store.sync_client()
+    transition: Transition | None = None
+    if client is not None:
+        _, transitions = health_store.apply_sync(client, account.pk, [Reset(reason)], now)
+        transition = transitions[0] if transitions else None
+    else:
+        latest = _latest_state(account.pk)
+        if latest is not State.HEALTHY:
+            transition = Transition(account.pk, latest, State.HEALTHY, reason, now)
+    with transaction.atomic():
+        account.health_reset_at = _at(now)
+        account.save(update_fields=["health_reset_at"])
+        if transition is not None:
+            account_transitions_write([transition])
+    return transition
 
 
 def strip_fields_clean(fields: Iterable[str] | None) -> list[str] | None:

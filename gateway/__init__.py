@@ -1,3 +1,5 @@
-from gateway.celery import app as celery_app
+"""The data plane and the project wiring.
 
-__all__ = ["celery_app"]
+Nothing is imported here: ``python -m gateway.fake_upstream`` must start without
+Django or Celery. The Celery app is loaded by ``GatewayConfig.ready()``.
+"""

@@ -7,3 +7,4 @@ class GatewayConfig(AppConfig):
 
     def ready(self) -> None:
         from gateway import checks  # noqa: F401  (registers the system checks)
+        from gateway.celery import app  # noqa: F401  (makes it the default app for shared_task)

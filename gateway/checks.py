@@ -30,7 +30,7 @@ from django.core.exceptions import ImproperlyConfigured
 from gateway import env
 
 MIN_SECRET_KEY_LENGTH = 32
-UPSTREAM_TRANSPORTS = ("aiohttp", "httpx")
+UPSTREAM_TRANSPORTS = ("fast", "aiohttp", "httpx")
 SERVERS = ("uvicorn", "daphne")
 
 SECRET_KEY_HINT = (
@@ -123,7 +123,7 @@ def check_choices(app_configs: Sequence[AppConfig] | None = None, **kwargs: Any)
         errors.append(
             Error(
                 f"GATEWAY_UPSTREAM_TRANSPORT={transport!r} is not supported.",
-                hint="Set GATEWAY_UPSTREAM_TRANSPORT to aiohttp (default, fastest) or httpx, or unset it.",
+                hint="Set GATEWAY_UPSTREAM_TRANSPORT to fast, aiohttp (default) or httpx, or unset it.",
                 id="gateway.E005",
             )
         )

@@ -6,9 +6,11 @@ it that way) or ``python manage.py fake_upstream``. When ready it prints exactly
 
 Why no framework: a benchmark drives ~19k req/s at it from ``wrk`` on a 2-core machine, so it must not
 be the bottleneck. It is a raw :class:`asyncio.Protocol` with ``httptools`` parsing, HTTP/1.1
-keep-alive, uvloop when available and orjson bodies. Each answer is a *script* of steps (bytes to
-write, pauses, cut, hang) played synchronously up to its first pause, so the common case never creates
-a task and goes out in one ``write``.
+keep-alive (and pipelining), uvloop when available and orjson bodies. Each answer is a *script* of
+steps (bytes, pauses, cut, hang) played synchronously up to its first pause, so the common case never
+creates a task and goes out in one ``write``. SSE is chunked, one chunk per event frame: with no
+event delay all frames leave in that one write; with a delay each frame is written when it is due.
+Stateless answers to a body seen twice are replayed from :class:`AnswerCache` with fresh ids.
 
 Endpoints: ``POST /v1/responses`` (and ``/responses``), ``GET /v1/models`` (and ``/models``,
 ``/v1/models/{id}``), ``GET /health``, and for tests ``GET /_fake/stats``, ``POST /_fake/reset``,
@@ -17,6 +19,9 @@ Endpoints: ``POST /v1/responses`` (and ``/responses``), ``GET /v1/models`` (and 
 Per-request knobs, as ``x-fake-<name>`` headers or ``fake_<name>`` metadata keys (headers win; ``-``
 in header names is ``_`` in metadata keys): ``tokens``, ``latency-ms``, ``event-delay-ms``,
 ``status``, ``error-code``, ``retry-after``, ``cut-after``, ``fail-after``, ``hang``, ``no-usage``.
+What an answer contains (filler text, function calls, structured output, reasoning, usage) is decided
+in :mod:`gateway.fake_upstream_wire`. State (stats, history, caches) is per process: with
+``--workers N`` each worker has its own.
 """
 
 from __future__ import annotations
@@ -64,6 +69,11 @@ from gateway.fake_upstream_wire import (
 DEFAULT_MODELS = ("gpt-4.1", "gpt-4.1-mini", "gpt-4o", "gpt-4o-mini", "gpt-5", "gpt-5-mini", "o4-mini")
 _TRUE = frozenset({"1", "true", "yes", "on"})
 _MAX_CACHE_KEYS = 100_000  # bound on remembered prompt_cache_key values (cleared when reached)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Configuration, per-request knobs, stats
+# ---------------------------------------------------------------------------------------------------
 
 
 @dataclass(slots=True)
@@ -167,7 +177,13 @@ class State:
 
     def set_config(self, config: Config) -> None:
         self.config = config
+        self.history = deque(self.history, maxlen=config.history)
         self.answers.clear()  # cached answers embed the old defaults
+
+
+# ---------------------------------------------------------------------------------------------------
+# Answer scripts and the answer cache
+# ---------------------------------------------------------------------------------------------------
 
 
 class _Marker:
@@ -183,42 +199,55 @@ HANG = _Marker("HANG")  # never answer; wait until the client goes away
 Step = bytes | float | _Marker  # float: pause that many seconds
 
 
-class Template:
-    """Bytes of a cached answer with its fresh ids and timestamps as slots to re-fill per request.
+CacheKey = tuple[bytes, tuple[tuple[str, str], ...]]  # (request body, x-fake-* headers)
 
-    Re-filling never changes a length (id suffixes all have the same length, timestamps 10 digits),
-    so ``content-length`` and chunk sizes baked into the bytes stay right.
+
+class CachedAnswer:
+    """A replayable answer: its script with every fresh id's suffix cut out, plus its effect on stats.
+
+    A replay joins the pieces with one new suffix, so all ids of a replayed answer share it (``resp_S``,
+    ``msg_S``, ``req_S``...: still unique, the prefixes keep them apart). Suffixes all have the same
+    length and timestamps 10 digits, so ``content-length`` and chunk sizes baked into the bytes stay
+    right. Timestamps are re-stamped at most once a second.
     """
 
-    __slots__ = ("parts", "slots")
+    __slots__ = ("second", "stats", "steps")
 
-    def __init__(self, blob: bytes, values: Sequence[bytes]) -> None:
-        pattern = re.compile(b"(" + b"|".join(re.escape(v) for v in values) + b")")
-        self.parts = pattern.split(blob)  # literal, slot value, literal, slot value, ..., literal
-        self.slots = [values.index(v) for v in self.parts[1::2]]
-
-    def render(self, values: Sequence[bytes]) -> bytes:
-        parts = self.parts.copy()
-        for i, slot in enumerate(self.slots):
-            parts[2 * i + 1] = values[slot]
-        return b"".join(parts)
-
-
-@dataclass(slots=True)
-class CachedAnswer:
-    """A script whose bytes are templates, the number of ids it issues, and its effect on stats."""
-
-    steps: list[Template | float | _Marker]
-    ids: int
-    stats: dict[str, int]
+    def __init__(self, steps: list[Step], suffixes: list[bytes], now: int, stats: dict[str, int]) -> None:
+        merged: list[Step] = []
+        for step in steps:  # one run of bytes, one join on replay
+            if isinstance(step, bytes) and merged and isinstance(merged[-1], bytes):
+                merged[-1] += step
+            else:
+                merged.append(step)
+        cut = re.compile(b"|".join(re.escape(suffix) for suffix in suffixes))
+        self.steps: list[list[bytes] | float | _Marker] = [
+            cut.split(step) if isinstance(step, bytes) else step for step in merged
+        ]
+        self.second = now
+        self.stats = list(stats.items())
 
     def replay(self, state: State) -> list[Step]:
         now = int(time.time())
-        values = [*IDS.fresh_suffixes(self.ids), b'"created_at":%d' % now, b'"completed_at":%d' % now]
+        if now != self.second:
+            self.restamp(now)
+        suffix = IDS.next_suffix()
         stats = state.stats
-        for name, delta in self.stats.items():
+        for name, delta in self.stats:
             setattr(stats, name, getattr(stats, name) + delta)
-        return [step.render(values) if isinstance(step, Template) else step for step in self.steps]
+        return [suffix.join(step) if isinstance(step, list) else step for step in self.steps]
+
+    def restamp(self, now: int) -> None:
+        stamps = [
+            (b'"%s":%d' % (key, self.second), b'"%s":%d' % (key, now)) for key in (b"created_at", b"completed_at")
+        ]
+        for step in self.steps:
+            if isinstance(step, list):
+                for i, piece in enumerate(step):
+                    for old, new in stamps:
+                        piece = piece.replace(old, new)
+                    step[i] = piece
+        self.second = now
 
 
 class AnswerCache:
@@ -233,14 +262,14 @@ class AnswerCache:
     MAX_BODY = 64 * 1024
 
     def __init__(self) -> None:
-        self.entries: dict[tuple[bytes, tuple[tuple[str, str], ...]], CachedAnswer] = {}
-        self.seen: set[tuple[bytes, tuple[tuple[str, str], ...]]] = set()
+        self.entries: dict[CacheKey, CachedAnswer] = {}
+        self.seen: set[CacheKey] = set()
 
     def clear(self) -> None:
         self.entries.clear()
         self.seen.clear()
 
-    def answer(self, state: State, key: tuple[bytes, tuple[tuple[str, str], ...]], body: JSON, k: Knobs) -> list[Step]:
+    def answer(self, state: State, key: CacheKey, body: JSON, k: Knobs) -> list[Step]:
         """Answer a cacheable request fresh, caching the answer if ``key`` was seen before."""
         if key not in self.seen:
             if len(self.seen) >= self.LIMIT:
@@ -249,20 +278,17 @@ class AnswerCache:
             return answer(state, body, k, int(time.time()))
         before, first_id, now = asdict(state.stats), IDS.counter + 1, int(time.time())
         steps = answer(state, body, k, now)
-        merged: list[bytes | float | _Marker] = []
-        for step in steps:  # one template per run of bytes: fewer joins on replay
-            if isinstance(step, bytes) and merged and isinstance(merged[-1], bytes):
-                merged[-1] += step
-            else:
-                merged.append(step)
-        ids = IDS.counter + 1 - first_id
-        values = [*(IDS.suffix(first_id + i) for i in range(ids)), b'"created_at":%d' % now, b'"completed_at":%d' % now]
-        templated = [Template(step, values) if isinstance(step, bytes) else step for step in merged]
+        suffixes = [IDS.suffix(number) for number in range(first_id, IDS.counter + 1)]
         delta = {name: value - before[name] for name, value in asdict(state.stats).items() if value != before[name]}
         if len(self.entries) >= self.LIMIT:
             self.entries.clear()
-        self.entries[key] = CachedAnswer(templated, ids, delta)
+        self.entries[key] = CachedAnswer(steps, suffixes, now, delta)
         return steps
+
+
+# ---------------------------------------------------------------------------------------------------
+# Routing and answers
+# ---------------------------------------------------------------------------------------------------
 
 
 class Reject(Exception):
@@ -468,6 +494,11 @@ def describe(entry: Recorded) -> JSON:
     }
 
 
+# ---------------------------------------------------------------------------------------------------
+# HTTP/1.1 connection
+# ---------------------------------------------------------------------------------------------------
+
+
 class Connection(asyncio.Protocol):
     """One HTTP/1.1 keep-alive connection.
 
@@ -554,7 +585,8 @@ class Connection(asyncio.Protocol):
             if isinstance(step, bytes):
                 pending.append(step)
                 continue
-            transport.write(b"".join(pending))
+            if pending:
+                transport.write(b"".join(pending))
             if step is CUT:
                 transport.close()
             else:
@@ -590,6 +622,11 @@ class Connection(asyncio.Protocol):
         self.task = None
         while self.queue and self.task is None and not transport.is_closing():
             self.respond(self.queue.popleft())
+
+
+# ---------------------------------------------------------------------------------------------------
+# Running
+# ---------------------------------------------------------------------------------------------------
 
 
 def make_config(base: Config | None = None, **options: Any) -> Config:

@@ -60,12 +60,10 @@ class IdFactory:
         """The suffix of the id issued as ``number`` (see :attr:`counter`)."""
         return f"{self.salt}{number:016x}".encode()
 
-    def fresh_suffixes(self, n: int) -> list[bytes]:
-        """Reserve ``n`` new ids and return their suffixes."""
-        start = self.counter
-        self.counter += n
-        salt = self.salt
-        return [f"{salt}{i:016x}".encode() for i in range(start + 1, start + n + 1)]
+    def next_suffix(self) -> bytes:
+        """Reserve one new suffix (a replayed answer gives it to all its ids: prefixes keep them apart)."""
+        self.counter += 1
+        return f"{self.salt}{self.counter:016x}".encode()
 
 
 IDS = IdFactory()

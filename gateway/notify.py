@@ -12,10 +12,12 @@ Every gateway replica keeps an in-memory snapshot of keys, tenants and accounts
   prefer push over polling).
 
 ``connect_signals()`` (called from the tenancy and accounts apps' ``ready()``) makes
-every save/delete of a Tenant, ApiKey, Pool or UpstreamAccount announce a change
+every save/delete of a Tenant, ApiKey, PriceVersion, Pool, UpstreamAccount, ModelRoute or
+ModelRouteTarget announce a change
 once its transaction commits, whether it came from a service, a command or the
 admin. Queryset ``.update()`` fires no signal; usage_records_write relies on that for
-``ApiKey.last_used_at``, which must not cause reloads.
+``ApiKey.last_used_at``, which must not cause reloads. AccountTransition rows (health
+history) are not configuration and announce nothing.
 """
 
 from __future__ import annotations
@@ -141,10 +143,10 @@ def _on_config_write(sender: type[Any], **kwargs: Any) -> None:
 
 def connect_signals() -> None:
     """Announce saves and deletes of the config models after commit. Idempotent."""
-    from accounts.models import Pool, UpstreamAccount
-    from tenancy.models import ApiKey, Tenant
+    from accounts.models import ModelRoute, ModelRouteTarget, Pool, UpstreamAccount
+    from tenancy.models import ApiKey, PriceVersion, Tenant
 
-    for model in (Tenant, ApiKey, Pool, UpstreamAccount):
+    for model in (Tenant, ApiKey, PriceVersion, Pool, UpstreamAccount, ModelRoute, ModelRouteTarget):
         label = model._meta.label_lower
         post_save.connect(_on_config_write, sender=model, dispatch_uid=f"gateway.notify.save.{label}")
         post_delete.connect(_on_config_write, sender=model, dispatch_uid=f"gateway.notify.delete.{label}")

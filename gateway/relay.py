@@ -141,10 +141,30 @@ class SseRelay:
                     self.response_id = str(response.get("id") or self.response_id)
 
     def failure_frames(self, code: str, message: str, *, model: str, request_id: str) -> bytes:
-        """An ``error`` event then ``response.failed``, numbered after the last relayed event."""
+        """An ``error`` event then ``response.failed``, numbered after the last relayed event.
+
+        When the upstream failed before sending any event, a ``response.created`` goes first:
+        clients (the SDK's stream helper) require it before any other event.
+        """
         last = _frame_json(self._last_frame) if self._last_frame else None
         seq = last.get("sequence_number") if isinstance(last, dict) else None
         seq = seq + 1 if isinstance(seq, int) else 0
+        created = b""
+        if self._created is None and not self._last_frame:
+            self._created = {
+                "id": f"resp_{request_id}",
+                "object": "response",
+                "created_at": int(time.time()),
+                "status": "in_progress",
+                "model": model,
+                "output": [],
+                "usage": None,
+                "error": None,
+            }
+            created = _sse(
+                "response.created", {"type": "response.created", "sequence_number": seq, "response": self._created}
+            )
+            seq += 1
         response = (
             dict(self._created)
             if self._created
@@ -161,10 +181,8 @@ class SseRelay:
         response["error"] = {"code": code, "message": message}
         error = {"type": "error", "sequence_number": seq, "code": code, "message": message, "param": None}
         failed = {"type": "response.failed", "sequence_number": seq + 1, "response": response}
-        return (
-            b"event: error\ndata: "
-            + orjson.dumps(error)
-            + b"\n\nevent: response.failed\ndata: "
-            + orjson.dumps(failed)
-            + b"\n\n"
-        )
+        return created + _sse("error", error) + _sse("response.failed", failed)
+
+
+def _sse(event: str, data: dict[str, Any]) -> bytes:
+    return b"event: " + event.encode() + b"\ndata: " + orjson.dumps(data) + b"\n\n"

@@ -128,6 +128,7 @@ GATEWAY_UPSTREAM_MAX_CONNECTIONS = env_int("GATEWAY_UPSTREAM_MAX_CONNECTIONS", 1
 GATEWAY_SSE_KEEPALIVE_SECONDS = env_float("GATEWAY_SSE_KEEPALIVE_SECONDS", 15.0, minimum=0.05)
 # How often buffered usage records are written to the database (seconds).
 GATEWAY_USAGE_FLUSH_SECONDS = env_float("GATEWAY_USAGE_FLUSH_SECONDS", 0.5, minimum=0.01)
+GATEWAY_ALERT_WEBHOOK_URL = env_str("GATEWAY_ALERT_WEBHOOK_URL")  # budget alerts are POSTed here as JSON, if set
 # ASGI server used by `manage.py serve`: "uvicorn" (measured fastest) or "daphne".
 GATEWAY_SERVER = env_str("GATEWAY_SERVER", "uvicorn")
 

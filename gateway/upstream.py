@@ -2,8 +2,14 @@
 
 Everything the data plane sends to an upstream goes through :class:`UpstreamClient`,
 so the transport under httpx can be chosen by benchmark (``GATEWAY_UPSTREAM_TRANSPORT``)
-and tests can stub this seam. Failures surface as the exception tree below, never as
-httpx or aiohttp exceptions:
+and tests can stub this seam. The transports:
+
+* ``fast``: gateway/transport.py, HTTP/1.1 over asyncio protocols and httptools (leanest;
+  no proxies, no HTTP/2).
+* ``aiohttp``: httpx_aiohttp's AiohttpTransport (aiohttp's connector and parser).
+* ``httpx``: httpx.AsyncHTTPTransport (httpcore's pool, h11).
+
+Failures surface as the exception tree below, never as httpx or aiohttp exceptions:
 
     UpstreamError
     ├── UpstreamConnectError   nothing was sent: DNS, refused, connect timeout
@@ -85,6 +91,9 @@ class UpstreamStream:
             await self._response.aclose()
 
 
+TRANSPORTS = ("fast", "aiohttp", "httpx")
+
+
 class UpstreamClient:
     """A pooled HTTP client for upstream calls. One per process, shared by every request."""
 
@@ -96,29 +105,49 @@ class UpstreamClient:
         read_timeout: float = 600.0,
         max_connections: int = 1000,
     ) -> None:
+        """``transport`` is one of :data:`TRANSPORTS` (ValueError otherwise).
+
+        ``max_connections`` bounds the pool: per upstream host with ``fast``, in total otherwise.
+        """
         limits = httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections)
         timeout = httpx.Timeout(connect=connect_timeout, read=read_timeout, write=read_timeout, pool=connect_timeout)
         self._transport: httpx.AsyncBaseTransport
-        if transport == "aiohttp":
+        if transport == "fast":
+            from gateway.transport import FastTransport
+
+            self._transport = FastTransport(max_connections=max_connections)
+        elif transport == "aiohttp":
             from httpx_aiohttp import AiohttpTransport
 
             self._transport = AiohttpTransport(limits=limits, trust_env=False)
-        else:
+        elif transport == "httpx":
             self._transport = httpx.AsyncHTTPTransport(limits=limits, trust_env=False)
+        else:
+            raise ValueError(f"unknown upstream transport {transport!r}; expected one of {', '.join(TRANSPORTS)}")
+        # httpcore (h11) needs the Host and Content-Length headers that only httpx.Request's full
+        # constructor adds; the other two transports write their own, so they get the lean request.
+        self._lean = transport != "httpx"
         self._extensions = {"timeout": timeout.as_dict()}
         self._urls: dict[str, httpx.URL] = {}
 
-    async def open(self, url: str, headers: dict[str, str], body: bytes) -> UpstreamStream:
+    async def open(self, url: str, headers: httpx.Headers, body: bytes) -> UpstreamStream:
         """POST ``body`` to ``url`` and return once the status line and headers arrived.
 
-        The request goes straight to the transport: the gateway needs none of
-        AsyncClient's cookie, redirect or auth handling, and skipping it halves the
-        per-request cost (see docs/performance.md).
+        ``headers`` is only read (copied into the request), so one prebuilt object may serve
+        every request. The request goes straight to the transport: the gateway needs none of
+        AsyncClient's cookie, redirect or auth handling. The lean request (``stream=`` instead
+        of ``content=``) skips httpx's header re-normalisation, ~5 µs instead of ~25-50 µs.
         """
         parsed = self._urls.get(url)
         if parsed is None:
             parsed = self._urls[url] = httpx.URL(url)
-        request = httpx.Request("POST", parsed, headers=headers, content=body, extensions=self._extensions)
+        if self._lean:
+            request = httpx.Request(
+                "POST", parsed, headers=headers, stream=httpx.ByteStream(body), extensions=self._extensions
+            )
+            request.read()  # sets request.content, which both lean transports send from
+        else:
+            request = httpx.Request("POST", parsed, headers=headers, content=body, extensions=self._extensions)
         try:
             response = await self._transport.handle_async_request(request)
         except httpx.HTTPError as exc:
@@ -126,7 +155,7 @@ class UpstreamClient:
         response.request = request
         return UpstreamStream(response)
 
-    async def post(self, url: str, headers: dict[str, str], body: bytes) -> UpstreamReply:
+    async def post(self, url: str, headers: httpx.Headers, body: bytes) -> UpstreamReply:
         """POST and read the whole answer."""
         stream = await self.open(url, headers, body)
         try:

@@ -14,6 +14,7 @@ Request path: authenticate -> read body (size limit) -> parse -> validate (seed 
 from __future__ import annotations
 
 import asyncio
+import functools
 import hmac
 import logging
 import os
@@ -22,6 +23,7 @@ import time
 from datetime import UTC, datetime
 from typing import Any
 
+import httpx
 import orjson
 from django.conf import settings
 
@@ -96,11 +98,18 @@ def pick_account(route: ModelRoute) -> AccountInfo:
     return random.choices(route.accounts, cum_weights=route.cum_weights)[0]
 
 
-def upstream_headers(account: AccountInfo, stream: bool) -> dict[str, str]:
+def upstream_headers(account: AccountInfo, stream: bool) -> httpx.Headers:
+    """The upstream request headers: one shared, read-only object per (credential, stream)."""
+    return _upstream_headers(account.credential, stream)
+
+
+@functools.lru_cache(maxsize=1024)
+def _upstream_headers(credential: str | None, stream: bool) -> httpx.Headers:
+    # Built once: constructing httpx.Headers per request was a measurable share of the request cost.
     headers = {"content-type": "application/json", "accept": "text/event-stream" if stream else "application/json"}
-    if account.credential:
-        headers["authorization"] = f"Bearer {account.credential}"
-    return headers
+    if credential:
+        headers["authorization"] = f"Bearer {credential}"
+    return httpx.Headers(headers)
 
 
 class Exchange:
@@ -175,7 +184,8 @@ class GatewayApp:
             else:
                 raise GatewayError(404, f"Invalid URL ({method} {path})", type=INVALID_REQUEST, code="not_found")
         except GatewayError as error:
-            exchange.record(runtime, error.status, "rejected")
+            # Once an account was picked the request went upstream: a failure is the upstream's.
+            exchange.record(runtime, error.status, "upstream_error" if exchange.account else "rejected")
             await send_error(send, error, exchange.rid)
         except ClientGone:
             return

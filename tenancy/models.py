@@ -1,11 +1,103 @@
-"""The demand side: who calls the gateway, with which keys, and what they used."""
+"""The demand side: who calls the gateway, with which keys and limits, and what they used."""
 
 from __future__ import annotations
 
+import ipaddress
+from decimal import Decimal
+from typing import Any
+
+from django.core.exceptions import ValidationError
+from django.core.validators import MaxValueValidator, MinValueValidator
 from django.db import models
 
+# Largest budget in USD that budget_usd holds (max_digits=14, decimal_places=6).
+BUDGET_USD_MAX_DIGITS = 14
+BUDGET_USD_PLACES = 6
+# Prices: USD per million tokens, e.g. 0.075000.
+PRICE_MAX_DIGITS = 14
+PRICE_PLACES = 6
+# Costs: USD with nano-dollar precision (tenancy.pricing.COST_PLACES).
+COST_MAX_DIGITS = 20
+COST_PLACES = 9
 
-class Tenant(models.Model):
+
+class BudgetPeriod(models.TextChoices):
+    """The window a budget counts spend in (see tenancy.pricing.budget_window): all UTC."""
+
+    DAY = "day", "day"
+    WEEK = "week", "ISO week (from Monday)"
+    MONTH = "month", "calendar month"
+    FIXED = "fixed", "fixed window"
+
+
+def validate_string_list(value: Any) -> None:
+    """A JSON list of non-empty strings, or null."""
+    if value is None:
+        return
+    if not isinstance(value, list) or not all(isinstance(item, str) and item.strip() for item in value):
+        raise ValidationError("must be a list of non-empty strings.", code="invalid")
+
+
+def validate_cidr_list(value: Any) -> None:
+    """A non-empty JSON list of CIDR strings (a bare address is a /32 or /128), or null."""
+    if value is None:
+        return
+    validate_string_list(value)
+    if not value:
+        raise ValidationError("must list at least one address or network (null allows any).", code="invalid")
+    for item in value:
+        try:
+            ipaddress.ip_network(item.strip(), strict=False)
+        except ValueError:
+            raise ValidationError(f"{item!r} is not an IP address or CIDR network.", code="invalid") from None
+
+
+class LimitFields(models.Model):
+    """Limits shared by tenants and keys. Every limit is null when unlimited.
+
+    A request is checked against its key's limits and its tenant's limits; both apply.
+    Budgets count spend (``budget_usd``, in USD at the price table's rates) and tokens
+    (``budget_tokens``, ``total_tokens`` of usage records) inside the current budget
+    window: the ``budget_period`` in UTC, or ``[budget_window_start, budget_window_end)``
+    for ``fixed`` (outside that window the budget does not apply). Reaching
+    ``budget_soft_percent`` % of a budget records an alert; reaching 100 % blocks.
+    """
+
+    rpm = models.PositiveIntegerField(null=True, blank=True, validators=[MinValueValidator(1)])
+    tpm = models.PositiveBigIntegerField(null=True, blank=True, validators=[MinValueValidator(1)])
+    concurrency = models.PositiveIntegerField(null=True, blank=True, validators=[MinValueValidator(1)])
+    budget_usd = models.DecimalField(
+        max_digits=BUDGET_USD_MAX_DIGITS,
+        decimal_places=BUDGET_USD_PLACES,
+        null=True,
+        blank=True,
+        validators=[MinValueValidator(Decimal("0.000001"))],
+    )
+    budget_tokens = models.PositiveBigIntegerField(null=True, blank=True, validators=[MinValueValidator(1)])
+    budget_period = models.CharField(max_length=8, choices=BudgetPeriod.choices, default=BudgetPeriod.MONTH)
+    # Only for budget_period = fixed (both set, end after start); null otherwise.
+    budget_window_start = models.DateTimeField(null=True, blank=True)
+    budget_window_end = models.DateTimeField(null=True, blank=True)
+    # Null: no soft alert, only the hard block at 100 %.
+    budget_soft_percent = models.PositiveSmallIntegerField(
+        null=True, blank=True, default=80, validators=[MinValueValidator(1), MaxValueValidator(100)]
+    )
+
+    class Meta:
+        abstract = True
+
+    def clean(self) -> None:
+        super().clean()
+        if self.budget_period == BudgetPeriod.FIXED:
+            if self.budget_window_start is None or self.budget_window_end is None:
+                raise ValidationError("a fixed budget period needs a window start and end.", code="invalid")
+            if self.budget_window_end <= self.budget_window_start:
+                raise ValidationError("the budget window must end after it starts.", code="invalid")
+        elif self.budget_window_start is not None or self.budget_window_end is not None:
+            raise ValidationError("a budget window is only used with the fixed budget period.", code="invalid")
+
+
+class Tenant(LimitFields):
     slug = models.SlugField(max_length=64, unique=True)
     name = models.CharField(max_length=200)
     is_active = models.BooleanField(default=True)
@@ -15,8 +107,16 @@ class Tenant(models.Model):
         return self.slug
 
 
-class ApiKey(models.Model):
-    """A tenant's bearer key. Only a visible prefix and an HMAC digest are stored."""
+class ApiKey(LimitFields):
+    """A tenant's bearer key. Only a visible prefix and an HMAC digest are stored.
+
+    Besides the shared limits, a key carries a request policy (null = no restriction):
+    ``max_output_tokens`` caps the request's ``max_output_tokens`` (clamped where the pool
+    forwards the field, and the bound of every budget estimate), ``reasoning_efforts`` lists
+    the accepted ``reasoning.effort`` values (lowercase), ``allowed_tools`` the accepted tool
+    ``type`` values (an empty list: no tools at all), ``allowed_ips`` the client networks
+    (normalized CIDR strings) the key may be used from.
+    """
 
     tenant = models.ForeignKey(Tenant, on_delete=models.CASCADE, related_name="api_keys")
     name = models.CharField(max_length=200, blank=True)
@@ -28,16 +128,104 @@ class ApiKey(models.Model):
     revoked_at = models.DateTimeField(null=True, blank=True)
     last_used_at = models.DateTimeField(null=True, blank=True)
     created_at = models.DateTimeField(auto_now_add=True)
+    max_output_tokens = models.PositiveIntegerField(null=True, blank=True, validators=[MinValueValidator(1)])
+    reasoning_efforts = models.JSONField(null=True, blank=True, validators=[validate_string_list])
+    allowed_tools = models.JSONField(null=True, blank=True, validators=[validate_string_list])
+    allowed_ips = models.JSONField(null=True, blank=True, validators=[validate_cidr_list])
 
     def __str__(self) -> str:
         return f"{self.prefix}… ({self.tenant_id})"
+
+
+class PriceVersion(models.Model):
+    """One version of a model's price, in USD per million tokens. Rows are never edited.
+
+    The price applied to a request is the row of its model with the greatest
+    ``effective_from <= request time`` (ties: the greatest id, i.e. the last one set).
+    ``reasoning`` null: reasoning tokens cost the ``output`` price. How a usage is priced,
+    without counting any token twice, is ``tenancy.pricing.cost_usd``.
+    """
+
+    model = models.CharField(max_length=200)
+    input = models.DecimalField(max_digits=PRICE_MAX_DIGITS, decimal_places=PRICE_PLACES)
+    cached_input = models.DecimalField(max_digits=PRICE_MAX_DIGITS, decimal_places=PRICE_PLACES)
+    cache_write = models.DecimalField(max_digits=PRICE_MAX_DIGITS, decimal_places=PRICE_PLACES)
+    output = models.DecimalField(max_digits=PRICE_MAX_DIGITS, decimal_places=PRICE_PLACES)
+    reasoning = models.DecimalField(max_digits=PRICE_MAX_DIGITS, decimal_places=PRICE_PLACES, null=True, blank=True)
+    effective_from = models.DateTimeField()
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["model", "effective_from", "id"]
+        indexes = [models.Index(fields=["model", "effective_from"])]
+        constraints = [
+            models.CheckConstraint(
+                condition=models.Q(input__gte=0, cached_input__gte=0, cache_write__gte=0, output__gte=0)
+                & (models.Q(reasoning__isnull=True) | models.Q(reasoning__gte=0)),
+                name="tenancy_priceversion_non_negative",
+            )
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.model} from {self.effective_from.isoformat()}"
+
+
+class BudgetScope(models.TextChoices):
+    KEY = "key", "API key"
+    TENANT = "tenant", "tenant"
+
+
+class BudgetAlertKind(models.TextChoices):
+    SOFT = "soft", "soft threshold reached"
+    HARD = "hard", "hard limit reached"
+
+
+class BudgetAlert(models.Model):
+    """A budget threshold crossed by a key or a tenant: at most one per kind and period.
+
+    ``scope_id`` is the ApiKey or Tenant id (per ``scope``); ``tenant`` is the tenant in
+    both cases, for listings. Delivery to ``GATEWAY_ALERT_WEBHOOK_URL`` (if set) is
+    recorded in ``delivered_at``, or the last failure in ``last_error``.
+    """
+
+    scope = models.CharField(max_length=8, choices=BudgetScope.choices)
+    scope_id = models.BigIntegerField()
+    tenant = models.ForeignKey(Tenant, on_delete=models.CASCADE, related_name="budget_alerts")
+    kind = models.CharField(max_length=8, choices=BudgetAlertKind.choices)
+    # The budget that was crossed: "usd", "tokens", or "" when unknown.
+    metric = models.CharField(max_length=8, blank=True)
+    period_start = models.DateTimeField()
+    period_end = models.DateTimeField()
+    spent_usd = models.DecimalField(max_digits=COST_MAX_DIGITS, decimal_places=COST_PLACES, null=True, blank=True)
+    spent_tokens = models.BigIntegerField(null=True, blank=True)
+    limit_usd = models.DecimalField(
+        max_digits=BUDGET_USD_MAX_DIGITS, decimal_places=BUDGET_USD_PLACES, null=True, blank=True
+    )
+    limit_tokens = models.BigIntegerField(null=True, blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+    delivered_at = models.DateTimeField(null=True, blank=True)
+    attempts = models.PositiveIntegerField(default=0)
+    last_error = models.TextField(blank=True)
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(
+                fields=["scope", "scope_id", "period_start", "kind"], name="tenancy_budgetalert_once_per_period"
+            )
+        ]
+        indexes = [models.Index(fields=["tenant", "created_at"])]
+
+    def __str__(self) -> str:
+        return f"{self.kind} {self.metric} budget alert for {self.scope} {self.scope_id}"
 
 
 class UsageRecord(models.Model):
     """One row per request that reached the data plane past authentication.
 
     Token fields are null when the upstream did not report them: unknown is
-    not zero.
+    not zero. ``cost`` (USD, ``tenancy.pricing.cost_usd``) is null when the tokens are
+    unknown or when no price applied to the model at that time; ``price_version`` is the
+    price row that was applied (null: none).
     """
 
     request_id = models.CharField(max_length=64, unique=True)
@@ -58,6 +246,11 @@ class UsageRecord(models.Model):
     output_tokens = models.BigIntegerField(null=True)
     reasoning_tokens = models.BigIntegerField(null=True)
     total_tokens = models.BigIntegerField(null=True)
+    cost = models.DecimalField(max_digits=COST_MAX_DIGITS, decimal_places=COST_PLACES, null=True)
+    # PROTECT: a price that billed requests stays, so every cost can be explained.
+    price_version = models.ForeignKey(
+        PriceVersion, on_delete=models.PROTECT, null=True, blank=True, related_name="usage_records"
+    )
     latency_ms = models.FloatField()
     ttfb_ms = models.FloatField(null=True)
     created_at = models.DateTimeField(db_index=True)

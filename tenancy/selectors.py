@@ -1,13 +1,41 @@
-"""Reads of tenants and API keys that other layers depend on."""
+"""Reads of tenants, API keys, prices and usage that other layers depend on."""
 
 from __future__ import annotations
 
+from datetime import datetime
+from decimal import Decimal
 from typing import Any
 
-from django.db.models import F
+from django.db.models import Count, DecimalField, F, Q, Sum, Value
+from django.db.models.functions import Coalesce
 
 from tenancy.keys import key_prefix
-from tenancy.models import ApiKey, Tenant
+from tenancy.models import COST_MAX_DIGITS, COST_PLACES, ApiKey, BudgetScope, PriceVersion, Tenant, UsageRecord
+
+# The limit columns shared by keys and tenants (tenancy.models.LimitFields).
+LIMIT_FIELDS = (
+    "rpm",
+    "tpm",
+    "concurrency",
+    "budget_usd",
+    "budget_tokens",
+    "budget_period",
+    "budget_window_start",
+    "budget_window_end",
+    "budget_soft_percent",
+)
+# The request policy only keys have.
+KEY_POLICY_FIELDS = ("max_output_tokens", "reasoning_efforts", "allowed_tools", "allowed_ips")
+
+_USAGE_TOKEN_FIELDS = (
+    "input_tokens",
+    "cached_tokens",
+    "cache_write_tokens",
+    "output_tokens",
+    "reasoning_tokens",
+    "total_tokens",
+)
+_ZERO_COST = Value(Decimal(0), output_field=DecimalField(max_digits=COST_MAX_DIGITS, decimal_places=COST_PLACES))
 
 
 def tenant_get_by_slug(slug: str) -> Tenant:
@@ -24,14 +52,101 @@ def apikey_get_by_prefix(prefix_or_key: str) -> ApiKey:
 def apikeys_for_snapshot() -> list[dict[str, Any]]:
     """Every usable-or-expired key of an active tenant, as plain dicts, in one query.
 
-    Keys: ``id, tenant_id, tenant_slug, prefix, digest, allowed_models, expires_at``.
+    Keys: ``id, tenant_id, tenant_slug, prefix, digest, allowed_models, expires_at``;
+    the key's limits ``rpm, tpm, concurrency, budget_usd, budget_tokens, budget_period,
+    budget_window_start, budget_window_end, budget_soft_percent`` and policy
+    ``max_output_tokens, reasoning_efforts, allowed_tools, allowed_ips``; and the tenant's
+    limits under the same names prefixed ``tenant_`` (``tenant_rpm`` ...). A None limit or
+    policy is unlimited / unrestricted (types: see tenancy.models; ``budget_usd`` is a
+    Decimal, windows aware datetimes).
+
     Revoked keys and keys of inactive tenants are left out. Expired keys are kept,
     with ``expires_at`` (aware datetime or None): the gateway checks expiry per
     request, since a snapshot outlives the moment a key expires.
     """
+    tenant_limits = {f"tenant_{name}": F(f"tenant__{name}") for name in LIMIT_FIELDS}
     rows = (
         ApiKey.objects.filter(revoked_at__isnull=True, tenant__is_active=True)
         .order_by("id")
-        .values("id", "tenant_id", "prefix", "digest", "allowed_models", "expires_at", tenant_slug=F("tenant__slug"))
+        .values(
+            "id",
+            "tenant_id",
+            "prefix",
+            "digest",
+            "allowed_models",
+            "expires_at",
+            *LIMIT_FIELDS,
+            *KEY_POLICY_FIELDS,
+            tenant_slug=F("tenant__slug"),
+            **tenant_limits,
+        )
     )
     return [dict(row) for row in rows]
+
+
+def prices_for_snapshot() -> list[dict[str, Any]]:
+    """Every price version, oldest first per model, as plain dicts, in one query.
+
+    Keys: ``id, model, input, cached_input, cache_write, output, reasoning, effective_from``
+    (USD per million tokens as Decimals, ``reasoning`` None = the output price). All
+    versions, future ones included, so the gateway picks the one effective at request
+    time (``tenancy.pricing.PriceTable``) and a scheduled price change needs no reload.
+    """
+    rows = PriceVersion.objects.order_by("model", "effective_from", "id").values(
+        "id", "model", "input", "cached_input", "cache_write", "output", "reasoning", "effective_from"
+    )
+    return [dict(row) for row in rows]
+
+
+def usage_summary(api_key: ApiKey | int, since: datetime | None = None) -> dict[str, Any]:
+    """The usage of one key (ApiKey or id) since ``since`` (all of it if None), in one query.
+
+    Only that key's own usage records: never its tenant's other keys, never pool-wide or
+    upstream figures. Keys: ``requests`` (every record), the token sums ``input_tokens,
+    cached_tokens, cache_write_tokens, output_tokens, reasoning_tokens, total_tokens`` (ints;
+    a null token count is skipped, not taken as zero), ``cost`` (Decimal USD, sum of the
+    known costs), ``requests_with_unknown_usage`` (records whose input or output tokens are
+    unknown) and ``requests_with_unknown_cost`` (records without a cost: unknown usage or
+    no price for the model).
+    """
+    key_id = api_key.pk if isinstance(api_key, ApiKey) else int(api_key)
+    records = UsageRecord.objects.filter(api_key_id=key_id)
+    if since is not None:
+        records = records.filter(created_at__gte=since)
+    # Aliases differ from the column names: an alias named like a column would shadow it
+    # in the other aggregates' filters.
+    sums: dict[str, Any] = {f"sum_{name}": Coalesce(Sum(name), 0) for name in _USAGE_TOKEN_FIELDS}
+    totals = records.aggregate(
+        n_requests=Count("id"),
+        sum_cost=Coalesce(Sum("cost"), _ZERO_COST),
+        n_unknown_usage=Count("id", filter=Q(input_tokens__isnull=True) | Q(output_tokens__isnull=True)),
+        n_unknown_cost=Count("id", filter=Q(cost__isnull=True)),
+        **sums,
+    )
+    return {
+        "requests": int(totals["n_requests"]),
+        **{name: int(totals[f"sum_{name}"]) for name in _USAGE_TOKEN_FIELDS},
+        "cost": Decimal(totals["sum_cost"]),
+        "requests_with_unknown_usage": int(totals["n_unknown_usage"]),
+        "requests_with_unknown_cost": int(totals["n_unknown_cost"]),
+    }
+
+
+def budget_spent(scope: str, scope_id: int, start: datetime, end: datetime) -> tuple[int, Decimal]:
+    """``(tokens, cost)`` recorded for a key or tenant in ``[start, end)``, in one query.
+
+    ``scope``: "key" (``scope_id`` = ApiKey id) or "tenant" (Tenant id: all its keys).
+    Tokens are the sum of known ``total_tokens``, cost the sum of known costs (USD).
+    Used to seed budget counters (e.g. after a Redis restart); requests still in flight
+    or not yet flushed by the usage meter are not in it.
+    """
+    if scope == BudgetScope.KEY:
+        records = UsageRecord.objects.filter(api_key_id=scope_id)
+    elif scope == BudgetScope.TENANT:
+        records = UsageRecord.objects.filter(tenant_id=scope_id)
+    else:
+        raise ValueError(f"unknown budget scope {scope!r}")
+    totals = records.filter(created_at__gte=start, created_at__lt=end).aggregate(
+        sum_tokens=Coalesce(Sum("total_tokens"), 0), sum_cost=Coalesce(Sum("cost"), _ZERO_COST)
+    )
+    return int(totals["sum_tokens"]), Decimal(totals["sum_cost"])

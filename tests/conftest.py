@@ -11,8 +11,9 @@ tenant with a key of its own that must never see the owner's things.
 from __future__ import annotations
 
 import dataclasses
+import ssl
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -27,21 +28,29 @@ MODEL = "gpt-test"
 OTHER_MODEL = "gpt-other"
 
 
+# One TLS context for every test client: building one per httpx.Client costs ~40 ms.
+TLS = ssl.create_default_context()
+
+
 @dataclasses.dataclass
 class FakeUpstream:
     base_url: str  # e.g. http://127.0.0.1:PORT/v1
+    control: httpx.Client = dataclasses.field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self.control = httpx.Client(base_url=self.base_url.removesuffix("/v1") + "/_fake", verify=TLS, timeout=10)
 
     def requests(self) -> list[dict[str, Any]]:
-        return httpx.get(self.base_url.removesuffix("/v1") + "/_fake/requests").json()
+        return self.control.get("/requests").json()
 
     def last_request(self) -> dict[str, Any]:
         return self.requests()[-1]
 
     def stats(self) -> dict[str, Any]:
-        return httpx.get(self.base_url.removesuffix("/v1") + "/_fake/stats").json()
+        return self.control.get("/stats").json()
 
     def reset(self) -> None:
-        httpx.post(self.base_url.removesuffix("/v1") + "/_fake/reset")
+        self.control.post("/reset").raise_for_status()
 
 
 def _database_url() -> str:
@@ -59,7 +68,9 @@ def fake_upstream() -> Iterator[FakeUpstream]:
     port = live.free_port()
     proc = live.fake_upstream(port, live.child_env(), DATA_DIR / "fake-upstream.log")
     with live.running(proc):
-        yield FakeUpstream(f"http://127.0.0.1:{port}/v1")
+        upstream = FakeUpstream(f"http://127.0.0.1:{port}/v1")
+        yield upstream
+        upstream.control.close()
 
 
 @pytest.fixture(scope="session")
@@ -94,12 +105,37 @@ class Live:
 
     def http(self, key: str | None = None, **kwargs: Any) -> httpx.Client:
         headers = {"authorization": f"Bearer {key or self.owner.key}"}
-        return httpx.Client(base_url=self.url, headers=headers, timeout=30, **kwargs)
+        return httpx.Client(base_url=self.url, headers=headers, timeout=30, verify=TLS, **kwargs)
 
     def openai(self, key: str | None = None, **kwargs: Any) -> Any:
         from openai import OpenAI
 
         return OpenAI(base_url=self.url + "/v1", api_key=key or self.owner.key, **kwargs)
+
+    def post(self, body: Any, key: str | None = None, **kwargs: Any) -> httpx.Response:
+        """One ``POST /v1/responses`` with raw httpx (``body`` as JSON unless ``content=`` is given)."""
+        with self.http(key) as client:
+            if "content" in kwargs:
+                return client.post("/v1/responses", **kwargs)
+            return client.post("/v1/responses", json=body, **kwargs)
+
+    def add_account(self, models: list[str], base_url: str | None = None, pool: str = "main", **options: Any) -> Any:
+        """Another upstream account (default: on the fake upstream, in the main pool)."""
+        from accounts import services as account_services
+
+        return account_services.upstream_account_create(
+            pool=account_services.pool_get_or_create(name=pool),
+            base_url=base_url or self.upstream.base_url,
+            api_key=options.pop("api_key", "sk-upstream-secret"),
+            models=models,
+            **options,
+        )
+
+    def new_key(self, actor: Actor | None = None, **options: Any) -> tuple[Any, str]:
+        """A further key of ``actor`` (default: the owner): ``(ApiKey, secret)``."""
+        from tenancy import services
+
+        return services.apikey_create(tenant=(actor or self.owner).tenant, name="extra key", **options)
 
     def wait_usage(self, request_id: str, timeout: float = 10.0) -> Any:
         """The usage record of a request, once the gateway's meter has written it."""
@@ -110,8 +146,19 @@ class Live:
             record = UsageRecord.objects.filter(request_id=request_id).first()
             if record is not None:
                 return record
-            time.sleep(0.05)
+            time.sleep(0.01)
         raise AssertionError(f"no usage record for {request_id} after {timeout}s")
+
+    def drain_usage(self) -> None:
+        """Wait until the gateway's meter has written the usage of every request made so far.
+
+        The meter writes in order, so once a rejected sentinel request is recorded, so is every
+        request before it. Called before the database is flushed: a usage INSERT racing the
+        flush's TRUNCATE deadlocks on PostgreSQL (and fails its foreign keys on SQLite).
+        """
+        response = self.post({"model": MODEL, "input": "drain", "store": True}, key=self.outsider.key)
+        if response.status_code == 400:  # the outsider's key may have been revoked by the test
+            self.wait_usage(response.headers["x-request-id"])
 
 
 def make_actor(slug: str, **key_options: Any) -> Actor:
@@ -123,17 +170,38 @@ def make_actor(slug: str, **key_options: Any) -> Actor:
 
 
 @pytest.fixture
-def live_gw(transactional_db: None, live_gateway: str, fake_upstream: FakeUpstream) -> Live:
+def live_gw(transactional_db: None, live_gateway: str, fake_upstream: FakeUpstream) -> Iterator[Live]:
     from accounts import services as account_services
 
     pool = account_services.pool_get_or_create(name="main")
     account = account_services.upstream_account_create(
         pool=pool, base_url=fake_upstream.base_url, api_key="sk-upstream-secret", models=[MODEL, OTHER_MODEL]
     )
-    return Live(
+    gateway = Live(
         url=live_gateway,
         upstream=fake_upstream,
         owner=make_actor("owner"),
         outsider=make_actor("outsider"),
         account=account,
     )
+    yield gateway
+    gateway.drain_usage()
+
+
+@pytest.fixture
+def start_gateway(live_env: dict[str, str], fake_upstream: FakeUpstream) -> Iterator[Callable[..., live.LiveProcess]]:
+    """Start a dedicated gateway process: ``start_gateway(server="uvicorn", **env_overrides)``.
+
+    Every process started is stopped (SIGTERM) at teardown unless the test stopped it.
+    """
+    started: list[live.LiveProcess] = []
+
+    def start(server: str = "uvicorn", **env: str) -> live.LiveProcess:
+        port = live.free_port()
+        process = live.gateway(port, {**live_env, **env}, DATA_DIR / f"gateway-{server}-{port}.log", server=server)
+        started.append(process)
+        return process.start()
+
+    yield start
+    for process in started:
+        process.stop()

@@ -1,16 +1,25 @@
-"""Live processes for integration tests: real servers on real loopback sockets."""
+"""Live processes for integration tests: real servers on real loopback sockets.
+
+Also the small wire helpers the live tests share: the error-envelope check, a strict SSE
+parser, polling with a deadline, and :class:`SseProbe`, an upstream that records when the
+gateway hangs up on it.
+"""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import json
 import os
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any, TypeVar
 
 import httpx
 
@@ -43,6 +52,7 @@ class LiveProcess:
         self.ready_url = ready_url
         self.log = log
         self.proc: subprocess.Popen[bytes] | None = None
+        self.url = ""  # base URL, for servers
 
     def start(self) -> LiveProcess:
         handle = open(self.log, "ab")  # noqa: SIM115 - lives as long as the process
@@ -79,10 +89,160 @@ def fake_upstream(port: int, env: dict[str, str], log: Path, *extra: str) -> Liv
 
 def gateway(port: int, env: dict[str, str], log: Path, server: str = "uvicorn") -> LiveProcess:
     args = [sys.executable, "manage.py", "serve", "--port", str(port), "--server", server]
-    return LiveProcess(args, env, f"http://127.0.0.1:{port}/healthz", log)
+    process = LiveProcess(args, env, f"http://127.0.0.1:{port}/healthz", log)
+    process.url = f"http://127.0.0.1:{port}"
+    return process
 
 
 def child_env(**overrides: str) -> dict[str, str]:
+    """The test environment for a live process, which runs the production settings module.
+
+    Not tests.settings: it makes a new GATEWAY_DATA_DIR on import, so a child would not share
+    the data directory (config change token, usage spool) with the tests.
+    """
     env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST")}
+    env["DJANGO_SETTINGS_MODULE"] = "gateway.settings"
     env.update(overrides)
     return env
+
+
+# --- wire helpers ---------------------------------------------------------------------------
+
+T = TypeVar("T")
+
+
+def poll(check: Callable[[], T], timeout: float = 10.0, interval: float = 0.02, what: str = "condition") -> T:
+    """Call ``check`` until it returns something truthy (returned), or fail after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = check()
+        if value:
+            return value
+        if time.monotonic() >= deadline:
+            raise AssertionError(f"{what} not reached within {timeout}s (last: {value!r})")
+        time.sleep(interval)
+
+
+def assert_error(
+    response: httpx.Response,
+    status: int,
+    code: str | None,
+    *,
+    type: str = "invalid_request_error",
+    param: str | None = None,
+    message: str | None = None,
+) -> dict[str, Any]:
+    """Check an OpenAI error answer: status, JSON envelope with exactly its four keys, x-request-id."""
+    assert response.status_code == status, (response.status_code, response.text[:500])
+    assert response.headers["content-type"].startswith("application/json")
+    assert response.headers.get("x-request-id", "").startswith("req_"), response.headers
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"}, error
+    assert (error["type"], error["code"], error["param"]) == (type, code, param), error
+    assert isinstance(error["message"], str)
+    assert error["message"]
+    if message is not None:
+        assert error["message"] == message
+    return dict(error)
+
+
+def sse_frames(raw: bytes) -> list[bytes]:
+    """Split an SSE body into frames (without their blank-line terminator); it must end on a frame boundary."""
+    assert raw.endswith(b"\n\n"), raw[-200:]
+    return raw[:-2].split(b"\n\n")
+
+
+def sse_events(raw: bytes) -> list[dict[str, Any]]:
+    """The events of an SSE body, checking each frame is exactly ``event: T`` + ``data: JSON`` with type T.
+
+    Comment frames (keep-alives) are skipped.
+    """
+    events = []
+    for frame in sse_frames(raw):
+        if frame.startswith(b":"):
+            assert frame == b": keep-alive", frame
+            continue
+        event_line, data_line = frame.split(b"\n")
+        assert event_line.startswith(b"event: "), frame
+        assert data_line.startswith(b"data: "), frame
+        data = json.loads(data_line[6:])
+        assert data["type"] == event_line[7:].decode(), frame
+        events.append(data)
+    return events
+
+
+# --- an upstream that records hang-ups -------------------------------------------------------
+
+
+class SseProbe:
+    """A minimal upstream in a thread: answers every POST with a slow, endless-looking SSE stream
+    (``frames`` events ``interval`` seconds apart) and records how each connection ended.
+
+    ``closed`` holds one dict per finished connection: ``sent`` frames before it ended, ``finished``
+    (True when it sent everything), ``at`` (monotonic time of the end).
+    """
+
+    def __init__(self, frames: int = 200, interval: float = 0.05) -> None:
+        self.frames = frames
+        self.interval = interval
+        self.opened = 0
+        self.closed: list[dict[str, Any]] = []
+        self._lock = threading.Lock()
+        self._loop = asyncio.new_event_loop()
+        self._server: asyncio.AbstractServer | None = None
+        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
+        self._thread.start()
+        self._server = asyncio.run_coroutine_threadsafe(
+            asyncio.start_server(self._handle, "127.0.0.1", 0), self._loop
+        ).result(10)
+        self.port = self._server.sockets[0].getsockname()[1]
+        self.base_url = f"http://127.0.0.1:{self.port}/v1"
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        sent, finished = 0, False
+        try:
+            head = await reader.readuntil(b"\r\n\r\n")
+            length = 0
+            for line in head.split(b"\r\n"):
+                name, _, value = line.partition(b":")
+                if name.strip().lower() == b"content-length":
+                    length = int(value)
+            await reader.readexactly(length)
+            with self._lock:
+                self.opened += 1
+            writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n")
+            created: dict[str, Any] = {
+                "id": "resp_probe",
+                "object": "response",
+                "status": "in_progress",
+                "output": [],
+                "usage": None,
+            }
+            for seq in range(self.frames):
+                kind = "response.created" if seq == 0 else "response.in_progress"
+                event = {"type": kind, "sequence_number": seq, "response": created}
+                frame = b"event: %s\ndata: %s\n\n" % (kind.encode(), json.dumps(event).encode())
+                writer.write(b"%x\r\n%s\r\n" % (len(frame), frame))
+                await writer.drain()
+                sent += 1
+                # A hang-up shows as EOF on the read side long before a write fails.
+                with contextlib.suppress(asyncio.TimeoutError):
+                    if await asyncio.wait_for(reader.read(1), self.interval) == b"":
+                        break
+            else:
+                finished = True
+        except (ConnectionError, asyncio.IncompleteReadError):
+            pass
+        finally:
+            with self._lock:
+                self.closed.append({"sent": sent, "finished": finished, "at": time.monotonic()})
+            writer.close()
+
+    def close(self) -> None:
+        async def stop() -> None:
+            assert self._server is not None
+            self._server.close()
+
+        asyncio.run_coroutine_threadsafe(stop(), self._loop).result(10)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(10)

@@ -1,4 +1,9 @@
-"""python manage.py apikey_create TENANT_SLUG [--name NAME] [--models m1,m2] [--expires-in-days N]
+"""python manage.py apikey_create TENANT_SLUG [--name NAME] [--models m1,m2] [--expires-in-days N] [limit flags]
+
+Limit flags (tenancy/management/limit_options.py): --rpm N --tpm N --concurrency N
+--max-output-tokens N --reasoning-efforts low,medium --allowed-tools function,web_search
+--budget-usd X --budget-tokens N --budget-period day|week|month|fixed
+--budget-window-start ISO --budget-window-end ISO --budget-soft-percent P --allowed-ips CIDR,...
 
 Information lines first; the secret key alone on the LAST line of stdout, so scripts
 can take it with ``| tail -n 1``. It is shown once and cannot be recovered.
@@ -13,6 +18,7 @@ from django.core.exceptions import ValidationError
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 from django.utils import timezone
 
+from tenancy.management.limit_options import add_limit_arguments, describe_limits, limits_from_options
 from tenancy.models import Tenant
 from tenancy.selectors import tenant_get_by_slug
 from tenancy.services import apikey_create
@@ -28,6 +34,7 @@ class Command(BaseCommand):
         parser.add_argument(
             "--expires-in-days", dest="expires_in_days", default=None, help="Expire the key after N days."
         )
+        add_limit_arguments(parser, key_level=True, clearable=False)
 
     def handle(self, *args: Any, **options: Any) -> None:
         slug: str = options["tenant"]
@@ -46,9 +53,10 @@ class Command(BaseCommand):
             if days < 1:
                 raise CommandError("--expires-in-days must be at least 1.")
             expires_at = timezone.now() + timedelta(days=days)
+        limits = limits_from_options(options, key_level=True, clearable=False)
         try:
             api_key, secret = apikey_create(
-                tenant=tenant, name=options["name"], allowed_models=models, expires_at=expires_at
+                tenant=tenant, name=options["name"], allowed_models=models, expires_at=expires_at, **limits
             )
         except ValidationError as exc:
             raise CommandError(" ".join(exc.messages)) from None
@@ -57,5 +65,7 @@ class Command(BaseCommand):
         self.stdout.write(f"Created API key {api_key.prefix} for tenant {tenant.slug} (id {api_key.pk}).")
         self.stdout.write(f"Models: {', '.join(api_key.allowed_models) if api_key.allowed_models else 'all'}")
         self.stdout.write(f"Expires: {api_key.expires_at.isoformat() if api_key.expires_at else 'never'}")
+        for line in describe_limits(api_key):
+            self.stdout.write(line)
         self.stdout.write("The key is shown only once; store it now:")
         self.stdout.write(secret)

@@ -1,0 +1,232 @@
+"""Sticky bindings: requests sharing a prompt cache key go to the same account.
+
+Upstream prompt caches live per account, so a conversation that keeps hitting one
+account keeps its cache warm. A binding maps a :func:`sticky_key` (tenant, pool and
+the request's ``prompt_cache_key`` or conversation id, hashed) to an account id and
+expires ``ttl`` seconds after its last use.
+
+The rule that keeps bindings stable: :meth:`LocalStickyStore.bind` replaces a binding
+only when it is missing or its account is no longer usable. A request that failed over
+to another account while the bound one is still healthy (a single 5xx, a cap reached)
+leaves the binding alone, so the next request returns to the warm cache.
+
+:class:`LocalStickyStore` holds bindings in process (bounded LRU + TTL). With Redis,
+:class:`RedisStickyStore` shares them: a binding seen here in the last ``local_ttl``
+seconds is answered locally; otherwise one ``GET`` (only on such a miss). Writes
+(``SET key id EX ttl``) are queued and sent by a background task, coalesced per key;
+a binding used again is re-sent at most every ``ttl / 4`` to refresh its expiry.
+
+Redis layout: ``{prefix}:{key}`` -> account id as a decimal string, with ``EX ttl``
+(``prefix`` defaults to ``gw:sticky``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import logging
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import redis.asyncio as redis_async
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_PREFIX = "gw:sticky"
+Usable = Callable[[int], bool]
+
+
+class _Binding:
+    __slots__ = ("account_id", "checked_at", "expires_at", "sent_at")
+
+    def __init__(self, account_id: int, expires_at: float, checked_at: float, sent_at: float) -> None:
+        self.account_id = account_id
+        self.expires_at = expires_at
+        self.checked_at = checked_at  # last confirmed from Redis (or set here)
+        self.sent_at = sent_at  # last written to Redis
+
+
+def sticky_key(tenant_id: int, pool_id: int, value: str) -> str:
+    """The binding key of ``value`` (a prompt_cache_key or conversation id) for a tenant and pool.
+
+    Hashed: tenants' keys never meet, the length is bounded, and Redis never sees the raw value.
+    """
+    material = f"{tenant_id}\x00{pool_id}\x00{value}".encode()
+    return hashlib.blake2b(material, digest_size=16).hexdigest()
+
+
+class LocalStickyStore:
+    """Bindings in this process: at most ``max_entries`` (least recently used dropped first)."""
+
+    def __init__(
+        self, *, ttl: float = 3600.0, max_entries: int = 100_000, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self.ttl = ttl
+        self._max = max_entries
+        self._clock = clock
+        self._entries: OrderedDict[str, _Binding] = OrderedDict()
+
+    def get(self, key: str) -> int | None:
+        """The bound account, or None (missing or expired). Local only, never I/O."""
+        entry = self._entries.get(key)
+        if entry is None:
+            return None
+        if entry.expires_at <= self._clock():
+            del self._entries[key]
+            return None
+        self._entries.move_to_end(key)
+        return entry.account_id
+
+    async def lookup(self, key: str) -> int | None:
+        """The bound account, or None. (The Redis store may ask Redis on a local miss.)"""
+        return self.get(key)
+
+    def bind(self, key: str, account_id: int, usable: Usable) -> bool:
+        """Record that ``account_id`` served ``key``; returns True if the binding changed.
+
+        Keeps an existing binding to another account while ``usable(bound_id)`` holds
+        (pass the health store's ``usable``, and also check the account still serves
+        the pool). Binding the same account again refreshes its expiry.
+        """
+        now = self._clock()
+        current = self.get(key)
+        if current is not None and current != account_id and usable(current):
+            return False
+        self._store(key, account_id, now, changed=current != account_id)
+        return current != account_id
+
+    def _store(self, key: str, account_id: int, now: float, *, changed: bool) -> None:
+        entry = self._entries.get(key)
+        if entry is None or changed:
+            self._put(key, _Binding(account_id, now + self.ttl, now, float("-inf")))
+        else:
+            entry.expires_at = now + self.ttl
+            self._entries.move_to_end(key)
+
+    def _put(self, key: str, binding: _Binding) -> None:
+        self._entries[key] = binding
+        self._entries.move_to_end(key)
+        while len(self._entries) > self._max:
+            self._entries.popitem(last=False)
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    async def aclose(self) -> None:
+        """Nothing to close in process."""
+
+
+class RedisStickyStore(LocalStickyStore):
+    """Bindings shared through Redis, with a local cache in front (module docstring)."""
+
+    def __init__(
+        self,
+        redis: redis_async.Redis,
+        *,
+        ttl: float = 3600.0,
+        local_ttl: float = 30.0,
+        max_entries: int = 100_000,
+        prefix: str = DEFAULT_PREFIX,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        super().__init__(ttl=ttl, max_entries=max_entries, clock=clock)
+        self._redis = redis
+        self._local_ttl = local_ttl
+        self.prefix = prefix
+        self._outbox: dict[str, int] = {}
+        self._wake: asyncio.Event | None = None
+        self._writer: asyncio.Task[None] | None = None
+
+    async def lookup(self, key: str) -> int | None:
+        now = self._clock()
+        entry = self._entries.get(key)
+        if entry is not None and now - entry.checked_at < self._local_ttl and entry.expires_at > now:
+            self._entries.move_to_end(key)
+            return entry.account_id
+        if key in self._outbox:  # our own write is on its way: it is the newest we know
+            return self.get(key)
+        try:
+            raw = await self._redis.get(f"{self.prefix}:{key}")
+        except Exception:
+            logger.warning("sticky lookup: Redis unavailable, using the local binding")
+            return self.get(key)
+        if raw is None:
+            self._entries.pop(key, None)
+            return None
+        try:
+            account_id = int(raw)
+        except ValueError:
+            return None
+        # Fresh from Redis: valid locally for local_ttl; Redis keeps the real expiry, which
+        # we cannot see, so the next use here re-sends it (sent_at = -inf).
+        self._put(key, _Binding(account_id, now + self.ttl, now, float("-inf")))
+        return account_id
+
+    def bind(self, key: str, account_id: int, usable: Usable) -> bool:
+        changed = super().bind(key, account_id, usable)
+        entry = self._entries.get(key)
+        if entry is None or entry.account_id != account_id:
+            return changed  # kept another healthy binding: nothing to send
+        now = self._clock()
+        if changed or now - entry.sent_at >= self.ttl / 4:
+            entry.sent_at = now
+            entry.checked_at = now
+            self._outbox[key] = account_id
+            self._kick()
+        return changed
+
+    def _kick(self) -> None:
+        if self._wake is None:
+            self._wake = asyncio.Event()
+        self._wake.set()
+        if self._writer is None or self._writer.done():
+            with contextlib.suppress(RuntimeError):  # no running loop: aclose() sends it
+                self._writer = asyncio.get_running_loop().create_task(self._write_loop())
+
+    async def _write_loop(self) -> None:
+        delay = 0.05
+        while True:
+            assert self._wake is not None
+            await self._wake.wait()
+            self._wake.clear()
+            try:
+                await self._flush()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                logger.warning("writing sticky bindings to Redis failed; will retry", exc_info=True)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 10.0)
+                self._wake.set()
+                continue
+            delay = 0.05
+
+    async def _flush(self) -> None:
+        if not self._outbox:
+            return
+        batch, self._outbox = self._outbox, {}
+        try:
+            async with self._redis.pipeline(transaction=False) as pipe:
+                for key, account_id in batch.items():
+                    pipe.set(f"{self.prefix}:{key}", account_id, ex=max(1, int(self.ttl)))
+                await pipe.execute()
+        except BaseException:
+            for key, account_id in batch.items():
+                self._outbox.setdefault(key, account_id)  # newer writes win
+            raise
+
+    async def aclose(self, timeout: float = 2.0) -> None:
+        if self._writer is not None:
+            self._writer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._writer
+            self._writer = None
+        if self._outbox:
+            try:
+                await asyncio.wait_for(self._flush(), timeout)
+            except Exception:
+                logger.warning("sticky bindings not written to Redis at shutdown", exc_info=True)

@@ -1,0 +1,1167 @@
+"""The gateway's benchmark: ``make bench`` (``python -m bench.run``). Method and budget: docs/performance.md.
+
+Everything runs on loopback in one throw-away data directory: the fake upstream
+(``gateway.fake_upstream``), the gateway started as the README serves it (``manage.py serve`` with its
+defaults: uvicorn), the same gateway under Daphne, the same gateway in Redis mode when a Redis answers,
+and a LiteLLM proxy (from its own venv, ``bench/.venv-litellm``) forwarding to the same fake upstream.
+``wrk`` generates the load (C, not Python-bound); first-byte times come from a raw-socket client at one
+request at a time. Each scenario runs its targets interleaved, several rounds, and reports medians.
+
+Environment:
+    BENCH_QUICK=1         ~2-minute smoke run (fewer/shorter rounds, 20k requests for memory)
+    BENCH_GATEWAY_ENV     extra ``K=V`` pairs for every gateway process, e.g. "GATEWAY_UPSTREAM_TRANSPORT=fast"
+    BENCH_LITELLM=0       skip LiteLLM (otherwise installed on first use into bench/.venv-litellm)
+    BENCH_LITELLM_SPEC    what pip installs there (default ``litellm[proxy]``)
+    BENCH_DAPHNE=0        skip the Daphne variant
+    BENCH_REDIS_URL       Redis for the Redis-mode variant; default redis://127.0.0.1:6379/14 if it answers; 0: off
+    BENCH_STRICT=1        exit 1 when a budget line fails
+    BENCH_KEEP=1          keep the data directory (process logs) instead of deleting it
+    BENCH_MEMORY_REQUESTS requests of the memory scenario (default 100,000; quick 20,000)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.metadata
+import json
+import math
+import os
+import platform
+import shlex
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass, field, replace
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+BENCH = ROOT / "bench"
+LUA = BENCH / "wrk_bench.lua"
+RESULTS = BENCH / "results"
+LITELLM_VENV = BENCH / ".venv-litellm"
+MODEL = "gpt-4.1"
+MASTER_KEY = "sk-bench-master"
+PROMPT = "Say hello to the benchmark."
+MIX_KEYS = 10_000
+MIX_TENANTS = 1_000
+STREAM_SMALL = 20  # tokens: the fake upstream sends tokens + 8 events, so 28 events
+STREAM_LARGE = 200  # 208 events
+# "Must not grow without bound": RSS growth over the second half of the memory run. One-time steps
+# (a new worker thread with its own SQLite connection and page cache, allocator arenas) were measured
+# at up to ~15 MiB and then stay flat; a leak of 1 KiB per request would add ~50 MiB over 50k requests.
+MEMORY_GROWTH_LIMIT_MIB = 16.0
+
+# Variables of the caller's environment that would change what the gateway under test is: the
+# harness decides the database (a fresh SQLite), Redis, server, host and port itself.
+_GATEWAY_ENV_DROP = ("DATABASE_URL", "REDIS_URL", "GATEWAY_SERVER", "HOST", "PORT", "DJANGO_SETTINGS_MODULE")
+
+
+@dataclass(frozen=True)
+class Plan:
+    """How long and how often each scenario runs."""
+
+    quick: bool
+    latency_rounds: int  # rounds of the 1-concurrent latency scenario
+    rounds: int  # rounds of every other wrk scenario
+    seconds: int  # length of one wrk run (wrk takes whole seconds)
+    ttfb_samples: int  # first-byte samples per target
+    memory_requests: int
+    idle_pause: float  # seconds of idleness before the last RSS reading
+
+
+FULL = Plan(quick=False, latency_rounds=5, rounds=3, seconds=3, ttfb_samples=300, memory_requests=100_000, idle_pause=5)
+QUICK = Plan(quick=True, latency_rounds=2, rounds=1, seconds=1, ttfb_samples=60, memory_requests=20_000, idle_pause=2)
+
+_T0 = time.monotonic()
+
+
+def log(message: str) -> None:
+    # Progress goes to stderr so stdout carries only the table.
+    sys.stderr.write(f"[{time.monotonic() - _T0:6.1f}s] {message}\n")
+    sys.stderr.flush()
+
+
+class BenchError(Exception):
+    """A set-up step failed; the message says which and why."""
+
+
+# ---------------------------------------------------------------------------------------------------
+# Processes
+# ---------------------------------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def http_ok(url: str, timeout: float = 1.0) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as reply:
+            return 200 <= int(reply.status) < 300
+    except (urllib.error.URLError, OSError):
+        return False
+
+
+class Service:
+    """A process this harness started (in its own session, so stopping it stops its children too)."""
+
+    def __init__(self, name: str, args: Sequence[str], env: dict[str, str], ready_url: str, log_path: Path) -> None:
+        self.name = name
+        self.args = list(args)
+        self.env = env
+        self.ready_url = ready_url
+        self.log_path = log_path
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def launch(self, cwd: Path = ROOT) -> Service:
+        with open(self.log_path, "ab") as handle:
+            self.proc = subprocess.Popen(
+                self.args, cwd=cwd, env=self.env, stdout=handle, stderr=subprocess.STDOUT, start_new_session=True
+            )
+        return self
+
+    def wait_ready(self, timeout: float = 60.0) -> Service:
+        assert self.proc is not None
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise BenchError(f"{self.name} exited with {self.proc.returncode} at start; log:\n{self.tail()}")
+            if http_ok(self.ready_url):
+                return self
+            time.sleep(0.1)
+        self.stop()
+        raise BenchError(f"{self.name} did not answer {self.ready_url} within {timeout:.0f}s; log:\n{self.tail()}")
+
+    def tail(self, lines: int = 30) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return "(no log)"
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def stop(self) -> None:
+        proc = self.proc
+        if proc is None or proc.poll() is not None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)  # the group of the session started above: ours only
+        try:
+            proc.wait(15)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process, from /proc."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def rss_mib(pid: int) -> float:
+    """Resident set size (VmRSS) of a process in MiB."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def wait_quiet(pids: Sequence[int], max_wait: float = 5.0) -> None:
+    """Wait until the processes use <10% CPU over 0.2 s.
+
+    After a load run the gateway still writes its buffered usage records (the meter flushes every
+    0.5 s); letting that finish keeps it out of the next target's measurement.
+    """
+    deadline = time.monotonic() + max_wait
+    while time.monotonic() < deadline:
+        before = [cpu_seconds(pid) for pid in pids]
+        time.sleep(0.2)
+        if all(cpu_seconds(pid) - cpu < 0.02 for pid, cpu in zip(pids, before, strict=True)):
+            return
+
+
+# ---------------------------------------------------------------------------------------------------
+# Tools: wrk and LiteLLM
+# ---------------------------------------------------------------------------------------------------
+
+
+def ensure_wrk() -> str:
+    """The ``wrk --version`` line; installs Debian's wrk when missing and running as root."""
+    if shutil.which("wrk") is None:
+        if os.geteuid() != 0:
+            raise BenchError("wrk is not installed: install it (Debian/Ubuntu: sudo apt-get install -y wrk) and rerun.")
+        log("wrk is not installed: running `apt-get install -y wrk`")
+        done = subprocess.run(["apt-get", "install", "-y", "wrk"], check=False)
+        if done.returncode != 0:
+            log("apt-get install failed: running `apt-get update` then `apt-get install -y wrk`")
+            subprocess.run(["apt-get", "update"], check=False)
+            subprocess.run(["apt-get", "install", "-y", "wrk"], check=False)
+        if shutil.which("wrk") is None:
+            raise BenchError("could not install wrk with apt-get; install it by hand and rerun.")
+    out = subprocess.run(["wrk", "--version"], capture_output=True, text=True, check=False)
+    return (out.stdout + out.stderr).strip().splitlines()[0]
+
+
+def ensure_litellm() -> tuple[Path | None, str]:
+    """The ``litellm`` executable of bench/.venv-litellm (installed on first use) and its version.
+
+    A separate venv keeps LiteLLM's many pinned dependencies out of the project's environment. Any
+    failure is reported and the run goes on without LiteLLM.
+    """
+    if os.environ.get("BENCH_LITELLM", "1") == "0":
+        return None, "skipped (BENCH_LITELLM=0)"
+    exe = LITELLM_VENV / "bin" / "litellm"
+    python = LITELLM_VENV / "bin" / "python"
+    if not exe.exists():
+        spec = os.environ.get("BENCH_LITELLM_SPEC", "litellm[proxy]")
+        install_log = BENCH / ".venv-litellm-install.log"
+        log(
+            f"installing {spec!r} into {LITELLM_VENV.relative_to(ROOT)} "
+            "(one-time, a few minutes; BENCH_LITELLM=0 skips)"
+        )
+        try:
+            with open(install_log, "wb") as handle:
+                subprocess.run([sys.executable, "-m", "venv", str(LITELLM_VENV)], check=True, stdout=handle)
+                subprocess.run(
+                    [str(python), "-m", "pip", "install", "--disable-pip-version-check", spec],
+                    check=True,
+                    stdout=handle,
+                    stderr=subprocess.STDOUT,
+                    timeout=1800,
+                )
+        except (subprocess.CalledProcessError, subprocess.TimeoutExpired, OSError) as exc:
+            tail = install_log.read_text(errors="replace").splitlines()[-5:] if install_log.exists() else []
+            log(f"LiteLLM install failed ({exc}); continuing without it. Last lines of {install_log}:")
+            for line in tail:
+                log("    " + line)
+            return None, f"install failed: {exc}"
+    if not exe.exists():
+        return None, "install incomplete (no litellm executable)"
+    out = subprocess.run(
+        [str(python), "-c", "import importlib.metadata as m; print(m.version('litellm'))"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if out.returncode != 0:
+        return None, "litellm is not importable in bench/.venv-litellm: " + out.stderr.strip()[-200:]
+    return exe, out.stdout.strip()
+
+
+# ---------------------------------------------------------------------------------------------------
+# Load and measurement
+# ---------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Target:
+    """Something answering ``POST /v1/responses`` on loopback."""
+
+    key: str  # direct | gateway | daphne | redis | litellm
+    port: int
+    auth: str
+    service: Service | None = None  # None: the fake upstream itself
+    min_seconds: int = 1  # shortest wrk run that completes enough of its requests
+    events: dict[int, int] = field(default_factory=dict)  # tokens asked -> SSE events counted per response
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/v1/responses"
+
+    @property
+    def pids(self) -> list[int]:
+        return [self.service.pid] if self.service is not None else []
+
+
+@dataclass
+class WrkResult:
+    requests: int
+    seconds: float
+    errors: int
+    p50_ms: float
+    p90_ms: float
+    p99_ms: float
+    mean_ms: float
+    extra: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def rps(self) -> float:
+        return self.requests / self.seconds if self.seconds else 0.0
+
+
+def body(stream: bool = False, tokens: int | None = None) -> str:
+    payload: dict[str, Any] = {"model": MODEL, "input": PROMPT}
+    if stream:
+        payload["stream"] = True
+    if tokens is not None:
+        # The fake upstream's per-request knob, in the body: both the gateway and LiteLLM forward metadata.
+        payload["metadata"] = {"fake_tokens": str(tokens)}
+    return json.dumps(payload, separators=(",", ":"))
+
+
+def run_wrk(
+    target: Target,
+    connections: int,
+    seconds: int,
+    request_body: str,
+    keys_file: Path | None = None,
+    *,
+    exact: bool = False,
+) -> WrkResult:
+    """One wrk run; ``seconds`` is raised to the target's ``min_seconds`` unless ``exact``."""
+    threads = 1 if connections == 1 else 2
+    seconds = seconds if exact else max(seconds, target.min_seconds)
+    env = dict(os.environ, WRK_BODY=request_body)
+    if keys_file is not None:
+        env["WRK_KEYS_FILE"] = str(keys_file)
+    else:
+        env["WRK_AUTH"] = target.auth
+    args = ["wrk", f"-t{threads}", f"-c{connections}", f"-d{seconds}s", "--timeout", "30s", "-s", str(LUA), target.url]
+    done = subprocess.run(args, env=env, capture_output=True, text=True, timeout=seconds + 90, check=False)
+    summary = next((line[6:] for line in done.stdout.splitlines() if line.startswith("BENCH ")), None)
+    if done.returncode != 0 or summary is None:
+        raise BenchError(f"wrk failed against {target.key}: {done.stdout[-500:]} {done.stderr[-500:]}")
+    data = json.loads(summary)
+    errors = sum(data[name] for name in ("status_errors", "connect_errors", "read_errors", "write_errors", "timeouts"))
+    if errors:
+        log(f"  warning: {target.key}: {errors} failed requests of {data['requests']} ({summary})")
+    return WrkResult(
+        requests=int(data["requests"]),
+        seconds=data["duration_us"] / 1e6,
+        errors=int(errors),
+        p50_ms=data["p50_us"] / 1000,
+        p90_ms=data["p90_us"] / 1000,
+        p99_ms=data["p99_us"] / 1000,
+        mean_ms=data["mean_us"] / 1000,
+    )
+
+
+def rotated(targets: Sequence[Target], shift: int) -> list[Target]:
+    shift %= len(targets)
+    return [*targets[shift:], *targets[:shift]]
+
+
+def interleave(
+    name: str, targets: Sequence[Target], rounds: int, measure: Callable[[Target], WrkResult], show: str = "rps"
+) -> dict[str, list[WrkResult]]:
+    """Run ``measure`` for every target, round after round, rotating the order each round.
+
+    Interleaving spreads slow drifts of a shared machine (other processes, thermal, page cache) over
+    all targets instead of charging them to whichever ran last.
+    """
+    results: dict[str, list[WrkResult]] = {t.key: [] for t in targets}
+    for r in range(rounds):
+        for target in rotated(targets, r):
+            result = measure(target)
+            results[target.key].append(result)
+            wait_quiet(target.pids)
+        shown = " | ".join(
+            f"{key} {getattr(runs[-1], show):,.{0 if show == 'rps' else 2}f}" for key, runs in results.items()
+        )
+        log(f"{name} round {r + 1}/{rounds}: {shown}")
+    return results
+
+
+class RawHttp:
+    """A minimal keep-alive HTTP/1.1 client on a blocking socket, for first-byte timing.
+
+    At one request at a time the client's own cost is a constant added to gateway and direct alike;
+    a raw socket keeps that constant small and shows exactly when the first body byte arrived.
+    """
+
+    def __init__(self, port: int) -> None:
+        self.port = port
+        self.sock: socket.socket | None = None
+        self.buf = b""
+
+    def close(self) -> None:
+        if self.sock is not None:
+            self.sock.close()
+        self.sock, self.buf = None, b""
+
+    def _recv(self) -> bytes:
+        assert self.sock is not None
+        data = self.sock.recv(262144)
+        if not data:
+            raise ConnectionError("connection closed by the server")
+        return data
+
+    def post(self, auth: str, payload: bytes) -> tuple[float, float, int, bytes]:
+        """(seconds to the first body byte, seconds to the end, status, body); retries a stale connection once."""
+        for attempt in (0, 1):
+            try:
+                return self._post(auth, payload)
+            except (ConnectionError, OSError):
+                self.close()
+                if attempt:
+                    raise
+        raise AssertionError("unreachable")
+
+    def _post(self, auth: str, payload: bytes) -> tuple[float, float, int, bytes]:
+        if self.sock is None:
+            self.sock = socket.create_connection(("127.0.0.1", self.port), timeout=30)
+            self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        request = (
+            f"POST /v1/responses HTTP/1.1\r\nHost: 127.0.0.1:{self.port}\r\nAuthorization: Bearer {auth}\r\n"
+            f"Content-Type: application/json\r\nContent-Length: {len(payload)}\r\n\r\n"
+        ).encode() + payload
+        start = time.perf_counter()
+        self.sock.sendall(request)
+        buf = self.buf
+        while b"\r\n\r\n" not in buf:
+            buf += self._recv()
+        head, _, buf = buf.partition(b"\r\n\r\n")
+        lines = head.split(b"\r\n")
+        status = int(lines[0].split()[1])
+        headers = {}
+        for line in lines[1:]:
+            name, _, value = line.partition(b":")
+            headers[name.strip().lower()] = value.strip().lower()
+        length = int(headers[b"content-length"]) if b"content-length" in headers else None
+        if length != 0:
+            while not buf:
+                buf += self._recv()
+        first = time.perf_counter()
+        out = bytearray()
+        if headers.get(b"transfer-encoding") == b"chunked":
+            while True:
+                while b"\r\n" not in buf:
+                    buf += self._recv()
+                size_line, _, buf = buf.partition(b"\r\n")
+                size = int(size_line.split(b";")[0], 16)
+                if size == 0:
+                    while not buf.startswith(b"\r\n") and b"\r\n\r\n" not in buf:  # trailers, if any
+                        buf += self._recv()
+                    buf = buf[2:] if buf.startswith(b"\r\n") else buf.partition(b"\r\n\r\n")[2]
+                    break
+                while len(buf) < size + 2:
+                    buf += self._recv()
+                out += buf[:size]
+                buf = buf[size + 2 :]
+        elif length is not None:
+            while len(buf) < length:
+                buf += self._recv()
+            out += buf[:length]
+            buf = buf[length:]
+        else:  # delimited by the end of the connection
+            out += buf
+            with contextlib.suppress(ConnectionError):
+                while True:
+                    out += self._recv()
+            buf = b""
+            headers[b"connection"] = b"close"
+        end = time.perf_counter()
+        self.buf = buf
+        if headers.get(b"connection") == b"close":
+            self.close()
+        return first - start, end - start, status, bytes(out)
+
+
+def count_events(payload: bytes) -> int:
+    """SSE events in a relayed stream (``data:`` lines; an OpenAI-style ``[DONE]`` does not count)."""
+    return sum(1 for line in payload.split(b"\n") if line.startswith(b"data:") and line.strip() != b"data: [DONE]")
+
+
+def median(values: Sequence[float]) -> float:
+    return statistics.median(values) if values else math.nan
+
+
+# ---------------------------------------------------------------------------------------------------
+# Set-up
+# ---------------------------------------------------------------------------------------------------
+
+
+def manage(env: dict[str, str], *args: str) -> str:
+    done = subprocess.run(
+        [sys.executable, "manage.py", *args], cwd=ROOT, env=env, capture_output=True, text=True, check=False
+    )
+    if done.returncode != 0:
+        raise BenchError(f"manage.py {' '.join(args)} failed:\n{done.stdout[-2000:]}\n{done.stderr[-2000:]}")
+    return done.stdout
+
+
+def extra_gateway_env() -> dict[str, str]:
+    """``BENCH_GATEWAY_ENV="K=V K2=V2"`` as a dict."""
+    pairs: dict[str, str] = {}
+    for item in shlex.split(os.environ.get("BENCH_GATEWAY_ENV", "")):
+        name, sep, value = item.partition("=")
+        if not sep or not name:
+            raise BenchError(f"BENCH_GATEWAY_ENV: {item!r} is not NAME=VALUE")
+        pairs[name] = value
+    return pairs
+
+
+def redis_url_for_bench() -> str | None:
+    """BENCH_REDIS_URL, or a local Redis (database 14) when one answers PING; None: no Redis variant."""
+    configured = os.environ.get("BENCH_REDIS_URL")
+    if configured is not None:
+        return configured if configured not in ("", "0") else None
+    try:
+        with socket.create_connection(("127.0.0.1", 6379), timeout=0.5) as sock:
+            sock.sendall(b"PING\r\n")
+            if sock.recv(64).startswith(b"+PONG"):
+                return "redis://127.0.0.1:6379/14"
+    except OSError:
+        pass
+    return None
+
+
+def redis_commands(url: str) -> int:
+    """The server-wide ``total_commands_processed`` of a Redis."""
+    import redis
+
+    client = redis.Redis.from_url(url)
+    try:
+        return int(client.info("stats")["total_commands_processed"])
+    finally:
+        client.close()
+
+
+def litellm_config(path: Path, upstream_base: str) -> None:
+    # Master key only, no database: the cheapest LiteLLM proxy set-up. drop_params off, no callbacks.
+    path.write_text(
+        "model_list:\n"
+        f"  - model_name: {MODEL}\n"
+        "    litellm_params:\n"
+        f"      model: openai/{MODEL}\n"
+        f"      api_base: {upstream_base}\n"
+        "      api_key: sk-fake-upstream\n"
+        "general_settings:\n"
+        f"  master_key: {MASTER_KEY}\n",
+        encoding="utf-8",
+    )
+
+
+def git_commit() -> str:
+    """The checked-out commit, read from .git without running git (worktrees and packed refs included)."""
+    git = ROOT / ".git"
+    try:
+        if git.is_file():  # a worktree: "gitdir: PATH"
+            git = (ROOT / git.read_text().split(":", 1)[1].strip()).resolve()
+        common = git
+        if (git / "commondir").exists():
+            common = (git / (git / "commondir").read_text().strip()).resolve()
+        head = (git / "HEAD").read_text().strip()
+        if not head.startswith("ref:"):
+            return head
+        ref = head[4:].strip()
+        for base in (git, common):
+            if (base / ref).exists():
+                return (base / ref).read_text().strip()
+        for line in (common / "packed-refs").read_text().splitlines():
+            if line.endswith(" " + ref):
+                return line.split()[0]
+    except OSError:
+        pass
+    return "unknown"
+
+
+def machine() -> dict[str, Any]:
+    cpu = "unknown"
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    mem_kib = 0
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal:"):
+                mem_kib = int(line.split()[1])
+    return {
+        "nproc": len(os.sched_getaffinity(0)),
+        "cpu_model": cpu,
+        "memory_gib": round(mem_kib / 1024 / 1024, 1),
+        "kernel": platform.release(),
+        "loadavg_at_start": list(os.getloadavg()),
+    }
+
+
+def versions(wrk: str, litellm: str) -> dict[str, str]:
+    found = {"python": platform.python_version(), "wrk": wrk, "litellm": litellm}
+    for name in (
+        "django",
+        "channels",
+        "daphne",
+        "uvicorn",
+        "uvloop",
+        "httptools",
+        "httpx",
+        "httpx-aiohttp",
+        "aiohttp",
+        "orjson",
+        "redis",
+    ):
+        try:
+            found[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            found[name] = "not installed"
+    return found
+
+
+# ---------------------------------------------------------------------------------------------------
+# The run
+# ---------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Row:
+    label: str
+    unit: str  # "rps" | "ms" | "mib" | "count"
+    values: dict[str, float | None]
+    budget: str = ""
+    passed: bool | None = None
+    ratios: bool = True  # whether gateway/direct and gateway/litellm mean anything here
+
+
+class Bench:
+    def __init__(self, plan: Plan) -> None:
+        self.plan = plan
+        self.services: list[Service] = []
+        self.targets: list[Target] = []
+        self.raw: dict[str, Any] = {}
+        self.notes: list[str] = []
+        self.info: dict[str, Any] = {}
+        self.keys_file = Path()
+        self.redis_url: str | None = None
+
+    # -- set-up ------------------------------------------------------------------------------------
+
+    def start(self, service: Service, timeout: float = 60.0) -> Service:
+        return self.launch(service).wait_ready(timeout)
+
+    def launch(self, service: Service, cwd: Path = ROOT) -> Service:
+        self.services.append(service)
+        return service.launch(cwd)
+
+    def stop_all(self) -> None:
+        for service in reversed(self.services):
+            service.stop()
+
+    def setup(self, data_dir: Path) -> None:
+        wrk = ensure_wrk()
+        litellm_exe, litellm_version = ensure_litellm()
+        self.info["versions"] = versions(wrk, litellm_version)
+        log(f"data directory {data_dir}")
+
+        upstream_port = free_port()
+        fake = Service(
+            "fake upstream",
+            [sys.executable, "-m", "gateway.fake_upstream", "--port", str(upstream_port)],
+            dict(os.environ),
+            f"http://127.0.0.1:{upstream_port}/health",
+            data_dir / "fake-upstream.log",
+        )
+        self.start(fake)
+        upstream_base = f"http://127.0.0.1:{upstream_port}/v1"
+        self.targets.append(Target("direct", upstream_port, "sk-fake-upstream"))
+        # LiteLLM takes ~15 s to start: it boots while the database is prepared.
+        litellm = self.launch_litellm(litellm_exe, data_dir, upstream_base) if litellm_exe is not None else None
+
+        base_env = {k: v for k, v in os.environ.items() if k not in _GATEWAY_ENV_DROP}
+        secrets = dict(line.split("=", 1) for line in manage(base_env, "genkeys").split() if "=" in line)
+        # Empty DATABASE_URL/REDIS_URL rather than absent: a developer's .env must not fill them in.
+        env = {**base_env, **secrets, "GATEWAY_DATA_DIR": str(data_dir), "DATABASE_URL": "", "REDIS_URL": ""}
+        extra = extra_gateway_env()
+        env.update(extra)
+        self.info["gateway_env"] = extra
+        manage(env, "migrate", "--noinput", "-v0")
+        keys_file = data_dir / "mix-keys.txt"
+        seed_args = ["--upstream", upstream_base, "--model", MODEL, "--keys", str(MIX_KEYS)]
+        seed_args += ["--tenants", str(MIX_TENANTS), "--keys-file", str(keys_file)]
+        seeded = subprocess.run(
+            [sys.executable, "-m", "bench.seed", *seed_args],
+            cwd=ROOT,
+            env=env,
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        if seeded.returncode != 0:
+            raise BenchError(f"seeding failed:\n{seeded.stdout[-2000:]}\n{seeded.stderr[-3000:]}")
+        seed = json.loads(seeded.stdout.strip().splitlines()[-1])
+        self.keys_file = keys_file
+        self.info["seed"] = {k: v for k, v in seed.items() if k != "main_key"}
+        self.info["gateway_settings"] = seed["settings"]
+        limits = ", ".join(seed["limits"]) or "none (no limit fields in this build)"
+        log(f"seeded {seed['keys']:,} keys over {seed['tenants']:,} tenants; limits set on every key: {limits}")
+        log(f"gateway settings: {self.info['gateway_settings']}; extra env: {extra or 'none'}")
+
+        variants: list[tuple[str, list[str], dict[str, str]]] = [("gateway", [], env)]
+        if os.environ.get("BENCH_DAPHNE", "1") != "0":
+            variants.append(("daphne", ["--server", "daphne"], env))
+        redis_url = redis_url_for_bench()
+        self.redis_url = redis_url
+        if redis_url:
+            variants.append(("redis", [], {**env, "REDIS_URL": redis_url}))
+        else:
+            self.notes.append("Redis variant skipped: no Redis at 127.0.0.1:6379 and BENCH_REDIS_URL unset.")
+        for key, flags, variant_env in variants:
+            port = free_port()
+            # Started exactly as the README serves it: `manage.py serve` with its defaults, on a free port.
+            service = Service(
+                key,
+                [sys.executable, "manage.py", "serve", "--port", str(port), *flags],
+                variant_env,
+                f"http://127.0.0.1:{port}/healthz",
+                data_dir / f"{key}.log",
+            )
+            self.start(service)
+            self.targets.append(Target(key, port, seed["main_key"], service))
+            log(f"{key} serving on port {port} (pid {service.pid})")
+
+        if litellm is not None:
+            self.check_litellm(litellm, litellm_version)
+        else:
+            self.notes.append(f"LiteLLM not measured: {litellm_version}.")
+
+    def launch_litellm(self, exe: Path, data_dir: Path, upstream_base: str) -> Service:
+        config = data_dir / "litellm.yaml"
+        litellm_config(config, upstream_base)
+        port = free_port()
+        env = {k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "REDIS_URL")}
+        # Errors-only logging (cheaper than its default INFO access log) and the bundled model cost map:
+        # the proxy must not fetch anything from the internet.
+        env.update(LITELLM_LOG="ERROR", LITELLM_LOCAL_MODEL_COST_MAP="True")
+        args = [str(exe), "--config", str(config), "--host", "127.0.0.1", "--port", str(port), "--num_workers", "1"]
+        service = Service("litellm", args, env, f"http://127.0.0.1:{port}/health/liveliness", data_dir / "litellm.log")
+        return self.launch(service, cwd=data_dir)  # its cwd: it may write files there
+
+    def check_litellm(self, service: Service, version: str) -> None:
+        """Wait for LiteLLM and add it as a target if it really forwards the Responses API call."""
+        try:
+            service.wait_ready(timeout=180)
+        except BenchError as exc:
+            log(f"LiteLLM did not start; continuing without it: {exc}")
+            self.notes.append("LiteLLM did not start (see its log in the data directory).")
+            return
+        port = int(service.ready_url.split(":")[2].split("/")[0])
+        # Its answers take ~100x longer than the gateway's: longer runs give it enough completed requests.
+        target = Target("litellm", port, MASTER_KEY, service, min_seconds=3)
+        # It must really forward the Responses API call to the fake upstream's /v1/responses.
+        fake_port = self.targets[0].port
+        urllib.request.urlopen(urllib.request.Request(f"http://127.0.0.1:{fake_port}/_fake/reset", method="POST"))
+        _, _, status, reply = RawHttp(port).post(MASTER_KEY, body().encode())
+        with urllib.request.urlopen(f"http://127.0.0.1:{fake_port}/_fake/requests") as answer:
+            seen = json.loads(answer.read())
+        paths = [entry.get("path") for entry in seen]
+        if status != 200 or "/v1/responses" not in paths:
+            log(f"LiteLLM answered {status} ({reply[:300]!r}); upstream saw {paths}: continuing without it")
+            self.notes.append(f"LiteLLM excluded: answered {status}, upstream saw {paths}.")
+            return
+        log(f"litellm {version} serving on port {port} (pid {service.pid}); forwards POST /v1/responses unchanged")
+        self.notes.append(f"LiteLLM {version} forwards POST /v1/responses to the fake upstream's /v1/responses.")
+        self.targets.append(target)
+
+    # -- scenarios ---------------------------------------------------------------------------------
+
+    def target(self, key: str) -> Target | None:
+        return next((t for t in self.targets if t.key == key), None)
+
+    def warm_up(self) -> None:
+        for target in self.targets:
+            run_wrk(target, 16, 1, body(), exact=True)  # opens the gateway's upstream connections
+            client = RawHttp(target.port)
+            for tokens in (STREAM_SMALL, STREAM_LARGE):
+                _, _, status, payload = client.post(target.auth, body(True, tokens).encode())
+                if status != 200:
+                    raise BenchError(f"{target.key} answered {status} to a stream: {payload[:300]!r}")
+                target.events[tokens] = count_events(payload)
+            client.close()
+            wait_quiet(target.pids)
+        counts = {t.key: t.events for t in self.targets}
+        log(f"warmed up; SSE events per response (tokens -> events): {counts}")
+        self.raw["events_per_response"] = counts
+
+    def latency(self) -> None:
+        p = self.plan
+        runs = interleave(
+            "latency @1", self.targets, p.latency_rounds, lambda t: run_wrk(t, 1, p.seconds, body()), "p50_ms"
+        )
+        self.raw["latency_c1"] = {k: [asdict(r) for r in v] for k, v in runs.items()}
+
+    def throughput(self, connections: int) -> None:
+        def measure(target: Target) -> WrkResult:
+            before = redis_commands(self.redis_url) if target.key == "redis" and self.redis_url else None
+            result = run_wrk(target, connections, self.plan.seconds, body())
+            if before is not None and self.redis_url and result.requests:
+                # -1: the second INFO counts the first one.
+                after = redis_commands(self.redis_url) - 1
+                result.extra["redis_commands_per_request"] = (after - before) / result.requests
+            return result
+
+        runs = interleave(f"req/s @{connections}", self.targets, self.plan.rounds, measure)
+        self.raw[f"throughput_c{connections}"] = {k: [asdict(r) for r in v] for k, v in runs.items()}
+
+    def streaming(self, tokens: int) -> None:
+        runs = interleave(
+            f"stream {tokens} tokens @16",
+            self.targets,
+            self.plan.rounds,
+            lambda t: run_wrk(t, 16, self.plan.seconds, body(True, tokens)),
+        )
+        self.raw[f"stream{tokens}_c16"] = {k: [asdict(r) for r in v] for k, v in runs.items()}
+
+    def ttfb(self) -> None:
+        """First body byte of a 28-event stream, one request at a time, targets interleaved request by request."""
+        payload = body(True, STREAM_SMALL).encode()
+        clients = {t.key: RawHttp(t.port) for t in self.targets}
+        samples: dict[str, list[float]] = {t.key: [] for t in self.targets}
+        totals: dict[str, list[float]] = {t.key: [] for t in self.targets}
+        for i in range(self.plan.ttfb_samples + 5):
+            for target in rotated(self.targets, i):
+                first, total, status, _ = clients[target.key].post(target.auth, payload)
+                if status != 200:
+                    raise BenchError(f"{target.key} answered {status} while measuring first bytes")
+                if i >= 5:  # the first rounds warm connections and caches
+                    samples[target.key].append(first * 1000)
+                    totals[target.key].append(total * 1000)
+        for client in clients.values():
+            client.close()
+        for target in self.targets:
+            wait_quiet(target.pids)
+        self.raw["ttfb_stream_c1_ms"] = samples
+        self.raw["stream_total_c1_ms"] = totals
+        shown = " | ".join(f"{k} {median(v):.2f} ms" for k, v in samples.items())
+        log(f"first byte p50 @1 (stream, {self.plan.ttfb_samples} samples): {shown}")
+
+    def key_mix(self) -> None:
+        # LiteLLM has no keys without a database (master key only), so it sits this one out.
+        targets = [t for t in self.targets if t.key != "litellm"]
+        runs = interleave(
+            f"key mix ({MIX_KEYS:,} keys, Zipf 1.1) @16",
+            targets,
+            self.plan.rounds,
+            lambda t: run_wrk(t, 16, self.plan.seconds, body(), self.keys_file),
+        )
+        self.raw["keymix_c16"] = {k: [asdict(r) for r in v] for k, v in runs.items()}
+
+    def memory(self) -> None:
+        target = self.target("gateway")
+        assert target is not None
+        assert target.service is not None
+        pid = target.service.pid
+        rate = median([r["requests"] / r["seconds"] for r in self.raw["throughput_c16"]["gateway"]]) or 500.0
+        wait_quiet([pid])
+        before = rss_mib(pid)
+        samples: list[tuple[float, float]] = []
+        stop = threading.Event()
+
+        def sample() -> None:
+            start = time.monotonic()
+            while not stop.wait(0.5):
+                with contextlib.suppress(OSError):
+                    samples.append((time.monotonic() - start, rss_mib(pid)))
+
+        sampler = threading.Thread(target=sample, daemon=True)
+        sampler.start()
+        total, errors, started = 0, 0, time.monotonic()
+        while total < self.plan.memory_requests:
+            seconds = max(1, math.ceil((self.plan.memory_requests - total) / rate * 1.05))
+            result = run_wrk(target, 16, seconds, body())
+            total += result.requests
+            errors += result.errors
+            if result.requests == 0:
+                raise BenchError("the gateway stopped answering during the memory run")
+        load_seconds = time.monotonic() - started
+        stop.set()
+        sampler.join()
+        end = rss_mib(pid)
+        wait_quiet([pid], max_wait=30)
+        time.sleep(self.plan.idle_pause)
+        idle = rss_mib(pid)
+        mid = min(samples, key=lambda s: abs(s[0] - load_seconds / 2))[1] if samples else math.nan
+        peak = max((s[1] for s in samples), default=end)
+        self.raw["memory"] = {
+            "requests": total,
+            "errors": errors,
+            "load_seconds": load_seconds,
+            "rss_before_mib": before,
+            "rss_mid_mib": mid,
+            "rss_peak_mib": peak,
+            "rss_end_mib": end,
+            "rss_after_idle_mib": idle,
+            "samples": samples,
+        }
+        log(
+            f"memory: {total:,} requests in {load_seconds:.0f}s; RSS before {before:.1f} MiB, half-way {mid:.1f}, "
+            f"peak {peak:.1f}, end {end:.1f}, after {self.plan.idle_pause:.0f}s idle {idle:.1f}"
+        )
+
+    # -- report ------------------------------------------------------------------------------------
+
+    def medians(self, scenario: str, attr: str) -> dict[str, float | None]:
+        runs = self.raw.get(scenario, {})
+        out: dict[str, float | None] = {}
+        for key, results in runs.items():
+            values = [r["requests"] / r["seconds"] if attr == "rps" else r[attr] for r in results if r["requests"]]
+            out[key] = median(values) if values else None
+        return out
+
+    def added(self, scenario: str, attr: str) -> dict[str, float | None]:
+        """Median over rounds of (target - direct) measured in the same round."""
+        runs = self.raw.get(scenario, {})
+        direct = runs.get("direct", [])
+        out: dict[str, float | None] = {}
+        for key, results in runs.items():
+            if key == "direct":
+                continue
+            diffs = [r[attr] - d[attr] for r, d in zip(results, direct, strict=False)]
+            out[key] = median(diffs) if diffs else None
+        return out
+
+    def rows(self) -> list[Row]:
+        rows: list[Row] = []
+        litellm = self.target("litellm") is not None
+
+        def budget(row: Row, text: str, check: Callable[[float], bool], column: str = "gateway") -> Row:
+            row.budget = text
+            value = row.values.get(column)
+            row.passed = check(value) if value is not None and not math.isnan(value) else None
+            return row
+
+        thr16, thr64 = self.medians("throughput_c16", "rps"), self.medians("throughput_c64", "rps")
+        ceiling = max(v for v in (thr16.get("direct"), thr64.get("direct"), 0.0) if v is not None)
+        rows.append(Row("fake upstream ceiling (req/s)", "rps", {"direct": ceiling}, ratios=False))
+        rows.append(Row("latency p50 @1 (ms)", "ms", self.medians("latency_c1", "p50_ms")))
+        rows.append(
+            budget(Row("added p50 @1 (ms)", "ms", self.added("latency_c1", "p50_ms")), "<= 1.5", lambda v: v <= 1.5)
+        )
+        rows.append(Row("latency p99 @1 (ms)", "ms", self.medians("latency_c1", "p99_ms")))
+        rows.append(
+            budget(Row("added p99 @1 (ms)", "ms", self.added("latency_c1", "p99_ms")), "<= 5", lambda v: v <= 5.0)
+        )
+        row16 = Row("req/s @16", "rps", thr16)
+        litellm16 = thr16.get("litellm")
+        if litellm and litellm16:
+            budget(row16, ">= 1000, >= 6x litellm", lambda v: v >= 1000 and v >= 6 * litellm16)
+        else:
+            budget(row16, ">= 1000", lambda v: v >= 1000)
+        rows.append(row16)
+        rows.append(Row("req/s @64", "rps", thr64))
+        for tokens in (STREAM_SMALL, STREAM_LARGE):
+            resp = self.medians(f"stream{tokens}_c16", "rps")
+            events = {k: (v * self.events_of(k, tokens) if v is not None else None) for k, v in resp.items()}
+            label = f"stream {tokens + 8} ev: resp/s @16"
+            row = Row(label, "rps", resp)
+            if tokens == STREAM_SMALL:
+                budget(row, ">= 800", lambda v: v >= 800)
+            rows.append(row)
+            rows.append(Row(f"stream {tokens + 8} ev: events/s @16", "rps", events))
+        ttfb: dict[str, float | None] = {k: median(v) for k, v in self.raw.get("ttfb_stream_c1_ms", {}).items()}
+        rows.append(Row("stream first byte p50 @1 (ms)", "ms", ttfb))
+        direct_ttfb = ttfb.get("direct")
+        added_ttfb: dict[str, float | None] = {
+            k: v - direct_ttfb for k, v in ttfb.items() if k != "direct" and v is not None and direct_ttfb is not None
+        }
+        rows.append(budget(Row("added first byte p50 @1 (ms)", "ms", added_ttfb), "<= 2", lambda v: v <= 2.0))
+        rows.append(Row(f"key mix {MIX_KEYS // 1000}k keys req/s @16", "rps", self.medians("keymix_c16", "rps")))
+        rows.append(Row("key mix p99 @16 (ms)", "ms", self.medians("keymix_c16", "p99_ms")))
+        memory = self.raw.get("memory")
+        if memory:
+            rows.append(Row("RSS before load (MiB)", "mib", {"gateway": memory["rss_before_mib"]}, ratios=False))
+            rows.append(Row("RSS peak during (MiB)", "mib", {"gateway": memory["rss_peak_mib"]}, ratios=False))
+            rows.append(
+                Row(
+                    f"RSS after {memory['requests'] // 1000}k req (MiB)",
+                    "mib",
+                    {"gateway": memory["rss_end_mib"]},
+                    ratios=False,
+                )
+            )
+            rows.append(Row("RSS after idle (MiB)", "mib", {"gateway": memory["rss_after_idle_mib"]}, ratios=False))
+            late = {"gateway": memory["rss_end_mib"] - memory["rss_mid_mib"]}
+            row = Row("RSS growth, 2nd half (MiB)", "mib", late, ratios=False)
+            rows.append(budget(row, "<= 16", lambda v: v <= MEMORY_GROWTH_LIMIT_MIB))
+        redis_runs = self.raw.get("throughput_c16", {}).get("redis", [])
+        per_request = [
+            r["extra"]["redis_commands_per_request"] for r in redis_runs if "redis_commands_per_request" in r["extra"]
+        ]
+        if per_request:
+            row = Row("Redis commands/request @16", "count", {"redis": median(per_request)}, ratios=False)
+            rows.append(budget(row, "<= 1 (redis column)", lambda v: v <= 1.05, column="redis"))
+        return rows
+
+    def events_of(self, key: str, tokens: int) -> int:
+        target = self.target(key)
+        return target.events.get(tokens, tokens + 8) if target else tokens + 8
+
+
+COLUMNS = ("direct", "gateway", "gw/direct", "daphne", "redis", "litellm", "gw/litellm", "budget", "pass")
+
+
+def fmt(value: float | None, unit: str) -> str:
+    if value is None or math.isnan(value):
+        return "-"
+    if unit == "rps":
+        return f"{value:,.0f}"
+    if unit == "count":
+        return f"{value:.2f}"
+    if unit == "mib":
+        return f"{value:.1f}"
+    return f"{value:.2f}"
+
+
+def ratio(a: float | None, b: float | None) -> str:
+    if a is None or b is None or math.isnan(a) or math.isnan(b) or b == 0:
+        return "-"
+    value = a / b
+    return f"{value:.2f}x" if value < 10 else f"{value:.1f}x"
+
+
+def table(rows: Sequence[Row]) -> list[list[str]]:
+    lines = [["scenario", *COLUMNS]]
+    for row in rows:
+        v = row.values
+        lines.append(
+            [
+                row.label,
+                fmt(v.get("direct"), row.unit),
+                fmt(v.get("gateway"), row.unit),
+                ratio(v.get("gateway"), v.get("direct")) if row.ratios else "-",
+                fmt(v.get("daphne"), row.unit),
+                fmt(v.get("redis"), row.unit),
+                fmt(v.get("litellm"), row.unit),
+                ratio(v.get("gateway"), v.get("litellm")) if row.ratios else "-",
+                row.budget or "-",
+                {True: "ok", False: "FAIL", None: "-"}[row.passed],
+            ]
+        )
+    return lines
+
+
+def render(lines: Sequence[Sequence[str]]) -> str:
+    widths = [max(len(line[i]) for line in lines) for i in range(len(lines[0]))]
+    out = []
+    for n, line in enumerate(lines):
+        cells = [cell.ljust(widths[i]) if i == 0 else cell.rjust(widths[i]) for i, cell in enumerate(line)]
+        out.append("| " + " | ".join(cells) + " |")
+        if n == 0:
+            out.append("|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    return "\n".join(out)
+
+
+@contextlib.contextmanager
+def data_directory() -> Iterator[Path]:
+    path = Path(tempfile.mkdtemp(prefix="gw-bench-"))
+    keep = os.environ.get("BENCH_KEEP") == "1"
+    try:
+        yield path
+    except BaseException:
+        keep = True  # the process logs are what explains a failure
+        raise
+    finally:
+        if keep:
+            log(f"kept the data directory and process logs: {path}")
+        else:
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def main() -> int:
+    plan = QUICK if os.environ.get("BENCH_QUICK") == "1" else FULL
+    if os.environ.get("BENCH_MEMORY_REQUESTS"):
+        plan = replace(plan, memory_requests=int(os.environ["BENCH_MEMORY_REQUESTS"]))
+    started = datetime.now(UTC)
+    bench = Bench(plan)
+    log(f"{'quick' if plan.quick else 'full'} run: {plan}")
+    try:
+        with data_directory() as data_dir:
+            try:
+                bench.setup(data_dir)
+                bench.warm_up()
+                bench.latency()
+                bench.throughput(16)
+                bench.throughput(64)
+                bench.streaming(STREAM_SMALL)
+                bench.streaming(STREAM_LARGE)
+                bench.ttfb()
+                bench.key_mix()
+                bench.memory()
+                for target in bench.targets:
+                    if target.service is not None and not target.service.alive():
+                        raise BenchError(f"{target.key} died during the run; log:\n{target.service.tail()}")
+            finally:
+                bench.stop_all()
+    except BenchError as exc:
+        log(f"benchmark failed: {exc}")
+        return 2
+
+    rows = bench.rows()
+    lines = table(rows)
+    elapsed = (datetime.now(UTC) - started).total_seconds()
+    info = bench.info
+    versions_line = ", ".join(f"{k} {v}" for k, v in info["versions"].items() if k != "wrk")
+    mach = machine()
+    print()
+    print(render(lines))
+    print()
+    print("gateway = `manage.py serve` defaults (uvicorn); daphne = `--server daphne`; redis = REDIS_URL set.")
+    print(f"gateway settings: {info['gateway_settings']}; extra env: {info['gateway_env'] or 'none'}")
+    limits = ", ".join(info["seed"]["limits"]) or "none (no limit fields in this build)"
+    print(f"usage metering on; limits set (generous) on every key and tenant: {limits}")
+    print("hot path database queries for a cached key: 0 (asserted by tests/test_hot_path_queries.py)")
+    for note in bench.notes:
+        print(note)
+    print(
+        f"{mach['nproc']} CPUs ({mach['cpu_model']}), {mach['memory_gib']} GiB; "
+        f"{info['versions']['wrk']}; {versions_line}"
+    )
+    print(f"{'quick' if plan.quick else 'full'} run, {elapsed:.0f}s, commit {git_commit()[:12]}")
+    failed = [row.label for row in rows if row.passed is False]
+    print("budget: " + ("all lines pass" if not failed else "FAILED: " + "; ".join(failed)))
+
+    mach["loadavg_at_end"] = list(os.getloadavg())
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    stamp = started.strftime("%Y%m%dT%H%M%SZ")
+    path = RESULTS / f"{stamp}{'-quick' if plan.quick else ''}.json"
+    document = {
+        "started": started.isoformat(),
+        "duration_s": elapsed,
+        "plan": asdict(plan),
+        "commit": git_commit(),
+        "machine": mach,
+        "versions": info["versions"],
+        "gateway_settings": info["gateway_settings"],
+        "gateway_env": info["gateway_env"],
+        "seed": info["seed"],
+        "notes": bench.notes,
+        "table": [dict(zip(lines[0], line, strict=True)) for line in lines[1:]],
+        "rows": [asdict(row) for row in rows],
+        "budget_failed": failed,
+        "raw": bench.raw,
+    }
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(document, indent=1, default=str) + "\n", encoding="utf-8")
+    tmp.replace(path)
+    print(f"written {path.relative_to(ROOT)}")
+    if failed and os.environ.get("BENCH_STRICT") == "1":
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

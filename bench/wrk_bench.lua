@@ -1,0 +1,83 @@
+-- wrk script of the benchmark harness (bench/run.py): POST one Responses API body, print a JSON summary.
+--
+-- Environment:
+--   WRK_BODY       the request body (JSON text); default a small non-streaming request
+--   WRK_AUTH       one bearer key sent with every request
+--   WRK_KEYS_FILE  instead of WRK_AUTH: a file of bearer keys, one per line; each request picks one
+--                  by a Zipf law over the line order (line 1 is the most used key)
+--   WRK_ZIPF_S     the Zipf exponent (default 1.1)
+--
+-- The last line printed is "BENCH {json}" with the request count, duration, error counts and latency
+-- percentiles in microseconds; bench/run.py parses it.
+
+local body = os.getenv("WRK_BODY") or '{"model":"gpt-4.1","input":"Say hello to the benchmark."}'
+local auth = os.getenv("WRK_AUTH")
+local keys_file = os.getenv("WRK_KEYS_FILE")
+local zipf_s = tonumber(os.getenv("WRK_ZIPF_S") or "1.1")
+
+wrk.method = "POST"
+wrk.body = body
+wrk.headers["Content-Type"] = "application/json"
+if auth then
+  wrk.headers["Authorization"] = "Bearer " .. auth
+end
+
+local threads_started = 0
+
+function setup(thread)
+  -- A distinct seed per thread: every thread would otherwise draw the same key sequence.
+  threads_started = threads_started + 1
+  thread:set("thread_seed", threads_started)
+end
+
+if keys_file then
+  -- Only defined for the key mix: a request() function makes wrk call Lua for every request, which
+  -- is slower than its static request, so the other scenarios leave it out.
+  local prepared = {} -- rank -> the whole HTTP request with that key, formatted once
+  local cdf = {} -- rank -> P(rank' <= rank)
+  local count = 0
+
+  function init(args)
+    for line in io.lines(keys_file) do
+      if #line > 0 then
+        count = count + 1
+        local headers = { ["Content-Type"] = "application/json", ["Authorization"] = "Bearer " .. line }
+        prepared[count] = wrk.format("POST", wrk.path, headers, body)
+      end
+    end
+    local total = 0
+    for rank = 1, count do
+      total = total + 1 / rank ^ zipf_s
+      cdf[rank] = total
+    end
+    for rank = 1, count do
+      cdf[rank] = cdf[rank] / total
+    end
+    math.randomseed(os.time() * 1000 + (thread_seed or 0))
+  end
+
+  function request()
+    -- Inverse CDF by binary search: the first rank whose cumulative probability reaches u.
+    local u = math.random()
+    local lo, hi = 1, count
+    while lo < hi do
+      local mid = math.floor((lo + hi) / 2)
+      if cdf[mid] < u then
+        lo = mid + 1
+      else
+        hi = mid
+      end
+    end
+    return prepared[lo]
+  end
+end
+
+function done(summary, latency, requests)
+  local e = summary.errors
+  io.write(string.format(
+    'BENCH {"requests":%d,"duration_us":%d,"bytes":%d,"status_errors":%d,"connect_errors":%d,'
+      .. '"read_errors":%d,"write_errors":%d,"timeouts":%d,"p50_us":%d,"p90_us":%d,"p99_us":%d,'
+      .. '"mean_us":%.1f,"max_us":%d}\n',
+    summary.requests, summary.duration, summary.bytes, e.status, e.connect, e.read, e.write, e.timeout,
+    latency:percentile(50), latency:percentile(90), latency:percentile(99), latency.mean, latency.max))
+end

@@ -1,0 +1,312 @@
+"""The hot-path budget that is not about time (docs/performance.md): for a key already in the snapshot,
+a request makes no database query, and at most one Redis round trip when Redis is configured.
+
+The gateway runs in this process (``gateway.asgi.application`` driven by a minimal ASGI harness, so
+anything later mounted in front of the data plane is covered too) against the real fake upstream.
+Usage metering stays on: its interval is pushed past the counted window so its batched INSERTs (off
+the request path by design) land after it, and the test then checks every request was recorded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import threading
+from collections.abc import Callable, Iterator
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+import orjson
+import pytest
+from django.conf import settings
+from django.db import connections
+from django.db.backends.signals import connection_created
+from django.test import override_settings
+
+from tests.conftest import MODEL, FakeUpstream, make_actor
+
+REQUESTS = 50
+# Checked on every request, never reached: the limit checks run as they would in production.
+GENEROUS_LIMITS = {"rpm": 100_000_000, "tpm": 10**15, "concurrency": 100_000, "budget_tokens": 10**17}
+
+
+class QueryCounter:
+    """Counts SQL statements on every connection of every thread while enabled.
+
+    The gateway touches the database from worker threads (``sync_to_async(thread_sensitive=False)``),
+    each with its own connection object: a wrapper on the test thread's connection alone would miss
+    them. New connections get the wrapper through ``connection_created``; existing ones directly.
+    """
+
+    def __init__(self) -> None:
+        self.enabled = False
+        self.statements: list[str] = []
+        self._installed: list[contextlib.AbstractContextManager[None]] = []
+
+    def __call__(self, execute: Callable[..., Any], sql: str, params: Any, many: bool, context: Any) -> Any:
+        if self.enabled:
+            self.statements.append(sql)
+        return execute(sql, params, many, context)
+
+    def _install(self, connection: Any) -> None:
+        if self not in connection.execute_wrappers:
+            wrapper = connection.execute_wrapper(self)
+            wrapper.__enter__()
+            self._installed.append(wrapper)
+
+    def _on_connection_created(self, sender: Any, connection: Any, **kwargs: Any) -> None:
+        self._install(connection)
+
+    @contextlib.contextmanager
+    def installed(self) -> Iterator[QueryCounter]:
+        for connection in connections.all():
+            self._install(connection)
+        connection_created.connect(self._on_connection_created)
+        try:
+            yield self
+        finally:
+            connection_created.disconnect(self._on_connection_created)
+            # Wrappers of worker-thread connections stay with those (finished) threads; disabled, they
+            # only pass calls through.
+            self.enabled = False
+            for wrapper in self._installed:
+                with contextlib.suppress(Exception):
+                    wrapper.__exit__(None, None, None)
+
+
+@contextlib.contextmanager
+def worker_connections_closed() -> Iterator[None]:
+    """Close the connections the gateway opened in worker threads when the block ends.
+
+    Their threads are gone by then but the connections would linger, and PostgreSQL refuses to drop
+    the test database while a session is open.
+    """
+    opened: list[Any] = []
+    main_thread = threading.get_ident()
+
+    def record(sender: Any, connection: Any, **kwargs: Any) -> None:
+        if threading.get_ident() != main_thread:
+            opened.append(connection)
+
+    connection_created.connect(record)
+    try:
+        yield
+    finally:
+        connection_created.disconnect(record)
+        for connection in opened:
+            connection.inc_thread_sharing()  # closing from this thread is safe: its own thread has ended
+            connection.close()
+
+
+async def call(app: Any, key: str, payload: dict[str, Any]) -> tuple[int, bytes]:
+    """One request through the ASGI app; the client stays connected until the response is complete."""
+    body = orjson.dumps(payload)
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0", "spec_version": "2.3"},
+        "http_version": "1.1",
+        "method": "POST",
+        "scheme": "http",
+        "path": "/v1/responses",
+        "raw_path": b"/v1/responses",
+        "query_string": b"",
+        "root_path": "",
+        "headers": [
+            (b"host", b"testserver"),
+            (b"authorization", f"Bearer {key}".encode()),
+            (b"content-type", b"application/json"),
+            (b"content-length", str(len(body)).encode()),
+        ],
+        "client": ("127.0.0.1", 50000),
+        "server": ("127.0.0.1", 80),
+    }
+    finished = asyncio.Event()
+    sent_body = False
+    status = 0
+    chunks: list[bytes] = []
+
+    async def receive() -> dict[str, Any]:
+        nonlocal sent_body
+        if not sent_body:
+            sent_body = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        await finished.wait()
+        return {"type": "http.disconnect"}
+
+    async def send(message: dict[str, Any]) -> None:
+        nonlocal status
+        if message["type"] == "http.response.start":
+            status = message["status"]
+        elif message["type"] == "http.response.body":
+            chunks.append(message.get("body", b""))
+            if not message.get("more_body", False):
+                finished.set()
+
+    await app(scope, receive, send)
+    finished.set()
+    return status, b"".join(chunks)
+
+
+def payload(n: int) -> dict[str, Any]:
+    # Alternate plain and streamed requests: both paths must stay off the database.
+    return {"model": MODEL, "input": f"request {n}", "stream": n % 2 == 1}
+
+
+def check(status: int, content: bytes, n: int) -> None:
+    assert status == 200, f"request {n}: {status} {content[:300]!r}"
+    if payload(n)["stream"]:
+        assert b"response.completed" in content, content[-300:]
+
+
+@pytest.fixture
+def gateway_setup(fake_upstream: FakeUpstream) -> str:
+    """A tenant and key (with limits where the models have them) and an account on the fake upstream."""
+    from accounts import services as account_services
+    from tenancy.models import ApiKey, Tenant
+
+    actor = make_actor("hotpath")
+    for model, pk in ((Tenant, actor.tenant.pk), (ApiKey, actor.api_key.pk)):
+        names = {f.name for f in model._meta.get_fields() if getattr(f, "concrete", False)}
+        limits = {name: value for name, value in GENEROUS_LIMITS.items() if name in names}
+        model.objects.filter(pk=pk).update(**limits)
+    from gateway import notify
+
+    notify.config_changed()  # queryset updates fire no signal
+    pool = account_services.pool_get_or_create(name="hotpath")
+    account_services.upstream_account_create(pool=pool, base_url=fake_upstream.base_url, models=[MODEL])
+    return actor.key
+
+
+def _reset_runtime() -> None:
+    """Start from no runtime, so the next one is built with this test's settings."""
+    from gateway import runtime
+
+    try:
+        asyncio.run(runtime.shutdown_runtime())
+    except Exception:  # a runtime left by another event loop cannot be closed from this one
+        runtime._runtime = None
+
+
+@pytest.mark.django_db(transaction=True)
+def test_cached_key_requests_make_no_database_query(gateway_setup: str) -> None:
+    from gateway.asgi import application
+    from gateway.runtime import shutdown_runtime
+    from tenancy.models import UsageRecord
+
+    key = gateway_setup
+    counter = QueryCounter()
+
+    async def main() -> None:
+        try:
+            # Warm-up: builds the runtime and loads the snapshot (those queries are allowed).
+            check(*await call(application, key, payload(0)), 0)
+            check(*await call(application, key, payload(1)), 1)
+            counter.enabled = True
+            for n in range(2, 2 + REQUESTS):
+                check(*await call(application, key, payload(n)), n)
+            counter.enabled = False
+        finally:
+            await shutdown_runtime()  # writes the buffered usage records
+
+    _reset_runtime()
+    with worker_connections_closed(), override_settings(GATEWAY_USAGE_FLUSH_SECONDS=3600.0), counter.installed():
+        asyncio.run(main())
+    assert counter.statements == [], f"{len(counter.statements)} queries on the hot path: {counter.statements[:5]}"
+    # Metering was on all along: every request left a usage record once the meter flushed.
+    assert UsageRecord.objects.filter(tenant__slug="hotpath").count() == REQUESTS + 2
+
+
+class RoundTripProxy:
+    """A TCP proxy in front of Redis counting round trips: client bursts that follow a server reply.
+
+    A pipeline of several commands sent together is one round trip (Redis' own command counters would
+    count each command), and only the gateway's connections pass here, whatever else uses that Redis.
+    """
+
+    def __init__(self, host: str, port: int) -> None:
+        self.host = host
+        self.port = port
+        self.round_trips = 0
+        self.server: asyncio.Server | None = None
+        self.writers: list[asyncio.StreamWriter] = []
+        self.handlers: list[asyncio.Task[Any]] = []
+
+    async def start(self) -> int:
+        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        return int(self.server.sockets[0].getsockname()[1])
+
+    async def close(self) -> None:
+        """Stop listening, close both ends of every connection and let the handlers finish."""
+        if self.server is not None:
+            self.server.close()
+        for writer in self.writers:
+            writer.close()
+        await asyncio.gather(*self.handlers, return_exceptions=True)
+
+    async def _serve(self, client_reader: asyncio.StreamReader, client_writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self.handlers.append(task)
+        server_reader, server_writer = await asyncio.open_connection(self.host, self.port)
+        self.writers += [client_writer, server_writer]
+        waiting = False  # a request was sent and its reply has not started
+
+        async def upstream() -> None:
+            nonlocal waiting
+            while data := await client_reader.read(65536):
+                if not waiting:
+                    self.round_trips += 1
+                    waiting = True
+                server_writer.write(data)
+                await server_writer.drain()
+            server_writer.close()
+
+        async def downstream() -> None:
+            nonlocal waiting
+            while data := await server_reader.read(65536):
+                waiting = False
+                client_writer.write(data)
+                await client_writer.drain()
+            client_writer.close()
+
+        with contextlib.suppress(ConnectionError, OSError):
+            await asyncio.gather(upstream(), downstream())
+
+
+@pytest.mark.skipif(not settings.REDIS_URL, reason="REDIS_URL is not set: the embedded mode uses no Redis")
+@pytest.mark.django_db(transaction=True)
+def test_at_most_one_redis_round_trip_per_request(gateway_setup: str) -> None:
+    from gateway.asgi import application
+    from gateway.runtime import shutdown_runtime
+
+    key = gateway_setup
+    parts = urlsplit(settings.REDIS_URL)
+    if parts.scheme != "redis" or parts.hostname is None:
+        pytest.skip(f"the round-trip proxy handles redis:// URLs only, not {parts.scheme}://")
+    proxy = RoundTripProxy(parts.hostname, parts.port or 6379)
+    counted: list[int] = []
+
+    async def main() -> None:
+        try:
+            # Warm-up: connects (HELLO/SELECT/CLIENT SETINFO are per connection) and loads the snapshot.
+            check(*await call(application, key, payload(0)), 0)
+            check(*await call(application, key, payload(1)), 1)
+            before = proxy.round_trips
+            for n in range(2, 2 + REQUESTS):
+                check(*await call(application, key, payload(n)), n)
+            counted.append(proxy.round_trips - before)
+        finally:
+            await shutdown_runtime()
+            await proxy.close()
+
+    async def run() -> None:
+        port = await proxy.start()
+        userinfo = parts.netloc.rpartition("@")[0]
+        netloc = f"{userinfo}@127.0.0.1:{port}" if userinfo else f"127.0.0.1:{port}"
+        with override_settings(REDIS_URL=urlunsplit(parts._replace(netloc=netloc)), GATEWAY_USAGE_FLUSH_SECONDS=3600.0):
+            await main()
+
+    _reset_runtime()
+    with worker_connections_closed():
+        asyncio.run(run())
+    assert counted[0] <= REQUESTS, f"{counted[0]} Redis round trips for {REQUESTS} requests"

@@ -1,0 +1,205 @@
+"""SSE through a live gateway: relayed frame by frame and byte for byte, keep-alives, failures
+after the stream began, and a client hanging up mid-stream.
+
+No speed thresholds: timing assertions only compare arrival times with each other.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.conftest import MODEL, Live
+from tests.live import SseProbe, poll, sse_events, sse_frames
+
+pytestmark = pytest.mark.live
+
+KEEPALIVE = b": keep-alive"
+_VOLATILE = re.compile(rb'\b(resp|msg|rs|fc|call)_[0-9a-f]{28}\b|"(created_at|completed_at)":\d+')
+
+
+def stream_body(**metadata: str) -> dict[str, Any]:
+    return {"model": MODEL, "input": "Tell me a story", "stream": True, "metadata": metadata}
+
+
+def timed_frames(live_gw: Live, payload: dict[str, Any]) -> tuple[httpx.Response, list[tuple[float, bytes]]]:
+    """Stream ``payload`` and return the response and each frame with its arrival time."""
+    frames: list[tuple[float, bytes]] = []
+    with live_gw.http() as client, client.stream("POST", "/v1/responses", json=payload) as response:
+        assert response.status_code == 200
+        buffer = b""
+        for chunk in response.iter_raw():
+            now = time.monotonic()
+            buffer += chunk
+            while b"\n\n" in buffer:
+                frame, buffer = buffer.split(b"\n\n", 1)
+                frames.append((now, frame))
+        assert buffer == b"", "the stream must end on a frame boundary"
+    return response, frames
+
+
+def event_type(frame: bytes) -> str:
+    return frame.split(b"\n", 1)[0].removeprefix(b"event: ").decode()
+
+
+def normalized(raw: bytes) -> bytes:
+    """``raw`` with the values that differ between two answers (ids, timestamps) blanked."""
+
+    def blank(match: re.Match[bytes]) -> bytes:
+        return match.group(1) + b"_*" if match.group(1) else b'"' + match.group(2) + b'":*'
+
+    return _VOLATILE.sub(blank, raw)
+
+
+def test_events_are_relayed_as_they_arrive(live_gw: Live) -> None:
+    delay = 0.15
+    response, frames = timed_frames(live_gw, stream_body(fake_event_delay_ms=str(int(delay * 1000)), fake_tokens="3"))
+    assert response.headers["content-type"].startswith("text/event-stream")
+    assert response.headers["x-request-id"].startswith("req_")
+    events = [(at, frame) for at, frame in frames if frame != KEEPALIVE]
+    types = [event_type(frame) for _, frame in events]
+    assert types[0] == "response.created"
+    assert types[-1] == "response.completed"
+    first_delta = types.index("response.output_text.delta")
+    gaps_after = len(events) - 1 - first_delta  # upstream pauses between the first delta and the end
+    assert gaps_after >= 5
+    # Buffering anywhere would bunch the events together at the end.
+    assert events[first_delta][0] < events[-1][0] - (gaps_after // 2) * delay
+    arrivals = [at for at, _ in events]
+    assert arrivals == sorted(arrivals)
+    assert len({round(at, 2) for at in arrivals}) > len(events) // 2, "events arrived in separate reads"
+
+
+def test_framing_is_kept_byte_for_byte(live_gw: Live) -> None:
+    with live_gw.http() as client:
+        through_gateway = client.post("/v1/responses", json=stream_body(fake_tokens="7")).content
+        forwarded = live_gw.upstream.last_request()["body"]
+        direct = httpx.post(live_gw.upstream.base_url + "/responses", json=forwarded, timeout=10).content
+    frames = [frame for frame in sse_frames(through_gateway) if frame != KEEPALIVE]
+    assert normalized(b"".join(frame + b"\n\n" for frame in frames)) == normalized(direct)
+    events = sse_events(through_gateway)
+    assert [event["sequence_number"] for event in events] == list(range(len(events)))
+    assert len({event["response"]["id"] for event in events if "response" in event}) == 1
+
+
+def test_keepalive_comments_while_the_upstream_is_silent(live_gw: Live) -> None:
+    # One event, a second of silence, one more event, then the upstream hangs up.
+    _, frames = timed_frames(live_gw, stream_body(fake_event_delay_ms="1000", fake_cut_after="2"))
+    kinds = [b"keepalive" if frame == KEEPALIVE else event_type(frame).encode() for _, frame in frames]
+    assert kinds[0] == b"response.created"
+    second = next(i for i, kind in enumerate(kinds) if kind == b"response.in_progress")
+    assert second >= 3, kinds
+    assert set(kinds[1:second]) == {b"keepalive"}, kinds
+    for at, frame in frames:  # keep-alives are whole frames of their own
+        assert frame == KEEPALIVE or frame.startswith(b"event: "), (at, frame)
+
+
+def test_failure_event_from_upstream_is_relayed_and_the_stream_ends(live_gw: Live) -> None:
+    response = live_gw.post(stream_body(fake_fail_after="5"))
+    assert response.status_code == 200
+    events = sse_events(response.content)
+    assert [e["type"] for e in events][-2:] == ["error", "response.failed"]
+    assert [e["sequence_number"] for e in events] == list(range(len(events)))
+    assert events[-1]["response"]["status"] == "failed"
+    assert events[-1]["response"]["id"] == events[0]["response"]["id"]
+    record = live_gw.wait_usage(response.headers["x-request-id"])
+    assert (record.outcome, record.stream, record.status_code) == ("failed", True, 200)
+
+
+@pytest.mark.parametrize("cut_after", [6, 1, 0])
+def test_upstream_cut_mid_stream_becomes_error_then_failed(live_gw: Live, cut_after: int) -> None:
+    response = live_gw.post(stream_body(fake_cut_after=str(cut_after)))
+    assert response.status_code == 200
+    events = sse_events(response.content)
+    assert [e["type"] for e in events][-2:] == ["error", "response.failed"]
+    assert events[0]["type"] == "response.created", "the SDK needs response.created first"
+    assert [e["sequence_number"] for e in events] == list(range(len(events)))
+    error, failed = events[-2:]
+    assert error["code"] == "upstream_error"
+    assert error["message"]
+    assert "param" in error
+    assert failed["response"]["status"] == "failed"
+    assert failed["response"]["error"]["code"] == "upstream_error"
+    assert failed["response"]["id"] == events[0]["response"]["id"]
+    record = live_gw.wait_usage(response.headers["x-request-id"])
+    assert (record.outcome, record.stream) == ("upstream_error", True)
+    assert record.output_tokens is None
+
+
+@pytest.mark.parametrize("knob", [{"fake_fail_after": "6"}, {"fake_cut_after": "6"}, {"fake_cut_after": "0"}])
+def test_sdk_stream_surfaces_a_failure_without_hanging(live_gw: Live, knob: dict[str, str]) -> None:
+    client = live_gw.openai(max_retries=0, timeout=15)
+    with client.responses.stream(model=MODEL, input="hi", metadata=knob) as stream:
+        types = [event.type for event in stream]
+        assert types[0] == "response.created"
+        assert types[-2:] == ["error", "response.failed"]
+        with pytest.raises(RuntimeError, match=r"response\.completed"):
+            stream.get_final_response()
+    events = list(client.responses.create(model=MODEL, input="hi", stream=True, metadata=knob))
+    assert [e.type for e in events][-2:] == ["error", "response.failed"]
+    failed = events[-1]
+    assert failed.type == "response.failed"
+    assert failed.response.status == "failed"
+    assert failed.response.error is not None
+
+
+def test_client_disconnect_closes_the_upstream_request_and_is_metered(live_gw: Live) -> None:
+    probe = SseProbe(frames=400, interval=0.05)  # ~20 s if nobody hangs up
+    try:
+        live_gw.add_account(["gpt-probe"], base_url=probe.base_url)
+        payload = {**stream_body(), "model": "gpt-probe"}
+        with live_gw.http() as client, client.stream("POST", "/v1/responses", json=payload) as response:
+            assert response.status_code == 200
+            request_id = response.headers["x-request-id"]
+            received = b""
+            for chunk in response.iter_raw():
+                received += chunk
+                if received.count(b"event: ") >= 3:
+                    break
+            assert not probe.closed, "the upstream must still be streaming while the client reads"
+            hung_up_at = time.monotonic()
+        (closed,) = poll(lambda: probe.closed, timeout=10, what="the upstream connection closing")
+        assert probe.opened == 1
+        # Closed after the client hung up, and long before the upstream would have finished.
+        assert closed["at"] >= hung_up_at
+        assert not closed["finished"]
+        assert closed["sent"] < probe.frames
+        record = live_gw.wait_usage(request_id)
+        assert (record.outcome, record.stream, record.status_code, record.model) == (
+            "client_disconnected",
+            True,
+            200,
+            "gpt-probe",
+        )
+        assert record.output_tokens is None
+    finally:
+        probe.close()
+
+
+def test_client_disconnect_on_the_fake_upstream_is_metered(live_gw: Live) -> None:
+    with live_gw.http() as client:
+        payload = stream_body(fake_event_delay_ms="100", fake_tokens="50")
+        with client.stream("POST", "/v1/responses", json=payload) as response:
+            request_id = response.headers["x-request-id"]
+            for chunk in response.iter_raw():
+                if b"response.output_text.delta" in chunk:
+                    break
+    record = live_gw.wait_usage(request_id)
+    assert record.outcome == "client_disconnected"
+    assert record.ttfb_ms is not None
+    assert record.ttfb_ms <= record.latency_ms
+    # The gateway keeps serving normally on the same upstream.
+    assert live_gw.post(stream_body(fake_tokens="2")).status_code == 200
+
+
+def test_sdk_can_stop_reading_early(live_gw: Live) -> None:
+    client = live_gw.openai(max_retries=0, timeout=15)
+    with client.responses.stream(model=MODEL, input="hi", metadata={"fake_tokens": "30"}) as stream:
+        for event in stream:
+            if event.type == "response.output_text.delta":
+                break
+    assert client.responses.create(model=MODEL, input="again").status == "completed"
