@@ -15,7 +15,14 @@ from django.db.models import QuerySet
 from django.http import HttpRequest
 
 from accounts.crypto import encrypt_credential
-from accounts.models import DEFAULT_STRIP_FIELDS, Pool, UpstreamAccount
+from accounts.models import (
+    DEFAULT_STRIP_FIELDS,
+    AccountTransition,
+    ModelRoute,
+    ModelRouteTarget,
+    Pool,
+    UpstreamAccount,
+)
 from accounts.services import strip_fields_clean, upstream_account_set_enabled
 
 
@@ -104,3 +111,32 @@ class UpstreamAccountAdmin(admin.ModelAdmin):
         elif new_key:
             obj.credential_encrypted = encrypt_credential(new_key)
         super().save_model(request, obj, form, change)
+
+
+class ModelRouteTargetInline(admin.TabularInline):
+    model = ModelRouteTarget
+    extra = 1
+    ordering = ("position",)
+
+
+@admin.register(ModelRoute)
+class ModelRouteAdmin(admin.ModelAdmin):
+    list_display = ("model", "updated_at")
+    search_fields = ("model",)
+    inlines = (ModelRouteTargetInline,)
+
+
+@admin.register(AccountTransition)
+class AccountTransitionAdmin(admin.ModelAdmin):
+    """The health log: read-only, written by the data plane and the probe task."""
+
+    list_display = ("at", "account", "from_state", "to_state", "reason", "until")
+    list_filter = ("to_state",)
+    list_select_related = ("account",)
+    show_full_result_count = False
+
+    def has_add_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False
+
+    def has_change_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False

@@ -1,10 +1,10 @@
 """Seed a throw-away gateway database for the benchmark (run by bench/run.py, not by hand).
 
-``python -m bench.seed --upstream URL --model M --keys N --tenants T --keys-file PATH`` with
+``python -m bench.seed --route MODEL=URL [--route ...] --keys N --tenants T --keys-file PATH`` with
 ``GATEWAY_DATA_DIR`` and the secrets of the run in the environment, after ``manage.py migrate``.
 
-Creates the ``bench`` tenant with one key (printed), one upstream account for ``M`` pointing at the
-fake upstream, and the key mix: ``N`` keys spread over ``T`` tenants, their secrets written to
+Creates the ``bench`` tenant with one key (printed), one upstream account per route (a model served
+by the fake upstream at a base URL), and the key mix: ``N`` keys spread over ``T`` tenants, their secrets written to
 ``PATH`` one per line. Every key and tenant gets generous limits where the models have limit fields,
 so the limit checks run on every request without ever refusing one. Prints one JSON line.
 
@@ -57,7 +57,7 @@ def limit_values(model: Any) -> dict[str, int]:
     return {name: value for name, value in GENEROUS_LIMITS.items() if name in names}
 
 
-def seed(upstream: str, model_name: str, keys: int, tenants: int, keys_file: Path) -> dict[str, Any]:
+def seed(routes: dict[str, str], keys: int, tenants: int, keys_file: Path) -> dict[str, Any]:
     from django.conf import settings
     from django.db import transaction
 
@@ -74,7 +74,8 @@ def seed(upstream: str, model_name: str, keys: int, tenants: int, keys_file: Pat
     api_key, main_secret = services.apikey_create(tenant=tenant, name="bench main")
     ApiKey.objects.filter(pk=api_key.pk).update(**key_limits)
     pool = pool_get_or_create(name="bench")
-    upstream_account_create(pool=pool, base_url=upstream, api_key="sk-fake-upstream", models=[model_name])
+    for model_name, base_url in routes.items():
+        upstream_account_create(pool=pool, base_url=base_url, api_key="sk-fake-upstream", models=[model_name])
 
     secrets: list[str] = []
     with transaction.atomic():
@@ -119,8 +120,9 @@ def seed(upstream: str, model_name: str, keys: int, tenants: int, keys_file: Pat
 
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.seed", description=__doc__.splitlines()[0])
-    parser.add_argument("--upstream", required=True, help="base URL of the fake upstream, e.g. http://127.0.0.1:P/v1")
-    parser.add_argument("--model", required=True)
+    parser.add_argument(
+        "--route", action="append", required=True, help="MODEL=BASE_URL, e.g. gpt-4.1=http://127.0.0.1:P/v1"
+    )
     parser.add_argument("--keys", type=int, default=10_000)
     parser.add_argument("--tenants", type=int, default=1_000)
     parser.add_argument("--keys-file", type=Path, required=True)
@@ -129,7 +131,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     import django
 
     django.setup()
-    result = seed(args.upstream, args.model, args.keys, max(1, args.tenants), args.keys_file)
+    routes = dict(route.split("=", 1) for route in args.route)
+    result = seed(routes, args.keys, max(1, args.tenants), args.keys_file)
     sys.stdout.write(json.dumps(result) + "\n")
 
 

@@ -56,7 +56,6 @@ import os
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from itertools import count
 from typing import Protocol
 
@@ -103,9 +102,10 @@ class Scope:
     concurrency: int | None = None
     budget_tokens: int | None = None
     budget_micros: int | None = None  # money, integer micro-USD
-    window_start: int = 0  # budget window, epoch seconds
+    window_start: int = 0  # budget window [start, end), epoch seconds
     window_end: int = 0
     soft_percent: int | None = None
+    tenant_id: int | None = None  # not used by the engine: for the alert hook's benefit
 
     @property
     def has_budget(self) -> bool:
@@ -193,36 +193,6 @@ def estimate_tokens(body_bytes: int, max_output_tokens: int | None, *, default_o
     return body_bytes // 4 + 1 + output
 
 
-def window_bounds(period: str, now: float, *, start: int | None = None, end: int | None = None) -> tuple[int, int]:
-    """(window_start, window_end) in epoch seconds of a budget period containing ``now`` (UTC).
-
-    ``period``: "day", "week" (from Monday), "month", or "fixed" (``start``/``end``
-    given, returned as they are).
-    """
-    if period == "fixed":
-        if start is None or end is None:
-            raise ValueError("a fixed budget window needs start and end")
-        return (start, end)
-    return _calendar_window(period, int(now // 86_400))
-
-
-@functools.lru_cache(maxsize=64)
-def _calendar_window(period: str, day: int) -> tuple[int, int]:
-    if period == "day":
-        return (day * 86_400, (day + 1) * 86_400)
-    if period == "week":
-        monday = day - (day + 3) % 7  # 1970-01-01 was a Thursday
-        return (monday * 86_400, (monday + 7) * 86_400)
-    if period == "month":
-        date = datetime.fromtimestamp(day * 86_400, UTC)
-        first = date.replace(day=1, hour=0, minute=0, second=0, microsecond=0)
-        following = (
-            first.replace(year=first.year + 1, month=1) if first.month == 12 else first.replace(month=first.month + 1)
-        )
-        return (int(first.timestamp()), int(following.timestamp()))
-    raise ValueError(f"unknown budget period {period!r}")
-
-
 def format_duration(seconds: float) -> str:
     """A duration as OpenAI's rate-limit headers write it: "6ms", "1s", "59.2s", "1m0s", "1h2m3s"."""
     ms = max(0, round(seconds * 1000))
@@ -247,34 +217,33 @@ def threshold(limit: int | None, percent: int | None) -> int:
 
 def rate_headers(scopes: Sequence[Scope], requests: Sequence[int], tokens: Sequence[int], now: float) -> Headers:
     """x-ratelimit-* of the most constrained scope; ``requests``/``tokens``: used per scope."""
-    best_r: tuple[int, int] | None = None
+    best_r: tuple[int, int] | None = None  # (remaining, limit)
     best_t: tuple[int, int] | None = None
-    for scope, used_r, used_t in zip(scopes, requests, tokens, strict=True):
-        if scope.rpm is not None:
-            left = max(0, scope.rpm - used_r)
-            if best_r is None or left < best_r[1]:
-                best_r = (scope.rpm, left)
-        if scope.tpm is not None:
-            left = max(0, scope.tpm - used_t)
-            if best_t is None or left < best_t[1]:
-                best_t = (scope.tpm, left)
+    for i, scope in enumerate(scopes):
+        limit = scope.rpm
+        if limit is not None and (best_r is None or limit - requests[i] < best_r[0]):
+            best_r = (limit - requests[i], limit)
+        limit = scope.tpm
+        if limit is not None and (best_t is None or limit - tokens[i] < best_t[0]):
+            best_t = (limit - tokens[i], limit)
     if best_r is None and best_t is None:
         return []
-    reset = format_duration((now // MINUTE + 1) * MINUTE - now).encode()
+    reset = _reset_bytes(round(((now // MINUTE + 1) * MINUTE - now) * 1000))
     headers: Headers = []
     if best_r is not None:
-        headers += [
-            (b"x-ratelimit-limit-requests", b"%d" % best_r[0]),
-            (b"x-ratelimit-remaining-requests", b"%d" % best_r[1]),
-            (b"x-ratelimit-reset-requests", reset),
-        ]
+        headers.append((b"x-ratelimit-limit-requests", b"%d" % best_r[1]))
+        headers.append((b"x-ratelimit-remaining-requests", b"%d" % max(0, best_r[0])))
+        headers.append((b"x-ratelimit-reset-requests", reset))
     if best_t is not None:
-        headers += [
-            (b"x-ratelimit-limit-tokens", b"%d" % best_t[0]),
-            (b"x-ratelimit-remaining-tokens", b"%d" % best_t[1]),
-            (b"x-ratelimit-reset-tokens", reset),
-        ]
+        headers.append((b"x-ratelimit-limit-tokens", b"%d" % best_t[1]))
+        headers.append((b"x-ratelimit-remaining-tokens", b"%d" % max(0, best_t[0])))
+        headers.append((b"x-ratelimit-reset-tokens", reset))
     return headers
+
+
+@functools.lru_cache(maxsize=4096)
+def _reset_bytes(ms: int) -> bytes:
+    return format_duration(ms / 1000).encode()
 
 
 def refusal(
@@ -543,6 +512,30 @@ class LocalLimiter:
         ticket = Ticket(tuple(scopes), tokens, micros, minute, lease, tuple(b is not None for b in budgets))
         return Decision(True, None, None, rate_headers(scopes, used_r, used_t, now), ticket, token)
 
+    async def peek(self, scopes: Sequence[Scope], *, now: float | None = None) -> list[dict[str, object]]:
+        """Each scope's limits and what is left of them now (counts nothing)."""
+        now = time.time() if now is None else now
+        minute = int(now // MINUTE)
+        reports = []
+        for scope in scopes:
+            key = (scope.name, scope.id)
+            counter = self._minutes.get(key)
+            current = counter is not None and counter.minute == minute
+            leases = self._leases.get(key) or {}
+            budget = self._current_budget(scope) if scope.has_budget else None
+            reports.append(
+                limit_report(
+                    scope,
+                    now,
+                    requests=counter.requests if counter is not None and current else 0,
+                    tokens=counter.tokens if counter is not None and current else 0,
+                    in_flight=sum(1 for expiry in leases.values() if expiry > now),
+                    spent_tokens=budget.spent_tokens if budget is not None else None,
+                    spent_micros=budget.spent_micros if budget is not None else None,
+                )
+            )
+        return reports
+
     def _current_budget(self, scope: Scope) -> _Budget | None:
         """The counter of the scope's window; None when it does not exist (yet)."""
         budget = self._budgets.get((scope.name, scope.id))
@@ -637,3 +630,58 @@ def reached(scope: Scope, spent_tokens: int, spent_micros: int, percent: int | N
     tokens = threshold(scope.budget_tokens, percent)
     micros = threshold(scope.budget_micros, percent)
     return (tokens >= 0 and spent_tokens >= tokens) or (micros >= 0 and spent_micros >= micros)
+
+
+def limit_report(
+    scope: Scope,
+    now: float,
+    *,
+    requests: int,
+    tokens: int,
+    in_flight: int,
+    spent_tokens: int | None,
+    spent_micros: int | None,
+) -> dict[str, object]:
+    """What ``GET /v1/usage`` shows of one scope: each limit, what is left, when it resets."""
+    reset = _iso((now // MINUTE + 1) * MINUTE)
+    report: dict[str, object] = {"scope": scope.name}
+    if scope.rpm is not None:
+        report["requests_per_minute"] = {
+            "limit": scope.rpm,
+            "remaining": max(0, scope.rpm - requests),
+            "resets_at": reset,
+        }
+    if scope.tpm is not None:
+        report["tokens_per_minute"] = {"limit": scope.tpm, "remaining": max(0, scope.tpm - tokens), "resets_at": reset}
+    if scope.concurrency is not None:
+        report["concurrent_requests"] = {
+            "limit": scope.concurrency,
+            "in_use": in_flight,
+            "remaining": max(0, scope.concurrency - in_flight),
+        }
+    if scope.has_budget:
+        budget: dict[str, object] = {"period_start": _iso(scope.window_start), "resets_at": _iso(scope.window_end)}
+        if scope.budget_micros is not None:
+            spent = spent_micros or 0
+            budget["usd"] = {
+                "limit": _usd(scope.budget_micros),
+                "spent": _usd(spent),
+                "remaining": _usd(max(0, scope.budget_micros - spent)),
+            }
+        if scope.budget_tokens is not None:
+            spent = spent_tokens or 0
+            budget["tokens"] = {
+                "limit": scope.budget_tokens,
+                "spent": spent,
+                "remaining": max(0, scope.budget_tokens - spent),
+            }
+        report["budget"] = budget
+    return report
+
+
+def _iso(epoch: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(epoch))
+
+
+def _usd(micros: int) -> str:
+    return f"{micros / 1_000_000:.6f}"

@@ -20,29 +20,32 @@ Keys (``prefix`` defaults to ``gw:rl:``), each with a TTL so nothing grows for e
   ``budget_grace`` seconds after the window ends. Its absence means "seed me".
 
 The scripts build these names from the prefix and per-scope specs rather than take
-them in ``KEYS``: packing three keys and eight numbers per scope as separate
-arguments cost more client CPU than the whole rest of an admit. So this needs a
-standalone Redis (or Sentinel), not Redis Cluster. A scope's ``name`` and ``id`` must
-not contain commas.
+them in ``KEYS``, and take all their input as one string: redis-py spends ~4 us of
+client CPU per command argument, more than the script spends splitting the string.
+So this needs a standalone Redis (or Sentinel), not Redis Cluster. The prefix and a
+scope's ``name`` must not contain ``,`` or ``;``.
 
 The admit script (``ADMIT_LUA``):
 
 - ``KEYS[1]`` = the config token key.
-- ``ARGV`` = ``prefix, minute, now_ms, est_tokens, est_micros, lease_id,
-  lease_ttl_ms, minute_ttl_s, budget_grace_s`` then one spec per scope:
-  ``"name:id,rpm,tpm,concurrency,budget_tokens,budget_micros,window_start,
+- ``ARGV[1]`` = ``"prefix,minute,now_ms,est_tokens,est_micros,lease_id,
+  lease_ttl_ms,minute_ttl_s,budget_grace_s"`` then, after a ``;`` each, one spec per
+  scope: ``"name:id,rpm,tpm,concurrency,budget_tokens,budget_micros,window_start,
   window_end,seed_tokens,seed_micros"`` (limits -1 = unlimited; no budget limit = no
-  budget counter; seeds -1 = report a missing budget counter instead of creating it).
-- returns ``{status, token, "counts|fails|alerts"}``: status 1 admitted (counted),
-  0 refused (nothing counted), 2 budget counters missing (nothing counted; ``fails``
-  lists the 0-based scope indices to seed); ``token`` the config key's value (nil if
-  absent); ``counts`` = per scope ``requests,tokens`` used in the minute (after
-  counting when admitted); ``fails`` = ``index,kind`` pairs (kind 0 rpm, 1 tpm,
-  2 concurrency, 3 budget); ``alerts`` = ``index,kind,spent_tokens,spent_micros``
-  (kind 2: the first refusal of a budget sets its hard alert). Comma-separated ints.
+  budget counter; seeds -1 = report a missing budget counter instead of creating it;
+  lease ``-`` = none).
+- returns one string ``"status|counts|fails|alerts[|token]"`` (one bulk reply, as
+  cheap to parse as a GET's): status 1 admitted (counted), 0 refused (nothing
+  counted), 2 budget counters missing (nothing counted; ``fails`` lists the 0-based
+  scope indices to seed); ``counts`` = per scope ``requests,tokens`` used in the
+  minute (after counting when admitted); ``fails`` = ``index,kind`` pairs (kind 0 rpm,
+  1 tpm, 2 concurrency, 3 budget); ``alerts`` = ``index,kind,spent_tokens,
+  spent_micros`` (kind 2: the first refusal of a budget sets its hard alert), all
+  comma-separated integers; ``token``: the config key's raw value, absent with the
+  key (then ``Decision.config_token`` is None, as ``GET`` would say).
 
-The settle script (``SETTLE_LUA``) applies a batch: ``ARGV`` = ``prefix`` then one
-spec per operation (one ticket scope): ``"name:id,minute,window_start,
+The settle script (``SETTLE_LUA``) applies a batch: ``ARGV[1]`` = ``prefix`` then,
+after a ``;`` each, one spec per operation (one ticket scope): ``"name:id,minute,window_start,
 requests_delta,tokens_delta,lease_id,budgeted,-reserved_tokens,-reserved_micros,
 spent_tokens,spent_micros,soft_tokens,soft_micros,hard_tokens,hard_micros"``
 (lease ``-`` = none; budgeted 0/1; thresholds -1 = none). It touches a minute or
@@ -85,6 +88,7 @@ from gateway.limits import (
     Seeder,
     Ticket,
     fire_alert,
+    limit_report,
     new_lease_id,
     rate_headers,
     refusal,
@@ -106,16 +110,27 @@ local function ints(list)
   for k, v in ipairs(list) do list[k] = string.format('%d', v) end
   return table.concat(list, ',')
 end
-local prefix, minute, now = ARGV[1], ARGV[2], tonumber(ARGV[3])
-local est_t, est_m = tonumber(ARGV[4]), tonumber(ARGV[5])
-local lease, lease_ttl = ARGV[6], tonumber(ARGV[7])
-local minute_ttl, grace = tonumber(ARGV[8]), tonumber(ARGV[9])
+local function split(text, sep)
+  local out = {}
+  for v in string.gmatch(text, sep) do out[#out + 1] = v end
+  return out
+end
+local parts = split(ARGV[1], '[^;]+')
+local h = split(parts[1], '[^,]+')
+local prefix, minute, now = h[1], h[2], tonumber(h[3])
+local est_t, est_m = tonumber(h[4]), tonumber(h[5])
+local lease, lease_ttl = h[6], tonumber(h[7])
+local minute_ttl, grace = tonumber(h[8]), tonumber(h[9])
 local token = redis.call('GET', KEYS[1])
-local n = #ARGV - 9
+local function reply(status, counts, fails, alerts)
+  local text = status .. '|' .. counts .. '|' .. fails .. '|' .. alerts
+  if token then return text .. '|' .. token end
+  return text
+end
+local n = #parts - 1
 local scopes, missing = {}, {}
 for i = 1, n do
-  local f = {}
-  for v in string.gmatch(ARGV[9 + i], '[^,]+') do f[#f + 1] = v end
+  local f = split(parts[1 + i], '[^,]+')
   local s = {base = prefix .. f[1] .. ':', rpm = tonumber(f[2]), tpm = tonumber(f[3]), conc = tonumber(f[4]),
              bt = tonumber(f[5]), bm = tonumber(f[6])}
   scopes[i] = s
@@ -136,7 +151,7 @@ for i = 1, n do
   end
 end
 if #missing > 0 then
-  return {2, token, '|' .. ints(missing) .. '|'}
+  return reply(2, '', ints(missing), '')
 end
 local counts, fails, alerts = {}, {}, {}
 for i = 1, n do
@@ -170,7 +185,7 @@ for i = 1, n do
   end
 end
 if #fails > 0 then
-  return {0, token, ints(counts) .. '|' .. ints(fails) .. '|' .. ints(alerts)}
+  return reply(0, ints(counts), ints(fails), ints(alerts))
 end
 for i = 1, n do
   local s = scopes[i]
@@ -188,7 +203,7 @@ for i = 1, n do
     redis.call('HSET', s.bk, 'rt', s.rt + est_t, 'rm', s.rm + est_m)
   end
 end
-return {1, token, ints(counts) .. '||'}
+return reply(1, ints(counts), '', '')
 """
 
 SETTLE_LUA = """
@@ -196,11 +211,13 @@ local function reached(st, sm, limit_t, limit_m)
   limit_t, limit_m = tonumber(limit_t), tonumber(limit_m)
   return (limit_t >= 0 and st >= limit_t) or (limit_m >= 0 and sm >= limit_m)
 end
-local prefix = ARGV[1]
+local ops = {}
+for op in string.gmatch(ARGV[1], '[^;]+') do ops[#ops + 1] = op end
+local prefix = ops[1]
 local alerts = {}
-for i = 2, #ARGV do
+for i = 2, #ops do
   local f = {}
-  for v in string.gmatch(ARGV[i], '[^,]+') do f[#f + 1] = v end
+  for v in string.gmatch(ops[i], '[^,]+') do f[#f + 1] = v end
   local base = prefix .. f[1] .. ':'
   local rd, td = tonumber(f[4]), tonumber(f[5])
   if rd ~= 0 or td ~= 0 then
@@ -314,35 +331,33 @@ class RedisLimiter:
         minute = int(now // MINUTE)
         lease = new_lease_id() if any(scope.concurrency is not None for scope in scopes) else ""
         seed = "-1,-1" if self._seeder.seed is not None else "0,0"
-        args: list[int | str] = [
-            self._prefix,
-            minute,
-            int(now * 1000),
-            tokens,
-            micros,
-            lease or "-",
-            self._lease_ttl_ms,
-            MINUTE_TTL,
-            self._budget_grace,
-        ]
-        args += [_spec(scope, seed) for scope in scopes]
+        # One argument, not one per value: redis-py's packing costs more per argument
+        # than the whole script costs to split this string.
+        head = (
+            f"{self._prefix},{minute},{int(now * 1000)},{tokens},{micros},{lease or '-'},"
+            f"{self._lease_ttl_ms},{MINUTE_TTL},{self._budget_grace}"
+        )
+        specs = [_spec(scope, seed) for scope in scopes]
         started = time.monotonic()
-        status, token, detail = await _ADMIT(self._redis, self._keys, args)
+        status, counts, fails, alerts, token = _admit_reply(
+            await _ADMIT(self._redis, self._keys, (";".join((head, *specs)),))
+        )
         attempts = 0
         unenforced: set[int] = set()
         while status == 2:
             # Some budget counters are missing: seed them (off the common path), then
             # ask again with the seeds, which the script uses only if still missing.
             attempts += 1
-            for index in _ints(_text(detail).split("|")[1]):
+            for index in fails:
                 seeded = await self._seeder.get(scopes[index], started) if attempts < 3 else None
                 if seeded is None:  # no seed: this budget is not enforced for this request
                     unenforced.add(index)
-                    args[9 + index] = _spec(replace(scopes[index], budget_tokens=None, budget_micros=None), seed)
+                    specs[index] = _spec(replace(scopes[index], budget_tokens=None, budget_micros=None), seed)
                 else:
-                    args[9 + index] = _spec(scopes[index], f"{seeded[0]},{seeded[1]}")
-            status, token, detail = await _ADMIT(self._redis, self._keys, args)
-        counts, fails, alerts = (_ints(part) for part in _text(detail).split("|"))
+                    specs[index] = _spec(scopes[index], f"{seeded[0]},{seeded[1]}")
+            status, counts, fails, alerts, token = _admit_reply(
+                await _ADMIT(self._redis, self._keys, (";".join((head, *specs)),))
+            )
         used_r = counts[0::2]
         used_t = counts[1::2]
         for j in range(0, len(alerts), 4):
@@ -355,6 +370,33 @@ class RedisLimiter:
         budgeted = tuple(scope.has_budget and i not in unenforced for i, scope in enumerate(scopes))
         ticket = Ticket(tuple(scopes), tokens, micros, minute, lease, budgeted)
         return Decision(True, None, None, headers, ticket, token)
+
+    async def peek(self, scopes: Sequence[Scope], *, now: float | None = None) -> list[dict[str, object]]:
+        """Each scope's limits and what is left of them now (reads only; not the hot path)."""
+        now = time.time() if now is None else now
+        minute = int(now // MINUTE)
+        pipe = self._redis.pipeline(transaction=False)
+        for scope in scopes:
+            base = f"{self._prefix}{scope.name}:{scope.id}:"
+            pipe.hmget(f"{base}m:{minute}", "r", "t")
+            pipe.zcount(f"{base}c", int(now * 1000), "+inf")
+            pipe.hmget(f"{base}b:{scope.window_start}", "st", "sm")
+        replies = await pipe.execute()
+        reports = []
+        for i, scope in enumerate(scopes):
+            (requests, tokens), in_flight, (spent_t, spent_m) = replies[3 * i : 3 * i + 3]
+            reports.append(
+                limit_report(
+                    scope,
+                    now,
+                    requests=int(requests or 0),
+                    tokens=int(tokens or 0),
+                    in_flight=int(in_flight or 0),
+                    spent_tokens=int(spent_t) if spent_t is not None else None,
+                    spent_micros=int(spent_m) if spent_m is not None else None,
+                )
+            )
+        return reports
 
     def settle(self, ticket: Ticket, *, tokens: int | None, micros: int | None) -> None:
         self._enqueue(ticket, tokens, micros, 0)
@@ -427,7 +469,7 @@ class RedisLimiter:
             if not ops:
                 return
             try:
-                reply = await _SETTLE(self._redis, (), args)
+                reply = await _SETTLE(self._redis, (), (";".join(args),))
             except BaseException:
                 self._queue.extendleft(reversed(batch))
                 raise
@@ -444,7 +486,8 @@ class RedisLimiter:
     async def aclose(self) -> None:
         """Stop the background task and apply what is queued (failures are logged)."""
         if self._task is not None:
-            self._task.cancel()
+            async with self._lock:  # let a batch in flight finish: cancelled, it could be applied twice
+                self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
             self._task = None
@@ -462,6 +505,19 @@ def _spec(scope: Scope, seed: str) -> str:
     bt = -1 if scope.budget_tokens is None else scope.budget_tokens
     bm = -1 if scope.budget_micros is None else scope.budget_micros
     return f"{scope.name}:{scope.id},{rpm},{tpm},{conc},{bt},{bm},{scope.window_start},{scope.window_end},{seed}"
+
+
+def _admit_reply(raw: bytes | str) -> tuple[int, list[int], list[int], list[int], bytes | str | None]:
+    """(status, counts, fails, alerts, token) of the admit script's reply."""
+    if isinstance(raw, bytes):
+        parts: list[Any] = raw.split(b"|", 4)
+        token = parts[4] if len(parts) == 5 else None
+        status, counts, fails, alerts = (part.decode() for part in parts[:4])
+    else:  # decode_responses=True
+        parts = raw.split("|", 4)
+        token = parts[4] if len(parts) == 5 else None
+        status, counts, fails, alerts = parts[:4]
+    return int(status), _ints(counts), _ints(fails), _ints(alerts), token
 
 
 def _text(raw: bytes | str) -> str:

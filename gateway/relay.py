@@ -9,13 +9,12 @@ events (for status and usage).
 
 from __future__ import annotations
 
+import asyncio
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import orjson
-
-from gateway.upstream import UpstreamStream
 
 Send = Callable[[dict[str, Any]], Awaitable[None]]
 
@@ -82,46 +81,124 @@ def _frame_json(frame: bytes) -> Any:
         return None
 
 
+HOLD = "hold"
+COMMIT = "commit"
+RETRY = "retry"
+
+# Lifecycle frames held back before real output; anything else commits the stream.
+_PRELUDE = frozenset({b"response.created", b"response.in_progress", b"response.queued"})
+_FAILURES = frozenset({b"error", b"response.failed"})
+# Upstream failure codes worth another account; others (e.g. a refused prompt) are relayed.
+_RETRYABLE_CODES = frozenset({"", "server_error", "rate_limit_exceeded", "internal_error", "overloaded", "timeout"})
+
+
 class SseRelay:
     """Relays one upstream SSE stream to the client and remembers what it saw.
 
-    After :meth:`run` returns, ``terminal`` is the terminal status the upstream sent
+    :meth:`hold` reads the first frames without sending them, until real output (or a
+    terminal event) shows the upstream is serving: a failure before that can still be
+    retried on another account, invisibly. :meth:`run` then sends what was held and
+    relays the rest. Afterwards ``terminal`` is the terminal status the upstream sent
     (None if the stream ended without one), ``usage`` its usage fields and
     ``response_id`` the upstream response id.
     """
 
-    def __init__(self, send: Send, keepalive_entry: list[Any], started: float) -> None:
+    def __init__(self, send: Send, started: float) -> None:
         self._send = send
-        self._entry = keepalive_entry
         self._started = started
+        self.entry: list[Any] = [send, time.monotonic()]
         self.ttfb_ms: float | None = None
         self.terminal: str | None = None
         self.usage: dict[str, int | None] = dict(_UNKNOWN_USAGE)
         self.response_id = ""
+        self.failure_code = ""
         self._created: dict[str, Any] | None = None
         self._last_frame = b""
+        self._buffer = b""
+        self._held: list[bytes] = []
+        self._pending: asyncio.Future[bytes] | None = None
 
-    async def run(self, stream: UpstreamStream) -> None:
-        """Relay until the upstream closes. Raises UpstreamError if the connection breaks."""
-        buffer = b""
-        async for chunk in stream.chunks():
-            buffer = buffer + chunk if buffer else chunk
-            if b"\r" in buffer:
-                buffer = buffer.replace(b"\r\n", b"\n")
-            cut = buffer.rfind(b"\n\n")
-            if cut < 0:
+    def _split(self, chunk: bytes) -> bytes | None:
+        """Add ``chunk``; return the complete frames it finished, if any."""
+        buffer = self._buffer + chunk if self._buffer else chunk
+        if b"\r" in buffer:
+            buffer = buffer.replace(b"\r\n", b"\n")
+        cut = buffer.rfind(b"\n\n")
+        if cut < 0:
+            self._buffer = buffer
+            return None
+        cut += 2
+        self._buffer = buffer[cut:]
+        return buffer[:cut]
+
+    async def hold(self, chunks: AsyncIterator[bytes], seconds: float) -> str:
+        """Read frames without sending them until the stream proves itself.
+
+        Returns COMMIT once real output or a successful terminal event arrived, or when
+        ``seconds`` passed (the client then gets the held frames and keep-alives);
+        RETRY when the upstream failed (or ended) before any output. Raises
+        UpstreamError if the connection broke.
+        """
+        deadline = time.monotonic() + seconds
+        while True:
+            remaining = deadline - time.monotonic()
+            pending = self._pending or asyncio.ensure_future(chunks.__anext__())
+            self._pending = pending
+            if remaining <= 0:
+                return COMMIT
+            done, _ = await asyncio.wait((pending,), timeout=remaining)
+            if not done:
+                return COMMIT  # run() goes on waiting for the same chunk
+            self._pending = None
+            try:
+                chunk = pending.result()
+            except StopAsyncIteration:
+                return RETRY
+            out = self._split(chunk)
+            if out is None:
                 continue
-            cut += 2
-            out, buffer = buffer[:cut], buffer[cut:]
-            self._inspect(out)
-            await self._send({"type": "http.response.body", "body": out, "more_body": True})
-            self._entry[1] = now = time.monotonic()
-            if self.ttfb_ms is None:
-                self.ttfb_ms = (now - self._started) * 1000
+            self._held.append(out)
+            verdict = self._inspect(out, holding=True)
+            if verdict != HOLD:
+                return verdict
 
-    def _inspect(self, out: bytes) -> None:
-        frames = out.split(b"\n\n")
-        for frame in frames:
+    async def run(self, chunks: AsyncIterator[bytes]) -> None:
+        """Send what was held, then relay until the upstream closes (UpstreamError if it breaks)."""
+        if self._held:
+            await self._forward(b"".join(self._held))
+            self._held = []
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            try:
+                chunk = await pending
+            except StopAsyncIteration:
+                return
+            await self._relay_chunk(chunk)
+        async for chunk in chunks:
+            await self._relay_chunk(chunk)
+
+    def discard(self) -> None:
+        """Drop a read still pending (the attempt is abandoned)."""
+        if self._pending is not None:
+            self._pending.cancel()
+            self._pending = None
+
+    async def _relay_chunk(self, chunk: bytes) -> None:
+        out = self._split(chunk)
+        if out is not None:
+            self._inspect(out)
+            await self._forward(out)
+
+    async def _forward(self, out: bytes) -> None:
+        await self._send({"type": "http.response.body", "body": out, "more_body": True})
+        self.entry[1] = now = time.monotonic()
+        if self.ttfb_ms is None:
+            self.ttfb_ms = (now - self._started) * 1000
+
+    def _inspect(self, out: bytes, *, holding: bool = False) -> str:
+        """Note the frames of ``out``; while holding, say whether the stream proved itself."""
+        verdict = HOLD
+        for frame in out.split(b"\n\n"):
             if not frame or frame.startswith(b":"):
                 continue
             self._last_frame = frame
@@ -139,6 +216,16 @@ class SseRelay:
                 if isinstance(response, dict):
                     self.usage = usage_fields(response.get("usage"))
                     self.response_id = str(response.get("id") or self.response_id)
+                    error = response.get("error")
+                    if isinstance(error, dict):
+                        self.failure_code = str(error.get("code") or "")
+            elif kind == b"error":
+                data = _frame_json(frame)
+                self.failure_code = str((data.get("code") if isinstance(data, dict) else "") or "")
+            if holding and verdict == HOLD and kind not in _PRELUDE:
+                retryable = kind in _FAILURES and self.failure_code in _RETRYABLE_CODES
+                verdict = RETRY if retryable else COMMIT
+        return verdict
 
     def failure_frames(self, code: str, message: str, *, model: str, request_id: str) -> bytes:
         """An ``error`` event then ``response.failed``, numbered after the last relayed event.

@@ -1,23 +1,38 @@
 """Process-wide singletons of the data plane, created lazily inside the event loop.
 
 Daphne sends no ASGI lifespan events, so nothing here may depend on a start-up hook:
-the first request builds the runtime, and an ``atexit`` hook writes pending usage.
-Under uvicorn the lifespan shutdown closes things in order.
+the first request builds and starts the runtime, and an ``atexit`` hook writes pending
+usage. Under uvicorn the lifespan shutdown closes things in order.
+
+Embedded mode (no ``REDIS_URL``) keeps limits, health and stickiness in process and
+writes usage straight to the database; with Redis they are shared by every replica,
+and usage goes through a Redis stream drained into the database by each replica.
 """
 
 from __future__ import annotations
 
 import asyncio
 import atexit
+import contextlib
+import logging
 import time
 from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
 from typing import Any
 
+from asgiref.sync import sync_to_async
 from django.conf import settings
 
+from accounts.health_store import health_store_from_settings
+from accounts.selection import Selector
+from accounts.stickiness import LocalStickyStore, RedisStickyStore
+from accounts.transition_log import TransitionLog
+from gateway.limits import LocalLimiter, Scope
 from gateway.metering import UsageMeter
-from gateway.state import ConfigState
+from gateway.state import ConfigState, Snapshot
 from gateway.upstream import UpstreamClient
+
+logger = logging.getLogger(__name__)
 
 Send = Callable[[dict[str, Any]], Awaitable[None]]
 
@@ -32,13 +47,11 @@ class KeepAlive:
         self._streams: dict[int, list[Any]] = {}
         self._task: asyncio.Task[None] | None = None
 
-    def register(self, send: Send) -> list[Any]:
-        """Track a stream; returns its mutable ``[send, last_send_time]`` entry."""
-        entry: list[Any] = [send, time.monotonic()]
+    def register(self, entry: list[Any]) -> None:
+        """Track a stream's mutable ``[send, last_send_time]`` entry (the relay updates the time)."""
         self._streams[id(entry)] = entry
         if self._task is None:
             self._task = asyncio.get_running_loop().create_task(self._run())
-        return entry
 
     def unregister(self, entry: list[Any]) -> None:
         self._streams.pop(id(entry), None)
@@ -54,8 +67,81 @@ class KeepAlive:
                     try:
                         # Safe to interleave: the relay only ever sends whole frames.
                         await entry[0]({"type": "http.response.body", "body": KEEPALIVE_FRAME, "more_body": True})
-                    except Exception:
+                    except Exception:  # the stream's own task notices the broken client
                         self.unregister(entry)
+
+
+def _db_call(function: Callable[..., Any]) -> Callable[..., Awaitable[Any]]:
+    """``function`` run in a worker thread, after dropping that thread's broken connection.
+
+    Worker threads keep their Django connection; nothing else closes one that a database
+    restart broke (there is no request cycle here), so without this every later call in
+    that thread would fail.
+    """
+
+    def call(*args: Any) -> Any:
+        from django.db import close_old_connections
+
+        close_old_connections()
+        return function(*args)
+
+    return sync_to_async(call, thread_sensitive=False)
+
+
+async def _seed_budget(scope: Scope) -> tuple[int, int]:
+    """What the database says ``scope`` spent in its budget window (after a restart)."""
+    from tenancy.pricing import usd_to_micros
+    from tenancy.selectors import budget_spent
+
+    start = datetime.fromtimestamp(scope.window_start, UTC)
+    end = datetime.fromtimestamp(scope.window_end, UTC)
+    tokens, cost = await _db_call(budget_spent)(scope.name, scope.id, start, end)
+    return int(tokens or 0), usd_to_micros(cost) if cost else 0
+
+
+# An alert fires once per scope, window and kind: a failed write (a database outage, a
+# locked SQLite file) is retried with backoff for this long rather than lost.
+ALERT_RETRY_SECONDS = 600.0
+
+
+def _record_alert(scope: Scope, kind: str, spent_tokens: int, spent_micros: int, window_start: int) -> None:
+    """Record the alert; ``budget_alert_record`` queues its webhook delivery (once) when configured."""
+    from tenancy.pricing import budget_window, micros_to_usd
+    from tenancy.services import budget_alert_record
+
+    start = datetime.fromtimestamp(window_start, UTC)
+    end = datetime.fromtimestamp(scope.window_end, UTC) if scope.window_end else budget_window("month", start)[1]
+    budget_alert_record(
+        scope=scope.name,
+        scope_id=scope.id,
+        tenant_id=scope.tenant_id or scope.id,
+        kind=kind,
+        period_start=start,
+        period_end=end,
+        spent_usd=micros_to_usd(spent_micros),
+        spent_tokens=spent_tokens,
+        limit_usd=micros_to_usd(scope.budget_micros) if scope.budget_micros is not None else None,
+        limit_tokens=scope.budget_tokens,
+    )
+
+
+async def _record_alert_retrying(*args: Any) -> None:
+    """:func:`_record_alert`, retried while the database fails (it is idempotent)."""
+    from django.db import DatabaseError
+
+    record = _db_call(_record_alert)
+    deadline = time.monotonic() + ALERT_RETRY_SECONDS
+    delay = 0.1
+    while True:
+        try:
+            await record(*args)
+            return
+        except (DatabaseError, OSError):
+            if time.monotonic() + delay > deadline:
+                raise
+            logger.warning("recording a budget alert failed; retrying in %.1fs", delay, exc_info=True)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 10.0)
 
 
 class Runtime:
@@ -65,37 +151,93 @@ class Runtime:
             import redis.asyncio as aioredis
 
             self.redis = aioredis.Redis.from_url(settings.REDIS_URL)
-        self.config = ConfigState(self._token_source())
         self.upstream = UpstreamClient(
             transport=settings.GATEWAY_UPSTREAM_TRANSPORT,
             connect_timeout=settings.GATEWAY_UPSTREAM_CONNECT_TIMEOUT,
             read_timeout=settings.GATEWAY_UPSTREAM_READ_TIMEOUT,
             max_connections=settings.GATEWAY_UPSTREAM_MAX_CONNECTIONS,
         )
-        self.meter = UsageMeter(settings.DATA_DIR / "usage-spool", interval=settings.GATEWAY_USAGE_FLUSH_SECONDS)
         self.keepalive = KeepAlive(settings.GATEWAY_SSE_KEEPALIVE_SECONDS)
-        atexit.register(self.meter.flush_sync)
+        self.transitions = TransitionLog()
+        self.health = health_store_from_settings(self.redis, self.transitions.add)
+        self.selector = Selector(self.health)
+        self._background: list[asyncio.Task[None]] = []
+        self._started = False
+        # The change token this process last saw; with Redis, every admission refreshes it.
+        self.token: object = None
+        self.meter: Any
+        if self.redis is not None:
+            from gateway.limits_redis import RedisLimiter
+            from gateway.usage_stream import RedisUsageSink
 
-    def _token_source(self) -> Callable[[], Awaitable[object]]:
+            self.sticky: LocalStickyStore = RedisStickyStore(self.redis)
+            self.limiter: Any = RedisLimiter(self.redis, seed=_seed_budget, on_alert=self._on_alert)
+            self.meter = RedisUsageSink(self.redis, url=settings.REDIS_URL, spool_dir=settings.DATA_DIR / "usage-spool")
+        else:
+            from gateway import notify
+
+            self.sticky = LocalStickyStore()
+            self.limiter = LocalLimiter(seed=_seed_budget, on_alert=self._on_alert)
+            self.meter = UsageMeter(settings.DATA_DIR / "usage-spool", interval=settings.GATEWAY_USAGE_FLUSH_SECONDS)
+            path = str(notify.config_gen_path())
+
+            async def file_token() -> object:
+                return notify.file_token(path)
+
+        self.config = ConfigState(self._last_token if self.redis is not None else file_token, on_reload=self._on_reload)
+        atexit.register(self.meter.flush_sync)
+        atexit.register(self.transitions.flush_sync)
+
+    async def _last_token(self) -> object:
+        return self.token
+
+    async def fresh_token(self) -> object:
+        """Read the change token now (endpoints that make no admission)."""
         from gateway import notify
 
         if self.redis is not None:
-            redis = self.redis
+            self.token = await notify.config_token_async(self.redis)
+        return self.token
 
-            async def redis_token() -> object:
-                return await notify.config_token_async(redis)
+    def _on_reload(self, snapshot: Snapshot) -> None:
+        self.health.apply_resets(snapshot.health_resets)
 
-            return redis_token
+    def _on_alert(self, scope: Scope, kind: str, spent_tokens: int, spent_micros: int, window_start: int) -> None:
+        # Runs on the event loop: the database work goes to a thread.
+        task = asyncio.get_running_loop().create_task(
+            _record_alert_retrying(scope, kind, spent_tokens, spent_micros, window_start)
+        )
+        self._background.append(task)
+        task.add_done_callback(self._done)
 
-        path = str(notify.config_gen_path())
+    def _done(self, task: asyncio.Task[Any]) -> None:
+        with contextlib.suppress(ValueError):
+            self._background.remove(task)
+        if not task.cancelled() and task.exception() is not None:
+            logger.error("background task failed", exc_info=task.exception())
 
-        async def file_token() -> object:
-            return notify.file_token(path)
+    async def start(self) -> None:
+        """Start background work once (first request, or lifespan start-up)."""
+        if self._started:
+            return
+        self._started = True
+        await self.health.start()
+        if self.redis is not None and settings.GATEWAY_USAGE_DRAINER:
+            from gateway.usage_stream import run_drainer
 
-        return file_token
+            drainer = asyncio.get_running_loop().create_task(run_drainer(self.redis))
+            self._background.append(drainer)
 
     async def aclose(self) -> None:
+        for task in list(self._background):
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        await self.limiter.aclose()
         await self.meter.aclose()
+        await self.transitions.aclose()
+        await self.sticky.aclose()
+        await self.health.aclose()
         await self.upstream.aclose()
         if self.redis is not None:
             await self.redis.aclose()

@@ -129,6 +129,15 @@ GATEWAY_SSE_KEEPALIVE_SECONDS = env_float("GATEWAY_SSE_KEEPALIVE_SECONDS", 15.0,
 # How often buffered usage records are written to the database (seconds).
 GATEWAY_USAGE_FLUSH_SECONDS = env_float("GATEWAY_USAGE_FLUSH_SECONDS", 0.5, minimum=0.01)
 GATEWAY_ALERT_WEBHOOK_URL = env_str("GATEWAY_ALERT_WEBHOOK_URL")  # budget alerts are POSTed here as JSON, if set
+# Failover: attempts per request (accounts tried) and the total time they may take.
+GATEWAY_MAX_ATTEMPTS = env_int("GATEWAY_MAX_ATTEMPTS", 3, minimum=1, maximum=20)
+GATEWAY_FAILOVER_DEADLINE = env_float("GATEWAY_FAILOVER_DEADLINE", 30.0, minimum=0.1)
+# A stream's first frames are held back until real output arrives, at most this long.
+GATEWAY_STREAM_HOLD_SECONDS = env_float("GATEWAY_STREAM_HOLD_SECONDS", 10.0, minimum=0.0)
+# Output tokens reserved against budgets and tpm when a request sets no max_output_tokens.
+GATEWAY_DEFAULT_OUTPUT_RESERVE = env_int("GATEWAY_DEFAULT_OUTPUT_RESERVE", 4096, minimum=0)
+# With Redis: each replica also drains the usage stream into the database (else run `manage.py usage_drain`).
+GATEWAY_USAGE_DRAINER = env_bool("GATEWAY_USAGE_DRAINER", True)
 # ASGI server used by `manage.py serve`: "uvicorn" (measured fastest) or "daphne".
 GATEWAY_SERVER = env_str("GATEWAY_SERVER", "uvicorn")
 

@@ -17,9 +17,10 @@ them. So:
   then write them twice, which the idempotent writer absorbs);
 - acknowledged entries are trimmed (``XTRIM MINID`` below the oldest entry some group
   still needs), and consumers idle for a day with nothing pending are deleted;
-- an event that the writer refuses while the rest of its batch is written (bad data,
-  not an outage) is moved to ``{stream}:dead`` with an error logged, so that it cannot
-  block the stream for ever.
+- an event that the writer refuses for its data (an error that is not an outage, see
+  :func:`transient_errors`) is moved to ``{stream}:dead`` with an error logged, so that
+  it cannot block the stream for ever; ``usage_drain --requeue-dead`` puts such
+  entries back once the cause is fixed.
 
 Run :func:`run_drainer` as a background task in each gateway process and/or
 ``python manage.py usage_drain`` as a dedicated worker: they share the work.
@@ -35,7 +36,6 @@ import asyncio
 import contextlib
 import logging
 import os
-import random
 import socket
 import time
 from collections.abc import Callable, Sequence
@@ -105,8 +105,9 @@ class RedisUsageSink:
     """Buffers usage events and XADDs them in batches off the request path.
 
     ``url`` (the Redis URL) enables the synchronous paths: :meth:`flush_sync` for
-    ``atexit`` and, with ``spool_dir``, spooling to disk what Redis refused at shutdown
-    (replayed into the stream by the next process's first flush).
+    ``atexit`` and, with ``spool_dir``, spooling to disk what Redis refused at shutdown,
+    or beyond ``max_buffer`` events while Redis is unreachable (replayed into the stream
+    by the next flush that finds the spool directory).
     """
 
     def __init__(
@@ -118,8 +119,12 @@ class RedisUsageSink:
         max_batch: int = 500,
         url: str | None = None,
         spool_dir: Path | None = None,
+        max_buffer: int = 50_000,
     ) -> None:
+        if spool_dir is not None and url is None:
+            raise ValueError("spooling needs url= (spooled events are replayed with a synchronous client)")
         self._redis = redis
+        self._max_buffer = max_buffer
         self._stream = stream
         self._interval = interval
         self._max_batch = max_batch
@@ -133,6 +138,7 @@ class RedisUsageSink:
             self._spill = UsageMeter(spool_dir, writer=self._xadd_sync)
         self._buffer: list[dict[str, Any]] = []
         self._task: asyncio.Task[None] | None = None
+        self._spilling: asyncio.Future[list[dict[str, Any]]] | None = None
         self.written = 0
 
     def record(self, event: dict[str, Any]) -> None:
@@ -162,6 +168,15 @@ class RedisUsageSink:
             except Exception:
                 backoff = min(backoff * 2, 5.0)
                 logger.warning("usage XADD failed; %d events kept for retry", len(self._buffer), exc_info=True)
+                if self._spill is not None and len(self._buffer) >= self._max_buffer:
+                    batch, self._buffer = self._buffer, []  # taken here, on the loop: record() may run meanwhile
+                    # Shielded and kept: aclose() waits for a spill that its cancel interrupted.
+                    self._spilling = asyncio.ensure_future(
+                        sync_to_async(self._spill_batch, thread_sensitive=False)(batch)
+                    )
+                    self._buffer[:0] = await asyncio.shield(self._spilling)  # what could not be spooled
+                    self._spilling = None
+                    replay = True
                 continue
             backoff = self._interval
 
@@ -188,11 +203,17 @@ class RedisUsageSink:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
             self._task = None
+        if self._spilling is not None:  # interrupted by the cancel: it still runs in its thread
+            self._buffer[:0] = await self._spilling
+            self._spilling = None
         try:
             await self.flush()
         except Exception:
             logger.warning("usage XADD failed at shutdown", exc_info=True)
-            await sync_to_async(self._spill_all, thread_sensitive=False)()
+            batch, self._buffer = self._buffer, []
+            lost = await sync_to_async(self._spill_batch, thread_sensitive=False)(batch)
+            if lost:
+                logger.error("%d usage events lost: Redis unreachable and nowhere to spool them", len(lost))
 
     def flush_sync(self) -> None:
         """Blocking flush for ``atexit`` (no event loop left): XADD, else spool, else log."""
@@ -203,20 +224,28 @@ class RedisUsageSink:
             self._xadd_sync(batch)
             self.written += len(batch)
         except Exception:
-            self._buffer[:0] = batch
             logger.warning("usage XADD failed at exit", exc_info=True)
-            self._spill_all()
+            lost = self._spill_batch(batch)
+            if lost:
+                logger.error("%d usage events lost: Redis unreachable and nowhere to spool them", len(lost))
 
-    def _spill_all(self) -> None:
-        batch, self._buffer = self._buffer, []
+    def _spill_batch(self, batch: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Blocking: one more synchronous XADD, else write to the spool directory.
+
+        Returns the events that could go nowhere (no spool directory, disk error).
+        """
         if not batch:
-            return
+            return []
         if self._spill is None:
-            logger.error("%d usage events lost: Redis unreachable and no spool directory", len(batch))
-            return
+            return batch
         for event in batch:
             self._spill.record(event)
-        self._spill.flush_sync()  # tries Redis once more, else writes them to disk
+        try:
+            self._spill.flush_sync()  # tries Redis once more, else writes them to disk
+        except Exception:
+            logger.exception("spooling %d usage events to disk failed", len(batch))
+            return batch  # a spool file is written whole or not at all
+        return []
 
     def _xadd_sync(self, events: Sequence[dict[str, Any]]) -> None:
         if self._url is None:
@@ -238,8 +267,29 @@ class UsageWriteFailed(Exception):
 Entry = tuple[bytes, dict[bytes, bytes] | None]
 
 
+def transient_errors() -> tuple[type[BaseException], ...]:
+    """Writer errors that mean "the database is unavailable", not "this event is bad".
+
+    Connection-level errors and Django's database errors, except DataError and
+    IntegrityError (which a particular event causes). A deploy whose schema does not
+    match (ProgrammingError) thus holds the records back rather than setting them aside.
+    """
+    errors: tuple[type[BaseException], ...] = (OSError,)  # ConnectionError and TimeoutError included
+    try:
+        from django.db import DatabaseError
+    except ImportError:  # pragma: no cover - the project always has Django
+        return errors
+    return (*errors, DatabaseError)
+
+
 class UsageDrainer:
-    """Moves usage events from the stream to the database, acknowledging only what was written."""
+    """Moves usage events from the stream to the database, acknowledging only what was written.
+
+    A writer error that is transient (:func:`transient_errors`, or ``transient``) leaves
+    the batch pending for a retry after a backoff; any other error makes the drainer
+    write the batch event by event and move the events still refused to
+    ``{stream}:dead`` (``usage_drain --requeue-dead`` puts them back once fixed).
+    """
 
     def __init__(
         self,
@@ -255,8 +305,10 @@ class UsageDrainer:
         claim_interval: float = 15.0,
         housekeeping_interval: float = 10.0,
         max_backoff: float = 10.0,
+        transient: tuple[type[BaseException], ...] | None = None,
     ) -> None:
         self._redis = redis
+        self._transient = transient if transient is not None else transient_errors()
         self._write = sync_to_async(writer, thread_sensitive=False)
         self.stream = stream
         self.dead_stream = stream + ":dead"
@@ -376,41 +428,66 @@ class UsageDrainer:
             await self._write(events)
         except Exception as exc:
             self._own_pending = True
-            return set_aside + await self._write_one_by_one(events, ids, exc)
+            if self._is_transient(exc):
+                raise UsageWriteFailed(str(exc)) from exc
+            return set_aside + await self._write_one_by_one(events, ids)
         await self._redis.xack(self.stream, self.group, *ids)
         self.written += len(ids)
         return set_aside + len(ids)
 
-    async def _write_one_by_one(self, events: list[dict[str, Any]], ids: list[bytes], error: Exception) -> int:
-        """After a failed batch: an outage if nothing can be written, bad events otherwise."""
-        if len(events) == 1:
-            raise UsageWriteFailed(str(error)) from error
-        order = list(range(len(events)))
-        random.shuffle(order)  # a bad event first in line must not look like an outage every time
+    async def _write_one_by_one(self, events: list[dict[str, Any]], ids: list[bytes]) -> int:
+        """After a batch refused for its data: write what can be, set the bad events aside.
+
+        An outage starting meanwhile (a transient error) stops the pass: what is not
+        written yet stays pending.
+        """
         done: list[int] = []
-        failed: list[int] = []
-        for index in order:
+        bad: list[int] = []
+        outage: Exception | None = None
+        for index in range(len(events)):
             try:
                 await self._write([events[index]])
-            except Exception:
-                failed.append(index)
-                if not done and len(failed) >= 3:
-                    raise UsageWriteFailed(str(error)) from error
+            except Exception as exc:
+                if self._is_transient(exc):
+                    outage = exc
+                    break
+                bad.append(index)
                 continue
             done.append(index)
-        if not done:
-            raise UsageWriteFailed(str(error)) from error
-        if failed:
+        if bad:
             logger.error(
                 "the usage writer refused %d events (%s); moved to %s",
-                len(failed),
-                ", ".join(str(events[i].get("request_id")) for i in failed[:10]),
+                len(bad),
+                ", ".join(str(events[i].get("request_id")) for i in bad[:10]),
                 self.dead_stream,
             )
-            await self._bury([(ids[i], {FIELD: encode_event(events[i])}) for i in failed])
-        await self._redis.xack(self.stream, self.group, *(ids[i] for i in done))
-        self.written += len(done)
-        return len(done) + len(failed)
+            await self._bury([(ids[i], {FIELD: encode_event(events[i])}) for i in bad])
+        if done:
+            await self._redis.xack(self.stream, self.group, *(ids[i] for i in done))
+            self.written += len(done)
+        if outage is not None:
+            raise UsageWriteFailed(str(outage)) from outage
+        return len(done) + len(bad)
+
+    def _is_transient(self, error: Exception) -> bool:
+        from django.db import DataError, IntegrityError
+
+        return isinstance(error, self._transient) and not isinstance(error, DataError | IntegrityError)
+
+    async def requeue_dead(self) -> int:
+        """Move every entry of ``{stream}:dead`` back to the stream (after fixing the cause)."""
+        moved = 0
+        while True:
+            entries: list[Any] = await self._redis.xrange(self.dead_stream, count=self._batch) or []
+            if not entries:
+                return moved
+            pipe = self._redis.pipeline(transaction=True)
+            for entry_id, fields in entries:
+                if FIELD in fields:
+                    pipe.xadd(self.stream, {FIELD: fields[FIELD]})  # without the "id" it was buried with
+                pipe.xdel(self.dead_stream, entry_id)
+            await pipe.execute()
+            moved += len(entries)
 
     async def _bury(self, entries: Sequence[tuple[bytes, dict[bytes, bytes]]]) -> None:
         pipe = self._redis.pipeline(transaction=True)

@@ -3,49 +3,40 @@
 A plain ASGI callable rather than channels' AsyncHttpConsumer: the consumer base
 dispatches messages one at a time, so while a stream is being relayed it could not
 see the client's ``http.disconnect``, and it sets up a channel-layer inbox per request.
-This view reads ``receive`` itself and touches no database per request: keys and
-accounts come from the in-memory snapshot (gateway/state.py), usage leaves through
-the meter (gateway/metering.py).
+This view reads ``receive`` itself and touches no database per request: keys, limits,
+routes and prices come from the in-memory snapshot (gateway/state.py), usage leaves
+through the meter.
 
-Request path: authenticate -> read body (size limit) -> parse -> validate (seed 004)
--> model access -> pick an account -> sanitize -> forward -> relay -> meter.
+``POST /v1/responses``: authenticate -> read body (size limit) -> parse -> validate
+(seed 004) -> key policy -> model access and attempt plan -> admission (every limit and
+budget, one atomic step: the single choke point) -> dispatch with failover
+(gateway/dispatch.py) -> settle the reservation -> meter.
 """
 
 from __future__ import annotations
 
-import asyncio
-import functools
 import hmac
-import logging
 import os
-import random
 import time
 from datetime import UTC, datetime
+from decimal import Decimal
 from typing import Any
 
-import httpx
 import orjson
 from django.conf import settings
 
+from accounts.routing import FallbackNotAllowed, attempt_plan, fallback_models
 from gateway.asgi_io import ClientGone, Receive, Scope, Send, header, read_body, send_error, send_json
+from gateway.dispatch import Dispatcher, Failed
 from gateway.errors import INVALID_REQUEST, SERVER, GatewayError
-from gateway.relay import SseRelay, usage_fields
+from gateway.limits import Decision, estimate_tokens, rejection_error
+from gateway.policy import apply_policy
+from gateway.relay import usage_fields
 from gateway.runtime import Runtime, get_runtime, shutdown_runtime
-from gateway.sanitize import sanitize_for_upstream
-from gateway.state import AccountInfo, KeyInfo, ModelRoute, Snapshot
-from gateway.upstream import UpstreamError, UpstreamStream
+from gateway.state import KeyInfo, Snapshot
 from gateway.validation import validate_request
 from tenancy.keys import key_digest, key_prefix
-
-logger = logging.getLogger(__name__)
-
-# Upstream headers worth relaying to the client on an error answer.
-_RELAYED_ERROR_HEADERS = ("retry-after", "retry-after-ms", "x-should-retry")
-_SSE_HEADERS = [
-    (b"content-type", b"text/event-stream; charset=utf-8"),
-    (b"cache-control", b"no-cache"),
-    (b"x-accel-buffering", b"no"),
-]
+from tenancy.pricing import Price, cost_usd, estimate_cost_usd, usd_to_micros
 
 
 def _unauthorized(message: str) -> GatewayError:
@@ -70,52 +61,49 @@ def authenticate(scope: Scope, snapshot: Snapshot) -> KeyInfo:
     return info
 
 
-def resolve_route(snapshot: Snapshot, key: KeyInfo, model: str) -> ModelRoute:
-    """The accounts that may serve ``model`` for ``key``: 403, 404 or 503 otherwise."""
+def _not_allowed(model: str, param: str | None = None) -> GatewayError:
+    return GatewayError(
+        403, f"This API key does not have access to model '{model}'", code="model_not_allowed", param=param
+    )
+
+
+def plan_request(snapshot: Snapshot, key: KeyInfo, request: dict[str, Any]) -> list[tuple[str, int, str]]:
+    """The (public model, pool, upstream model) attempts for a request: 403, 404 or 503 otherwise."""
+    model = request["model"]
     if key.allowed_models is not None and model not in key.allowed_models:
+        raise _not_allowed(model)
+    try:
+        extra = fallback_models(model, request.get("fallbacks"), key.allowed_models)
+    except FallbackNotAllowed as exc:
+        raise _not_allowed(exc.model, exc.param) from None
+    plan = attempt_plan(model, extra, snapshot.routes)
+    if plan:
+        return plan
+    if model in snapshot.known_models or any(name in snapshot.known_models for name in extra):
         raise GatewayError(
-            403, f"This API key does not have access to model '{model}'", type=INVALID_REQUEST, code="model_not_allowed"
+            503, f"No upstream account is available for model '{model}'.", type=SERVER, code="no_accounts"
         )
-    route = snapshot.routes.get(model)
-    if route is None:
-        if model in snapshot.known_models:
-            raise GatewayError(
-                503, f"No upstream account is available for model '{model}'.", type=SERVER, code="no_accounts"
-            )
-        raise GatewayError(
-            404,
-            f"The model '{model}' does not exist or you do not have access to it.",
-            type=INVALID_REQUEST,
-            code="model_not_found",
-        )
-    return route
-
-
-def pick_account(route: ModelRoute) -> AccountInfo:
-    """Weighted random choice (issue 4 replaces this with the pool's strategy)."""
-    if len(route.accounts) == 1:
-        return route.accounts[0]
-    return random.choices(route.accounts, cum_weights=route.cum_weights)[0]
-
-
-def upstream_headers(account: AccountInfo, stream: bool) -> httpx.Headers:
-    """The upstream request headers: one shared, read-only object per (credential, stream)."""
-    return _upstream_headers(account.credential, stream)
-
-
-@functools.lru_cache(maxsize=1024)
-def _upstream_headers(credential: str | None, stream: bool) -> httpx.Headers:
-    # Built once: constructing httpx.Headers per request was a measurable share of the request cost.
-    headers = {"content-type": "application/json", "accept": "text/event-stream" if stream else "application/json"}
-    if credential:
-        headers["authorization"] = f"Bearer {credential}"
-    return httpx.Headers(headers)
+    raise GatewayError(
+        404, f"The model '{model}' does not exist or you do not have access to it.", code="model_not_found"
+    )
 
 
 class Exchange:
-    """The bookkeeping of one request: who, what, which account, and its usage record."""
+    """The bookkeeping of one request: who, what, which accounts, and its usage record."""
 
-    __slots__ = ("account", "key", "model", "request_id", "rid", "started", "stream")
+    __slots__ = (
+        "account",
+        "attempts",
+        "final",
+        "headers",
+        "key",
+        "model",
+        "price",
+        "request_id",
+        "rid",
+        "started",
+        "stream",
+    )
 
     def __init__(self, request_id: str, started: float) -> None:
         self.request_id = request_id
@@ -124,11 +112,23 @@ class Exchange:
         self.key: KeyInfo | None = None
         self.model = ""
         self.stream = False
-        self.account: AccountInfo | None = None
+        self.account: Any = None
+        self.price: Price | None = None
+        self.attempts: list[dict[str, Any]] = []
+        # (status, outcome, usage, response_id, ttfb_ms) once the request is answered.
+        self.final: tuple[int, str, dict[str, int | None], str, float | None] | None = None
+        self.headers: list[tuple[bytes, bytes]] = []
 
-    def record(
+    @property
+    def tenant_id(self) -> int:
+        return self.key.tenant_id if self.key is not None else 0
+
+    def note_attempt(self, account_id: int, outcome: str, status: int, usage: dict[str, int | None] | None) -> None:
+        """A failed attempt: recorded with the request, its usage billed too."""
+        self.attempts.append({"account_id": account_id, "outcome": outcome, "status": status, **(usage or {})})
+
+    def finish(
         self,
-        runtime: Runtime,
         status: int,
         outcome: str,
         usage: dict[str, int | None] | None = None,
@@ -136,8 +136,27 @@ class Exchange:
         response_id: str = "",
         ttfb_ms: float | None = None,
     ) -> None:
-        if self.key is None:
-            return  # unauthenticated requests belong to no tenant
+        self.final = (status, outcome, usage if usage is not None else usage_fields(None), response_id, ttfb_ms)
+
+    def billed(self) -> tuple[int | None, Decimal | None]:
+        """Tokens and cost of the final answer plus failed attempts; None when unknown."""
+        usages = [attempt for attempt in self.attempts if attempt.get("total_tokens") is not None]
+        if self.final is not None:
+            usages.append(self.final[2])
+        tokens: int | None = None
+        cost: Decimal | None = None
+        for usage in usages:
+            if usage.get("total_tokens") is not None:
+                tokens = (tokens or 0) + int(usage["total_tokens"])
+            if self.price is not None:
+                amount = cost_usd(usage, self.price)
+                if amount is not None:
+                    cost = (cost or Decimal(0)) + amount
+        return tokens, cost
+
+    def event(self, cost: Decimal | None) -> dict[str, Any]:
+        assert self.key is not None
+        status, outcome, usage, response_id, ttfb = self.final or (500, "failed", usage_fields(None), "", None)
         event: dict[str, Any] = {
             "request_id": self.request_id,
             "tenant_id": self.key.tenant_id,
@@ -149,11 +168,14 @@ class Exchange:
             "stream": self.stream,
             "response_id": response_id,
             "latency_ms": (time.monotonic() - self.started) * 1000,
-            "ttfb_ms": ttfb_ms,
+            "ttfb_ms": ttfb,
             "created_at": datetime.now(UTC),
+            "cost": str(cost) if cost is not None and self.final is not None and outcome != "rejected" else None,
+            "price_version_id": self.price.id if self.price is not None else None,
+            "attempts": self.attempts,
         }
-        event.update(usage if usage is not None else usage_fields(None))
-        runtime.meter.record(event)
+        event.update(usage)
+        return event
 
 
 class GatewayApp:
@@ -163,53 +185,66 @@ class GatewayApp:
         if scope["type"] == "lifespan":
             await self._lifespan(receive, send)
             return
-        exchange = Exchange("req_" + os.urandom(12).hex(), time.monotonic())
+        ex = Exchange("req_" + os.urandom(12).hex(), time.monotonic())
         runtime = get_runtime()
         path = scope["path"]
         method = scope["method"]
         try:
             if path == "/v1/responses":
                 _allow(method, "POST", path)
-                await self.responses(scope, receive, send, runtime, exchange)
+                await self.responses(scope, receive, send, runtime, ex)
             elif path == "/v1/models" or path.startswith("/v1/models/"):
                 _allow(method, "GET", path)
-                await self.models(scope, send, runtime, exchange, path[len("/v1/models/") :])
+                await self.models(scope, send, runtime, ex, path[len("/v1/models/") :])
+            elif path == "/v1/usage":
+                _allow(method, "GET", path)
+                from gateway.usage_view import usage_view
+
+                await usage_view(scope, send, runtime, ex, authenticate)
             elif path.startswith(("/v1/responses/", "/v1/conversations")):
                 raise GatewayError(
                     501,
                     "Stored responses and conversations are not available on this gateway yet.",
-                    type=INVALID_REQUEST,
                     code="not_implemented",
                 )
             else:
-                raise GatewayError(404, f"Invalid URL ({method} {path})", type=INVALID_REQUEST, code="not_found")
+                raise GatewayError(404, f"Invalid URL ({method} {path})", code="not_found")
         except GatewayError as error:
-            # Once an account was picked the request went upstream: a failure is the upstream's.
-            exchange.record(runtime, error.status, "upstream_error" if exchange.account else "rejected")
-            await send_error(send, error, exchange.rid)
+            if ex.final is None:
+                outcome = "rejected"
+                if ex.attempts:
+                    outcome = "rate_limited" if error.status == 429 else "upstream_error"
+                ex.finish(error.status, outcome)
+            await send_error(send, error, ex.rid)
         except ClientGone:
-            return
+            if ex.final is None:
+                ex.finish(499, "client_disconnected")
+        finally:
+            if ex.key is not None and path == "/v1/responses":
+                runtime.meter.record(ex.event(ex.billed()[1]))
 
-    async def models(self, scope: Scope, send: Send, runtime: Runtime, exchange: Exchange, model_id: str) -> None:
+    async def models(self, scope: Scope, send: Send, runtime: Runtime, ex: Exchange, model_id: str) -> None:
+        await runtime.fresh_token()
         snapshot = await runtime.config.current()
         key = authenticate(scope, snapshot)
         visible = [
-            {"id": model, "object": "model", "created": route.created, "owned_by": route.owned_by}
-            for model, route in sorted(snapshot.routes.items())
+            {"id": model, "object": "model", "created": entry.created, "owned_by": entry.owned_by}
+            for model, entry in sorted(snapshot.models.items())
             if key.allowed_models is None or model in key.allowed_models
         ]
         if not model_id:
-            await send_json(send, 200, orjson.dumps({"object": "list", "data": visible}), exchange.rid)
+            await send_json(send, 200, orjson.dumps({"object": "list", "data": visible}), ex.rid)
             return
         for entry in visible:
             if entry["id"] == model_id:
-                await send_json(send, 200, orjson.dumps(entry), exchange.rid)
+                await send_json(send, 200, orjson.dumps(entry), ex.rid)
                 return
         raise GatewayError(
             404, f"The model '{model_id}' does not exist or you do not have access to it.", code="model_not_found"
         )
 
     async def responses(self, scope: Scope, receive: Receive, send: Send, runtime: Runtime, ex: Exchange) -> None:
+        await runtime.start()
         snapshot = await runtime.config.current()
         ex.key = authenticate(scope, snapshot)
         raw = await read_body(scope, receive, settings.GATEWAY_MAX_BODY_BYTES)
@@ -223,9 +258,52 @@ class GatewayApp:
             ) from None
         if isinstance(body, dict) and isinstance(body.get("model"), str):
             ex.model = body["model"]
-        request = validate_request(body)
-        ex.stream = bool(request.get("stream"))
-        route = resolve_route(snapshot, ex.key, ex.model)
+        validated = validate_request(body)
+        ex.stream = bool(validated.get("stream"))
+        for _ in range(2):
+            request, plan, decision = await self._admit(scope, runtime, ex, snapshot, validated, len(raw))
+            if runtime.redis is None or decision.config_token == snapshot.token:
+                break
+            # The admission read a newer config token: this replica's snapshot is stale.
+            # Undo the admission and decide again on the new configuration.
+            runtime.token = decision.config_token
+            if decision.ticket is not None:
+                runtime.limiter.cancel(decision.ticket)
+            snapshot = await runtime.config.reload(decision.config_token)
+            ex.key = authenticate(scope, snapshot)
+        ex.headers = decision.headers
+        if not decision.allowed or decision.ticket is None:
+            raise rejection_error(decision)
+        ticket = decision.ticket
+        try:
+            await Dispatcher(runtime, ex, request, plan, snapshot, decision.headers).run(receive, send)
+        except Failed as failed:
+            raise failed.error from None
+        finally:
+            tokens, cost = ex.billed()
+            micros = usd_to_micros(cost) if cost is not None else None
+            if ex.final is None or ex.final[0] >= 400:
+                # No upstream answer (every attempt failed, or none was made) or an error answer
+                # (an upstream 4xx relayed): only usage an upstream reported is billed; the rest
+                # of the reservation is refunded. Unknown usage of a real answer keeps the estimate.
+                tokens, micros = tokens or 0, micros or 0
+            runtime.limiter.settle(ticket, tokens=tokens, micros=micros)
+
+    async def _admit(
+        self,
+        scope: Scope,
+        runtime: Runtime,
+        ex: Exchange,
+        snapshot: Snapshot,
+        validated: dict[str, Any],
+        body_size: int,
+    ) -> tuple[dict[str, Any], list[tuple[str, int, str]], Decision]:
+        """Policy, plan and admission under ``snapshot`` (the one choke point for limits)."""
+        key = ex.key
+        assert key is not None
+        client = scope.get("client")
+        request = apply_policy(validated, key, client[0] if client else None)
+        plan = plan_request(snapshot, key, request)
         if request.get("conversation") is not None:
             raise GatewayError(
                 501,
@@ -233,109 +311,22 @@ class GatewayApp:
                 code="not_implemented",
                 param="conversation",
             )
-        account = ex.account = pick_account(route)
-        payload = orjson.dumps(sanitize_for_upstream(request, account.strip_fields))
-        headers = upstream_headers(account, ex.stream)
-        try:
-            upstream = await runtime.upstream.open(account.responses_url, headers, payload)
-        except UpstreamError as exc:
-            raise _upstream_failed(str(exc)) from None
-        if (
-            ex.stream
-            and upstream.status == 200
-            and upstream.headers.get("content-type", "").startswith("text/event-stream")
-        ):
-            await self._relay_stream(receive, send, runtime, ex, upstream)
-            return
-        try:
-            content = await upstream.read()
-        except UpstreamError as exc:
-            raise _upstream_failed(str(exc)) from None
-        finally:
-            await upstream.aclose()
-        await self._relay_reply(send, runtime, ex, upstream, content)
-
-    async def _relay_reply(
-        self, send: Send, runtime: Runtime, ex: Exchange, upstream: UpstreamStream, content: bytes
-    ) -> None:
-        status = upstream.status
-        if status >= 500:
-            raise _upstream_failed(f"the upstream answered {status}")
-        extra = [
-            (name.encode(), upstream.headers[name].encode())
-            for name in _RELAYED_ERROR_HEADERS
-            if name in upstream.headers
-        ]
-        if status >= 400:
-            # The upstream's own envelope tells the client what it got wrong.
-            ex.record(runtime, status, "upstream_rejected")
-            await send_json(send, status, content, ex.rid, extra)
-            return
-        try:
-            parsed = orjson.loads(content)
-        except orjson.JSONDecodeError:
-            raise _upstream_failed("the upstream answered with malformed JSON") from None
-        response = parsed if isinstance(parsed, dict) else {}
-        await send_json(send, status, content, ex.rid)
-        ex.record(
-            runtime,
-            status,
-            str(response.get("status") or "completed"),
-            usage_fields(response.get("usage")),
-            response_id=str(response.get("id") or ""),
-            ttfb_ms=(time.monotonic() - ex.started) * 1000,
-        )
-
-    async def _relay_stream(
-        self, receive: Receive, send: Send, runtime: Runtime, ex: Exchange, upstream: UpstreamStream
-    ) -> None:
-        await send(
-            {"type": "http.response.start", "status": 200, "headers": [*_SSE_HEADERS, (b"x-request-id", ex.rid)]}
-        )
-        entry = runtime.keepalive.register(send)
-        relay = SseRelay(send, entry, ex.started)
-        task = asyncio.current_task()
-        gone = asyncio.Event()
-        watcher = asyncio.get_running_loop().create_task(_watch_disconnect(receive, task, gone))
-        outcome: str
-        tail = b""
-        try:
-            await relay.run(upstream)
-            if relay.terminal is None:
-                outcome = "upstream_error"
-                tail = relay.failure_frames(
-                    "upstream_error",
-                    "The upstream closed the stream before the response completed.",
-                    model=ex.model,
-                    request_id=ex.request_id,
-                )
-            else:
-                outcome = relay.terminal
-        except UpstreamError as exc:
-            outcome = "upstream_error"
-            tail = relay.failure_frames(
-                "upstream_error", f"The upstream stream failed: {exc}.", model=ex.model, request_id=ex.request_id
-            )
-        except asyncio.CancelledError:
-            if not gone.is_set() or task is None:
-                raise
-            task.uncancel()
-            outcome = "client_disconnected"
-        finally:
-            watcher.cancel()
-            runtime.keepalive.unregister(entry)
-            await upstream.aclose()
-        if outcome != "client_disconnected":
-            try:
-                await send({"type": "http.response.body", "body": tail, "more_body": False})
-            except Exception:
-                outcome = "client_disconnected"
-        ex.record(runtime, 200, outcome, relay.usage, response_id=relay.response_id, ttfb_ms=relay.ttfb_ms)
+        now = time.time()
+        max_output = request.get("max_output_tokens")
+        tokens = estimate_tokens(body_size, max_output, default_output=settings.GATEWAY_DEFAULT_OUTPUT_RESERVE)
+        ex.price = price = snapshot.prices.lookup(request["model"], now)
+        micros = 0
+        if price is not None:
+            output = max_output if max_output is not None else settings.GATEWAY_DEFAULT_OUTPUT_RESERVE
+            micros = usd_to_micros(estimate_cost_usd(tokens - output, output, price))
+        decision = await runtime.limiter.admit(key.scopes(now), tokens=tokens, micros=micros, now=now)
+        return request, plan, decision
 
     async def _lifespan(self, receive: Receive, send: Send) -> None:
         while True:
             message = await receive()
             if message["type"] == "lifespan.startup":
+                await get_runtime().start()
                 await send({"type": "lifespan.startup.complete"})
             elif message["type"] == "lifespan.shutdown":
                 await shutdown_runtime()
@@ -343,24 +334,9 @@ class GatewayApp:
                 return
 
 
-async def _watch_disconnect(receive: Receive, task: asyncio.Task[Any] | None, gone: asyncio.Event) -> None:
-    """Cancel the relaying task as soon as the client goes away."""
-    while True:
-        message = await receive()
-        if message["type"] == "http.disconnect":
-            gone.set()
-            if task is not None:
-                task.cancel()
-            return
-
-
 def _allow(method: str, allowed: str, path: str) -> None:
     if method != allowed:
         raise GatewayError(405, f"Method {method} is not allowed on {path}; use {allowed}.", code="method_not_allowed")
-
-
-def _upstream_failed(detail: str) -> GatewayError:
-    return GatewayError(502, f"The upstream request failed: {detail}.", type=SERVER, code="upstream_error")
 
 
 gateway_app = GatewayApp()

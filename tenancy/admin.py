@@ -9,7 +9,7 @@ from django.contrib import admin, messages
 from django.db.models import QuerySet
 from django.http import HttpRequest
 
-from tenancy.models import ApiKey, Tenant, UsageRecord
+from tenancy.models import ApiKey, BudgetAlert, PriceVersion, Tenant, UsageRecord
 from tenancy.services import apikey_revoke
 
 
@@ -53,6 +53,29 @@ class UsageRecordAdmin(admin.ModelAdmin):
     search_fields = ("request_id", "response_id")
     # The table grows fast: no COUNT(*) of the whole table per page.
     show_full_result_count = False
+
+    def has_add_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False
+
+    def has_change_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False
+
+
+@admin.register(PriceVersion)
+class PriceVersionAdmin(admin.ModelAdmin):
+    """Price versions are append-only (`manage.py price_set`): billed records point at them."""
+
+    list_display = ("model", "input", "cached_input", "cache_write", "output", "reasoning", "effective_from")
+    search_fields = ("model",)
+
+    def has_change_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False
+
+
+@admin.register(BudgetAlert)
+class BudgetAlertAdmin(admin.ModelAdmin):
+    list_display = ("created_at", "scope", "scope_id", "kind", "metric", "period_start", "delivered_at", "last_error")
+    list_filter = ("kind", "scope")
 
     def has_add_permission(self, request: HttpRequest, obj: Any = None) -> bool:
         return False

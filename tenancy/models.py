@@ -254,6 +254,10 @@ class UsageRecord(models.Model):
     latency_ms = models.FloatField()
     ttfb_ms = models.FloatField(null=True)
     created_at = models.DateTimeField(db_index=True)
+    # Failed attempts on other accounts before the answer (failover), each with its
+    # account_id, outcome, status and whatever usage the upstream reported, so billing
+    # can account for them: [{"account_id", "outcome", "status", "input_tokens", ...}].
+    attempts = models.JSONField(default=list, blank=True)
 
     class Meta:
         indexes = [models.Index(fields=["tenant", "created_at"]), models.Index(fields=["api_key", "created_at"])]

@@ -509,6 +509,7 @@ def usage_records_write(events: Sequence[Mapping[str, Any]]) -> int:
     rows: list[tuple[Any, ...]] = []
     latest: dict[int, datetime] = {}
     dropped: list[str] = []
+    attempts_field = UsageRecord._meta.get_field("attempts")
     for event in events:
         tenant_id = int(event["tenant_id"])
         if tenant_id not in tenants:
@@ -545,6 +546,7 @@ def usage_records_write(events: Sequence[Mapping[str, Any]]) -> int:
                 *(event.get(name) for name in _TOKEN_FIELDS),
                 adapt_decimal(cost, COST_MAX_DIGITS, COST_PLACES) if cost is not None else None,
                 price_id,
+                attempts_field.get_db_prep_save(list(event.get("attempts") or ()), connection),
             )
         )
         if key_id is not None and (key_id not in latest or created_at > latest[key_id]):
@@ -583,6 +585,7 @@ def _usage_insert_sql() -> str:
         *_TOKEN_FIELDS,
         "cost",
         "price_version_id",
+        "attempts",
     )
     names = ", ".join(quote(column) for column in columns)
     marks = ", ".join(["%s"] * len(columns))

@@ -2,10 +2,16 @@
 
 The environment is fixed in tests/settings.py (pytest-django loads settings before
 any conftest). The same environment is handed to the live processes (gateway, fake
-upstream) so they share the test database, the data directory and Redis if set.
+upstream) so they share the test database, the data directory and Redis if set; they
+run the production settings module (see ``live.child_env``).
 
 Test actors follow healthchecks: an owner tenant with its key, and an outsider
 tenant with a key of its own that must never see the owner's things.
+
+Live fixtures: ``live_gw`` (the session's gateway, with committed data for one test),
+``start_gateway`` (a dedicated gateway process with its own environment, e.g. to stop it
+or to serve with Daphne). ``live_gw`` waits for the gateway's usage writes before the
+database is flushed.
 """
 
 from __future__ import annotations

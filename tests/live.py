@@ -246,3 +246,71 @@ class SseProbe:
         asyncio.run_coroutine_threadsafe(stop(), self._loop).result(10)
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(10)
+
+
+# --- the fake upstream with server-wide fault knobs ------------------------------------------
+
+
+class KnobbedFake:
+    """The fake upstream (gateway.fake_upstream) served from a thread of the test process, with
+    server-wide fault knobs, so that ONE account can fail while another, on a second upstream,
+    serves (per-request ``metadata`` knobs would reach whichever account gets the request).
+
+    ``set(status="503")``: every request is answered as if it carried ``x-fake-status: 503``
+    (any knob of the fake; headers win over metadata); ``set()`` clears them. ``configure(**opts)``
+    changes the fake's :class:`~gateway.fake_upstream.Config` (e.g. ``require_key``). ``script``,
+    when set, is called per request and its steps (raw bytes) are the answer. ``requests()`` is
+    what ``GET /_fake/requests`` shows.
+    """
+
+    def __init__(self, **config: Any) -> None:
+        from gateway import fake_upstream as fake
+
+        self._fake = fake
+        self.state = fake.State(fake.make_config(**config))
+        self.knobs: tuple[tuple[bytes, bytes], ...] = ()
+        self.script: Callable[[], list[bytes]] | None = None
+        self.received = 0  # POSTs to /responses so far
+        owner = self
+
+        class Connection(fake.Connection):
+            def respond(self, req: Any) -> None:
+                is_post = req.method == b"POST" and req.url.partition(b"?")[0].endswith(b"/responses")
+                owner.received += is_post
+                if owner.script is not None and is_post:
+                    self.state.history.append((time.time(), req.method, req.url, req.headers, req.body))
+                    self.play(owner.script(), req.keep_alive)
+                    return
+                req.headers = [*req.headers, *owner.knobs]
+                super().respond(req)
+
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
+        self._thread.start()
+        self._server = asyncio.run_coroutine_threadsafe(self._listen(Connection), self._loop).result(10)
+        self.port = self._server.sockets[0].getsockname()[1]
+        self.base_url = f"http://127.0.0.1:{self.port}/v1"
+
+    async def _listen(self, connection: Callable[[Any], asyncio.Protocol]) -> asyncio.Server:
+        return await self._loop.create_server(lambda: connection(self.state), "127.0.0.1", 0)
+
+    def set(self, **knobs: str) -> None:
+        self.knobs = tuple(
+            (b"x-fake-" + name.replace("_", "-").encode(), value.encode()) for name, value in knobs.items()
+        )
+
+    def configure(self, **options: Any) -> None:
+        config = self._fake.make_config(self.state.config, **options)
+        self._loop.call_soon_threadsafe(self.state.set_config, config)
+        poll(lambda: self.state.config == config, timeout=5, what="fake config applied")
+
+    def requests(self) -> list[dict[str, Any]]:
+        return [self._fake.describe(entry) for entry in list(self.state.history)]
+
+    def close(self) -> None:
+        async def stop() -> None:
+            self._server.close()
+
+        asyncio.run_coroutine_threadsafe(stop(), self._loop).result(10)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(10)

@@ -615,22 +615,3 @@ def test_backends_satisfy_the_protocol() -> None:
     remote: type[Limiter] = RedisLimiter
     assert local is not None
     assert remote is not None
-
-
-def test_window_bounds() -> None:
-    from datetime import UTC, datetime
-
-    from gateway.limits import window_bounds
-
-    def ts(*args: int) -> int:
-        return int(datetime(*args, tzinfo=UTC).timestamp())
-
-    moment = ts(2024, 2, 29, 13, 5) + 0.5  # a Thursday in a leap February
-    assert window_bounds("day", moment) == (ts(2024, 2, 29), ts(2024, 3, 1))
-    assert window_bounds("week", moment) == (ts(2024, 2, 26), ts(2024, 3, 4))
-    assert window_bounds("month", moment) == (ts(2024, 2, 1), ts(2024, 3, 1))
-    assert window_bounds("month", ts(2023, 12, 31, 23, 59)) == (ts(2023, 12, 1), ts(2024, 1, 1))
-    assert window_bounds("week", ts(2024, 3, 3, 23, 59)) == (ts(2024, 2, 26), ts(2024, 3, 4))  # Sunday
-    assert window_bounds("fixed", moment, start=5, end=10) == (5, 10)
-    with pytest.raises(ValueError, match="period"):
-        window_bounds("year", moment)

@@ -58,26 +58,35 @@ def test_upstream_400_is_relayed_with_its_envelope(live_gw: Live, stream: bool) 
 
 
 @pytest.mark.parametrize("stream", [False, True], ids=["json", "stream"])
-def test_upstream_429_is_relayed_with_retry_after(live_gw: Live, stream: bool) -> None:
+def test_upstream_429_cools_the_account_and_answers_usage_limit_reached(live_gw: Live, stream: bool) -> None:
+    # The only account answers 429: it cools down for the upstream's Retry-After, and the
+    # client is told when to come back (issue 4: usage_limit_reached, not the raw 429).
     response = live_gw.post(body(stream, fake_status="429", fake_retry_after="7"))
-    error = assert_error(response, 429, "rate_limit_exceeded", type="requests")
-    assert error["message"].startswith("Rate limit reached")
-    assert response.headers["retry-after"] == "7"
+    assert_error(response, 429, "usage_limit_reached", type="rate_limit_error")
+    assert 6 <= int(response.headers["retry-after"]) <= 7
     record = live_gw.wait_usage(response.headers["x-request-id"])
-    assert (record.status_code, record.outcome) == (429, "upstream_rejected")
+    assert (record.status_code, record.outcome) == (429, "rate_limited")
+    assert [(a["account_id"], a["outcome"], a["status"]) for a in record.attempts] == [
+        (live_gw.account.pk, "rate_limited", 429)
+    ]
+    # While it cools down, nothing is sent to it.
+    before = len(live_gw.upstream.requests())
+    again = live_gw.post(body(stream))
+    assert_error(again, 429, "usage_limit_reached", type="rate_limit_error")
+    assert len(live_gw.upstream.requests()) == before
 
 
 def test_sdk_sees_upstream_429_as_rate_limit_error(live_gw: Live) -> None:
     import openai
 
     client = live_gw.openai(max_retries=0, timeout=10)
-    with pytest.raises(openai.RateLimitError) as caught:
-        client.responses.create(model=MODEL, input="hi", metadata={"fake_status": "429", "fake_retry_after": "1"})
-    assert caught.value.response.headers["retry-after"] == "1"
     with pytest.raises(openai.InternalServerError) as server:
         client.responses.create(model=MODEL, input="hi", metadata={"fake_status": "503"})
     assert server.value.status_code == 502
     assert server.value.code == "upstream_error"
+    with pytest.raises(openai.RateLimitError) as caught:
+        client.responses.create(model=MODEL, input="hi", metadata={"fake_status": "429", "fake_retry_after": "1"})
+    assert caught.value.response.headers["retry-after"] == "1"
 
 
 def test_no_enabled_account_is_503(live_gw: Live) -> None:
@@ -117,15 +126,16 @@ def test_upstream_timeout_is_502(live_gw: Live, quick_timeout_gateway: str, stre
     assert (record.status_code, record.outcome, record.stream) == (502, "upstream_error", stream)
 
 
-def test_upstream_silent_mid_stream_past_the_timeout_fails_the_stream(
+def test_upstream_silent_before_output_past_the_timeout_is_a_plain_502(
     live_gw: Live, quick_timeout_gateway: str
 ) -> None:
+    # The stream is held back until real output arrives (issue 4), so an upstream that
+    # stalls before any output is a failed attempt, not a failed stream: the client gets
+    # a plain 502 envelope and no SSE at all.
     with live_gw.http() as client:
         payload = body(True, fake_event_delay_ms="1500", fake_tokens="1")
         response = client.post(quick_timeout_gateway + "/v1/responses", json=payload)
-    assert response.status_code == 200
-    events = sse_events(response.content)
-    assert [e["type"] for e in events] == ["response.created", "error", "response.failed"]
-    assert events[1]["code"] == "upstream_error"
+    assert_error(response, 502, "upstream_error", type="server_error")
     record = live_gw.wait_usage(response.headers["x-request-id"])
     assert record.outcome == "upstream_error"
+    assert [a["outcome"] for a in record.attempts] == ["upstream_error"]

@@ -14,7 +14,7 @@ import httpx
 import pytest
 
 from tests.conftest import MODEL, Live
-from tests.live import SseProbe, poll, sse_events, sse_frames
+from tests.live import SseProbe, assert_error, poll, sse_events, sse_frames
 
 pytestmark = pytest.mark.live
 
@@ -87,13 +87,15 @@ def test_framing_is_kept_byte_for_byte(live_gw: Live) -> None:
 
 
 def test_keepalive_comments_while_the_upstream_is_silent(live_gw: Live) -> None:
-    # One event, a second of silence, one more event, then the upstream hangs up.
-    _, frames = timed_frames(live_gw, stream_body(fake_event_delay_ms="1000", fake_cut_after="2"))
+    # Events 1.2 s apart (keep-alive interval: 0.3 s). The prelude (created, in_progress) is
+    # held back until real output (output_item.added) commits the stream; the silence after
+    # it is filled with keep-alives, then content_part.added, then the upstream hangs up.
+    _, frames = timed_frames(live_gw, stream_body(fake_event_delay_ms="1200", fake_cut_after="4"))
     kinds = [b"keepalive" if frame == KEEPALIVE else event_type(frame).encode() for _, frame in frames]
-    assert kinds[0] == b"response.created"
-    second = next(i for i, kind in enumerate(kinds) if kind == b"response.in_progress")
-    assert second >= 3, kinds
-    assert set(kinds[1:second]) == {b"keepalive"}, kinds
+    assert kinds[:3] == [b"response.created", b"response.in_progress", b"response.output_item.added"], kinds
+    part = kinds.index(b"response.content_part.added")
+    assert part >= 6, kinds
+    assert set(kinds[3:part]) == {b"keepalive"}, kinds
     for at, frame in frames:  # keep-alives are whole frames of their own
         assert frame == KEEPALIVE or frame.startswith(b"event: "), (at, frame)
 
@@ -110,8 +112,9 @@ def test_failure_event_from_upstream_is_relayed_and_the_stream_ends(live_gw: Liv
     assert (record.outcome, record.stream, record.status_code) == ("failed", True, 200)
 
 
-@pytest.mark.parametrize("cut_after", [6, 1, 0])
+@pytest.mark.parametrize("cut_after", [4, 6])
 def test_upstream_cut_mid_stream_becomes_error_then_failed(live_gw: Live, cut_after: int) -> None:
+    # Cut after real output reached the client: the stream cannot be retried any more.
     response = live_gw.post(stream_body(fake_cut_after=str(cut_after)))
     assert response.status_code == 200
     events = sse_events(response.content)
@@ -130,7 +133,18 @@ def test_upstream_cut_mid_stream_becomes_error_then_failed(live_gw: Live, cut_af
     assert record.output_tokens is None
 
 
-@pytest.mark.parametrize("knob", [{"fake_fail_after": "6"}, {"fake_cut_after": "6"}, {"fake_cut_after": "0"}])
+@pytest.mark.parametrize("cut_after", [0, 1, 2])
+def test_upstream_cut_before_output_is_retried_then_a_plain_502(live_gw: Live, cut_after: int) -> None:
+    # Nothing reached the client yet: the attempt failed invisibly; with one account the
+    # client gets a plain 502 envelope (issue 4: held-back prelude, failover before the first byte).
+    response = live_gw.post(stream_body(fake_cut_after=str(cut_after)))
+    assert_error(response, 502, "upstream_error", type="server_error")
+    record = live_gw.wait_usage(response.headers["x-request-id"])
+    assert (record.outcome, record.stream) == ("upstream_error", True)
+    assert [a["account_id"] for a in record.attempts] == [live_gw.account.pk]
+
+
+@pytest.mark.parametrize("knob", [{"fake_fail_after": "6"}, {"fake_cut_after": "6"}])
 def test_sdk_stream_surfaces_a_failure_without_hanging(live_gw: Live, knob: dict[str, str]) -> None:
     client = live_gw.openai(max_retries=0, timeout=15)
     with client.responses.stream(model=MODEL, input="hi", metadata=knob) as stream:

@@ -3,7 +3,8 @@
 A dedicated worker for ``gateway.usage_stream``: it joins the ``gw-writers`` consumer
 group next to the gateway processes' own drainers. ``--once`` writes what is there
 now (taking over entries that dead consumers left pending) and exits; it fails when
-the database refuses, leaving the entries in the stream.
+the database refuses, leaving the entries in the stream. ``--requeue-dead`` moves the
+events set aside as refused (``gw:usage:dead``) back into the stream first.
 """
 
 from __future__ import annotations
@@ -23,6 +24,9 @@ class Command(BaseCommand):
 
     def add_arguments(self, parser: CommandParser) -> None:
         parser.add_argument("--once", action="store_true", help="drain what is there now, then exit")
+        parser.add_argument(
+            "--requeue-dead", action="store_true", help="first put the events set aside as refused back in the stream"
+        )
         parser.add_argument("--batch", type=int, default=500, help="entries per database write")
         parser.add_argument("--consumer", default=None, help="consumer name (default: host-pid-random)")
         parser.add_argument("--stream", default=STREAM)
@@ -39,6 +43,9 @@ class Command(BaseCommand):
             "consumer": options["consumer"],
             "batch": options["batch"],
         }
+        if options["requeue_dead"]:
+            moved = asyncio.run(self._requeue(drainer_options))
+            self.stdout.write(f"{moved} refused usage entries put back in the stream")
         if options["once"]:
             count = asyncio.run(self._once(drainer_options))
             self.stdout.write(f"{count} usage entries written")
@@ -55,6 +62,15 @@ class Command(BaseCommand):
             return await UsageDrainer(redis, django_writer, **drainer_options).drain()
         except UsageWriteFailed as exc:
             raise CommandError(f"the database refused the usage records ({exc}); they stay in the stream") from exc
+        finally:
+            await redis.aclose()
+
+    async def _requeue(self, drainer_options: dict[str, Any]) -> int:
+        import redis.asyncio as aioredis
+
+        redis = aioredis.Redis.from_url(settings.REDIS_URL)
+        try:
+            return await UsageDrainer(redis, django_writer, **drainer_options).requeue_dead()
         finally:
             await redis.aclose()
 
