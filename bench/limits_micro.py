@@ -66,7 +66,7 @@ async def main(args: argparse.Namespace) -> None:
     limiter = RedisLimiter(client, prefix=prefix, config_key=prefix + "gen")
     try:
         rate = await run(limiter, args.tasks, args.seconds)
-        print(f"RedisLimiter: {rate:,.0f} admits/s ({args.tasks} tasks, settles batched in the background)")
+        print(f"RedisLimiter: {rate:,.0f} admits/s ({args.tasks} tasks, settles carried by admits or batched)")
     finally:
         await limiter.aclose()
         keys = [key async for key in client.scan_iter(prefix + "*")]

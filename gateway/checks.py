@@ -123,7 +123,7 @@ def check_choices(app_configs: Sequence[AppConfig] | None = None, **kwargs: Any)
         errors.append(
             Error(
                 f"GATEWAY_UPSTREAM_TRANSPORT={transport!r} is not supported.",
-                hint="Set GATEWAY_UPSTREAM_TRANSPORT to fast, aiohttp (default) or httpx, or unset it.",
+                hint="Set GATEWAY_UPSTREAM_TRANSPORT to fast (default, fastest), aiohttp or httpx, or unset it.",
                 id="gateway.E005",
             )
         )

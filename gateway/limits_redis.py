@@ -5,8 +5,11 @@ NOSCRIPT, which also caches it) checks every limit of every scope and counts the
 if all pass, atomically, and returns the configuration change token
 (``gw:config:gen``) as well, so the gateway's per-request config check rides along.
 Settlements and lease releases never add a round trip to a request: :meth:`settle`
-queues them, and a background task sends the queue as one script call per batch, at
-once when idle and batched while a call is in flight (plus ``linger`` seconds).
+queues them, the next admit of this process carries up to ``piggyback`` operations
+of the queue in its own script call (applied before its checks, so it sees the leases
+and reservations this process gave back), and a background task sends what is still
+queued ``linger`` seconds later as one script call per ``max_batch`` operations (what
+an idle process gives back reaches the other replicas after ``linger`` + one RTT).
 
 Keys (``prefix`` defaults to ``gw:rl:``), each with a TTL so nothing grows for ever:
 
@@ -34,8 +37,11 @@ The admit script (``ADMIT_LUA``):
   window_end,seed_tokens,seed_micros"`` (limits -1 = unlimited; no budget limit = no
   budget counter; seeds -1 = report a missing budget counter instead of creating it;
   lease ``-`` = none).
-- returns one string ``"status|counts|fails|alerts[|token]"`` (one bulk reply, as
-  cheap to parse as a GET's): status 1 admitted (counted), 0 refused (nothing
+- ``ARGV[2]`` = settlements to apply first, as the settle script's ``ARGV[1]``
+  (empty: none).
+- returns one string ``"status|counts|fails|alerts|settled[|token]"`` (one bulk reply,
+  as cheap to parse as a GET's; ``settled``: the alerts of the carried settlements,
+  as the settle script returns them): status 1 admitted (counted), 0 refused (nothing
   counted), 2 budget counters missing (nothing counted; ``fails`` lists the 0-based
   scope indices to seed); ``counts`` = per scope ``requests,tokens`` used in the
   minute (after counting when admitted); ``fails`` = ``index,kind`` pairs (kind 0 rpm,
@@ -45,8 +51,8 @@ The admit script (``ADMIT_LUA``):
   key (then ``Decision.config_token`` is None, as ``GET`` would say).
 
 The settle script (``SETTLE_LUA``) applies a batch: ``ARGV[1]`` = ``prefix`` then,
-after a ``;`` each, one spec per operation (one ticket scope): ``"name:id,minute,window_start,
-requests_delta,tokens_delta,lease_id,budgeted,-reserved_tokens,-reserved_micros,
+after a ``;`` each, one spec per operation (one ticket scope): ``"name:id,minute,
+window_start,requests_delta,tokens_delta,lease_id,budgeted,-reserved_tokens,-reserved_micros,
 spent_tokens,spent_micros,soft_tokens,soft_micros,hard_tokens,hard_micros"``
 (lease ``-`` = none; budgeted 0/1; thresholds -1 = none). It touches a minute or
 budget counter only if it still exists (a counter re-created by a seed after a Redis
@@ -105,7 +111,54 @@ logger = logging.getLogger(__name__)
 CONFIG_GEN_KEY = "gw:config:gen"
 MINUTE_TTL = 120
 
-ADMIT_LUA = """
+_SETTLE_FUNCTION = """
+local function reached(st, sm, limit_t, limit_m)
+  limit_t, limit_m = tonumber(limit_t), tonumber(limit_m)
+  return (limit_t >= 0 and st >= limit_t) or (limit_m >= 0 and sm >= limit_m)
+end
+local function settle(text)
+  if text == nil or text == '' then return '' end
+  local ops = {}
+  for op in string.gmatch(text, '[^;]+') do ops[#ops + 1] = op end
+  local prefix = ops[1]
+  local alerts = {}
+  for i = 2, #ops do
+    local f = {}
+    for v in string.gmatch(ops[i], '[^,]+') do f[#f + 1] = v end
+    local base = prefix .. f[1] .. ':'
+    local rd, td = tonumber(f[4]), tonumber(f[5])
+    if rd ~= 0 or td ~= 0 then
+      local mk = base .. 'm:' .. f[2]
+      local row = redis.call('HMGET', mk, 'r', 't')
+      if row[1] then
+        redis.call('HSET', mk, 'r', math.max(tonumber(row[1]) + rd, 0), 't', math.max(tonumber(row[2]) + td, 0))
+      end
+    end
+    if f[6] ~= '-' then redis.call('ZREM', base .. 'c', f[6]) end
+    if f[7] == '1' then
+      local bk = base .. 'b:' .. f[3]
+      local row = redis.call('HMGET', bk, 'st', 'sm', 'rt', 'rm')
+      if row[1] then
+        local st, sm = tonumber(row[1]) + tonumber(f[10]), tonumber(row[2]) + tonumber(f[11])
+        local rt, rm = math.max(tonumber(row[3]) + tonumber(f[8]), 0), math.max(tonumber(row[4]) + tonumber(f[9]), 0)
+        redis.call('HSET', bk, 'st', st, 'sm', sm, 'rt', rt, 'rm', rm)
+        if reached(st, sm, f[12], f[13]) and redis.call('HSETNX', bk, 'as', 1) == 1 then
+          alerts[#alerts + 1] = string.format('%d,1,%d,%d', i - 2, st, sm)
+        end
+        if reached(st, sm, f[14], f[15]) and redis.call('HSETNX', bk, 'ah', 1) == 1 then
+          alerts[#alerts + 1] = string.format('%d,2,%d,%d', i - 2, st, sm)
+        end
+      end
+    end
+  end
+  return table.concat(alerts, ',')
+end
+"""
+
+ADMIT_LUA = (
+    _SETTLE_FUNCTION
+    + """
+local settled = settle(ARGV[2])
 local function ints(list)
   for k, v in ipairs(list) do list[k] = string.format('%d', v) end
   return table.concat(list, ',')
@@ -123,7 +176,7 @@ local lease, lease_ttl = h[6], tonumber(h[7])
 local minute_ttl, grace = tonumber(h[8]), tonumber(h[9])
 local token = redis.call('GET', KEYS[1])
 local function reply(status, counts, fails, alerts)
-  local text = status .. '|' .. counts .. '|' .. fails .. '|' .. alerts
+  local text = status .. '|' .. counts .. '|' .. fails .. '|' .. alerts .. '|' .. settled
   if token then return text .. '|' .. token end
   return text
 end
@@ -205,47 +258,9 @@ for i = 1, n do
 end
 return reply(1, ints(counts), '', '')
 """
+)
 
-SETTLE_LUA = """
-local function reached(st, sm, limit_t, limit_m)
-  limit_t, limit_m = tonumber(limit_t), tonumber(limit_m)
-  return (limit_t >= 0 and st >= limit_t) or (limit_m >= 0 and sm >= limit_m)
-end
-local ops = {}
-for op in string.gmatch(ARGV[1], '[^;]+') do ops[#ops + 1] = op end
-local prefix = ops[1]
-local alerts = {}
-for i = 2, #ops do
-  local f = {}
-  for v in string.gmatch(ops[i], '[^,]+') do f[#f + 1] = v end
-  local base = prefix .. f[1] .. ':'
-  local rd, td = tonumber(f[4]), tonumber(f[5])
-  if rd ~= 0 or td ~= 0 then
-    local mk = base .. 'm:' .. f[2]
-    local row = redis.call('HMGET', mk, 'r', 't')
-    if row[1] then
-      redis.call('HSET', mk, 'r', math.max(tonumber(row[1]) + rd, 0), 't', math.max(tonumber(row[2]) + td, 0))
-    end
-  end
-  if f[6] ~= '-' then redis.call('ZREM', base .. 'c', f[6]) end
-  if f[7] == '1' then
-    local bk = base .. 'b:' .. f[3]
-    local row = redis.call('HMGET', bk, 'st', 'sm', 'rt', 'rm')
-    if row[1] then
-      local st, sm = tonumber(row[1]) + tonumber(f[10]), tonumber(row[2]) + tonumber(f[11])
-      local rt, rm = math.max(tonumber(row[3]) + tonumber(f[8]), 0), math.max(tonumber(row[4]) + tonumber(f[9]), 0)
-      redis.call('HSET', bk, 'st', st, 'sm', sm, 'rt', rt, 'rm', rm)
-      if reached(st, sm, f[12], f[13]) and redis.call('HSETNX', bk, 'as', 1) == 1 then
-        alerts[#alerts + 1] = string.format('%d,1,%d,%d', i - 2, st, sm)
-      end
-      if reached(st, sm, f[14], f[15]) and redis.call('HSETNX', bk, 'ah', 1) == 1 then
-        alerts[#alerts + 1] = string.format('%d,2,%d,%d', i - 2, st, sm)
-      end
-    end
-  end
-end
-return table.concat(alerts, ',')
-"""
+SETTLE_LUA = _SETTLE_FUNCTION + "return settle(ARGV[1])\n"
 
 _ALERT_KINDS = {1: "soft", 2: "hard"}
 
@@ -303,8 +318,9 @@ class RedisLimiter:
         lease_ttl: float = LEASE_TTL,
         prefix: str = "gw:rl:",
         config_key: str = CONFIG_GEN_KEY,
-        linger: float = 0.002,
+        linger: float = 0.02,
         max_batch: int = 256,
+        piggyback: int = 32,
         max_pending: int = 100_000,
         seed_retry: float = SEED_RETRY,
         budget_grace: int = BUDGET_GRACE,
@@ -317,6 +333,7 @@ class RedisLimiter:
         self._keys = (config_key,)
         self._linger = linger
         self._max_batch = max_batch
+        self._piggyback = piggyback
         self._max_pending = max_pending
         self._budget_grace = budget_grace
         self._queue: deque[_Pending] = deque()
@@ -339,9 +356,17 @@ class RedisLimiter:
         )
         specs = [_spec(scope, seed) for scope in scopes]
         started = time.monotonic()
-        status, counts, fails, alerts, token = _admit_reply(
-            await _ADMIT(self._redis, self._keys, (";".join((head, *specs)),))
-        )
+        # Queued settlements ride along: no round trip of their own, and this admit
+        # already sees the leases and reservations that this process gave back.
+        carried, ops, settle_arg = self._take(self._piggyback) if self._queue else ([], [], "")
+        try:
+            status, counts, fails, alerts, settled, token = _admit_reply(
+                await _ADMIT(self._redis, self._keys, (";".join((head, *specs)), settle_arg))
+            )
+        except BaseException:
+            self._queue.extendleft(reversed(carried))
+            raise
+        self._fire_settle_alerts(ops, settled)
         attempts = 0
         unenforced: set[int] = set()
         while status == 2:
@@ -355,8 +380,8 @@ class RedisLimiter:
                     specs[index] = _spec(replace(scopes[index], budget_tokens=None, budget_micros=None), seed)
                 else:
                     specs[index] = _spec(scopes[index], f"{seeded[0]},{seeded[1]}")
-            status, counts, fails, alerts, token = _admit_reply(
-                await _ADMIT(self._redis, self._keys, (";".join((head, *specs)),))
+            status, counts, fails, alerts, _, token = _admit_reply(
+                await _ADMIT(self._redis, self._keys, (";".join((head, *specs)), ""))
             )
         used_r = counts[0::2]
         used_t = counts[1::2]
@@ -441,42 +466,50 @@ class RedisLimiter:
                 logger.warning("applying %d settlements failed; retrying in %.2fs", len(self._queue), backoff)
                 await asyncio.sleep(backoff)
 
-    async def _flush_batch(self) -> None:
-        """Apply up to ``max_batch`` operations in one script call; on failure they stay queued."""
-        async with self._lock:
-            batch: list[_Pending] = []
-            args: list[str] = [self._prefix]
-            ops: list[Scope] = []
-            while self._queue and len(ops) < self._max_batch:
-                item = self._queue.popleft()
-                batch.append(item)
-                ticket, actual_t, actual_m, requests = item
-                for i, scope in enumerate(ticket.scopes):
-                    minute_used = scope.rpm is not None or scope.tpm is not None
-                    budgeted = ticket.budgeted[i]
-                    lease = ticket.lease if ticket.lease and scope.concurrency is not None else "-"
-                    if not (minute_used or budgeted or lease != "-"):
-                        continue
-                    args.append(
-                        f"{scope.name}:{scope.id},{ticket.minute},{scope.window_start},"
-                        f"{requests if minute_used else 0},{actual_t - ticket.tokens if minute_used else 0},"
-                        f"{lease},{1 if budgeted else 0},{-ticket.tokens},{-ticket.micros},{actual_t},{actual_m},"
-                        f"{threshold(scope.budget_tokens, scope.soft_percent)},"
-                        f"{threshold(scope.budget_micros, scope.soft_percent)},"
-                        f"{threshold(scope.budget_tokens, 100)},{threshold(scope.budget_micros, 100)}"
-                    )
-                    ops.append(scope)
-            if not ops:
-                return
-            try:
-                reply = await _SETTLE(self._redis, (), (";".join(args),))
-            except BaseException:
-                self._queue.extendleft(reversed(batch))
-                raise
-        alerts = _ints(_text(reply))
+    def _take(self, max_ops: int) -> tuple[list[_Pending], list[Scope], str]:
+        """Dequeue settlements worth up to ``max_ops`` operations: (items, op scopes, script text)."""
+        items: list[_Pending] = []
+        parts: list[str] = [self._prefix]
+        ops: list[Scope] = []
+        while self._queue and len(ops) < max_ops:
+            item = self._queue.popleft()
+            items.append(item)
+            ticket, actual_t, actual_m, requests = item
+            for i, scope in enumerate(ticket.scopes):
+                minute_used = scope.rpm is not None or scope.tpm is not None
+                budgeted = ticket.budgeted[i]
+                lease = ticket.lease if ticket.lease and scope.concurrency is not None else "-"
+                if not (minute_used or budgeted or lease != "-"):
+                    continue
+                parts.append(
+                    f"{scope.name}:{scope.id},{ticket.minute},{scope.window_start},"
+                    f"{requests if minute_used else 0},{actual_t - ticket.tokens if minute_used else 0},"
+                    f"{lease},{1 if budgeted else 0},{-ticket.tokens},{-ticket.micros},{actual_t},{actual_m},"
+                    f"{threshold(scope.budget_tokens, scope.soft_percent)},"
+                    f"{threshold(scope.budget_micros, scope.soft_percent)},"
+                    f"{threshold(scope.budget_tokens, 100)},{threshold(scope.budget_micros, 100)}"
+                )
+                ops.append(scope)
+        return items, ops, ";".join(parts) if ops else ""
+
+    def _fire_settle_alerts(self, ops: Sequence[Scope], reply: str) -> None:
+        alerts = _ints(reply)
         for j in range(0, len(alerts), 4):
             kind = _ALERT_KINDS[alerts[j + 1]]
             fire_alert(self._on_alert, ops[alerts[j]], kind, alerts[j + 2], alerts[j + 3])
+
+    async def _flush_batch(self) -> None:
+        """Apply up to ``max_batch`` operations in one script call; on failure they stay queued."""
+        async with self._lock:
+            items, ops, text = self._take(self._max_batch)
+            if not ops:
+                return
+            try:
+                reply = await _SETTLE(self._redis, (), (text,))
+            except BaseException:
+                self._queue.extendleft(reversed(items))
+                raise
+        self._fire_settle_alerts(ops, _text(reply))
 
     async def flush(self) -> None:
         """Apply every queued settlement now (raises if Redis fails; they stay queued)."""
@@ -507,17 +540,17 @@ def _spec(scope: Scope, seed: str) -> str:
     return f"{scope.name}:{scope.id},{rpm},{tpm},{conc},{bt},{bm},{scope.window_start},{scope.window_end},{seed}"
 
 
-def _admit_reply(raw: bytes | str) -> tuple[int, list[int], list[int], list[int], bytes | str | None]:
-    """(status, counts, fails, alerts, token) of the admit script's reply."""
+def _admit_reply(raw: bytes | str) -> tuple[int, list[int], list[int], list[int], str, bytes | str | None]:
+    """(status, counts, fails, alerts, settle alerts, token) of the admit script's reply."""
     if isinstance(raw, bytes):
-        parts: list[Any] = raw.split(b"|", 4)
-        token = parts[4] if len(parts) == 5 else None
-        status, counts, fails, alerts = (part.decode() for part in parts[:4])
+        parts: list[Any] = raw.split(b"|", 5)
+        token = parts[5] if len(parts) == 6 else None
+        status, counts, fails, alerts, settled = (part.decode() for part in parts[:5])
     else:  # decode_responses=True
-        parts = raw.split("|", 4)
-        token = parts[4] if len(parts) == 5 else None
-        status, counts, fails, alerts = parts[:4]
-    return int(status), _ints(counts), _ints(fails), _ints(alerts), token
+        parts = raw.split("|", 5)
+        token = parts[5] if len(parts) == 6 else None
+        status, counts, fails, alerts, settled = parts[:5]
+    return int(status), _ints(counts), _ints(fails), _ints(alerts), settled, token
 
 
 def _text(raw: bytes | str) -> str:

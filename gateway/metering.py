@@ -30,8 +30,12 @@ _DATETIME_FIELDS = ("created_at",)
 
 
 def _default_writer(events: Sequence[dict[str, Any]]) -> object:
+    from django.db import close_old_connections
+
     from tenancy.services import usage_records_write
 
+    # A connection broken by a database outage stays broken: drop it before each batch.
+    close_old_connections()
     return usage_records_write(events)
 
 

@@ -29,7 +29,7 @@ from accounts.stickiness import LocalStickyStore, RedisStickyStore
 from accounts.transition_log import TransitionLog
 from gateway.limits import LocalLimiter, Scope
 from gateway.metering import UsageMeter
-from gateway.state import ConfigState, Snapshot
+from gateway.state import ConfigState, Snapshot, load_snapshot
 from gateway.upstream import UpstreamClient
 
 logger = logging.getLogger(__name__)
@@ -71,7 +71,7 @@ class KeepAlive:
                         self.unregister(entry)
 
 
-def _db_call(function: Callable[..., Any]) -> Callable[..., Awaitable[Any]]:
+def db_call(function: Callable[..., Any]) -> Callable[..., Awaitable[Any]]:
     """``function`` run in a worker thread, after dropping that thread's broken connection.
 
     Worker threads keep their Django connection; nothing else closes one that a database
@@ -88,6 +88,14 @@ def _db_call(function: Callable[..., Any]) -> Callable[..., Awaitable[Any]]:
     return sync_to_async(call, thread_sensitive=False)
 
 
+def _load_snapshot(token: object) -> Snapshot:
+    """``gateway.state.load_snapshot`` in a worker thread (see :func:`db_call`)."""
+    from django.db import close_old_connections
+
+    close_old_connections()
+    return load_snapshot(token)
+
+
 async def _seed_budget(scope: Scope) -> tuple[int, int]:
     """What the database says ``scope`` spent in its budget window (after a restart)."""
     from tenancy.pricing import usd_to_micros
@@ -95,9 +103,12 @@ async def _seed_budget(scope: Scope) -> tuple[int, int]:
 
     start = datetime.fromtimestamp(scope.window_start, UTC)
     end = datetime.fromtimestamp(scope.window_end, UTC)
-    tokens, cost = await _db_call(budget_spent)(scope.name, scope.id, start, end)
+    tokens, cost = await db_call(budget_spent)(scope.name, scope.id, start, end)
     return int(tokens or 0), usd_to_micros(cost) if cost else 0
 
+
+# How long shutdown waits for the usage drainer's batch in flight (its XREADGROUP blocks 1 s).
+DRAINER_STOP_SECONDS = 5.0
 
 # An alert fires once per scope, window and kind: a failed write (a database outage, a
 # locked SQLite file) is retried with backoff for this long rather than lost.
@@ -129,7 +140,7 @@ async def _record_alert_retrying(*args: Any) -> None:
     """:func:`_record_alert`, retried while the database fails (it is idempotent)."""
     from django.db import DatabaseError
 
-    record = _db_call(_record_alert)
+    record = db_call(_record_alert)
     deadline = time.monotonic() + ALERT_RETRY_SECONDS
     delay = 0.1
     while True:
@@ -148,9 +159,10 @@ class Runtime:
     def __init__(self) -> None:
         self.redis: Any = None
         if settings.REDIS_URL:
-            import redis.asyncio as aioredis
+            from gateway.limits_redis import redis_client
 
-            self.redis = aioredis.Redis.from_url(settings.REDIS_URL)
+            # A blocking pool: more concurrent commands than connections wait, not fail.
+            self.redis = redis_client(settings.REDIS_URL)
         self.upstream = UpstreamClient(
             transport=settings.GATEWAY_UPSTREAM_TRANSPORT,
             connect_timeout=settings.GATEWAY_UPSTREAM_CONNECT_TIMEOUT,
@@ -163,6 +175,8 @@ class Runtime:
         self.selector = Selector(self.health)
         self._background: list[asyncio.Task[None]] = []
         self._started = False
+        self._drainer: asyncio.Task[None] | None = None
+        self._drainer_stop = asyncio.Event()
         # The change token this process last saw; with Redis, every admission refreshes it.
         self.token: object = None
         self.meter: Any
@@ -184,7 +198,9 @@ class Runtime:
             async def file_token() -> object:
                 return notify.file_token(path)
 
-        self.config = ConfigState(self._last_token if self.redis is not None else file_token, on_reload=self._on_reload)
+        self.config = ConfigState(
+            self._last_token if self.redis is not None else file_token, _load_snapshot, on_reload=self._on_reload
+        )
         atexit.register(self.meter.flush_sync)
         atexit.register(self.transitions.flush_sync)
 
@@ -225,10 +241,16 @@ class Runtime:
         if self.redis is not None and settings.GATEWAY_USAGE_DRAINER:
             from gateway.usage_stream import run_drainer
 
-            drainer = asyncio.get_running_loop().create_task(run_drainer(self.redis))
-            self._background.append(drainer)
+            self._drainer = asyncio.get_running_loop().create_task(run_drainer(self.redis, stop=self._drainer_stop))
+            self._background.append(self._drainer)
 
     async def aclose(self) -> None:
+        if self._drainer is not None:
+            # Let the drainer finish its batch: cancelled between its database write and the
+            # XACK, it would leave entries pending until another replica claims them (60 s).
+            self._drainer_stop.set()
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(asyncio.shield(self._drainer), DRAINER_STOP_SECONDS)
         for task in list(self._background):
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):

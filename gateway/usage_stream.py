@@ -115,7 +115,7 @@ class RedisUsageSink:
         redis: Redis,
         *,
         stream: str = STREAM,
-        interval: float = 0.05,
+        interval: float = 0.5,
         max_batch: int = 500,
         url: str | None = None,
         spool_dir: Path | None = None,

@@ -14,7 +14,6 @@ from decimal import Decimal
 from typing import TYPE_CHECKING, Any
 
 import orjson
-from asgiref.sync import sync_to_async
 
 from gateway.asgi_io import Scope, Send, send_json
 from gateway.state import KeyInfo, Snapshot
@@ -40,6 +39,7 @@ async def usage_view(
     ex: Exchange,
     authenticate: Callable[[Scope, Snapshot], KeyInfo],
 ) -> None:
+    from gateway.runtime import db_call
     from tenancy.selectors import usage_summary
 
     await runtime.fresh_token()
@@ -54,7 +54,7 @@ async def usage_view(
     if window is None:
         start, end = budget_window("month", datetime.fromtimestamp(now, UTC))
         window = (int(start.timestamp()), int(end.timestamp()))
-    summarize = sync_to_async(usage_summary, thread_sensitive=False)
+    summarize = db_call(usage_summary)
     total = await summarize(key.key_id)
     period = await summarize(key.key_id, datetime.fromtimestamp(window[0], UTC))
     limits = await runtime.limiter.peek(key.scopes(now), now=now)

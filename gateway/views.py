@@ -245,32 +245,33 @@ class GatewayApp:
 
     async def responses(self, scope: Scope, receive: Receive, send: Send, runtime: Runtime, ex: Exchange) -> None:
         await runtime.start()
-        snapshot = await runtime.config.current()
-        ex.key = authenticate(scope, snapshot)
-        raw = await read_body(scope, receive, settings.GATEWAY_MAX_BODY_BYTES)
-        try:
-            body = orjson.loads(raw)
-        except orjson.JSONDecodeError:
-            raise GatewayError(
-                400,
-                "We could not parse the JSON body of your request. Send a JSON object as the body.",
-                code="invalid_json",
-            ) from None
-        if isinstance(body, dict) and isinstance(body.get("model"), str):
-            ex.model = body["model"]
-        validated = validate_request(body)
-        ex.stream = bool(validated.get("stream"))
-        for _ in range(2):
-            request, plan, decision = await self._admit(scope, runtime, ex, snapshot, validated, len(raw))
-            if runtime.redis is None or decision.config_token == snapshot.token:
+        validated: dict[str, Any] | None = None
+        size = 0
+        for retry in (False, True):
+            snapshot = await runtime.config.current()
+            try:
+                ex.key = authenticate(scope, snapshot)
+                if validated is None:
+                    raw = await read_body(scope, receive, settings.GATEWAY_MAX_BODY_BYTES)
+                    size = len(raw)
+                    validated = self._parse(raw, ex)
+                request, plan, decision = await self._admit(scope, runtime, ex, snapshot, validated, size)
+            except GatewayError as error:
+                # With Redis this replica learns of config changes from the admission
+                # script; a refusal decided before it (unknown key or model) is checked
+                # against the current token once, so new keys work on their first request.
+                if retry or runtime.redis is None or error.status not in (401, 403, 404, 503):
+                    raise
+                if await runtime.fresh_token() == snapshot.token:
+                    raise
+                continue
+            if runtime.redis is None or decision.config_token == snapshot.token or retry:
                 break
             # The admission read a newer config token: this replica's snapshot is stale.
             # Undo the admission and decide again on the new configuration.
             runtime.token = decision.config_token
             if decision.ticket is not None:
                 runtime.limiter.cancel(decision.ticket)
-            snapshot = await runtime.config.reload(decision.config_token)
-            ex.key = authenticate(scope, snapshot)
         ex.headers = decision.headers
         if not decision.allowed or decision.ticket is None:
             raise rejection_error(decision)
@@ -288,6 +289,22 @@ class GatewayApp:
                 # of the reservation is refunded. Unknown usage of a real answer keeps the estimate.
                 tokens, micros = tokens or 0, micros or 0
             runtime.limiter.settle(ticket, tokens=tokens, micros=micros)
+
+    @staticmethod
+    def _parse(raw: bytes, ex: Exchange) -> dict[str, Any]:
+        try:
+            body = orjson.loads(raw)
+        except orjson.JSONDecodeError:
+            raise GatewayError(
+                400,
+                "We could not parse the JSON body of your request. Send a JSON object as the body.",
+                code="invalid_json",
+            ) from None
+        if isinstance(body, dict) and isinstance(body.get("model"), str):
+            ex.model = body["model"]
+        validated = validate_request(body)
+        ex.stream = bool(validated.get("stream"))
+        return validated
 
     async def _admit(
         self,
@@ -332,6 +349,23 @@ class GatewayApp:
                 await shutdown_runtime()
                 await send({"type": "lifespan.shutdown.complete"})
                 return
+
+
+async def _newer_snapshot(runtime: Runtime, snapshot: Snapshot) -> Snapshot | None:
+    """With Redis, the snapshot of a newer configuration than ``snapshot``'s; None if it is current.
+
+    With Redis this replica learns of configuration changes from the token its admissions
+    read, so a request refused before its admission (an unknown key, the key policy, model
+    access) may have been judged on a stale snapshot: one GET of the token tells. Refusals
+    only pay it. Embedded mode checks the token on every request already.
+    """
+    if runtime.redis is None:
+        return None
+    token = await runtime.fresh_token()
+    if token == snapshot.token:
+        return None
+    newer = await runtime.config.reload(token)
+    return newer if newer.token != snapshot.token else None
 
 
 def _allow(method: str, allowed: str, path: str) -> None:

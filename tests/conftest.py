@@ -30,6 +30,18 @@ from django.conf import settings
 from tests import live
 
 DATA_DIR = Path(settings.DATA_DIR)
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    """Start from an empty Redis database: the test database's ids restart at 1 on every
+    run, and health records, limit counters or usage stream entries left by an earlier
+    run would otherwise apply to this run's accounts and keys."""
+    if settings.REDIS_URL:
+        import redis
+
+        redis.Redis.from_url(settings.REDIS_URL).flushdb()
+
+
 MODEL = "gpt-test"
 OTHER_MODEL = "gpt-other"
 

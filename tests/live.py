@@ -219,7 +219,9 @@ class SseProbe:
                 "usage": None,
             }
             for seq in range(self.frames):
-                kind = "response.created" if seq == 0 else "response.in_progress"
+                # created, then real output (the gateway holds the prelude back until some
+                # arrives), then an endless-looking tail.
+                kind = ("response.created", "response.output_item.added")[seq] if seq < 2 else "response.in_progress"
                 event = {"type": kind, "sequence_number": seq, "response": created}
                 frame = b"event: %s\ndata: %s\n\n" % (kind.encode(), json.dumps(event).encode())
                 writer.write(b"%x\r\n%s\r\n" % (len(frame), frame))

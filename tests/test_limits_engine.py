@@ -552,6 +552,35 @@ def test_redis_script_falls_back_to_eval_on_noscript(redis_prefix: str) -> None:
     asyncio.run(main())
 
 
+def test_redis_settlements_ride_on_the_next_admit(redis_prefix: str) -> None:
+    async def main() -> None:
+        from gateway.limits_redis import RedisLimiter, redis_client
+
+        client = redis_client(REDIS_URL)
+        alerts: list[str] = []
+        limiter = RedisLimiter(
+            client,
+            prefix=redis_prefix,
+            config_key=redis_prefix + "gen",
+            linger=3600,  # the background flush never runs in this test
+            on_alert=lambda scope, kind, *rest: alerts.append(kind),
+        )
+        scope = budget_scope(concurrency=1, budget_tokens=1000, soft_percent=50)
+        first = await limiter.admit([scope], tokens=600, now=NOW)
+        assert first.ticket is not None
+        limiter.settle(first.ticket, tokens=600, micros=0)
+        assert limiter.pending() == 1
+        # One call: the release and the spend are applied before this admit's checks.
+        second = await limiter.admit([scope], tokens=400, now=NOW)
+        assert second.allowed
+        assert limiter.pending() == 0
+        assert alerts == ["soft"]
+        await limiter.aclose()
+        await client.aclose()
+
+    asyncio.run(main())
+
+
 CHILD = """
 import asyncio, sys
 from gateway.limits import Scope

@@ -50,7 +50,8 @@ def _forget_shared_health(account_ids: list[int]) -> None:
 
     A new test database reuses account ids, and a record a previous run left in Redis (a
     3600 s quota cooldown, a disabled credential) would otherwise apply to the new account:
-    see the note on ``health_reset_at`` in the report of this file's tests.
+    the gateways reset their mirror at the account's ``created_at``, but the shared record
+    is not reset, and new events are folded onto it.
     """
     from accounts import health_store
 
@@ -98,7 +99,7 @@ class Pools:
         self.synced.clear()
 
     def _sync(self, url: str) -> None:
-        """Work around a Redis-mode bug (see the report): a gateway authenticates and plans a
+        """Work around a Redis-mode gap in gateway/views.py: a gateway authenticates and plans a
         request on the snapshot of the change token it saw last, and only the admission that
         follows reads the new one, so a key, account or route *added* since is refused (401,
         404) once. ``GET /v1/models`` reads the token first; one per gateway after an addition."""

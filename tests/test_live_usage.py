@@ -148,7 +148,10 @@ def test_usage_survives_a_gateway_shutdown(live_gw: Live, start_gateway: Callabl
     assert not UsageRecord.objects.filter(request_id__in=request_ids).exists(), "written before shutdown?"
     # uvicorn re-raises the SIGTERM after its graceful shutdown; a SIGKILL (-9) would mean it hung.
     assert gateway.stop(signal.SIGTERM) in (0, -signal.SIGTERM)
+    # Embedded: written at shutdown. Redis: pushed to the usage stream at shutdown and
+    # written by the drainer of another replica (the session's gateway), so poll.
     written = UsageRecord.objects.filter(request_id__in=request_ids)
+    live.poll(lambda: written.count() == len(request_ids), timeout=15)
     assert sorted(written.values_list("request_id", flat=True)) == sorted(request_ids)
     assert all(record.output_tokens == 16 for record in written)
 
@@ -174,5 +177,7 @@ def test_daphne_serves_create_and_stream(live_gw: Live, start_gateway: Callable[
     # Daphne sends no lifespan events: pending usage is written at exit.
     request_ids = [r.headers["x-request-id"] for r in (created, streamed, rejected)]
     assert gateway.stop(signal.SIGTERM) in (0, -signal.SIGTERM)
-    outcomes = dict(UsageRecord.objects.filter(request_id__in=request_ids).values_list("request_id", "outcome"))
+    records = UsageRecord.objects.filter(request_id__in=request_ids)
+    live.poll(lambda: records.count() == len(request_ids), timeout=15)  # Redis: via another replica's drainer
+    outcomes = dict(records.values_list("request_id", "outcome"))
     assert outcomes == dict(zip(request_ids, ["completed", "completed", "rejected"], strict=True))
