@@ -10,7 +10,7 @@ import pytest
 
 from tests import live
 from tests.conftest import DATA_DIR, MODEL, OTHER_MODEL, Live
-from tests.live import assert_error, sse_events
+from tests.live import assert_error
 
 pytestmark = pytest.mark.live
 
