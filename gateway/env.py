@@ -74,7 +74,9 @@ def database_from_url(url: str, default_sqlite_path: str) -> dict[str, object]:
         "ENGINE": "django.db.backends.sqlite3",
         "NAME": default_sqlite_path,
         # WAL lets the background usage flusher write while the console reads.
-        "OPTIONS": {"init_command": "PRAGMA journal_mode=WAL;", "timeout": 20},
+        # IMMEDIATE: a read-then-write transaction (an operator command) takes the write lock
+        # up front instead of failing with "database is locked" against the usage writer.
+        "OPTIONS": {"init_command": "PRAGMA journal_mode=WAL;", "timeout": 20, "transaction_mode": "IMMEDIATE"},
     }
     if not url:
         return sqlite_default

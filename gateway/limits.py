@@ -513,7 +513,10 @@ class LocalLimiter:
         return Decision(True, None, None, rate_headers(scopes, used_r, used_t, now), ticket, token)
 
     async def peek(self, scopes: Sequence[Scope], *, now: float | None = None) -> list[dict[str, object]]:
-        """Each scope's limits and what is left of them now (counts nothing)."""
+        """Each scope's limits and what is left of them now (counts nothing).
+
+        A budget without a counter yet reports what the seed says was spent.
+        """
         now = time.time() if now is None else now
         minute = int(now // MINUTE)
         reports = []
@@ -523,6 +526,9 @@ class LocalLimiter:
             current = counter is not None and counter.minute == minute
             leases = self._leases.get(key) or {}
             budget = self._current_budget(scope) if scope.has_budget else None
+            spent = (budget.spent_tokens, budget.spent_micros) if budget is not None else None
+            if scope.has_budget and spent is None:
+                spent = await self._seeder.get(scope)  # no counter yet (e.g. a fresh process)
             reports.append(
                 limit_report(
                     scope,
@@ -530,8 +536,8 @@ class LocalLimiter:
                     requests=counter.requests if counter is not None and current else 0,
                     tokens=counter.tokens if counter is not None and current else 0,
                     in_flight=sum(1 for expiry in leases.values() if expiry > now),
-                    spent_tokens=budget.spent_tokens if budget is not None else None,
-                    spent_micros=budget.spent_micros if budget is not None else None,
+                    spent_tokens=spent[0] if spent is not None else None,
+                    spent_micros=spent[1] if spent is not None else None,
                 )
             )
         return reports

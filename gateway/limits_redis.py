@@ -397,7 +397,10 @@ class RedisLimiter:
         return Decision(True, None, None, headers, ticket, token)
 
     async def peek(self, scopes: Sequence[Scope], *, now: float | None = None) -> list[dict[str, object]]:
-        """Each scope's limits and what is left of them now (reads only; not the hot path)."""
+        """Each scope's limits and what is left of them now (reads only; not the hot path).
+
+        A budget without a counter yet reports what the seed says was spent.
+        """
         now = time.time() if now is None else now
         minute = int(now // MINUTE)
         pipe = self._redis.pipeline(transaction=False)
@@ -410,6 +413,10 @@ class RedisLimiter:
         reports = []
         for i, scope in enumerate(scopes):
             (requests, tokens), in_flight, (spent_t, spent_m) = replies[3 * i : 3 * i + 3]
+            if scope.has_budget and spent_t is None:
+                seeded = await self._seeder.get(scope)  # no counter yet (e.g. after a Redis restart)
+                if seeded is not None:
+                    spent_t, spent_m = seeded
             reports.append(
                 limit_report(
                     scope,

@@ -107,7 +107,8 @@ async def _seed_budget(scope: Scope) -> tuple[int, int]:
     return int(tokens or 0), usd_to_micros(cost) if cost else 0
 
 
-# How long shutdown waits for the usage drainer's batch in flight (its XREADGROUP blocks 1 s).
+# The usage drainer's XREADGROUP blocks this long; shutdown waits this long for its batch.
+DRAINER_BLOCK_SECONDS = 1.0
 DRAINER_STOP_SECONDS = 5.0
 
 # An alert fires once per scope, window and kind: a failed write (a database outage, a
@@ -186,7 +187,12 @@ class Runtime:
 
             self.sticky: LocalStickyStore = RedisStickyStore(self.redis)
             self.limiter: Any = RedisLimiter(self.redis, seed=_seed_budget, on_alert=self._on_alert)
-            self.meter = RedisUsageSink(self.redis, url=settings.REDIS_URL, spool_dir=settings.DATA_DIR / "usage-spool")
+            self.meter = RedisUsageSink(
+                self.redis,
+                interval=settings.GATEWAY_USAGE_FLUSH_SECONDS,
+                url=settings.REDIS_URL,
+                spool_dir=settings.DATA_DIR / "usage-spool",
+            )
         else:
             from gateway import notify
 
@@ -201,7 +207,7 @@ class Runtime:
         self.config = ConfigState(
             self._last_token if self.redis is not None else file_token, _load_snapshot, on_reload=self._on_reload
         )
-        atexit.register(self.meter.flush_sync)
+        atexit.register(self._flush_at_exit)
         atexit.register(self.transitions.flush_sync)
 
     async def _last_token(self) -> object:
@@ -241,8 +247,20 @@ class Runtime:
         if self.redis is not None and settings.GATEWAY_USAGE_DRAINER:
             from gateway.usage_stream import run_drainer
 
-            self._drainer = asyncio.get_running_loop().create_task(run_drainer(self.redis, stop=self._drainer_stop))
+            self._drainer = asyncio.get_running_loop().create_task(
+                run_drainer(self.redis, stop=self._drainer_stop, block_ms=int(DRAINER_BLOCK_SECONDS * 1000))
+            )
             self._background.append(self._drainer)
+
+    def _flush_at_exit(self) -> None:
+        """``atexit``: write what the meter still holds (Daphne sends no lifespan shutdown)."""
+        if self._drainer is not None and not self._drainer_stop.is_set() and self.meter.pending():
+            # The event loop is gone but this process's drainer may still be blocked in
+            # XREADGROUP: Redis would hand it the entries added now, and they would wait,
+            # unacknowledged, for another replica to claim them (60 s). Let Redis time the
+            # read out first.
+            time.sleep(DRAINER_BLOCK_SECONDS + 0.2)
+        self.meter.flush_sync()
 
     async def aclose(self) -> None:
         if self._drainer is not None:

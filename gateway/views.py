@@ -272,6 +272,10 @@ class GatewayApp:
             runtime.token = decision.config_token
             if decision.ticket is not None:
                 runtime.limiter.cancel(decision.ticket)
+                # Applied before the next admission: still queued, the cancelled admission
+                # would hold its slot, reservation and place in the minute, and could refuse
+                # its own retry.
+                await runtime.limiter.flush()
         ex.headers = decision.headers
         if not decision.allowed or decision.ticket is None:
             raise rejection_error(decision)
@@ -349,23 +353,6 @@ class GatewayApp:
                 await shutdown_runtime()
                 await send({"type": "lifespan.shutdown.complete"})
                 return
-
-
-async def _newer_snapshot(runtime: Runtime, snapshot: Snapshot) -> Snapshot | None:
-    """With Redis, the snapshot of a newer configuration than ``snapshot``'s; None if it is current.
-
-    With Redis this replica learns of configuration changes from the token its admissions
-    read, so a request refused before its admission (an unknown key, the key policy, model
-    access) may have been judged on a stale snapshot: one GET of the token tells. Refusals
-    only pay it. Embedded mode checks the token on every request already.
-    """
-    if runtime.redis is None:
-        return None
-    token = await runtime.fresh_token()
-    if token == snapshot.token:
-        return None
-    newer = await runtime.config.reload(token)
-    return newer if newer.token != snapshot.token else None
 
 
 def _allow(method: str, allowed: str, path: str) -> None:
