@@ -1118,9 +1118,12 @@ class Bench:
         trips = [e["redis_round_trips_per_request"] for e in redis_runs if "redis_round_trips_per_request" in e]
         commands = [e["redis_commands_per_request"] for e in redis_runs if "redis_commands_per_request" in e]
         if trips:
-            row = Row("Redis round trips/request @16", "count", {"redis": median(trips)}, ratios=False)
-            # 1.05: room for the odd background command (a snapshot refresh) over a whole run.
-            rows.append(budget(row, "<= 1 (redis column)", lambda v: v <= 1.05, column="redis"))
+            # Server-side socket reads are an upper bound on the gateway's round trips: they include its
+            # background work (usage XADD batches, the stream drainer, health writes, new connections).
+            # The budget line itself (<= 1 per request) is asserted exactly, client-side, by
+            # tests/test_hot_path_queries.py.
+            reads: dict[str, float | None] = {"redis": median(trips)}
+            rows.append(Row("Redis reads/request @16 (all)", "count", reads, budget="<= 1: see test", ratios=False))
             rows.append(Row("Redis commands/request @16", "count", {"redis": median(commands)}, ratios=False))
         return rows
 

@@ -15,6 +15,7 @@ import asyncio
 import atexit
 import contextlib
 import logging
+import sys
 import time
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
@@ -158,6 +159,10 @@ async def _record_alert_retrying(*args: Any) -> None:
 
 class Runtime:
     def __init__(self) -> None:
+        # The event loop thread hardly ever waits, so background writer threads (usage,
+        # health transitions) only get the GIL when the switch interval forces a hand-over;
+        # at the default 5 ms they fell behind under sustained load (docs/performance.md).
+        sys.setswitchinterval(settings.GATEWAY_GIL_SWITCH_INTERVAL)
         self.redis: Any = None
         if settings.REDIS_URL:
             from gateway.limits_redis import redis_client

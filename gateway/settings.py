@@ -136,6 +136,8 @@ GATEWAY_FAILOVER_DEADLINE = env_float("GATEWAY_FAILOVER_DEADLINE", 30.0, minimum
 GATEWAY_STREAM_HOLD_SECONDS = env_float("GATEWAY_STREAM_HOLD_SECONDS", 10.0, minimum=0.0)
 # Output tokens reserved against budgets and tpm when a request sets no max_output_tokens.
 GATEWAY_DEFAULT_OUTPUT_RESERVE = env_int("GATEWAY_DEFAULT_OUTPUT_RESERVE", 4096, minimum=0)
+# GIL switch interval of a gateway process (seconds): lets background writer threads keep up.
+GATEWAY_GIL_SWITCH_INTERVAL = env_float("GATEWAY_GIL_SWITCH_INTERVAL", 0.001, minimum=0.0001)
 # With Redis: each replica also drains the usage stream into the database (else run `manage.py usage_drain`).
 GATEWAY_USAGE_DRAINER = env_bool("GATEWAY_USAGE_DRAINER", True)
 # ASGI server used by `manage.py serve`: "uvicorn" (measured fastest) or "daphne".
