@@ -5,8 +5,9 @@ the first request builds and starts the runtime, and an ``atexit`` hook writes p
 usage. Under uvicorn the lifespan shutdown closes things in order.
 
 Embedded mode (no ``REDIS_URL``) keeps limits, health and stickiness in process and
-writes usage straight to the database; with Redis they are shared by every replica,
-and usage goes through a Redis stream drained into the database by each replica.
+appends usage to a journal on disk; with Redis they are shared by every replica, and
+usage goes through a Redis stream. Either way a child process of each gateway process
+(``gateway.usage_writer``) writes usage to the database, off this process's GIL.
 """
 
 from __future__ import annotations
@@ -17,8 +18,9 @@ import contextlib
 import logging
 import sys
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from datetime import UTC, datetime
+from decimal import Decimal
 from typing import Any
 
 from asgiref.sync import sync_to_async
@@ -29,9 +31,11 @@ from accounts.selection import Selector
 from accounts.stickiness import LocalStickyStore, RedisStickyStore
 from accounts.transition_log import TransitionLog
 from gateway.limits import LocalLimiter, Scope
-from gateway.metering import UsageMeter
+from gateway.seeding import BatchSeed
 from gateway.state import ConfigState, Snapshot, load_snapshot
 from gateway.upstream import UpstreamClient
+from gateway.usage_journal import JournalDrainer, JournalWriter, run_journal_drainer
+from gateway.usage_writer import UsageWriterProcess, journal_dir, spool_dir
 
 logger = logging.getLogger(__name__)
 
@@ -97,15 +101,14 @@ def _load_snapshot(token: object) -> Snapshot:
     return load_snapshot(token)
 
 
-async def _seed_budget(scope: Scope) -> tuple[int, int]:
-    """What the database says ``scope`` spent in its budget window (after a restart)."""
-    from tenancy.pricing import usd_to_micros
-    from tenancy.selectors import budget_spent
+async def _budget_spent_many(
+    scope: str, ids: Sequence[int], start: datetime, end: datetime
+) -> dict[int, tuple[int, Decimal]]:
+    """What the database says these scopes spent in their budget window (after a restart)."""
+    from tenancy.selectors import budget_spent_many
 
-    start = datetime.fromtimestamp(scope.window_start, UTC)
-    end = datetime.fromtimestamp(scope.window_end, UTC)
-    tokens, cost = await db_call(budget_spent)(scope.name, scope.id, start, end)
-    return int(tokens or 0), usd_to_micros(cost) if cost else 0
+    spent: dict[int, tuple[int, Decimal]] = await db_call(budget_spent_many)(scope, ids, start, end)
+    return spent
 
 
 # The usage drainer's XREADGROUP blocks this long; shutdown waits this long for its batch.
@@ -181,17 +184,20 @@ class Runtime:
         self.selector = Selector(self.health)
         self._background: list[asyncio.Task[None]] = []
         self._started = False
+        # Usage to the database: a child process (default), or a task here (drainer).
+        self._writer_process: UsageWriterProcess | None = None
         self._drainer: asyncio.Task[None] | None = None
         self._drainer_stop = asyncio.Event()
         # The change token this process last saw; with Redis, every admission refreshes it.
         self.token: object = None
         self.meter: Any
+        self._seed = BatchSeed(_budget_spent_many)
         if self.redis is not None:
             from gateway.limits_redis import RedisLimiter
             from gateway.usage_stream import RedisUsageSink
 
             self.sticky: LocalStickyStore = RedisStickyStore(self.redis)
-            self.limiter: Any = RedisLimiter(self.redis, seed=_seed_budget, on_alert=self._on_alert)
+            self.limiter: Any = RedisLimiter(self.redis, seed=self._seed, on_alert=self._on_alert)
             self.meter = RedisUsageSink(
                 self.redis,
                 interval=settings.GATEWAY_USAGE_FLUSH_SECONDS,
@@ -202,8 +208,8 @@ class Runtime:
             from gateway import notify
 
             self.sticky = LocalStickyStore()
-            self.limiter = LocalLimiter(seed=_seed_budget, on_alert=self._on_alert)
-            self.meter = UsageMeter(settings.DATA_DIR / "usage-spool", interval=settings.GATEWAY_USAGE_FLUSH_SECONDS)
+            self.limiter = LocalLimiter(seed=self._seed, on_alert=self._on_alert)
+            self.meter = JournalWriter(journal_dir(), interval=settings.GATEWAY_USAGE_FLUSH_SECONDS)
             path = str(notify.config_gen_path())
 
             async def file_token() -> object:
@@ -249,25 +255,44 @@ class Runtime:
             return
         self._started = True
         await self.health.start()
-        if self.redis is not None and settings.GATEWAY_USAGE_DRAINER:
+        if not settings.GATEWAY_USAGE_DRAINER:
+            return
+        if settings.GATEWAY_USAGE_WRITER == "process":
+            self._writer_process = UsageWriterProcess()
+            self._writer_process.start()
+            return
+        drain: Coroutine[Any, Any, None]
+        if self.redis is not None:
             from gateway.usage_stream import run_drainer
 
-            self._drainer = asyncio.get_running_loop().create_task(
-                run_drainer(self.redis, stop=self._drainer_stop, block_ms=int(DRAINER_BLOCK_SECONDS * 1000))
-            )
-            self._background.append(self._drainer)
+            drain = run_drainer(self.redis, stop=self._drainer_stop, block_ms=int(DRAINER_BLOCK_SECONDS * 1000))
+        else:
+            drainer = JournalDrainer(journal_dir(), extra_dirs=[spool_dir()])
+            drain = run_journal_drainer(drainer, stop=self._drainer_stop)
+        self._drainer = asyncio.get_running_loop().create_task(drain)
+        self._background.append(self._drainer)
 
     def _flush_at_exit(self) -> None:
-        """``atexit``: write what the meter still holds (Daphne sends no lifespan shutdown)."""
+        """``atexit``: hand over what the meter still holds (Daphne sends no lifespan shutdown)."""
         if self._drainer is not None and not self._drainer_stop.is_set() and self.meter.pending():
             # The event loop is gone but this process's drainer may still be blocked in
             # XREADGROUP: Redis would hand it the entries added now, and they would wait,
             # unacknowledged, for another replica to claim them (60 s). Let Redis time the
             # read out first.
             time.sleep(DRAINER_BLOCK_SECONDS + 0.2)
-        self.meter.flush_sync()
+        if isinstance(self.meter, JournalWriter):
+            self.meter.close()
+        else:
+            self.meter.flush_sync()
+        if self._writer_process is not None:
+            self._writer_process.stop()
 
     async def aclose(self) -> None:
+        # The meter first: its last records must be out before the writer's last pass.
+        await self.meter.aclose()
+        if self._writer_process is not None:
+            await asyncio.to_thread(self._writer_process.stop)
+            self._writer_process = None
         if self._drainer is not None:
             # Let the drainer finish its batch: cancelled between its database write and the
             # XACK, it would leave entries pending until another replica claims them (60 s).
@@ -279,7 +304,6 @@ class Runtime:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
         await self.limiter.aclose()
-        await self.meter.aclose()
         await self.transitions.aclose()
         await self.sticky.aclose()
         await self.health.aclose()

@@ -126,8 +126,10 @@ GATEWAY_UPSTREAM_TRANSPORT = env_str("GATEWAY_UPSTREAM_TRANSPORT", "fast")
 GATEWAY_UPSTREAM_MAX_CONNECTIONS = env_int("GATEWAY_UPSTREAM_MAX_CONNECTIONS", 1000, minimum=1)
 # A comment frame is sent on a stream after this many idle seconds.
 GATEWAY_SSE_KEEPALIVE_SECONDS = env_float("GATEWAY_SSE_KEEPALIVE_SECONDS", 15.0, minimum=0.05)
-# How often buffered usage records are written to the database (seconds).
-GATEWAY_USAGE_FLUSH_SECONDS = env_float("GATEWAY_USAGE_FLUSH_SECONDS", 0.5, minimum=0.01)
+# How often buffered usage records leave the process: appended to the journal, or XADDed (seconds).
+GATEWAY_USAGE_FLUSH_SECONDS = env_float("GATEWAY_USAGE_FLUSH_SECONDS", 0.05, minimum=0.01)
+# Where usage is written to the database: "process" (a child of each gateway process) or "thread".
+GATEWAY_USAGE_WRITER = env_str("GATEWAY_USAGE_WRITER", "process")
 GATEWAY_ALERT_WEBHOOK_URL = env_str("GATEWAY_ALERT_WEBHOOK_URL")  # budget alerts are POSTed here as JSON, if set
 # Failover: attempts per request (accounts tried) and the total time they may take.
 GATEWAY_MAX_ATTEMPTS = env_int("GATEWAY_MAX_ATTEMPTS", 3, minimum=1, maximum=20)
@@ -136,9 +138,10 @@ GATEWAY_FAILOVER_DEADLINE = env_float("GATEWAY_FAILOVER_DEADLINE", 30.0, minimum
 GATEWAY_STREAM_HOLD_SECONDS = env_float("GATEWAY_STREAM_HOLD_SECONDS", 10.0, minimum=0.0)
 # Output tokens reserved against budgets and tpm when a request sets no max_output_tokens.
 GATEWAY_DEFAULT_OUTPUT_RESERVE = env_int("GATEWAY_DEFAULT_OUTPUT_RESERVE", 4096, minimum=0)
-# GIL switch interval of a gateway process (seconds): lets background writer threads keep up.
+# GIL switch interval of a gateway process (seconds): lets background threads (health and
+# transition writes, a thread usage writer) keep up with a busy event loop.
 GATEWAY_GIL_SWITCH_INTERVAL = env_float("GATEWAY_GIL_SWITCH_INTERVAL", 0.001, minimum=0.0001)
-# With Redis: each replica also drains the usage stream into the database (else run `manage.py usage_drain`).
+# Each gateway process also writes usage to the database (else run `manage.py usage_drain`).
 GATEWAY_USAGE_DRAINER = env_bool("GATEWAY_USAGE_DRAINER", True)
 # ASGI server used by `manage.py serve`: "uvicorn" (measured fastest) or "daphne".
 GATEWAY_SERVER = env_str("GATEWAY_SERVER", "uvicorn")

@@ -52,7 +52,7 @@ if TYPE_CHECKING:
     import redis as redis_sync
     from redis.asyncio import Redis
 
-    from gateway.metering import UsageMeter
+    from gateway.spool import Spool
 
 logger = logging.getLogger(__name__)
 
@@ -130,12 +130,11 @@ class RedisUsageSink:
         self._max_batch = max_batch
         self._url = url
         self._sync: redis_sync.Redis | None = None
-        self._spill: UsageMeter | None = None
+        self._spill: Spool | None = None
         if spool_dir is not None:
-            from gateway.metering import UsageMeter
+            from gateway.spool import Spool
 
-            # The embedded meter's spool, with "write" meaning a synchronous XADD.
-            self._spill = UsageMeter(spool_dir, writer=self._xadd_sync)
+            self._spill = Spool(spool_dir)
         self._buffer: list[dict[str, Any]] = []
         self._task: asyncio.Task[None] | None = None
         self._spilling: asyncio.Future[list[dict[str, Any]]] | None = None
@@ -154,12 +153,12 @@ class RedisUsageSink:
 
     async def _run(self) -> None:
         backoff = self._interval
-        replay = self._spill is not None
+        replay = self._spill is not None and self._spill.has_files()
         while True:
             await asyncio.sleep(backoff)
             if replay and self._spill is not None:
                 try:
-                    await sync_to_async(self._spill.drain_spool, thread_sensitive=False)()
+                    await sync_to_async(self._spill.replay, thread_sensitive=False)(self._xadd_sync)
                     replay = False
                 except Exception:
                     logger.warning("replaying spooled usage into Redis failed; will retry", exc_info=True)
@@ -238,10 +237,14 @@ class RedisUsageSink:
             return []
         if self._spill is None:
             return batch
-        for event in batch:
-            self._spill.record(event)
         try:
-            self._spill.flush_sync()  # tries Redis once more, else writes them to disk
+            self._xadd_sync(batch)  # Redis once more
+            self.written += len(batch)
+            return []
+        except Exception:
+            logger.warning("usage XADD failed again; spooling %d events to disk", len(batch), exc_info=True)
+        try:
+            self._spill.write(batch)
         except Exception:
             logger.exception("spooling %d usage events to disk failed", len(batch))
             return batch  # a spool file is written whole or not at all

@@ -437,7 +437,7 @@ def price_set(
 
 
 def _as_datetime(value: Any) -> datetime:
-    # Spooled events (gateway.metering) may come back with ISO strings.
+    # Journal and spooled events (gateway.usage_journal) may come back with ISO strings.
     if isinstance(value, str):
         value = datetime.fromisoformat(value)
     if not isinstance(value, datetime):

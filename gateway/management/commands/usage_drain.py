@@ -1,16 +1,21 @@
-"""``python manage.py usage_drain [--once]``: write the Redis usage stream to the database.
+"""``python manage.py usage_drain [--once]``: write pending usage records to the database.
 
-A dedicated worker for ``gateway.usage_stream``: it joins the ``gw-writers`` consumer
-group next to the gateway processes' own drainers. ``--once`` writes what is there
-now (taking over entries that dead consumers left pending) and exits; it fails when
-the database refuses, leaving the entries in the stream. ``--requeue-dead`` moves the
-events set aside as refused (``gw:usage:dead``) back into the stream first.
+With Redis, a dedicated worker for ``gateway.usage_stream``: it joins the ``gw-writers``
+consumer group next to the gateway processes' own writers. ``--once`` writes what is
+there now (taking over entries that dead consumers left pending) and exits; it fails
+when the database refuses, leaving the entries in the stream. ``--requeue-dead`` moves
+the events set aside as refused (``gw:usage:dead``) back into the stream first.
+
+Embedded (no Redis), it drains the usage journal (``gateway.usage_journal``) like a
+gateway's usage writer process; only one process drains a journal at a time, so it
+stands by while a gateway's writer is active (``--once`` then fails, saying so).
 """
 
 from __future__ import annotations
 
 import asyncio
 import signal
+import time
 from typing import Any
 
 from django.conf import settings
@@ -33,10 +38,11 @@ class Command(BaseCommand):
         parser.add_argument("--group", default=GROUP)
 
     def handle(self, *args: Any, **options: Any) -> None:
-        if not settings.REDIS_URL:
-            raise CommandError("REDIS_URL is not set: without Redis, each gateway process writes its own usage.")
         if options["batch"] < 1:
             raise CommandError("--batch must be at least 1")
+        if not settings.REDIS_URL:
+            self._journal(options)
+            return
         drainer_options = {
             "stream": options["stream"],
             "group": options["group"],
@@ -86,3 +92,35 @@ class Command(BaseCommand):
             await run_drainer(redis, django_writer, stop=stop, **drainer_options)
         finally:
             await redis.aclose()
+
+    def _journal(self, options: dict[str, Any]) -> None:
+        from gateway.usage_journal import JournalDrainer
+        from gateway.usage_writer import POLL_SECONDS, journal_dir, spool_dir
+
+        if options["requeue_dead"]:
+            raise CommandError("--requeue-dead is for the Redis stream; without Redis, see usage-journal/dead.jsonl")
+        drainer = JournalDrainer(journal_dir(), batch=options["batch"], extra_dirs=[spool_dir()])
+        if options["once"]:
+            if not drainer.acquire():
+                raise CommandError("a gateway's usage writer is draining the journal now; nothing to do")
+            try:
+                count = drainer.drain()
+            except UsageWriteFailed as exc:
+                raise CommandError(f"the database refused the usage records ({exc}); they stay in the journal") from exc
+            finally:
+                drainer.release()
+            self.stdout.write(f"{count} usage records written")
+            return
+        self.stdout.write(f"draining {drainer.directory} into the database (Ctrl-C to stop)")
+        self.stdout.flush()
+        stopping: list[int] = []
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(signum, lambda number, frame: stopping.append(number))
+        while not stopping:
+            try:
+                drainer.step()
+            except UsageWriteFailed as exc:
+                self.stderr.write(f"usage write failed ({exc}); retrying")
+                time.sleep(2.0)
+            time.sleep(POLL_SECONDS)
+        drainer.release()
