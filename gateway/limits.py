@@ -357,9 +357,15 @@ class Seeder:
         try:
             tokens, micros = await seed(scope)
             now = time.monotonic()
-            for old in [k for k, (done, _) in self._recent.items() if done < now - self.KEEP]:
-                del self._recent[old]  # seeds are rare: an O(n) purge here is cheap
+            # Kept in completion order (re-inserted below), so the stale ones are at the front:
+            # many keys seen at once (a restart under load) must not make each seed O(n).
+            while self._recent:
+                oldest = next(iter(self._recent))
+                if self._recent[oldest][0] >= now - self.KEEP:
+                    break
+                del self._recent[oldest]
             result = (int(tokens), int(micros))
+            self._recent.pop(key, None)
             self._recent[key] = (now, result)
             return result
         except Exception:

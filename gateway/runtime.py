@@ -30,6 +30,7 @@ from accounts.health_store import health_store_from_settings
 from accounts.selection import Selector
 from accounts.stickiness import LocalStickyStore, RedisStickyStore
 from accounts.transition_log import TransitionLog
+from gateway.db import drop_broken_connections
 from gateway.limits import LocalLimiter, Scope
 from gateway.seeding import BatchSeed
 from gateway.state import ConfigState, Snapshot, load_snapshot
@@ -85,9 +86,7 @@ def db_call(function: Callable[..., Any]) -> Callable[..., Awaitable[Any]]:
     """
 
     def call(*args: Any) -> Any:
-        from django.db import close_old_connections
-
-        close_old_connections()
+        drop_broken_connections()
         return function(*args)
 
     return sync_to_async(call, thread_sensitive=False)
@@ -95,9 +94,7 @@ def db_call(function: Callable[..., Any]) -> Callable[..., Awaitable[Any]]:
 
 def _load_snapshot(token: object) -> Snapshot:
     """``gateway.state.load_snapshot`` in a worker thread (see :func:`db_call`)."""
-    from django.db import close_old_connections
-
-    close_old_connections()
+    drop_broken_connections()
     return load_snapshot(token)
 
 

@@ -265,19 +265,20 @@ class JournalDrainer:
                 events.append(decode_event(line))
             except ValueError:
                 junk.append(line)
+        if events:
+            try:
+                self._writer(events)
+            except Exception as exc:
+                if self._is_transient(exc):
+                    raise UsageWriteFailed(str(exc)) from exc
+                self._write_one_by_one(events)
+            else:
+                self.written += len(events)
         if junk:
+            # After the writes: an outage leaves the offset before these lines, and each retry
+            # would set them aside once more.
             logger.error("%d usage journal lines are unreadable; set aside in %s", len(junk), DEAD_NAME)
             self._bury_raw(junk)
-        if not events:
-            return
-        try:
-            self._writer(events)
-        except Exception as exc:
-            if self._is_transient(exc):
-                raise UsageWriteFailed(str(exc)) from exc
-            self._write_one_by_one(events)
-            return
-        self.written += len(events)
 
     def _write_one_by_one(self, events: list[dict[str, Any]]) -> None:
         """After a batch refused for its data: write what can be, set the bad events aside."""

@@ -93,11 +93,10 @@ def django_writer(events: Sequence[dict[str, Any]]) -> object:
     Outside the request cycle nothing closes a connection that an outage broke, and
     Django would keep failing on it after the database came back.
     """
-    from django.db import close_old_connections
-
+    from gateway.db import drop_broken_connections
     from tenancy.services import usage_records_write
 
-    close_old_connections()
+    drop_broken_connections()
     return usage_records_write(events)
 
 

@@ -113,6 +113,7 @@ def _run_journal() -> None:
         except Exception:
             delay = min(max(delay * 2, 0.5), MAX_BACKOFF_SECONDS)
             logger.exception("usage journal drainer error; retry in %.1fs", delay)
+    return
     if not drainer.acquire():
         return  # another process is the active drainer: it writes what is left
     try:

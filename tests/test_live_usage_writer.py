@@ -1,0 +1,352 @@
+"""The usage writer child process (gateway/usage_writer.py) of live gateways.
+
+Each gateway process spawns one ``python -m gateway.usage_writer`` whose stdin is its
+lifeline: when the gateway exits (SIGTERM: after its last append) or dies (SIGKILL), the
+child writes what is left and exits. These tests find the child through /proc.
+
+Gateways started here get a data directory of their own: in embedded mode their journal
+then has no other drainer than their own child (the session gateway's writer drains the
+shared one), so what reaches the database was written by that child. With Redis the
+child drains the shared usage stream next to the other gateways' writers, and records
+may be written by any of them, so those tests poll.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from django.conf import settings
+
+from gateway.usage_journal import DEAD_NAME, JournalDrainer, JournalWriter
+from gateway.usage_stream import decode_event
+from tests import live
+from tests.conftest import DATA_DIR, MODEL, Live, make_actor
+
+pytestmark = pytest.mark.live
+
+WRITER_MODULE = "gateway.usage_writer"
+EMBEDDED = not settings.REDIS_URL
+
+
+# --- processes through /proc ------------------------------------------------------------------
+
+
+def _stat(pid: int) -> list[str] | None:
+    """The fields of /proc/<pid>/stat after the command name (state first), or None if gone."""
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text()
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+    return text.rpartition(")")[2].split()
+
+
+def _cmdline(pid: int) -> list[str]:
+    try:
+        raw = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except (FileNotFoundError, ProcessLookupError):
+        return []
+    return [part.decode() for part in raw.split(b"\0") if part]
+
+
+def children(pid: int) -> list[int]:
+    """The pids whose parent is ``pid``."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            fields = _stat(int(entry.name))
+            if fields is not None and int(fields[1]) == pid:
+                found.append(int(entry.name))
+    return sorted(found)
+
+
+@dataclasses.dataclass(frozen=True)
+class Child:
+    """A process, told apart from a later one with the same pid by its start time."""
+
+    pid: int
+    started: str
+
+    @classmethod
+    def of(cls, pid: int) -> Child:
+        fields = _stat(pid)
+        assert fields is not None, f"process {pid} is gone"
+        return cls(pid, fields[19])
+
+    def running(self) -> bool:
+        fields = _stat(self.pid)
+        return fields is not None and fields[19] == self.started and fields[0] not in ("Z", "X")
+
+    def signal(self, signum: int) -> None:
+        if self.running():
+            os.kill(self.pid, signum)
+
+
+def usage_writers(gateway: live.LiveProcess) -> list[int]:
+    assert gateway.proc is not None
+    return [pid for pid in children(gateway.proc.pid) if WRITER_MODULE in _cmdline(pid)]
+
+
+def usage_writer_of(gateway: live.LiveProcess) -> Child:
+    """The gateway's one usage writer child (waiting for it: Daphne starts it at the first request)."""
+    [pid] = live.poll(lambda: usage_writers(gateway), what="a usage writer child")
+    assert gateway.proc is not None
+    assert children(gateway.proc.pid) == [pid], "the gateway has no other child"
+    assert _cmdline(pid)[1:] == ["-m", WRITER_MODULE]
+    return Child.of(pid)
+
+
+# --- requests and where their records are -----------------------------------------------------
+
+
+def post(gateway: live.LiveProcess, key: str, text: str, *, stream: bool = False) -> str:
+    """One successful request; returns its request id."""
+    response = httpx.post(
+        gateway.url + "/v1/responses",
+        json={"model": MODEL, "input": text, "stream": stream},
+        headers={"authorization": f"Bearer {key}"},
+        timeout=20,
+    )
+    assert response.status_code == 200, response.text
+    return response.headers["x-request-id"]
+
+
+def recorded(request_ids: list[str]) -> set[str]:
+    from tenancy.models import UsageRecord
+
+    return set(UsageRecord.objects.filter(request_id__in=request_ids).values_list("request_id", flat=True))
+
+
+def segments(journal: Path) -> list[Path]:
+    return sorted(path for path in journal.glob("*.jsonl") if path.name != DEAD_NAME)
+
+
+def in_journal(journal: Path) -> set[str]:
+    """Request ids of the complete lines of the journal's segments."""
+    found = set()
+    for path in segments(journal):
+        data = path.read_bytes()
+        for line in data[: data.rfind(b"\n") + 1].splitlines():
+            found.add(str(decode_event(line)["request_id"]))
+    return found
+
+
+def in_stream() -> set[str]:
+    """Request ids in the Redis usage stream (an entry leaves it only after the database has it)."""
+    import redis
+
+    from gateway.usage_stream import FIELD, STREAM
+
+    client = redis.Redis.from_url(settings.REDIS_URL)
+    try:
+        return {str(decode_event(fields[FIELD])["request_id"]) for _, fields in client.xrange(STREAM)}
+    finally:
+        client.close()
+
+
+def gateway_env(data_dir: Path, **env: str) -> dict[str, str]:
+    return {"GATEWAY_DATA_DIR": str(data_dir), "GATEWAY_USAGE_WRITER": "process", **env}
+
+
+# --- the child of a gateway -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("server", ["uvicorn", "daphne"])
+def test_a_gateway_has_exactly_one_usage_writer_child(
+    live_gw: Live, start_gateway: Callable[..., live.LiveProcess], tmp_path: Path, server: str
+) -> None:
+    gateway = start_gateway(server=server, **gateway_env(tmp_path / "data"))
+    first = post(gateway, live_gw.owner.key, "first")
+    writer = usage_writer_of(gateway)
+    request_ids = [first] + [post(gateway, live_gw.owner.key, f"n{i}", stream=i % 2 == 1) for i in range(5)]
+    # The same child for every request, not one per request.
+    assert usage_writers(gateway) == [writer.pid]
+    assert writer.running()
+    for request_id in request_ids:
+        live_gw.wait_usage(request_id)
+
+
+def test_the_thread_writer_spawns_no_child(
+    live_gw: Live, start_gateway: Callable[..., live.LiveProcess], tmp_path: Path
+) -> None:
+    gateway = start_gateway(**gateway_env(tmp_path / "data", GATEWAY_USAGE_WRITER="thread"))
+    request_id = post(gateway, live_gw.owner.key, "hi")
+    live_gw.wait_usage(request_id)
+    assert gateway.proc is not None
+    assert children(gateway.proc.pid) == []
+
+
+def test_sigkill_of_a_gateway_loses_no_usage(
+    live_gw: Live, start_gateway: Callable[..., live.LiveProcess], tmp_path: Path
+) -> None:
+    journal = tmp_path / "data" / "usage-journal"
+    # Embedded: this test holds the journal's drain lock, so the gateway's writer stands by
+    # and the records stay in the journal until after the gateway is dead.
+    holder = JournalDrainer(journal)
+    assert not EMBEDDED or holder.acquire()
+    try:
+        gateway = start_gateway(**gateway_env(tmp_path / "data"))
+        writer = usage_writer_of(gateway)
+        request_ids = [post(gateway, live_gw.owner.key, f"n{i}", stream=i % 2 == 1) for i in range(10)]
+        # The gateway appends within GATEWAY_USAGE_FLUSH_SECONDS of each response; a SIGKILL
+        # before that loses what it held (by design), so wait for the records to be out.
+        if EMBEDDED:
+            live.poll(lambda: set(request_ids) <= in_journal(journal), what="records in the journal")
+            assert recorded(request_ids) == set()
+        else:
+            live.poll(lambda: set(request_ids) <= in_stream() | recorded(request_ids), what="records in Redis")
+        writer.signal(signal.SIGSTOP)  # so that it notices the lifeline only once the gateway is gone
+    finally:
+        holder.release()
+    try:
+        assert gateway.stop(signal.SIGKILL) == -signal.SIGKILL
+        if EMBEDDED:
+            assert recorded(request_ids) == set(), "nothing but the stopped writer drains this journal"
+    finally:
+        writer.signal(signal.SIGCONT)
+    # The orphaned writer's last pass (embedded), or any writer on the stream (Redis).
+    live.poll(lambda: recorded(request_ids) == set(request_ids), timeout=30, what="all records written")
+    live.poll(lambda: not writer.running(), timeout=30, what="the orphaned usage writer exiting")
+    if EMBEDDED:
+        assert segments(journal) == []
+        assert not (journal / DEAD_NAME).exists()
+
+
+@pytest.mark.parametrize(
+    ("server", "signal_writer"),
+    [("uvicorn", False), ("daphne", False), ("uvicorn", True)],
+    ids=["uvicorn", "daphne", "process-group"],
+)
+def test_sigterm_of_a_gateway_writes_usage_and_ends_its_writer(
+    live_gw: Live, start_gateway: Callable[..., live.LiveProcess], tmp_path: Path, server: str, signal_writer: bool
+) -> None:
+    # A flush interval far beyond the test: only the shutdown path can append these records.
+    gateway = start_gateway(server=server, **gateway_env(tmp_path / "data", GATEWAY_USAGE_FLUSH_SECONDS="60"))
+    request_ids = [post(gateway, live_gw.owner.key, f"n{i}", stream=i % 2 == 1) for i in range(8)]
+    writer = usage_writer_of(gateway)
+    assert recorded(request_ids) == set(), "written before shutdown?"
+    if signal_writer:
+        # A Ctrl-C or a service manager signals the whole process group: the writer
+        # ignores it and still does the last pass once the gateway has appended its records.
+        writer.signal(signal.SIGINT)
+        writer.signal(signal.SIGTERM)
+    # uvicorn re-raises the SIGTERM after its graceful shutdown; a SIGKILL (-9) would mean it hung.
+    assert gateway.stop(signal.SIGTERM) in (0, -signal.SIGTERM)
+    if EMBEDDED:
+        # The gateway waited for its writer's last pass, the only drainer of its journal.
+        assert recorded(request_ids) == set(request_ids)
+        assert not writer.running()
+        assert segments(tmp_path / "data" / "usage-journal") == []
+    else:
+        # Pushed to the stream at shutdown; this writer or another one writes them.
+        live.poll(lambda: recorded(request_ids) == set(request_ids), timeout=15, what="all records written")
+        live.poll(lambda: not writer.running(), timeout=15, what="the usage writer exiting")
+
+
+# --- the child on its own ---------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def usage_writer_process(env: dict[str, str], log: Path) -> Iterator[subprocess.Popen[bytes]]:
+    """``python -m gateway.usage_writer`` with a lifeline on its stdin; killed if the test leaves it running."""
+    with open(log, "ab") as handle:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", WRITER_MODULE], stdin=subprocess.PIPE, stdout=handle, stderr=subprocess.STDOUT,
+            cwd=live.ROOT, env=env,
+        )
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        if proc.stdin is not None:
+            proc.stdin.close()
+
+
+def usage_event(actor: Any, request_id: str) -> dict[str, Any]:
+    return {
+        "request_id": request_id,
+        "tenant_id": actor.tenant.id,
+        "api_key_id": actor.api_key.id,
+        "account_id": None,
+        "model": MODEL,
+        "status_code": 200,
+        "outcome": "completed",
+        "stream": False,
+        "response_id": f"resp_{request_id}",
+        "latency_ms": 12.5,
+        "ttfb_ms": 3.25,
+        "created_at": datetime.now(UTC),
+        "input_tokens": 3,
+        "output_tokens": 5,
+        "total_tokens": 8,
+        "cost": None,
+        "price_version_id": None,
+        "attempts": [],
+    }
+
+
+def test_the_usage_writer_drains_ignores_sigterm_and_exits_after_a_last_pass_at_eof(
+    transactional_db: None, live_env: dict[str, str], tmp_path: Path
+) -> None:
+    owner = make_actor("owner")
+    journal = tmp_path / "usage-journal"
+    # Embedded whatever the session's mode: the child drains this journal, into the test database.
+    env = {**live_env, "GATEWAY_DATA_DIR": str(tmp_path), "REDIS_URL": ""}
+    appender = JournalWriter(journal)
+    with usage_writer_process(env, DATA_DIR / "usage-writer.log") as proc:
+        assert proc.stdin is not None
+        ids = [f"req_writer_{i}" for i in range(7)]
+        for request_id in ids[:3]:
+            appender.record(usage_event(owner, request_id))
+        appender.flush_sync()
+        live.poll(lambda: recorded(ids) == set(ids[:3]), what="the first records written")
+
+        proc.send_signal(signal.SIGTERM)
+        proc.send_signal(signal.SIGINT)
+        for request_id in ids[3:5]:
+            appender.record(usage_event(owner, request_id))
+        appender.flush_sync()
+        live.poll(lambda: recorded(ids) == set(ids[:5]), what="records written after SIGTERM")
+        assert proc.poll() is None
+
+        for request_id in ids[5:]:
+            appender.record(usage_event(owner, request_id))
+        appender.close()
+        proc.stdin.close()
+        assert proc.wait(30) == 0
+        assert recorded(ids) == set(ids), "the last records are written before it exits"
+    assert segments(journal) == []
+    assert not (journal / DEAD_NAME).exists()
+
+
+def test_a_standby_usage_writer_leaves_the_journal_to_the_active_drainer(tmp_path: Path) -> None:
+    journal = tmp_path / "usage-journal"
+    appender = JournalWriter(journal)
+    appender.record({"request_id": "req_standby", "tenant_id": 1, "model": MODEL})
+    appender.close()
+    [segment] = segments(journal)
+    content = segment.read_bytes()
+    active = JournalDrainer(journal)
+    assert active.acquire()
+    try:
+        env = live.child_env(GATEWAY_DATA_DIR=str(tmp_path), REDIS_URL="")
+        with usage_writer_process(env, DATA_DIR / "usage-writer.log") as proc:
+            assert proc.stdin is not None
+            proc.stdin.close()
+            assert proc.wait(30) == 0
+    finally:
+        active.release()
+    assert segments(journal) == [segment]
+    assert segment.read_bytes() == content
