@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import atexit
 import contextlib
+import gc
 import logging
 import sys
 import time
@@ -231,6 +232,13 @@ class Runtime:
 
     def _on_reload(self, snapshot: Snapshot) -> None:
         self.health.apply_resets(snapshot.health_resets)
+        if settings.GATEWAY_GC_FREEZE:
+            # The snapshot (thousands of keys) and everything imported so far live until the
+            # next reload: out of the cyclic collector's sight, a full collection no longer
+            # walks them with the event loop stopped (50-100 ms pauses seen under load).
+            # Objects still die by reference counting; a cycle frozen here would stay, and
+            # snapshots have none.
+            gc.freeze()
 
     def _on_alert(self, scope: Scope, kind: str, spent_tokens: int, spent_micros: int, window_start: int) -> None:
         # Runs on the event loop: the database work goes to a thread.

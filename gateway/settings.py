@@ -141,6 +141,8 @@ GATEWAY_DEFAULT_OUTPUT_RESERVE = env_int("GATEWAY_DEFAULT_OUTPUT_RESERVE", 4096,
 # GIL switch interval of a gateway process (seconds): lets background threads (health and
 # transition writes, a thread usage writer) keep up with a busy event loop.
 GATEWAY_GIL_SWITCH_INTERVAL = env_float("GATEWAY_GIL_SWITCH_INTERVAL", 0.001, minimum=0.0001)
+# Freeze what is alive after each config snapshot load out of the cyclic GC's sight (short pauses).
+GATEWAY_GC_FREEZE = env_bool("GATEWAY_GC_FREEZE", True)
 # Each gateway process also writes usage to the database (else run `manage.py usage_drain`).
 GATEWAY_USAGE_DRAINER = env_bool("GATEWAY_USAGE_DRAINER", True)
 # ASGI server used by `manage.py serve`: "uvicorn" (measured fastest) or "daphne".

@@ -283,6 +283,7 @@ class JournalDrainer:
     def _write_one_by_one(self, events: list[dict[str, Any]]) -> None:
         """After a batch refused for its data: write what can be, set the bad events aside."""
         bad: list[dict[str, Any]] = []
+        reason = ""
         for event in events:
             try:
                 self._writer([event])
@@ -290,13 +291,15 @@ class JournalDrainer:
                 if self._is_transient(exc):
                     raise UsageWriteFailed(str(exc)) from exc
                 bad.append(event)
+                reason = reason or f"{type(exc).__name__}: {exc}"
                 continue
             self.written += 1
         if bad:
             logger.error(
-                "the usage writer refused %d events (%s); set aside in %s",
+                "the usage writer refused %d events (%s; first error: %s); set aside in %s",
                 len(bad),
                 ", ".join(str(event.get("request_id")) for event in bad[:10]),
+                reason[:300],
                 self.directory / DEAD_NAME,
             )
             self._bury_raw([encode_event(event) for event in bad])

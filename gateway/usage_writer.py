@@ -23,6 +23,7 @@ does the work elsewhere).
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import os
 import select
@@ -113,7 +114,6 @@ def _run_journal() -> None:
         except Exception:
             delay = min(max(delay * 2, 0.5), MAX_BACKOFF_SECONDS)
             logger.exception("usage journal drainer error; retry in %.1fs", delay)
-    return
     if not drainer.acquire():
         return  # another process is the active drainer: it writes what is left
     try:
@@ -160,6 +160,7 @@ def main() -> None:
     import django
 
     django.setup()
+    gc.freeze()  # Django's import-time objects: out of the collector's walks for good
     from django.conf import settings
 
     if settings.REDIS_URL:

@@ -149,7 +149,8 @@ def in_stream() -> set[str]:
 
     client = redis.Redis.from_url(settings.REDIS_URL)
     try:
-        return {str(decode_event(fields[FIELD])["request_id"]) for _, fields in client.xrange(STREAM)}
+        entries: list[Any] = client.xrange(STREAM) or []
+        return {str(decode_event(fields[FIELD])["request_id"]) for _, fields in entries}
     finally:
         client.close()
 
@@ -261,8 +262,12 @@ def usage_writer_process(env: dict[str, str], log: Path) -> Iterator[subprocess.
     """``python -m gateway.usage_writer`` with a lifeline on its stdin; killed if the test leaves it running."""
     with open(log, "ab") as handle:
         proc = subprocess.Popen(
-            [sys.executable, "-m", WRITER_MODULE], stdin=subprocess.PIPE, stdout=handle, stderr=subprocess.STDOUT,
-            cwd=live.ROOT, env=env,
+            [sys.executable, "-m", WRITER_MODULE],
+            stdin=subprocess.PIPE,
+            stdout=handle,
+            stderr=subprocess.STDOUT,
+            cwd=live.ROOT,
+            env=env,
         )
     try:
         yield proc

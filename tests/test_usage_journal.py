@@ -247,7 +247,11 @@ def test_unreadable_lines_are_set_aside_and_the_others_written(journal: Path) ->
 
 @pytest.mark.parametrize(
     "error",
-    [ConnectionRefusedError("database unreachable"), OperationalError("database is locked"), ProgrammingError("no table")],
+    [
+        ConnectionRefusedError("database unreachable"),
+        OperationalError("database is locked"),
+        ProgrammingError("no table"),
+    ],
     ids=["oserror", "operational", "programming"],
 )
 def test_an_outage_keeps_the_records_for_a_later_step(journal: Path, error: Exception) -> None:

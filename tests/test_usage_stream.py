@@ -35,6 +35,21 @@ REDIS_URL = os.environ.get("REDIS_URL", "")
 T0 = datetime(2030, 1, 1, tzinfo=UTC)
 
 
+# The fields of a complete usage event (with a tenant id filled in by the test).
+FULL_EVENT: dict[str, Any] = {
+    "api_key_id": None,
+    "account_id": None,
+    "status_code": 200,
+    "outcome": "completed",
+    "stream": False,
+    "latency_ms": 1.5,
+    "ttfb_ms": None,
+    "input_tokens": 3,
+    "output_tokens": 4,
+    "total_tokens": 7,
+}
+
+
 def event(request_id: str, **extra: Any) -> dict[str, Any]:
     return {"request_id": request_id, "tenant_id": 1, "model": "m", "created_at": T0, **extra}
 
@@ -322,19 +337,7 @@ def test_usage_drain_command_writes_to_the_database(stream: str, settings: Any) 
 
     settings.REDIS_URL = REDIS_URL
     tenant = tenant_create(slug="drained")
-    full = {
-        "tenant_id": tenant.pk,
-        "api_key_id": None,
-        "account_id": None,
-        "status_code": 200,
-        "outcome": "completed",
-        "stream": False,
-        "latency_ms": 1.5,
-        "ttfb_ms": None,
-        "input_tokens": 3,
-        "output_tokens": 4,
-        "total_tokens": 7,
-    }
+    full = {**FULL_EVENT, "tenant_id": tenant.pk}
 
     async def main() -> None:
         redis = client()
@@ -350,7 +353,26 @@ def test_usage_drain_command_writes_to_the_database(stream: str, settings: Any) 
     assert UsageRecord.objects.get(request_id="cmd0").created_at == T0
 
 
-def test_usage_drain_command_needs_redis(settings: Any) -> None:
+@pytest.mark.django_db
+def test_usage_drain_command_writes_the_journal_without_redis(settings: Any, tmp_path: Path) -> None:
+    from gateway.usage_journal import JournalDrainer, JournalWriter
+    from tenancy.models import Tenant, UsageRecord
+
     settings.REDIS_URL = ""
-    with pytest.raises(CommandError, match="REDIS_URL"):
+    settings.DATA_DIR = tmp_path  # not the session's directory, which live gateways' writers drain
+    tenant = Tenant.objects.create(name="Journal", slug="journal")
+    writer = JournalWriter(tmp_path / "usage-journal")
+    for n in range(3):
+        writer.record(event(f"jr{n}", **{**FULL_EVENT, "tenant_id": tenant.pk}))
+    writer.flush_sync()
+    # A gateway's writer process holds the journal: the command says so and writes nothing.
+    active = JournalDrainer(tmp_path / "usage-journal")
+    assert active.acquire()
+    with pytest.raises(CommandError, match="draining the journal"):
         call_command("usage_drain", "--once")
+    active.release()
+    writer.close()
+    call_command("usage_drain", "--once")
+    assert sorted(UsageRecord.objects.values_list("request_id", flat=True)) == ["jr0", "jr1", "jr2"]
+    assert UsageRecord.objects.get(request_id="jr0").total_tokens == 7
+    assert list((tmp_path / "usage-journal").glob("*.jsonl")) == []
