@@ -2,29 +2,23 @@
 
 from __future__ import annotations
 
-import time
-
 
 def drop_broken_connections() -> None:
-    """Close this thread's connections that an error left unusable; keep the healthy ones open.
+    """Django's end-of-request connection hygiene, minus "``CONN_MAX_AGE`` 0 means close".
 
     Nothing else closes a connection that a database restart broke in a worker thread, so
-    every later call there would fail. Django's ``close_old_connections`` also closes any
-    connection older than ``CONN_MAX_AGE``: 0 for SQLite, which meant a new connection
-    (and its ``PRAGMA``) per call and cost the key-mix benchmark a third of its time. Here
-    a positive ``CONN_MAX_AGE`` (PostgreSQL: 60 s) is still honoured; 0 means "keep".
+    every later call there would fail; this closes it when it errored or fails its health
+    check (``CONN_HEALTH_CHECKS``, checked on next use), as ``close_old_connections``
+    does. That function also closes any connection older than ``CONN_MAX_AGE``: 0 for
+    SQLite, which meant a new connection (and its ``PRAGMA``) per call and cost the
+    key-mix benchmark a third of its time. Here 0 means "keep"; a positive age
+    (PostgreSQL: 60 s) is still honoured.
     """
     from django.db import connections
 
     for connection in connections.all(initialized_only=True):
         if connection.connection is None:
             continue
-        if connection.errors_occurred:
-            if connection.is_usable():
-                connection.errors_occurred = False
-            else:
-                connection.close()
-                continue
-        max_age = connection.settings_dict.get("CONN_MAX_AGE")
-        if max_age and connection.close_at is not None and time.monotonic() >= connection.close_at:
-            connection.close()
+        if not connection.settings_dict.get("CONN_MAX_AGE"):
+            connection.close_at = None
+        connection.close_if_unusable_or_obsolete()

@@ -31,7 +31,7 @@ from tests.conftest import MODEL, FakeUpstream, make_actor
 
 REQUESTS = 50
 # Database writes of usage records happen after the counted window (see the module docstring).
-USAGE_WRITES_DEFERRED = {"GATEWAY_USAGE_DRAINER": False}
+USAGE_WRITES_DEFERRED = {"GATEWAY_USAGE_FLUSH_SECONDS": 3600.0, "GATEWAY_USAGE_DRAINER": False}
 # Checked on every request, never reached: the limit checks run as they would in production.
 GENEROUS_LIMITS = {"rpm": 100_000_000, "tpm": 10**15, "concurrency": 100_000, "budget_tokens": 10**17}
 

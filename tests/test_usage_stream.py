@@ -353,7 +353,7 @@ def test_usage_drain_command_writes_to_the_database(stream: str, settings: Any) 
     assert UsageRecord.objects.get(request_id="cmd0").created_at == T0
 
 
-@pytest.mark.django_db
+@pytest.mark.django_db(transaction=True)  # the writer's connection hygiene closes a connection inside atomic()
 def test_usage_drain_command_writes_the_journal_without_redis(settings: Any, tmp_path: Path) -> None:
     from gateway.usage_journal import JournalDrainer, JournalWriter
     from tenancy.models import Tenant, UsageRecord
