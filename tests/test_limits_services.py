@@ -18,7 +18,13 @@ from django.utils import timezone
 from gateway import notify
 from gateway.celery import app as celery_app
 from tenancy.models import ApiKey, BudgetAlert, PriceVersion, Tenant, UsageRecord
-from tenancy.selectors import apikeys_for_snapshot, budget_spent, prices_for_snapshot, usage_summary
+from tenancy.selectors import (
+    apikeys_for_snapshot,
+    budget_spent,
+    budget_spent_many,
+    prices_for_snapshot,
+    usage_summary,
+)
 from tenancy.services import (
     AlertDeliveryError,
     apikey_create,
@@ -412,6 +418,29 @@ def test_budget_spent_by_key_and_tenant() -> None:
     assert budget_spent("key", other.pk, end, end + timedelta(days=1)) == (0, Decimal(0))
     with pytest.raises(ValueError, match="scope"):
         budget_spent("pool", 1, start, end)
+    # Many scopes at once (the batched budget seed) agree with one-by-one, in one query per 500 ids.
+    many = budget_spent_many("key", [key_a.pk, key_b.pk, other.pk, 10**9], start, end)
+    assert many == {
+        key_a.pk: budget_spent("key", key_a.pk, start, end),
+        key_b.pk: budget_spent("key", key_b.pk, start, end),
+        other.pk: budget_spent("key", other.pk, start, end),
+        10**9: (0, Decimal(0)),
+    }
+    assert budget_spent_many("tenant", [tenant.pk], start, end) == {tenant.pk: (2200, Decimal("1.75"))}
+    with pytest.raises(ValueError, match="scope"):
+        budget_spent_many("pool", [1], start, end)
+
+
+@pytest.mark.django_db
+def test_budget_spent_many_chunks_long_id_lists(django_assert_num_queries: Any) -> None:
+    tenant = tenant_create(slug="many")
+    key, _ = apikey_create(tenant=tenant)
+    usage_records_write([_event("m1", key, T0, cost="0.5")])
+    ids = [key.pk, *range(10**8, 10**8 + 1200)]
+    with django_assert_num_queries(3):  # 1,201 ids: 500 + 500 + 201
+        spent = budget_spent_many("key", ids, T0, T0 + timedelta(days=1))
+    assert len(spent) == 1201
+    assert spent[key.pk] == (1100, Decimal("0.5"))
 
 
 # --- budget alerts ------------------------------------------------------------------------
