@@ -592,6 +592,21 @@ def env_pairs(text: str, source: str) -> dict[str, str]:
     return pairs
 
 
+SCENARIOS = ("latency", "throughput", "streaming", "ttfb", "keymix", "memory")
+
+
+def selected_scenarios() -> set[str] | None:
+    """``BENCH_ONLY=latency,keymix``: run these scenarios only (for experiments; the table shows what ran)."""
+    text = os.environ.get("BENCH_ONLY", "").strip()
+    if not text:
+        return None
+    names = {name.strip() for name in text.split(",") if name.strip()}
+    unknown = names - set(SCENARIOS)
+    if unknown:
+        raise BenchError(f"BENCH_ONLY: unknown scenario(s) {sorted(unknown)}; known: {', '.join(SCENARIOS)}")
+    return names
+
+
 def extra_variants() -> dict[str, dict[str, str]]:
     """``BENCH_VARIANTS="fast:GATEWAY_UPSTREAM_TRANSPORT=fast;httpx:GATEWAY_UPSTREAM_TRANSPORT=httpx"``:
     more gateways (uvicorn, embedded mode) measured interleaved with the others, one column each."""
@@ -938,6 +953,14 @@ class Bench:
         )
         self.raw["latency_c1"] = {k: [asdict(r) for r in v] for k, v in runs.items()}
 
+    def throughputs(self) -> None:
+        self.throughput(16)
+        self.throughput(64)
+
+    def streams(self) -> None:
+        self.streaming(STREAM_SMALL)
+        self.streaming(STREAM_LARGE)
+
     def throughput(self, connections: int) -> None:
         def measure(target: Target) -> WrkResult:
             before = redis_stats(self.redis_url) if target.key == "redis" and self.redis_url else None
@@ -1000,7 +1023,8 @@ class Bench:
         assert target is not None
         assert target.service is not None
         pid = target.service.pid
-        rate = median([r["requests"] / r["seconds"] for r in self.raw["throughput_c16"]["gateway"]]) or 500.0
+        runs = self.raw.get("throughput_c16", {}).get("gateway", [])
+        rate = median([r["requests"] / r["seconds"] for r in runs]) if runs else 500.0
         wait_quiet(target.pids)
         # RSS of the gateway process plus its children (the usage writer): usage that piles up
         # anywhere counts.
@@ -1256,14 +1280,18 @@ def main() -> int:
             try:
                 bench.setup(data_dir)
                 bench.warm_up()
-                bench.latency()
-                bench.throughput(16)
-                bench.throughput(64)
-                bench.streaming(STREAM_SMALL)
-                bench.streaming(STREAM_LARGE)
-                bench.ttfb()
-                bench.key_mix()
-                bench.memory()
+                only = selected_scenarios()
+                scenarios: list[tuple[str, Callable[[], None]]] = [
+                    ("latency", bench.latency),
+                    ("throughput", bench.throughputs),
+                    ("streaming", bench.streams),
+                    ("ttfb", bench.ttfb),
+                    ("keymix", bench.key_mix),
+                    ("memory", bench.memory),
+                ]
+                for name, run in scenarios:
+                    if only is None or name in only:
+                        run()
                 for target in bench.targets:
                     if target.service is not None and not target.service.alive():
                         raise BenchError(f"{target.key} died during the run; log:\n{target.service.tail()}")

@@ -93,10 +93,30 @@ def db_call(function: Callable[..., Any]) -> Callable[..., Awaitable[Any]]:
     return sync_to_async(call, thread_sensitive=False)
 
 
+# A generation-2 threshold no snapshot build reaches (counted in generation-1 collections).
+FULL_COLLECTION_HELD_OFF = 1_000_000
+
+
 def _load_snapshot(token: object) -> Snapshot:
-    """``gateway.state.load_snapshot`` in a worker thread (see :func:`db_call`)."""
+    """``gateway.state.load_snapshot`` in a worker thread (see :func:`db_call`).
+
+    With ``GATEWAY_GC_FREEZE``, the new snapshot (thousands of keys: ~100k objects) is
+    frozen out of the cyclic collector's sight as soon as it is built: it lives until the
+    next reload, and a full collection walking it stops the event loop for 20-100 ms
+    (measured under load). Full collections are held off while it is being built, for the
+    same reason. Objects still die by reference counting; snapshots hold no cycles.
+    """
     drop_broken_connections()
-    return load_snapshot(token)
+    if not settings.GATEWAY_GC_FREEZE:
+        return load_snapshot(token)
+    thresholds = gc.get_threshold()
+    gc.set_threshold(thresholds[0], thresholds[1], FULL_COLLECTION_HELD_OFF)
+    try:
+        snapshot = load_snapshot(token)
+        gc.freeze()
+        return snapshot
+    finally:
+        gc.set_threshold(*thresholds)
 
 
 async def _budget_spent_many(
@@ -214,7 +234,10 @@ class Runtime:
                 return notify.file_token(path)
 
         self.config = ConfigState(
-            self._last_token if self.redis is not None else file_token, _load_snapshot, on_reload=self._on_reload
+            self._last_token if self.redis is not None else file_token,
+            _load_snapshot,
+            on_reload=self._on_reload,
+            max_age=settings.GATEWAY_SNAPSHOT_MAX_AGE,
         )
         atexit.register(self._flush_at_exit)
         atexit.register(self.transitions.flush_sync)
@@ -232,13 +255,6 @@ class Runtime:
 
     def _on_reload(self, snapshot: Snapshot) -> None:
         self.health.apply_resets(snapshot.health_resets)
-        if settings.GATEWAY_GC_FREEZE:
-            # The snapshot (thousands of keys) and everything imported so far live until the
-            # next reload: out of the cyclic collector's sight, a full collection no longer
-            # walks them with the event loop stopped (50-100 ms pauses seen under load).
-            # Objects still die by reference counting; a cycle frozen here would stay, and
-            # snapshots have none.
-            gc.freeze()
 
     def _on_alert(self, scope: Scope, kind: str, spent_tokens: int, spent_micros: int, window_start: int) -> None:
         # Runs on the event loop: the database work goes to a thread.

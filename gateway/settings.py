@@ -141,8 +141,13 @@ GATEWAY_DEFAULT_OUTPUT_RESERVE = env_int("GATEWAY_DEFAULT_OUTPUT_RESERVE", 4096,
 # GIL switch interval of a gateway process (seconds): lets background threads (health and
 # transition writes, a thread usage writer) keep up with a busy event loop.
 GATEWAY_GIL_SWITCH_INTERVAL = env_float("GATEWAY_GIL_SWITCH_INTERVAL", 0.001, minimum=0.0001)
+# The config snapshot is rebuilt this often (seconds) even without a change token, so edits
+# made outside the services (raw SQL) arrive eventually.
+GATEWAY_SNAPSHOT_MAX_AGE = env_float("GATEWAY_SNAPSHOT_MAX_AGE", 60.0, minimum=1.0)
 # Freeze what is alive after each config snapshot load out of the cyclic GC's sight (short pauses).
 GATEWAY_GC_FREEZE = env_bool("GATEWAY_GC_FREEZE", True)
+# Niceness of the usage writer process: background work yields the CPU to the serving process.
+GATEWAY_USAGE_WRITER_NICE = env_int("GATEWAY_USAGE_WRITER_NICE", 10, minimum=0, maximum=19)
 # Each gateway process also writes usage to the database (else run `manage.py usage_drain`).
 GATEWAY_USAGE_DRAINER = env_bool("GATEWAY_USAGE_DRAINER", True)
 # ASGI server used by `manage.py serve`: "uvicorn" (measured fastest) or "daphne".

@@ -179,14 +179,18 @@ class Snapshot:
     built_at: float = field(default_factory=time.monotonic)
 
 
-def _key_info(row: Mapping[str, Any]) -> KeyInfo:
+def _key_info(row: Mapping[str, Any], tenants: dict[int, Limits | None]) -> KeyInfo:
+    """``tenants``: the tenants' limits built so far, shared by their keys (one object per tenant)."""
     expires = row.get("expires_at")
     allowed = row.get("allowed_models") or None
     ips = row.get("allowed_ips")
     efforts = row.get("reasoning_efforts")
     tools = row.get("allowed_tools")
     key_limits = Limits("key", row["id"], row["tenant_id"], row)
-    tenant_limits = Limits("tenant", row["tenant_id"], row["tenant_id"], row, prefix="tenant_")
+    tenant_id = row["tenant_id"]
+    if tenant_id not in tenants:
+        limits = Limits("tenant", tenant_id, tenant_id, row, prefix="tenant_")
+        tenants[tenant_id] = None if limits.empty else limits
     return KeyInfo(
         key_id=row["id"],
         tenant_id=row["tenant_id"],
@@ -200,7 +204,7 @@ def _key_info(row: Mapping[str, Any]) -> KeyInfo:
         allowed_tools=frozenset(tools) if tools is not None else None,
         allowed_ips=tuple(ipaddress.ip_network(net, strict=False) for net in ips) if ips is not None else None,
         key_limits=None if key_limits.empty else key_limits,
-        tenant_limits=None if tenant_limits.empty else tenant_limits,
+        tenant_limits=tenants[tenant_id],
     )
 
 
@@ -212,7 +216,8 @@ def build_snapshot(
     price_rows: Sequence[Mapping[str, Any]] = (),
 ) -> Snapshot:
     """Turn selector rows into a snapshot (pure; no I/O)."""
-    keys = {row["prefix"]: _key_info(row) for row in key_rows}
+    tenants: dict[int, Limits | None] = {}
+    keys = {row["prefix"]: _key_info(row, tenants) for row in key_rows}
     accounts: list[AccountInfo] = []
     known: set[str] = set()
     strategies: dict[int, str] = {}
@@ -288,8 +293,10 @@ class ConfigState:
         token_source: Callable[[], Awaitable[object]],
         loader: Callable[[object], Snapshot] = load_snapshot,
         on_reload: Callable[[Snapshot], None] | None = None,
+        max_age: float = MAX_SNAPSHOT_AGE,
     ) -> None:
         self._token_source = token_source
+        self._max_age = max_age
         self._loader = loader
         self._on_reload = on_reload
         self._snapshot: Snapshot | None = None
@@ -301,7 +308,7 @@ class ConfigState:
         token = await self._token_source()
         snapshot = self._snapshot
         if snapshot is not None and snapshot.token == token:
-            if time.monotonic() - snapshot.built_at > MAX_SNAPSHOT_AGE and not self._refreshing:
+            if time.monotonic() - snapshot.built_at > self._max_age and not self._refreshing:
                 self._refreshing = True
                 self._refresh_task = asyncio.get_running_loop().create_task(self._refresh(token))
             return snapshot

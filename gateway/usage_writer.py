@@ -163,6 +163,11 @@ def main() -> None:
     gc.freeze()  # Django's import-time objects: out of the collector's walks for good
     from django.conf import settings
 
+    # Writing usage can wait a little; a request cannot. On a busy machine the scheduler
+    # then hands the CPU to the serving process first (its tail latency, docs/performance.md),
+    # while the writer still gets a share and catches up when the load eases.
+    os.nice(settings.GATEWAY_USAGE_WRITER_NICE)
+
     if settings.REDIS_URL:
         asyncio.run(_run_stream())
     else:
