@@ -33,7 +33,7 @@ import fcntl
 import logging
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +43,7 @@ from gateway.usage_stream import (
     decode_event,
     django_writer,
     encode_event,
+    is_transient,
     transient_errors,
 )
 
@@ -310,9 +311,26 @@ class JournalDrainer:
             dead.write(b"".join(line + b"\n" for line in lines))
 
     def _is_transient(self, error: Exception) -> bool:
-        from django.db import DataError, IntegrityError
+        return is_transient(error, self._transient)
 
-        return isinstance(error, self._transient) and not isinstance(error, DataError | IntegrityError)
+
+def drain_until(drainer: JournalDrainer, stopped: Callable[[float], bool], *, poll: float = 0.2) -> None:
+    """Step ``drainer`` until ``stopped(delay)`` (which waits up to ``delay`` seconds) says so.
+
+    Outages back off (up to 10 s); records stay in the journal meanwhile. For a process
+    of its own: the usage writer child, ``manage.py usage_drain``.
+    """
+    delay = poll
+    while not stopped(delay):
+        try:
+            drainer.step()
+            delay = poll
+        except UsageWriteFailed as exc:
+            delay = min(max(delay * 2, 0.5), 10.0)
+            logger.warning("usage write failed (%s); records stay in the journal, retry in %.1fs", exc, delay)
+        except Exception:
+            delay = min(max(delay * 2, 0.5), 10.0)
+            logger.exception("usage journal drainer error; retry in %.1fs", delay)
 
 
 async def run_journal_drainer(drainer: JournalDrainer, *, stop: asyncio.Event, poll: float = 0.2) -> None:

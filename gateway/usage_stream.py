@@ -284,6 +284,13 @@ def transient_errors() -> tuple[type[BaseException], ...]:
     return (*errors, DatabaseError)
 
 
+def is_transient(error: BaseException, transient: tuple[type[BaseException], ...]) -> bool:
+    """An outage (retry later), not an event the database refuses for its data (set it aside)."""
+    from django.db import DataError, IntegrityError
+
+    return isinstance(error, transient) and not isinstance(error, DataError | IntegrityError)
+
+
 class UsageDrainer:
     """Moves usage events from the stream to the database, acknowledging only what was written.
 
@@ -472,9 +479,7 @@ class UsageDrainer:
         return len(done) + len(bad)
 
     def _is_transient(self, error: Exception) -> bool:
-        from django.db import DataError, IntegrityError
-
-        return isinstance(error, self._transient) and not isinstance(error, DataError | IntegrityError)
+        return is_transient(error, self._transient)
 
     async def requeue_dead(self) -> int:
         """Move every entry of ``{stream}:dead`` back to the stream (after fixing the cause)."""

@@ -42,7 +42,6 @@ POLL_SECONDS = 0.2
 FINAL_WAIT_SECONDS = 5.0
 # How long a stopping parent waits for the child's last pass.
 STOP_WAIT_SECONDS = 15.0
-MAX_BACKOFF_SECONDS = 10.0
 
 
 def journal_dir() -> Path:
@@ -100,20 +99,10 @@ def _stdin_closed(timeout: float) -> bool:
 
 
 def _run_journal() -> None:
-    from gateway.usage_journal import JournalDrainer, UsageWriteFailed
+    from gateway.usage_journal import JournalDrainer, drain_until
 
     drainer = JournalDrainer(journal_dir(), extra_dirs=[spool_dir()])
-    delay = POLL_SECONDS
-    while not _stdin_closed(delay):
-        try:
-            drainer.step()
-            delay = POLL_SECONDS
-        except UsageWriteFailed as exc:
-            delay = min(max(delay * 2, 0.5), MAX_BACKOFF_SECONDS)
-            logger.warning("usage write failed (%s); records stay in the journal, retry in %.1fs", exc, delay)
-        except Exception:
-            delay = min(max(delay * 2, 0.5), MAX_BACKOFF_SECONDS)
-            logger.exception("usage journal drainer error; retry in %.1fs", delay)
+    drain_until(drainer, _stdin_closed, poll=POLL_SECONDS)
     if not drainer.acquire():
         return  # another process is the active drainer: it writes what is left
     try:

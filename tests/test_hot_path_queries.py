@@ -16,6 +16,7 @@ import asyncio
 import contextlib
 import threading
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
@@ -194,7 +195,7 @@ def _reset_runtime() -> None:
 
 
 @pytest.mark.django_db(transaction=True)
-def test_cached_key_requests_make_no_database_query(gateway_setup: str) -> None:
+def test_cached_key_requests_make_no_database_query(gateway_setup: str, tmp_path: Path) -> None:
     from gateway.asgi import application
     from gateway.runtime import shutdown_runtime
     from tenancy.models import UsageRecord
@@ -214,13 +215,15 @@ def test_cached_key_requests_make_no_database_query(gateway_setup: str) -> None:
         finally:
             await shutdown_runtime()  # writes the buffered usage records
 
+    # A journal of its own: live gateways' usage writers drain the session's data directory.
+    private = override_settings(DATA_DIR=tmp_path)
     _reset_runtime()
-    with worker_connections_closed(), override_settings(**USAGE_WRITES_DEFERRED), counter.installed():
+    with private, worker_connections_closed(), override_settings(**USAGE_WRITES_DEFERRED), counter.installed():
         asyncio.run(main())
     assert counter.statements == [], f"{len(counter.statements)} queries on the hot path: {counter.statements[:5]}"
     # Metering was on all along: every request left a usage record once the journal (or the stream)
     # is drained.
-    with worker_connections_closed():  # the Redis drainer writes from worker threads
+    with override_settings(DATA_DIR=tmp_path), worker_connections_closed():  # Redis: drained from worker threads
         call_command("usage_drain", "--once")
     assert UsageRecord.objects.filter(tenant__slug="hotpath").count() == REQUESTS + 2
 

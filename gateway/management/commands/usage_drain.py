@@ -94,7 +94,7 @@ class Command(BaseCommand):
             await redis.aclose()
 
     def _journal(self, options: dict[str, Any]) -> None:
-        from gateway.usage_journal import JournalDrainer
+        from gateway.usage_journal import JournalDrainer, drain_until
         from gateway.usage_writer import POLL_SECONDS, journal_dir, spool_dir
 
         if options["requeue_dead"]:
@@ -116,11 +116,11 @@ class Command(BaseCommand):
         stopping: list[int] = []
         for signum in (signal.SIGINT, signal.SIGTERM):
             signal.signal(signum, lambda number, frame: stopping.append(number))
-        while not stopping:
-            try:
-                drainer.step()
-            except UsageWriteFailed as exc:
-                self.stderr.write(f"usage write failed ({exc}); retrying")
-                time.sleep(2.0)
-            time.sleep(POLL_SECONDS)
+
+        def stopped(delay: float) -> bool:
+            if not stopping:
+                time.sleep(delay)
+            return bool(stopping)
+
+        drain_until(drainer, stopped, poll=POLL_SECONDS)
         drainer.release()
