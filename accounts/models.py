@@ -8,7 +8,7 @@ from django.core.exceptions import ValidationError
 from django.core.validators import MinValueValidator
 from django.db import models
 
-from accounts.health import State
+from accounts.health.machine import State
 
 # Fields the seed contract strips before forwarding; a pool may narrow the list.
 DEFAULT_STRIP_FIELDS = ["safety_identifier", "prompt_cache_retention", "temperature", "max_output_tokens"]
@@ -80,7 +80,7 @@ class UpstreamAccount(models.Model):
     # Fill-first order inside the pool: lower first, ties by id.
     priority = models.IntegerField(default=0)
     # The operator's switch. Health (cooldowns, circuit breaker, auth failures) is kept
-    # apart, in accounts.health_store, and never flips this field.
+    # apart, in accounts.health.store, and never flips this field.
     enabled = models.BooleanField(default=True)
     # Why the operator disabled the account (shown in the console); empty when enabled.
     disabled_reason = models.CharField(max_length=500, blank=True)

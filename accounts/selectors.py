@@ -10,7 +10,7 @@ from typing import Any
 from django.db.models import OuterRef, QuerySet, Subquery
 
 from accounts.crypto import CredentialDecryptError, decrypt_credential
-from accounts.health import Health, State
+from accounts.health.machine import Health, State
 from accounts.models import AccountTransition, ModelRoute, UpstreamAccount
 
 logger = logging.getLogger(__name__)
@@ -84,7 +84,7 @@ def routes_for_snapshot() -> list[dict[str, Any]]:
 
     Rows: ``{"model": str, "targets": [{"pool_id", "pool_name", "upstream_model"}, ...]}``
     with targets in position order. A route whose pools were all deleted has no targets
-    (the model then answers 503, not 404). Feed to ``accounts.routing.routes_from_rows``.
+    (the model then answers 503, not 404). Feed to ``accounts.routing.routes.routes_from_rows``.
     """
     rows: list[dict[str, Any]] = []
     for route in ModelRoute.objects.prefetch_related("targets__pool").order_by("model"):
@@ -118,7 +118,7 @@ def account_health_states(account_ids: Iterable[int]) -> dict[int, Health]:
     recorded transition (the gateway writes them within about a second). Accounts with
     nothing recorded are absent (healthy).
     """
-    from accounts import health_store
+    from accounts.health import store as health_store
 
     ids = list(account_ids)
     client = health_store.sync_client()

@@ -2,7 +2,7 @@
 
 Every function validates its input and raises django.core.exceptions.ValidationError
 with a human sentence on bad input (never containing a credential). Writes go through
-``Model.save()`` so gateway.notify's post_save signals announce them to every replica.
+``Model.save()`` so gateway.config.notify's post_save signals announce them to every replica.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from django.core.validators import validate_slug
 from django.db import IntegrityError, transaction
 
 from accounts.crypto import encrypt_credential
-from accounts.health import Reset, State, Transition
+from accounts.health.machine import Reset, State, Transition
 from accounts.models import (
     DEFAULT_STRIP_FIELDS,
     AccountTransition,
@@ -288,7 +288,7 @@ def _at(epoch: float | None) -> datetime | None:
 
 
 def account_transitions_write(rows: Sequence[Transition]) -> int:
-    """Store health transitions (accounts.health.Transition) in one bulk insert.
+    """Store health transitions (accounts.health.machine.Transition) in one bulk insert.
 
     Rows of accounts deleted meanwhile are skipped. Returns how many were written.
     """
@@ -330,7 +330,7 @@ def account_health_reset(*, account: UpstreamAccount, reason: str = "reset by op
     snapshot (``HealthStore.apply_resets``). Returns the recorded transition, or None
     if the account was not known to be unhealthy.
     """
-    from accounts import health_store
+    from accounts.health import store as health_store
 
     now = time.time()
     client = health_store.sync_client()

@@ -1,4 +1,4 @@
-"""Celery tasks of the supply side. They take ids (or nothing) and call accounts.probing.
+"""Celery tasks of the supply side. They take ids (or nothing) and call accounts.health.probing.
 
 Schedule ``accounts.probe`` periodically (every 30 s is a good default) in
 ``gateway/celery.py``'s beat schedule. Overlapping runs are harmless: Redis-mode
@@ -11,7 +11,7 @@ from collections import Counter
 
 from celery import shared_task
 
-from accounts import probing
+from accounts.health import probing
 
 
 @shared_task(name="accounts.probe", ignore_result=True)

@@ -15,7 +15,7 @@ import time
 import uuid
 from typing import Any
 
-from gateway.limits import LocalLimiter, Scope
+from gateway.limits.engine import LocalLimiter, Scope
 
 BIG = 10**15
 
@@ -59,7 +59,7 @@ async def main(args: argparse.Namespace) -> None:
     print(f"LocalLimiter: {rate:,.0f} admits/s ({args.tasks} tasks)")
     if not args.redis:
         return
-    from gateway.limits_redis import RedisLimiter, redis_client
+    from gateway.limits.redis_backend import RedisLimiter, redis_client
 
     client = redis_client(args.redis)
     prefix = f"gwbench:{uuid.uuid4().hex}:"

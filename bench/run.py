@@ -1,7 +1,7 @@
 """The gateway's benchmark: ``make bench`` (``python -m bench.run``). Method and budget: docs/performance.md.
 
 Everything runs on loopback in one throw-away data directory: the fake upstream
-(``gateway.fake_upstream``), the gateway started as the README serves it (``manage.py serve`` with its
+(``gateway.devtools.fake_upstream.server``), the gateway started as the README serves it (``manage.py serve`` with its
 defaults: uvicorn), the same gateway under Daphne, the same gateway in Redis mode when a Redis answers,
 and a LiteLLM proxy (from its own venv, ``bench/.venv-litellm``) forwarding to the same fake upstream.
 ``wrk`` generates the load (C, not Python-bound); first-byte times come from a raw-socket client at one
@@ -781,7 +781,7 @@ class Bench:
             port = free_port()
             fake = Service(
                 f"fake upstream ({tokens} tokens)",
-                [sys.executable, "-m", "gateway.fake_upstream", "--port", str(port), "--tokens", str(tokens)],
+                [sys.executable, "-m", "gateway.devtools.fake_upstream", "--port", str(port), "--tokens", str(tokens)],
                 dict(os.environ),
                 f"http://127.0.0.1:{port}/health",
                 data_dir / f"fake-upstream-{tokens}.log",

@@ -10,7 +10,7 @@ so the limit checks run on every request without ever refusing one. Prints one J
 
 The key mix is written with ``bulk_create`` in one transaction (the services save rows one by one,
 which for 10,000 keys is most of the set-up time); bulk writes fire no ``post_save`` signal, so the
-change is announced once with ``gateway.notify.config_changed()``.
+change is announced once with ``gateway.config.notify.config_changed()``.
 """
 
 from __future__ import annotations
@@ -62,7 +62,7 @@ def seed(routes: dict[str, str], keys: int, tenants: int, keys_file: Path) -> di
     from django.db import transaction
 
     from accounts.services import pool_get_or_create, upstream_account_create
-    from gateway import notify
+    from gateway.config import notify
     from tenancy import services
     from tenancy.keys import key_digest
     from tenancy.models import ApiKey, Tenant
@@ -127,7 +127,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--tenants", type=int, default=1_000)
     parser.add_argument("--keys-file", type=Path, required=True)
     args = parser.parse_args(argv)
-    os.environ.setdefault("DJANGO_SETTINGS_MODULE", "gateway.settings")
+    os.environ.setdefault("DJANGO_SETTINGS_MODULE", "gateway.conf.settings")
     import django
 
     django.setup()

@@ -2,7 +2,7 @@
 
 Start a fake upstream, then from the project root:
 
-    python -m gateway.fake_upstream --port 9201 &
+    python -m gateway.devtools.fake_upstream.server --port 9201 &
     python -m bench.transport_compare --url http://127.0.0.1:9201/v1/responses
 
 For each transport, ``--concurrency`` tasks POST back to back for ``--seconds`` (after a short
@@ -20,7 +20,7 @@ import time
 import httpx
 import orjson
 
-from gateway.upstream import TRANSPORTS, UpstreamClient
+from accounts.upstream.client import TRANSPORTS, UpstreamClient
 
 try:
     import uvloop

@@ -6,7 +6,7 @@ path with the price rows of its snapshot, and the services can call them off it.
 Prices are in USD per million tokens (``Decimal``); costs are ``Decimal`` USD rounded
 to :data:`COST_PLACES` (nano-dollars), which is what ``UsageRecord.cost`` stores.
 
-**The token convention** (the Responses ``usage`` object, as ``gateway.relay.usage_fields``
+**The token convention** (the Responses ``usage`` object, as ``gateway.dataplane.relay.usage_fields``
 maps it; the usage record keeps it as is):
 
 - ``input_tokens`` counts *every* prompt token, **including** ``cached_tokens`` (prompt

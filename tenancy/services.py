@@ -3,7 +3,7 @@
 Every function validates its input and raises django.core.exceptions.ValidationError
 with a human sentence on bad input, so commands and views can show it as is.
 Config-relevant writes (tenants, keys and their limits, prices) go through
-``Model.save()`` so the post_save signals of gateway.notify announce them to every
+``Model.save()`` so the post_save signals of gateway.config.notify announce them to every
 replica, which applies them on its next request; the usage path deliberately does not.
 """
 
@@ -437,7 +437,7 @@ def price_set(
 
 
 def _as_datetime(value: Any) -> datetime:
-    # Journal and spooled events (gateway.usage_journal) may come back with ISO strings.
+    # Journal and spooled events (gateway.metering.journal) may come back with ISO strings.
     if isinstance(value, str):
         value = datetime.fromisoformat(value)
     if not isinstance(value, datetime):

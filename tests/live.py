@@ -83,7 +83,7 @@ def running(process: LiveProcess) -> Iterator[LiveProcess]:
 
 
 def fake_upstream(port: int, env: dict[str, str], log: Path, *extra: str) -> LiveProcess:
-    args = [sys.executable, "-m", "gateway.fake_upstream", "--port", str(port), *extra]
+    args = [sys.executable, "-m", "gateway.devtools.fake_upstream", "--port", str(port), *extra]
     return LiveProcess(args, env, f"http://127.0.0.1:{port}/health", log)
 
 
@@ -101,7 +101,7 @@ def child_env(**overrides: str) -> dict[str, str]:
     the data directory (config change token, usage spool) with the tests.
     """
     env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST")}
-    env["DJANGO_SETTINGS_MODULE"] = "gateway.settings"
+    env["DJANGO_SETTINGS_MODULE"] = "gateway.conf.settings"
     env.update(overrides)
     return env
 
@@ -254,19 +254,19 @@ class SseProbe:
 
 
 class KnobbedFake:
-    """The fake upstream (gateway.fake_upstream) served from a thread of the test process, with
+    """The fake upstream (gateway.devtools.fake_upstream.server) served from a thread of the test process, with
     server-wide fault knobs, so that ONE account can fail while another, on a second upstream,
     serves (per-request ``metadata`` knobs would reach whichever account gets the request).
 
     ``set(status="503")``: every request is answered as if it carried ``x-fake-status: 503``
     (any knob of the fake; headers win over metadata); ``set()`` clears them. ``configure(**opts)``
-    changes the fake's :class:`~gateway.fake_upstream.Config` (e.g. ``require_key``). ``script``,
+    changes the fake's :class:`~gateway.devtools.fake_upstream.server.Config` (e.g. ``require_key``). ``script``,
     when set, is called per request and its steps (raw bytes) are the answer. ``requests()`` is
     what ``GET /_fake/requests`` shows.
     """
 
     def __init__(self, **config: Any) -> None:
-        from gateway import fake_upstream as fake
+        from gateway.devtools.fake_upstream import server as fake
 
         self._fake = fake
         self.state = fake.State(fake.make_config(**config))

@@ -15,4 +15,4 @@ os.environ.setdefault("GATEWAY_SSE_KEEPALIVE_SECONDS", "0.3")
 os.environ.setdefault("GATEWAY_USAGE_FLUSH_SECONDS", "0.05")
 os.environ.setdefault("GATEWAY_UPSTREAM_READ_TIMEOUT", "5")
 
-from gateway.settings import *  # noqa: F403
+from gateway.conf.settings import *  # noqa: F403

@@ -20,10 +20,19 @@ from django.core.exceptions import ValidationError
 from django.core.management import call_command
 from django.core.management.base import CommandError
 
-from accounts import health_store
-from accounts.health import AuthFailure, Event, Health, HealthMachine, HealthPolicy, ServerError, State, Transition
+from accounts.health import store as health_store
+from accounts.health.machine import (
+    AuthFailure,
+    Event,
+    Health,
+    HealthMachine,
+    HealthPolicy,
+    ServerError,
+    State,
+    Transition,
+)
+from accounts.health.probing import ProbeResult, accounts_probe_run, probe_body, probe_rows, probe_verdict
 from accounts.models import AccountTransition, Pool, UpstreamAccount
-from accounts.probing import ProbeResult, accounts_probe_run, probe_body, probe_rows, probe_verdict
 from accounts.selectors import account_health_states, accounts_for_snapshot
 from accounts.services import (
     account_health_reset,
@@ -34,7 +43,7 @@ from accounts.services import (
     upstream_account_set_enabled,
     upstream_account_update,
 )
-from gateway.upstream import UpstreamConnectError, UpstreamReply
+from accounts.upstream.client import UpstreamConnectError, UpstreamReply
 
 pytestmark = pytest.mark.django_db
 
@@ -345,7 +354,8 @@ def test_probe_of_an_open_circuit(account: UpstreamAccount, settings: Any) -> No
 
 
 def test_probe_task_counts_verdicts(account: UpstreamAccount, monkeypatch: pytest.MonkeyPatch) -> None:
-    from accounts import probing, tasks
+    from accounts import tasks
+    from accounts.health import probing
 
     make_unhealthy(account.pk, AuthFailure(403))
     original = probing.probe_rows

@@ -12,8 +12,8 @@ import pytest
 from cryptography.fernet import Fernet
 from django.core import checks
 
-from gateway import checks as gateway_checks
-from gateway import env
+from gateway.conf import checks as gateway_checks
+from gateway.conf import env
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -24,7 +24,7 @@ def ids(messages: list[checks.CheckMessage]) -> list[str | None]:
 
 @pytest.fixture
 def config_errors(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, str]]:
-    """An empty gateway.env.CONFIG_ERRORS for the test; the real list comes back after."""
+    """An empty gateway.conf.env.CONFIG_ERRORS for the test; the real list comes back after."""
     errors: list[tuple[str, str]] = []
     monkeypatch.setattr(env, "CONFIG_ERRORS", errors)
     return errors
@@ -100,7 +100,7 @@ def test_manage_check_fails_in_a_real_process(tmp_path: Path) -> None:
         GATEWAY_ENCRYPTION_KEY=Fernet.generate_key().decode(),
         GATEWAY_DATA_DIR=str(tmp_path),
         DATABASE_URL="mysql://db/gateway",
-        DJANGO_SETTINGS_MODULE="gateway.settings",
+        DJANGO_SETTINGS_MODULE="gateway.conf.settings",
     )
     done = subprocess.run(
         [sys.executable, "manage.py", "check"], cwd=ROOT, env=environ, capture_output=True, text=True, timeout=120

@@ -169,7 +169,7 @@ def _env(tmp_path: Path, **overrides: str) -> dict[str, str]:
         GATEWAY_ENCRYPTION_KEY=Fernet.generate_key().decode(),
         GATEWAY_DATA_DIR=str(tmp_path / "data"),
         DATABASE_URL=f"sqlite:///{tmp_path / 'cmd.sqlite3'}",
-        DJANGO_SETTINGS_MODULE="gateway.settings",
+        DJANGO_SETTINGS_MODULE="gateway.conf.settings",
     )
     env.update(overrides)
     return env

@@ -1,6 +1,6 @@
 """The fake upstream over real sockets: wire shapes, the official SDKs, fault knobs, HTTP details.
 
-The server runs as the benchmark runs it (``python -m gateway.fake_upstream``) in a subprocess, on a
+The server runs as the benchmark runs it (``python -m gateway.devtools.fake_upstream.server``) in a subprocess, on a
 port it picks itself and announces on its ready line. No database is needed:
 ``pytest tests/test_fake_upstream.py -p no:django``.
 """
@@ -34,7 +34,7 @@ class Upstream:
 
     def __init__(self, *flags: str) -> None:
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "gateway.fake_upstream", "--port", "0", *flags],
+            [sys.executable, "-m", "gateway.devtools.fake_upstream", "--port", "0", *flags],
             cwd=ROOT,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
@@ -138,7 +138,7 @@ def test_module_does_not_import_django() -> None:
     code = (
         "import sys, gateway\n"
         "before = {m for m in sys.modules if m.startswith('django')}\n"
-        "import gateway.fake_upstream\n"
+        "import gateway.devtools.fake_upstream.server\n"
         "added = {m for m in sys.modules if m.startswith('django')} - before\n"
         "assert not added, added\n"
     )

@@ -8,7 +8,7 @@ from email.utils import format_datetime
 import httpx
 import pytest
 
-from accounts.health import (
+from accounts.health.machine import (
     Admission,
     AuthFailure,
     Health,
@@ -28,7 +28,7 @@ from accounts.health import (
     ratelimit_reset_seconds,
     retry_after_seconds,
 )
-from gateway.upstream import UpstreamConnectError, UpstreamProtocolError, UpstreamTimeout
+from accounts.upstream.client import UpstreamConnectError, UpstreamProtocolError, UpstreamTimeout
 
 T0 = 1_700_000_000.0
 

@@ -19,7 +19,7 @@ from typing import Any
 import orjson
 import pytest
 
-from accounts.health import (
+from accounts.health.machine import (
     Admission,
     AuthFailure,
     Health,
@@ -32,9 +32,9 @@ from accounts.health import (
     Success,
     Transition,
 )
-from accounts.health_store import Blocked, LocalHealthStore, RedisHealthStore, apply_sync, read_states_sync
-from accounts.stickiness import RedisStickyStore
-from accounts.transition_log import TransitionLog
+from accounts.health.store import Blocked, LocalHealthStore, RedisHealthStore, apply_sync, read_states_sync
+from accounts.health.transitions import TransitionLog
+from accounts.routing.stickiness import RedisStickyStore
 
 REDIS_URL = os.environ.get("REDIS_URL", "")
 needs_redis = pytest.mark.skipif(not REDIS_URL, reason="REDIS_URL is not set")

@@ -1,7 +1,7 @@
 """The hot-path budget that is not about time (docs/performance.md): for a key already in the snapshot,
 a request makes no database query, and at most one Redis round trip when Redis is configured.
 
-The gateway runs in this process (``gateway.asgi.application`` driven by a minimal ASGI harness, so
+The gateway runs in this process (``gateway.conf.asgi.application`` driven by a minimal ASGI harness, so
 anything later mounted in front of the data plane is covered too) against the real fake upstream.
 Usage metering stays on, but its database writes are moved out of the counted window, since they are
 off the request path by design (a gateway's usage writer is a child process, gateway/usage_writer.py,
@@ -176,7 +176,7 @@ def gateway_setup(fake_upstream: FakeUpstream) -> str:
         names = {f.name for f in model._meta.get_fields() if getattr(f, "concrete", False)}
         limits = {name: value for name, value in GENEROUS_LIMITS.items() if name in names}
         model.objects.filter(pk=pk).update(**limits)
-    from gateway import notify
+    from gateway.config import notify
 
     notify.config_changed()  # queryset updates fire no signal
     pool = account_services.pool_get_or_create(name="hotpath")
@@ -186,7 +186,7 @@ def gateway_setup(fake_upstream: FakeUpstream) -> str:
 
 def _reset_runtime() -> None:
     """Start from no runtime, so the next one is built with this test's settings."""
-    from gateway import runtime
+    from gateway.dataplane import runtime
 
     try:
         asyncio.run(runtime.shutdown_runtime())
@@ -196,8 +196,8 @@ def _reset_runtime() -> None:
 
 @pytest.mark.django_db(transaction=True)
 def test_cached_key_requests_make_no_database_query(gateway_setup: str, tmp_path: Path) -> None:
-    from gateway.asgi import application
-    from gateway.runtime import shutdown_runtime
+    from gateway.conf.asgi import application
+    from gateway.dataplane.runtime import shutdown_runtime
     from tenancy.models import UsageRecord
 
     key = gateway_setup
@@ -288,8 +288,8 @@ class RoundTripProxy:
 @pytest.mark.skipif(not settings.REDIS_URL, reason="REDIS_URL is not set: the embedded mode uses no Redis")
 @pytest.mark.django_db(transaction=True)
 def test_at_most_one_redis_round_trip_per_request(gateway_setup: str) -> None:
-    from gateway.asgi import application
-    from gateway.runtime import shutdown_runtime
+    from gateway.conf.asgi import application
+    from gateway.dataplane.runtime import shutdown_runtime
 
     key = gateway_setup
     parts = urlsplit(settings.REDIS_URL)

@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 
-from gateway.limits import (
+from gateway.limits.engine import (
     LocalLimiter,
     Scope,
     estimate_tokens,
@@ -56,7 +56,7 @@ class Backend:
             yield limiter
             await limiter.aclose()
             return
-        from gateway.limits_redis import RedisLimiter, redis_client
+        from gateway.limits.redis_backend import RedisLimiter, redis_client
 
         client = redis_client(REDIS_URL)
         self.redis = client
@@ -518,7 +518,7 @@ def test_redis_keys_have_ttls(redis_prefix: str) -> None:
     async def main() -> None:
         import redis.asyncio as aioredis
 
-        from gateway.limits_redis import RedisLimiter
+        from gateway.limits.redis_backend import RedisLimiter
 
         client = aioredis.Redis.from_url(REDIS_URL)
         limiter = RedisLimiter(client, prefix=redis_prefix, config_key=redis_prefix + "gen")
@@ -539,7 +539,7 @@ def test_redis_script_falls_back_to_eval_on_noscript(redis_prefix: str) -> None:
     async def main() -> None:
         import redis.asyncio as aioredis
 
-        from gateway.limits_redis import Script
+        from gateway.limits.redis_backend import Script
 
         client = aioredis.Redis.from_url(REDIS_URL)
         script = Script(f"return ARGV[1] .. '{uuid.uuid4().hex}'")  # never loaded before
@@ -554,7 +554,7 @@ def test_redis_script_falls_back_to_eval_on_noscript(redis_prefix: str) -> None:
 
 def test_redis_settlements_ride_on_the_next_admit(redis_prefix: str) -> None:
     async def main() -> None:
-        from gateway.limits_redis import RedisLimiter, redis_client
+        from gateway.limits.redis_backend import RedisLimiter, redis_client
 
         client = redis_client(REDIS_URL)
         alerts: list[str] = []
@@ -583,8 +583,8 @@ def test_redis_settlements_ride_on_the_next_admit(redis_prefix: str) -> None:
 
 CHILD = """
 import asyncio, sys
-from gateway.limits import Scope
-from gateway.limits_redis import RedisLimiter, redis_client
+from gateway.limits.engine import Scope
+from gateway.limits.redis_backend import RedisLimiter, redis_client
 
 async def main(url, prefix, n, now):
     client = redis_client(url)
@@ -611,7 +611,7 @@ def test_two_processes_share_one_limit_exactly(redis_prefix: str) -> None:
     )
 
     async def main() -> int:
-        from gateway.limits_redis import RedisLimiter, redis_client
+        from gateway.limits.redis_backend import RedisLimiter, redis_client
 
         client = redis_client(REDIS_URL)
         limiter = RedisLimiter(client, prefix=redis_prefix, config_key=redis_prefix + "gen")
@@ -637,8 +637,8 @@ def test_two_processes_share_one_limit_exactly(redis_prefix: str) -> None:
 
 
 def test_backends_satisfy_the_protocol() -> None:
-    from gateway.limits import Limiter
-    from gateway.limits_redis import RedisLimiter
+    from gateway.limits.engine import Limiter
+    from gateway.limits.redis_backend import RedisLimiter
 
     local: Limiter = LocalLimiter()
     remote: type[Limiter] = RedisLimiter

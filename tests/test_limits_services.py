@@ -15,8 +15,8 @@ from django.core.exceptions import ValidationError
 from django.test import override_settings
 from django.utils import timezone
 
-from gateway import notify
-from gateway.celery import app as celery_app
+from gateway.conf.celery import app as celery_app
+from gateway.config import notify
 from tenancy.models import ApiKey, BudgetAlert, PriceVersion, Tenant, UsageRecord
 from tenancy.selectors import (
     apikeys_for_snapshot,

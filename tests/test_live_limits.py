@@ -118,7 +118,7 @@ def body_bytes(body: dict[str, Any]) -> bytes:
 
 
 def reservation(body: dict[str, Any], max_output_tokens: int | None = None) -> int:
-    """The token estimate the gateway reserves for ``body`` (gateway.limits.estimate_tokens)."""
+    """The token estimate the gateway reserves for ``body`` (gateway.limits.engine.estimate_tokens)."""
     output = max_output_tokens if max_output_tokens is not None else body.get("max_output_tokens")
     if output is None:
         output = settings.GATEWAY_DEFAULT_OUTPUT_RESERVE

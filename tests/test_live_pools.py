@@ -25,7 +25,7 @@ import pytest
 from django.conf import settings
 
 from accounts import services as account_services
-from accounts.health import Health, State
+from accounts.health.machine import Health, State
 from accounts.models import AccountTransition, Pool, UpstreamAccount
 from tests import live
 from tests.conftest import DATA_DIR, Live
@@ -53,7 +53,7 @@ def _forget_shared_health(account_ids: list[int]) -> None:
     the gateways reset their mirror at the account's ``created_at``, but the shared record
     is not reset, and new events are folded onto it.
     """
-    from accounts import health_store
+    from accounts.health import store as health_store
 
     client = health_store.sync_client()
     if client is None or not account_ids:
@@ -606,7 +606,7 @@ def test_no_usable_account_answers_503_no_accounts(pools: Pools) -> None:
 
 
 def test_failed_attempts_are_recorded_with_their_usage_and_billed(pools: Pools) -> None:
-    from gateway.fake_upstream_wire import OK_HEADERS, SSE_TYPE, chunk, head, sse_frame
+    from gateway.devtools.fake_upstream.wire import OK_HEADERS, SSE_TYPE, chunk, head, sse_frame
     from tenancy import pricing
     from tenancy.models import PriceVersion
     from tenancy.services import price_set
@@ -682,7 +682,7 @@ def test_failed_attempts_are_recorded_with_their_usage_and_billed(pools: Pools) 
 
 
 def test_probe_readmits_an_account_once_the_upstream_accepts_its_key_again(pools: Pools) -> None:
-    from accounts.probing import accounts_probe_run
+    from accounts.health.probing import accounts_probe_run
     from accounts.tasks import accounts_probe
 
     rotated, healthy = pools.fake(require_key="sk-rotated"), pools.fake()
@@ -767,8 +767,8 @@ def test_a_401_disable_by_one_gateway_is_honoured_by_the_other(pools: Pools, rep
 
 @shared_only
 def test_a_binding_made_by_one_gateway_is_followed_by_the_other(pools: Pools, replicas: tuple[str, str]) -> None:
-    from accounts import health_store
-    from accounts.stickiness import DEFAULT_PREFIX, sticky_key
+    from accounts.health import store as health_store
+    from accounts.routing.stickiness import DEFAULT_PREFIX, sticky_key
 
     gateway_a, gateway_b = replicas
     upstreams = [pools.fake() for _ in range(3)]

@@ -1,6 +1,6 @@
 """The usage writer child process (gateway/usage_writer.py) of live gateways.
 
-Each gateway process spawns one ``python -m gateway.usage_writer`` whose stdin is its
+Each gateway process spawns one ``python -m gateway.metering.writer`` whose stdin is its
 lifeline: when the gateway exits (SIGTERM: after its last append) or dies (SIGKILL), the
 child writes what is left and exits. These tests find the child through /proc.
 
@@ -28,14 +28,14 @@ import httpx
 import pytest
 from django.conf import settings
 
-from gateway.usage_journal import DEAD_NAME, JournalDrainer, JournalWriter
-from gateway.usage_stream import decode_event
+from gateway.metering.journal import DEAD_NAME, JournalDrainer, JournalWriter
+from gateway.metering.stream import decode_event
 from tests import live
 from tests.conftest import DATA_DIR, MODEL, Live, make_actor
 
 pytestmark = pytest.mark.live
 
-WRITER_MODULE = "gateway.usage_writer"
+WRITER_MODULE = "gateway.metering.writer"
 EMBEDDED = not settings.REDIS_URL
 
 
@@ -145,7 +145,7 @@ def in_stream() -> set[str]:
     """Request ids in the Redis usage stream (an entry leaves it only after the database has it)."""
     import redis
 
-    from gateway.usage_stream import FIELD, STREAM
+    from gateway.metering.stream import FIELD, STREAM
 
     client = redis.Redis.from_url(settings.REDIS_URL)
     try:
@@ -259,7 +259,7 @@ def test_sigterm_of_a_gateway_writes_usage_and_ends_its_writer(
 
 @contextlib.contextmanager
 def usage_writer_process(env: dict[str, str], log: Path) -> Iterator[subprocess.Popen[bytes]]:
-    """``python -m gateway.usage_writer`` with a lifeline on its stdin; killed if the test leaves it running."""
+    """``python -m gateway.metering.writer`` with a lifeline on its stdin; killed if the test leaves it running."""
     with open(log, "ab") as handle:
         proc = subprocess.Popen(
             [sys.executable, "-m", WRITER_MODULE],

@@ -9,7 +9,7 @@ import pytest
 from django.core.exceptions import ValidationError
 
 from accounts.models import ModelRoute, ModelRouteTarget
-from accounts.routing import (
+from accounts.routing.routes import (
     FallbackNotAllowed,
     accounts_by_pool_model,
     attempt_plan,
@@ -180,7 +180,7 @@ def test_route_changes_are_announced(pools: dict[str, Any], monkeypatch: pytest.
     from django.db import transaction
 
     from accounts.services import model_route_delete, model_route_set
-    from gateway import notify
+    from gateway.config import notify
 
     calls: list[int] = []
     monkeypatch.setattr(notify, "config_changed", lambda: calls.append(1))

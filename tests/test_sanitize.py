@@ -1,12 +1,12 @@
-"""Unit tests of gateway.sanitize: what POST /v1/responses forwards upstream (seed 004)."""
+"""Unit tests of gateway.contract.sanitize: what POST /v1/responses forwards upstream (seed 004)."""
 
 from __future__ import annotations
 
 import copy
 from typing import Any
 
-from gateway.sanitize import sanitize_for_upstream
-from gateway.validation import validate_request
+from gateway.contract.sanitize import sanitize_for_upstream
+from gateway.contract.validation import validate_request
 
 DEFAULT_STRIP = frozenset({"safety_identifier", "prompt_cache_retention", "temperature", "max_output_tokens"})
 NO_STRIP: frozenset[str] = frozenset()

@@ -9,8 +9,8 @@ from decimal import Decimal
 
 import pytest
 
-from gateway.limits import Scope
-from gateway.seeding import BatchSeed
+from gateway.limits.engine import Scope
+from gateway.limits.seeding import BatchSeed
 
 
 class FakeFetch:

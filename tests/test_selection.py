@@ -8,10 +8,10 @@ from dataclasses import dataclass
 
 import pytest
 
-from accounts.health import AuthFailure, RateLimited, ServerError
-from accounts.health_store import LocalHealthStore
-from accounts.selection import FILL_FIRST, LEAST_IN_FLIGHT, WEIGHTED_ROUND_ROBIN, InFlight, Selector
-from accounts.stickiness import LocalStickyStore, sticky_key
+from accounts.health.machine import AuthFailure, RateLimited, ServerError
+from accounts.health.store import LocalHealthStore
+from accounts.routing.selection import FILL_FIRST, LEAST_IN_FLIGHT, WEIGHTED_ROUND_ROBIN, InFlight, Selector
+from accounts.routing.stickiness import LocalStickyStore, sticky_key
 
 POOL = 1
 

@@ -24,7 +24,7 @@ from accounts.services import (
     upstream_account_create,
     upstream_account_set_enabled,
 )
-from gateway import notify
+from gateway.config import notify
 from tenancy.keys import generate_api_key, key_digest, key_prefix
 from tenancy.models import ApiKey, Tenant, UsageRecord
 from tenancy.selectors import apikeys_for_snapshot, tenant_get_by_slug

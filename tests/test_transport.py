@@ -27,15 +27,15 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from gateway.checks import UPSTREAM_TRANSPORTS
-from gateway.transport import FastTransport
-from gateway.upstream import (
+from accounts.upstream.client import (
     TRANSPORTS,
     UpstreamClient,
     UpstreamConnectError,
     UpstreamProtocolError,
     UpstreamTimeout,
 )
+from accounts.upstream.transport import FastTransport
+from gateway.conf.checks import UPSTREAM_TRANSPORTS
 from tests.conftest import FakeUpstream
 
 T = TypeVar("T")

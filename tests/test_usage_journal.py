@@ -20,9 +20,9 @@ from typing import Any
 import pytest
 from django.db import DataError, IntegrityError, OperationalError, ProgrammingError
 
-from gateway import usage_journal
-from gateway.usage_journal import DEAD_NAME, LOCK_NAME, JournalDrainer, JournalWriter, run_journal_drainer
-from gateway.usage_stream import UsageWriteFailed, decode_event, encode_event
+from gateway.metering import journal as usage_journal
+from gateway.metering.journal import DEAD_NAME, LOCK_NAME, JournalDrainer, JournalWriter, run_journal_drainer
+from gateway.metering.stream import UsageWriteFailed, decode_event, encode_event
 
 T0 = datetime(2030, 1, 1, 12, 30, tzinfo=UTC)
 

@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 from django.core.management import CommandError, call_command
 
-from gateway.usage_stream import (
+from gateway.metering.stream import (
     FIELD,
     RedisUsageSink,
     UsageDrainer,
@@ -355,7 +355,7 @@ def test_usage_drain_command_writes_to_the_database(stream: str, settings: Any) 
 
 @pytest.mark.django_db(transaction=True)  # the writer's connection hygiene closes a connection inside atomic()
 def test_usage_drain_command_writes_the_journal_without_redis(settings: Any, tmp_path: Path) -> None:
-    from gateway.usage_journal import JournalDrainer, JournalWriter
+    from gateway.metering.journal import JournalDrainer, JournalWriter
     from tenancy.models import Tenant, UsageRecord
 
     settings.REDIS_URL = ""

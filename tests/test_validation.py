@@ -1,4 +1,4 @@
-"""Unit tests of gateway.validation: the request contract of POST /v1/responses (seed 004)."""
+"""Unit tests of gateway.contract.validation: the request contract of POST /v1/responses (seed 004)."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ from typing import Any
 
 import pytest
 
-from gateway.errors import GatewayError
-from gateway.validation import INCLUDE_ALLOWLIST, validate_request
+from gateway.contract.errors import GatewayError
+from gateway.contract.validation import INCLUDE_ALLOWLIST, validate_request
 
 INVALID_REQUEST = "invalid_request_error"
 INVALID_TYPE = "invalid_type"

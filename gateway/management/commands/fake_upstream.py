@@ -1,7 +1,7 @@
 """``python manage.py fake_upstream``: run the fake OpenAI Responses upstream.
 
-A thin wrapper over :func:`gateway.fake_upstream.serve`; the flags are the same as
-``python -m gateway.fake_upstream`` (see ``--help``).
+A thin wrapper over :func:`gateway.devtools.fake_upstream.server.serve`; the flags are the same as
+``python -m gateway.devtools.fake_upstream.server`` (see ``--help``).
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from typing import Any
 
 from django.core.management.base import BaseCommand
 
-from gateway import fake_upstream
+from gateway.devtools.fake_upstream import server as fake_upstream
 
 
 class Command(BaseCommand):

@@ -25,14 +25,16 @@ class Command(BaseCommand):
         if options["server"] == "daphne":
             from daphne.cli import CommandLineInterface
 
-            CommandLineInterface().run(["-b", host, "-p", str(port), "--verbosity", "0", "gateway.asgi:application"])
+            CommandLineInterface().run(
+                ["-b", host, "-p", str(port), "--verbosity", "0", "gateway.conf.asgi:application"]
+            )
             return
         import uvicorn
 
         if options["workers"] < 1:
             raise CommandError("--workers must be at least 1")
         uvicorn.run(
-            "gateway.asgi:application",
+            "gateway.conf.asgi:application",
             host=host,
             port=port,
             workers=options["workers"],

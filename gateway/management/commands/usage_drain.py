@@ -1,12 +1,12 @@
 """``python manage.py usage_drain [--once]``: write pending usage records to the database.
 
-With Redis, a dedicated worker for ``gateway.usage_stream``: it joins the ``gw-writers``
+With Redis, a dedicated worker for ``gateway.metering.stream``: it joins the ``gw-writers``
 consumer group next to the gateway processes' own writers. ``--once`` writes what is
 there now (taking over entries that dead consumers left pending) and exits; it fails
 when the database refuses, leaving the entries in the stream. ``--requeue-dead`` moves
 the events set aside as refused (``gw:usage:dead``) back into the stream first.
 
-Embedded (no Redis), it drains the usage journal (``gateway.usage_journal``) like a
+Embedded (no Redis), it drains the usage journal (``gateway.metering.journal``) like a
 gateway's usage writer process; only one process drains a journal at a time, so it
 stands by while a gateway's writer is active (``--once`` then fails, saying so).
 """
@@ -21,7 +21,7 @@ from typing import Any
 from django.conf import settings
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
-from gateway.usage_stream import GROUP, STREAM, UsageDrainer, UsageWriteFailed, django_writer, run_drainer
+from gateway.metering.stream import GROUP, STREAM, UsageDrainer, UsageWriteFailed, django_writer, run_drainer
 
 
 class Command(BaseCommand):
@@ -94,8 +94,8 @@ class Command(BaseCommand):
             await redis.aclose()
 
     def _journal(self, options: dict[str, Any]) -> None:
-        from gateway.usage_journal import JournalDrainer, drain_until
-        from gateway.usage_writer import POLL_SECONDS, journal_dir, spool_dir
+        from gateway.metering.journal import JournalDrainer, drain_until
+        from gateway.metering.writer import POLL_SECONDS, journal_dir, spool_dir
 
         if options["requeue_dead"]:
             raise CommandError("--requeue-dead is for the Redis stream; without Redis, see usage-journal/dead.jsonl")

@@ -1,0 +1,30 @@
+"""ASGI entry point: /v1/* goes to the data plane, everything else to Django.
+
+Served by uvicorn (``manage.py serve``, the measured default) or by Daphne
+(``manage.py serve --server daphne`` or ``daphne gateway.conf.asgi:application``).
+"""
+
+from __future__ import annotations
+
+import os
+
+from django.core.asgi import get_asgi_application
+
+os.environ.setdefault("DJANGO_SETTINGS_MODULE", "gateway.conf.settings")
+django_application = get_asgi_application()
+
+# Imported after Django is set up: the data plane reads settings at import time.
+from channels.routing import ProtocolTypeRouter, URLRouter  # noqa: E402
+from django.urls import re_path  # noqa: E402
+
+from gateway.dataplane.app import gateway_app  # noqa: E402
+
+application = ProtocolTypeRouter(
+    {
+        # channels routes ASGI apps with django.urls patterns, whose stubs expect views.
+        "http": URLRouter(
+            [re_path(r"^v1/", gateway_app), re_path(r"", django_application)]  # type: ignore[arg-type]
+        ),
+        "lifespan": gateway_app,
+    }
+)

@@ -1,0 +1,151 @@
+"""System checks for the gateway's configuration, with stable ids.
+
+Registered without ``deploy=True`` so they run for every command that checks
+(runserver, migrate, serve, check). Ids are part of the interface: docs and
+operators refer to them.
+
+    gateway.E001  SECRET_KEY missing or shorter than 32 characters
+    gateway.E002  GATEWAY_ENCRYPTION_KEY missing or not a Fernet key
+    gateway.E003  DATABASE_URL malformed             (from gateway.conf.env)
+    gateway.E004  REDIS_URL malformed                (from gateway.conf.env)
+    gateway.E005  GATEWAY_UPSTREAM_TRANSPORT unknown
+    gateway.E006  GATEWAY_SERVER unknown
+    gateway.E007  GATEWAY_USAGE_WRITER unknown
+    gateway.E010  a boolean variable is malformed    (from gateway.conf.env)
+    gateway.E011  an integer variable is malformed   (from gateway.conf.env)
+    gateway.E012  a number variable is malformed     (from gateway.conf.env)
+
+No message ever contains a secret value.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from django.apps import AppConfig
+from django.conf import settings
+from django.core.checks import CheckMessage, Error, register
+from django.core.exceptions import ImproperlyConfigured
+
+from gateway.conf import env
+
+MIN_SECRET_KEY_LENGTH = 32
+UPSTREAM_TRANSPORTS = ("fast", "aiohttp", "httpx")
+SERVERS = ("uvicorn", "daphne")
+USAGE_WRITERS = ("process", "thread")
+
+SECRET_KEY_HINT = (
+    "Set SECRET_KEY to a long random string, e.g. the output of "
+    '`python -c "import secrets; print(secrets.token_urlsafe(50))"` '
+    "(or run `python manage.py genkeys`). Changing it later invalidates every tenant API key."
+)
+ENCRYPTION_KEY_HINT = (
+    "Set GATEWAY_ENCRYPTION_KEY to a Fernet key: run `python manage.py genkeys`, or "
+    '`python -c "from cryptography.fernet import Fernet; print(Fernet.generate_key().decode())"`. '
+    "Upstream credentials stored under another key must be re-entered."
+)
+ENV_HINTS = {
+    "gateway.E003": "Set DATABASE_URL to sqlite:///path.db or postgres://user:password@host:5432/name, "
+    "or unset it to use the embedded SQLite database under GATEWAY_DATA_DIR.",
+    "gateway.E004": "Set REDIS_URL to redis://host:6379/0 (or rediss://, unix://), "
+    "or unset it to run a single process without Redis.",
+    "gateway.E010": "Set the variable named above to true or false, or unset it to use the default.",
+    "gateway.E011": "Set the variable named above to a whole number in range, or unset it to use the default.",
+    "gateway.E012": "Set the variable named above to a number in range, or unset it to use the default.",
+}
+DEFAULT_ENV_HINT = "Fix the environment variable named above, or unset it to use the default."
+
+
+def _setting(name: str) -> Any:
+    try:
+        return getattr(settings, name, None)
+    except ImproperlyConfigured:
+        # Django refuses to hand out an empty SECRET_KEY; for us that is "missing".
+        return None
+
+
+@register()
+def check_secret_key(app_configs: Sequence[AppConfig] | None = None, **kwargs: Any) -> list[CheckMessage]:
+    value = _setting("SECRET_KEY")
+    if not isinstance(value, str) or not value:
+        return [
+            Error("SECRET_KEY is not set: set it to a long random string.", hint=SECRET_KEY_HINT, id="gateway.E001")
+        ]
+    if len(value) < MIN_SECRET_KEY_LENGTH:
+        return [
+            Error(
+                f"SECRET_KEY is too short ({len(value)} characters): set it to a long random string "
+                f"of at least {MIN_SECRET_KEY_LENGTH} characters.",
+                hint=SECRET_KEY_HINT,
+                id="gateway.E001",
+            )
+        ]
+    return []
+
+
+@register()
+def check_encryption_key(app_configs: Sequence[AppConfig] | None = None, **kwargs: Any) -> list[CheckMessage]:
+    from accounts.crypto import is_valid_encryption_key
+
+    value = _setting("GATEWAY_ENCRYPTION_KEY")
+    if not isinstance(value, str) or not value:
+        return [
+            Error(
+                "GATEWAY_ENCRYPTION_KEY is not set: upstream credentials cannot be encrypted.",
+                hint=ENCRYPTION_KEY_HINT,
+                id="gateway.E002",
+            )
+        ]
+    if not is_valid_encryption_key(value):
+        return [
+            Error(
+                "GATEWAY_ENCRYPTION_KEY is not a valid Fernet key (32 bytes, url-safe base64).",
+                hint=ENCRYPTION_KEY_HINT,
+                id="gateway.E002",
+            )
+        ]
+    return []
+
+
+@register()
+def check_environment(app_configs: Sequence[AppConfig] | None = None, **kwargs: Any) -> list[CheckMessage]:
+    """Report every value gateway.conf.env could not parse (collected at settings import)."""
+    return [
+        Error(message, hint=ENV_HINTS.get(check_id, DEFAULT_ENV_HINT), id=check_id)
+        for check_id, message in env.CONFIG_ERRORS
+    ]
+
+
+@register()
+def check_choices(app_configs: Sequence[AppConfig] | None = None, **kwargs: Any) -> list[CheckMessage]:
+    errors: list[CheckMessage] = []
+    transport = _setting("GATEWAY_UPSTREAM_TRANSPORT")
+    if transport not in UPSTREAM_TRANSPORTS:
+        errors.append(
+            Error(
+                f"GATEWAY_UPSTREAM_TRANSPORT={transport!r} is not supported.",
+                hint="Set GATEWAY_UPSTREAM_TRANSPORT to fast (default, fastest), aiohttp or httpx, or unset it.",
+                id="gateway.E005",
+            )
+        )
+    server = _setting("GATEWAY_SERVER")
+    if server not in SERVERS:
+        errors.append(
+            Error(
+                f"GATEWAY_SERVER={server!r} is not supported.",
+                hint="Set GATEWAY_SERVER to uvicorn (default, fastest) or daphne, or unset it.",
+                id="gateway.E006",
+            )
+        )
+    writer = _setting("GATEWAY_USAGE_WRITER")
+    if writer not in USAGE_WRITERS:
+        errors.append(
+            Error(
+                f"GATEWAY_USAGE_WRITER={writer!r} is not supported.",
+                hint="Set GATEWAY_USAGE_WRITER to process (default: a child process writes usage) or thread, "
+                "or unset it.",
+                id="gateway.E007",
+            )
+        )
+    return errors

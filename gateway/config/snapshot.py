@@ -1,0 +1,346 @@
+"""The in-memory view of keys, tenants, accounts, routes and prices that the hot path reads.
+
+A :class:`Snapshot` is immutable and built off the request path from the selectors
+(``tenancy.selectors.apikeys_for_snapshot``/``prices_for_snapshot`` and
+``accounts.selectors.accounts_for_snapshot``/``routes_for_snapshot``).
+:class:`ConfigState` hands out the current snapshot and rebuilds it when the change
+token of ``gateway.config.notify`` moves, so a change made on any replica (or by an operator
+command) is seen by the very next request here, with no database query per request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import logging
+import time
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from asgiref.sync import sync_to_async
+
+from accounts.routing.routes import Target, accounts_by_pool_model, route_table, routes_from_rows
+from gateway.limits.engine import Scope
+from tenancy.pricing import PriceTable, budget_window, usd_to_micros
+
+logger = logging.getLogger(__name__)
+
+# A snapshot older than this is rebuilt in the background even without a change
+# token, so edits made outside the services (raw SQL) still arrive eventually.
+MAX_SNAPSHOT_AGE = 60.0
+
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+class Limits:
+    """The limits of one key or tenant; :meth:`scope` gives the engine's view at a moment.
+
+    The budget window depends on the time (a day, a week, a month), so it is computed
+    on first use and again only once it has ended.
+    """
+
+    __slots__ = (
+        "_window",
+        "budget_micros",
+        "budget_tokens",
+        "concurrency",
+        "fixed",
+        "id",
+        "name",
+        "period",
+        "rpm",
+        "soft_percent",
+        "tenant_id",
+        "tpm",
+    )
+
+    def __init__(self, name: str, id: int, tenant_id: int, row: Mapping[str, Any], prefix: str = "") -> None:
+        def get(key: str) -> Any:
+            return row.get(prefix + key)
+
+        self.name = name
+        self.id = id
+        self.tenant_id = tenant_id
+        self.rpm: int | None = get("rpm")
+        self.tpm: int | None = get("tpm")
+        self.concurrency: int | None = get("concurrency")
+        budget_usd = get("budget_usd")
+        self.budget_micros = usd_to_micros(budget_usd) if budget_usd is not None else None
+        self.budget_tokens: int | None = get("budget_tokens")
+        self.period: str = get("budget_period") or "month"
+        self.fixed = (get("budget_window_start"), get("budget_window_end"))
+        self.soft_percent: int | None = get("budget_soft_percent")
+        self._window: tuple[int, int] | None = None
+
+    @property
+    def empty(self) -> bool:
+        return (
+            self.rpm is None
+            and self.tpm is None
+            and self.concurrency is None
+            and self.budget_micros is None
+            and self.budget_tokens is None
+        )
+
+    def window(self, now: float) -> tuple[int, int] | None:
+        """The budget window ``[start, end)`` containing ``now``; None outside a fixed one."""
+        if self.period == "fixed":
+            start, end = self.fixed
+            if start is None or end is None:
+                return None
+            fixed = (int(start.timestamp()), int(end.timestamp()))
+            return fixed if fixed[0] <= now < fixed[1] else None
+        window = self._window
+        if window is None or not window[0] <= now < window[1]:
+            begin, finish = budget_window(self.period, datetime.fromtimestamp(now, UTC))
+            window = self._window = (int(begin.timestamp()), int(finish.timestamp()))
+        return window
+
+    def scope(self, now: float) -> Scope:
+        window = self.window(now) if self.budget_micros is not None or self.budget_tokens is not None else None
+        return Scope(
+            name=self.name,
+            id=self.id,
+            rpm=self.rpm,
+            tpm=self.tpm,
+            concurrency=self.concurrency,
+            budget_tokens=self.budget_tokens if window else None,
+            budget_micros=self.budget_micros if window else None,
+            window_start=window[0] if window else 0,
+            window_end=window[1] if window else 0,
+            soft_percent=self.soft_percent,
+            tenant_id=self.tenant_id,
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class KeyInfo:
+    key_id: int
+    tenant_id: int
+    tenant_slug: str
+    prefix: str
+    digest: str
+    # None: every model the pools serve.
+    allowed_models: frozenset[str] | None
+    expires_at: float | None  # epoch seconds
+    max_output_tokens: int | None = None
+    reasoning_efforts: frozenset[str] | None = None
+    allowed_tools: frozenset[str] | None = None
+    allowed_ips: tuple[IPNetwork, ...] | None = None
+    key_limits: Limits | None = None
+    tenant_limits: Limits | None = None
+
+    def scopes(self, now: float) -> list[Scope]:
+        """The engine scopes of this key's request: the key's then the tenant's."""
+        return [limits.scope(now) for limits in (self.key_limits, self.tenant_limits) if limits is not None]
+
+
+@dataclass(frozen=True, slots=True)
+class AccountInfo:
+    account_id: int
+    pool_id: int
+    pool_name: str
+    responses_url: str
+    credential: str | None
+    models: frozenset[str]
+    weight: int
+    strip_fields: frozenset[str]
+    max_concurrency: int | None = None
+    priority: int = 0
+
+    def __repr__(self) -> str:  # never print the credential
+        return f"AccountInfo(id={self.account_id}, pool={self.pool_name!r}, url={self.responses_url!r})"
+
+
+@dataclass(frozen=True, slots=True)
+class ModelEntry:
+    """A public model name as /v1/models lists it."""
+
+    created: int
+    owned_by: str
+
+
+@dataclass(slots=True)
+class Snapshot:
+    token: object
+    keys: dict[str, KeyInfo]
+    # (pool_id, upstream model) -> the pool's enabled accounts listing it.
+    targets: dict[Target, list[AccountInfo]]
+    # public model -> ordered (pool_id, upstream model) targets that can serve it now.
+    routes: dict[str, tuple[Target, ...]]
+    # Models some account or route names, servable or not: 503 rather than 404.
+    known_models: frozenset[str]
+    models: dict[str, ModelEntry]
+    strategies: dict[int, str]  # pool_id -> selection strategy
+    prices: PriceTable
+    health_resets: dict[int, float | None]
+    built_at: float = field(default_factory=time.monotonic)
+
+
+def _key_info(row: Mapping[str, Any], tenants: dict[int, Limits | None]) -> KeyInfo:
+    """``tenants``: the tenants' limits built so far, shared by their keys (one object per tenant)."""
+    expires = row.get("expires_at")
+    allowed = row.get("allowed_models") or None
+    ips = row.get("allowed_ips")
+    efforts = row.get("reasoning_efforts")
+    tools = row.get("allowed_tools")
+    key_limits = Limits("key", row["id"], row["tenant_id"], row)
+    tenant_id = row["tenant_id"]
+    if tenant_id not in tenants:
+        limits = Limits("tenant", tenant_id, tenant_id, row, prefix="tenant_")
+        tenants[tenant_id] = None if limits.empty else limits
+    return KeyInfo(
+        key_id=row["id"],
+        tenant_id=row["tenant_id"],
+        tenant_slug=row["tenant_slug"],
+        prefix=row["prefix"],
+        digest=row["digest"],
+        allowed_models=frozenset(allowed) if allowed else None,
+        expires_at=expires.timestamp() if expires is not None else None,
+        max_output_tokens=row.get("max_output_tokens"),
+        reasoning_efforts=frozenset(efforts) if efforts is not None else None,
+        allowed_tools=frozenset(tools) if tools is not None else None,
+        allowed_ips=tuple(ipaddress.ip_network(net, strict=False) for net in ips) if ips is not None else None,
+        key_limits=None if key_limits.empty else key_limits,
+        tenant_limits=tenants[tenant_id],
+    )
+
+
+def build_snapshot(
+    token: object,
+    key_rows: Sequence[Mapping[str, Any]],
+    account_rows: Sequence[Mapping[str, Any]],
+    route_rows: Sequence[Mapping[str, Any]] = (),
+    price_rows: Sequence[Mapping[str, Any]] = (),
+) -> Snapshot:
+    """Turn selector rows into a snapshot (pure; no I/O)."""
+    tenants: dict[int, Limits | None] = {}
+    keys = {row["prefix"]: _key_info(row, tenants) for row in key_rows}
+    accounts: list[AccountInfo] = []
+    known: set[str] = set()
+    strategies: dict[int, str] = {}
+    resets: dict[int, float | None] = {}
+    models: dict[str, ModelEntry] = {}
+    for row in account_rows:
+        known.update(row["models"])
+        strategies[row["pool_id"]] = row.get("strategy") or "weighted_round_robin"
+        # An account's health starts at its creation too: SQLite reuses the ids of
+        # deleted rows, and a new account must not inherit an old one's cooldown.
+        moments = [m.timestamp() for m in (row.get("health_reset_at"), row.get("created_at")) if m is not None]
+        resets[row["id"]] = max(moments) if moments else None
+        if not row.get("enabled", True):
+            continue
+        accounts.append(
+            AccountInfo(
+                account_id=row["id"],
+                pool_id=row["pool_id"],
+                pool_name=row["pool_name"],
+                responses_url=row["base_url"].rstrip("/") + "/responses",
+                credential=row.get("credential") or None,
+                models=frozenset(row["models"]),
+                weight=max(1, int(row["weight"])),
+                strip_fields=frozenset(row["strip_fields"]),
+                max_concurrency=row.get("max_concurrency"),
+                priority=int(row.get("priority") or 0),
+            )
+        )
+        stamp = int(row["created_at"].timestamp()) if row.get("created_at") else 0
+        for model in row["models"]:
+            entry = models.get(model)
+            if entry is None or stamp < entry.created:
+                models[model] = ModelEntry(stamp, row["pool_name"])
+    targets = accounts_by_pool_model(accounts)
+    explicit = routes_from_rows(route_rows)
+    routes = route_table(explicit, targets)
+    known.update(explicit)
+    listed = {name: models.get(name, ModelEntry(0, "gateway")) for name in routes}
+    return Snapshot(
+        token=token,
+        keys=keys,
+        targets=targets,
+        routes=routes,
+        known_models=frozenset(known),
+        models=listed,
+        strategies=strategies,
+        prices=PriceTable.from_rows(price_rows),
+        health_resets=resets,
+    )
+
+
+def load_snapshot(token: object) -> Snapshot:
+    """Read the configuration from the database (blocking; call from a worker thread)."""
+    from accounts.selectors import accounts_for_snapshot, routes_for_snapshot
+    from tenancy.selectors import apikeys_for_snapshot, prices_for_snapshot
+
+    return build_snapshot(
+        token, apikeys_for_snapshot(), accounts_for_snapshot(), routes_for_snapshot(), prices_for_snapshot()
+    )
+
+
+class ConfigState:
+    """Hands out the current snapshot; rebuilds it when the change token moves.
+
+    ``token_source`` is awaited once per request: an ``os.stat`` in embedded mode; with
+    Redis it returns the last token seen (the limiter's admission script reads the real
+    one in the same round trip, and the caller reports a newer one with :meth:`seen`).
+    ``on_reload`` runs after every rebuild (e.g. to apply operator health resets).
+    """
+
+    def __init__(
+        self,
+        token_source: Callable[[], Awaitable[object]],
+        loader: Callable[[object], Snapshot] = load_snapshot,
+        on_reload: Callable[[Snapshot], None] | None = None,
+        max_age: float = MAX_SNAPSHOT_AGE,
+    ) -> None:
+        self._token_source = token_source
+        self._max_age = max_age
+        self._loader = loader
+        self._on_reload = on_reload
+        self._snapshot: Snapshot | None = None
+        self._lock: asyncio.Lock | None = None
+        self._refreshing = False
+        self._refresh_task: asyncio.Task[None] | None = None
+
+    async def current(self) -> Snapshot:
+        token = await self._token_source()
+        snapshot = self._snapshot
+        if snapshot is not None and snapshot.token == token:
+            if time.monotonic() - snapshot.built_at > self._max_age and not self._refreshing:
+                self._refreshing = True
+                self._refresh_task = asyncio.get_running_loop().create_task(self._refresh(token))
+            return snapshot
+        return await self._reload(token)
+
+    async def reload(self, token: object) -> Snapshot:
+        """The snapshot for ``token``, rebuilt unless it already is the current one."""
+        return await self._reload(token)
+
+    async def _reload(self, token: object, *, force: bool = False) -> Snapshot:
+        if self._lock is None:
+            self._lock = asyncio.Lock()
+        async with self._lock:
+            snapshot = self._snapshot
+            if not force and snapshot is not None and snapshot.token == token:
+                return snapshot
+            try:
+                # The token is read before loading, so a change racing the load
+                # leaves a stale token behind and triggers one more reload.
+                snapshot = await sync_to_async(self._loader, thread_sensitive=False)(token)
+            except Exception:
+                if self._snapshot is None:
+                    raise
+                logger.exception("configuration reload failed; serving the previous snapshot")
+                return self._snapshot
+            self._snapshot = snapshot
+            if self._on_reload is not None:
+                self._on_reload(snapshot)
+            return snapshot
+
+    async def _refresh(self, token: object) -> None:
+        try:
+            await self._reload(token, force=True)
+        finally:
+            self._refreshing = False

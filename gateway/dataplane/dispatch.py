@@ -1,0 +1,358 @@
+"""Sending a request upstream: account selection, attempts, failover, relaying.
+
+``Dispatcher.run`` walks the request's attempt plan (the model's targets, then its
+fallbacks' targets; see accounts/routing.py). For each target it picks an account
+with the pool's strategy (accounts/selection.py), honouring health, concurrency caps
+and the prompt-cache binding (accounts/stickiness.py). Before the first byte reaches
+the client, a failed attempt (connect error, timeout, 5xx, 408, 429, a rejected
+credential) is reported to the account's health and retried on another account, up
+to ``GATEWAY_MAX_ATTEMPTS`` attempts and ``GATEWAY_FAILOVER_DEADLINE`` seconds.
+Streams are held back until real output arrives (gateway/relay.py), so an upstream
+that fails right after ``response.created`` is retried invisibly too.
+
+Every attempt is noted on the exchange (account, outcome, status, usage) for metering.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import math
+import time
+from typing import TYPE_CHECKING, Any
+
+import httpx
+import orjson
+from django.conf import settings
+
+from accounts.health.machine import Admission, Success, event_for_exception, event_for_status
+from accounts.routing.stickiness import sticky_key
+from accounts.upstream.client import UpstreamError, UpstreamStream
+from gateway.config.snapshot import AccountInfo, Snapshot
+from gateway.contract.errors import RATE_LIMIT, SERVER, GatewayError
+from gateway.contract.sanitize import sanitize_for_upstream
+from gateway.dataplane.asgi_io import Receive, Send, send_json
+from gateway.dataplane.relay import COMMIT, SseRelay, usage_fields
+
+if TYPE_CHECKING:
+    from gateway.dataplane.app import Exchange
+    from gateway.dataplane.runtime import Runtime
+
+# Upstream headers worth relaying to the client on an error answer.
+_RELAYED_ERROR_HEADERS = ("retry-after", "retry-after-ms", "x-should-retry")
+_SSE_HEADERS = [
+    (b"content-type", b"text/event-stream; charset=utf-8"),
+    (b"cache-control", b"no-cache"),
+    (b"x-accel-buffering", b"no"),
+]
+# Statuses that say "try another account" rather than "the request is wrong".
+_RETRY_STATUSES = frozenset({401, 403, 408, 429})
+
+
+def upstream_headers(account: AccountInfo, stream: bool) -> httpx.Headers:
+    """The upstream request headers: one shared, read-only object per (credential, stream)."""
+    return _upstream_headers(account.credential, stream)
+
+
+@functools.lru_cache(maxsize=1024)
+def _upstream_headers(credential: str | None, stream: bool) -> httpx.Headers:
+    # Built once: constructing httpx.Headers per request was a measurable share of its cost.
+    # identity: the relay forwards raw bytes, so a compressed upstream body would reach
+    # the client as garbage.
+    headers = {
+        "content-type": "application/json",
+        "accept": "text/event-stream" if stream else "application/json",
+        "accept-encoding": "identity",
+    }
+    if credential:
+        headers["authorization"] = f"Bearer {credential}"
+    return httpx.Headers(headers)
+
+
+class Failed(Exception):
+    """Every attempt failed: ``error`` is what the client gets."""
+
+    def __init__(self, error: GatewayError) -> None:
+        super().__init__(error.message)
+        self.error = error
+
+
+class Dispatcher:
+    """One request's attempts. ``run`` answers the client or raises ``Failed``/GatewayError."""
+
+    def __init__(
+        self,
+        runtime: Runtime,
+        ex: Exchange,
+        request: dict[str, Any],
+        plan: list[tuple[str, int, str]],
+        snapshot: Snapshot,
+        extra_headers: list[tuple[bytes, bytes]],
+    ) -> None:
+        self.rt = runtime
+        self.ex = ex
+        self.request = request
+        self.plan = plan
+        self.snapshot = snapshot
+        self.extra = extra_headers
+        self.tried: set[int] = set()
+        self.last_error: GatewayError | None = None
+        sticky = request.get("prompt_cache_key") or _conversation_id(request.get("conversation"))
+        self.sticky_value = str(sticky) if sticky else ""
+
+    async def run(self, receive: Receive, send: Send) -> None:
+        max_attempts = settings.GATEWAY_MAX_ATTEMPTS
+        deadline = time.monotonic() + settings.GATEWAY_FAILOVER_DEADLINE
+        for public_model, pool_id, upstream_model in self.plan:
+            candidates = self.snapshot.targets.get((pool_id, upstream_model), [])
+            strategy = self.snapshot.strategies.get(pool_id, "weighted_round_robin")
+            key = sticky_key(self.ex.tenant_id, pool_id, self.sticky_value) if self.sticky_value else ""
+            while len(self.ex.attempts) < max_attempts and time.monotonic() < deadline:
+                bound = await self.rt.sticky.lookup(key) if key else None
+                account = self.rt.selector.pick(
+                    pool_id, candidates, strategy=strategy, exclude=self.tried, sticky_account=bound
+                )
+                if account is None:
+                    break
+                # Taken before any await: the cap and least-in-flight see this request now.
+                lease = self.rt.selector.inflight.acquire(account.account_id)
+                self.tried.add(account.account_id)
+                try:
+                    if self.rt.health.admission(account.account_id) is Admission.TRIAL and not (
+                        await self.rt.health.try_acquire_probe(account.account_id)
+                    ):
+                        continue
+                    if await self._attempt(account, public_model, upstream_model, key, receive, send):
+                        return
+                finally:
+                    lease.release()
+        raise Failed(self._exhausted())
+
+    async def _attempt(
+        self,
+        account: AccountInfo,
+        public_model: str,
+        upstream_model: str,
+        sticky: str,
+        receive: Receive,
+        send: Send,
+    ) -> bool:
+        """One try on ``account``: True when the client got its answer, False to go on."""
+        ex = self.ex
+        ex.account = account
+        ex.model = public_model
+        request = self.request if upstream_model == self.request["model"] else {**self.request, "model": upstream_model}
+        payload = orjson.dumps(sanitize_for_upstream(request, account.strip_fields))
+        try:
+            upstream = await self.rt.upstream.open(account.responses_url, upstream_headers(account, ex.stream), payload)
+        except UpstreamError as exc:
+            await self._failed(account, event_for_exception(exc), "upstream_error", 502, str(exc))
+            return False
+        if (
+            ex.stream
+            and upstream.status == 200
+            and upstream.headers.get("content-type", "").startswith("text/event-stream")
+        ):
+            return await self._stream(account, upstream_model, upstream, sticky, receive, send)
+        try:
+            content = await upstream.read()
+        except UpstreamError as exc:
+            await self._failed(account, event_for_exception(exc), "upstream_error", 502, str(exc))
+            return False
+        finally:
+            await upstream.aclose()
+        status = upstream.status
+        event = event_for_status(status, upstream.headers, content)
+        if status >= 500 or status in _RETRY_STATUSES:
+            outcome = "rate_limited" if status == 429 else "upstream_error"
+            await self._failed(account, event, outcome, status, f"the upstream answered {status}")
+            return False
+        if event is not None:
+            await self.rt.health.report(account.account_id, event)
+        if status >= 400:
+            # The request's own fault: the upstream's envelope tells the client what.
+            extra = [
+                (name.encode(), upstream.headers[name].encode())
+                for name in _RELAYED_ERROR_HEADERS
+                if name in upstream.headers
+            ]
+            ex.finish(status, "upstream_rejected")
+            await send_json(send, status, content, ex.rid, [*self.extra, *extra])
+            return True
+        try:
+            parsed = orjson.loads(content)
+        except orjson.JSONDecodeError:
+            await self._failed(account, None, "upstream_error", 502, "the upstream answered malformed JSON")
+            return False
+        response = parsed if isinstance(parsed, dict) else {}
+        self._bind(sticky, account, upstream_model)
+        await send_json(send, status, content, ex.rid, self.extra)
+        ex.finish(
+            status,
+            str(response.get("status") or "completed"),
+            usage_fields(response.get("usage")),
+            response_id=str(response.get("id") or ""),
+            ttfb_ms=(time.monotonic() - ex.started) * 1000,
+        )
+        return True
+
+    async def _stream(
+        self,
+        account: AccountInfo,
+        upstream_model: str,
+        upstream: UpstreamStream,
+        sticky: str,
+        receive: Receive,
+        send: Send,
+    ) -> bool:
+        ex = self.ex
+        relay = SseRelay(send, ex.started)
+        chunks = upstream.chunks()
+        try:
+            verdict = await relay.hold(chunks, settings.GATEWAY_STREAM_HOLD_SECONDS)
+        except UpstreamError as exc:
+            relay.discard()
+            await upstream.aclose()
+            await self._failed(account, event_for_exception(exc), "upstream_error", 502, str(exc))
+            return False
+        except BaseException:
+            relay.discard()
+            await upstream.aclose()
+            raise
+        if verdict != COMMIT:
+            relay.discard()
+            await upstream.aclose()
+            code = relay.failure_code or "stream_incomplete"
+            await self._failed(
+                account, event_for_exception(UpstreamError(code)), "upstream_error", 200, code, relay.usage
+            )
+            return False
+        await self.rt.health.report(account.account_id, Success())
+        self._bind(sticky, account, upstream_model)
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 200,
+                "headers": [*_SSE_HEADERS, *self.extra, (b"x-request-id", ex.rid)],
+            }
+        )
+        self.rt.keepalive.register(relay.entry)
+        task = asyncio.current_task()
+        gone = asyncio.Event()
+        watcher = asyncio.get_running_loop().create_task(_watch_disconnect(receive, task, gone))
+        tail = b""
+        try:
+            await relay.run(chunks)
+            if relay.terminal is None:
+                outcome = "upstream_error"
+                tail = relay.failure_frames(
+                    "upstream_error",
+                    "The upstream closed the stream before the response completed.",
+                    model=ex.model,
+                    request_id=ex.request_id,
+                )
+            else:
+                outcome = relay.terminal
+        except UpstreamError as exc:
+            outcome = "upstream_error"
+            tail = relay.failure_frames(
+                "upstream_error", f"The upstream stream failed: {exc}.", model=ex.model, request_id=ex.request_id
+            )
+        except asyncio.CancelledError:
+            if not gone.is_set() or task is None:
+                raise
+            task.uncancel()
+            outcome = "client_disconnected"
+        finally:
+            watcher.cancel()
+            relay.discard()
+            self.rt.keepalive.unregister(relay.entry)
+            await upstream.aclose()
+        if outcome != "client_disconnected":
+            try:
+                await send({"type": "http.response.body", "body": tail, "more_body": False})
+            except Exception:  # the client left during the last frame; usage still counts
+                outcome = "client_disconnected"
+        ex.finish(200, outcome, relay.usage, response_id=relay.response_id, ttfb_ms=relay.ttfb_ms)
+        return True
+
+    async def _failed(
+        self,
+        account: AccountInfo,
+        event: Any,
+        outcome: str,
+        status: int,
+        detail: str,
+        usage: dict[str, int | None] | None = None,
+    ) -> None:
+        if event is not None:
+            await self.rt.health.report(account.account_id, event)
+        # Every attempt carries the token fields (None: the upstream reported nothing).
+        self.ex.note_attempt(account.account_id, outcome, status, usage if usage is not None else usage_fields(None))
+        self.last_error = GatewayError(
+            502, f"The upstream request failed: {detail}.", type=SERVER, code="upstream_error"
+        )
+
+    def _bind(self, sticky: str, account: AccountInfo, upstream_model: str) -> None:
+        """Bind the prompt-cache key to ``account`` unless a healthy binding exists."""
+        if sticky:
+            members = {a.account_id for a in self.snapshot.targets.get((account.pool_id, upstream_model), ())}
+            health = self.rt.health
+            self.rt.sticky.bind(sticky, account.account_id, lambda i: health.usable(i) and i in members)
+
+    def _exhausted(self) -> GatewayError:
+        """The answer when no attempt served the request."""
+        ids = [
+            account.account_id
+            for _, pool_id, model in self.plan
+            for account in self.snapshot.targets.get((pool_id, model), ())
+        ]
+        blocked = self.rt.health.blocked(ids)
+        now = time.time()
+        if blocked.cooling_until is not None and (
+            blocked.open_until is None or blocked.cooling_until <= blocked.open_until
+        ):
+            retry = max(1, math.ceil(blocked.cooling_until - now))
+            return GatewayError(
+                429,
+                f"Every upstream account for this model is rate limited; retry in {retry}s.",
+                type=RATE_LIMIT,
+                code="usage_limit_reached",
+                headers=[*self.extra, (b"retry-after", b"%d" % retry)],
+            )
+        if self.last_error is not None:
+            self.last_error.headers = [*self.extra, *self.last_error.headers]
+            return self.last_error
+        if blocked.open_until is not None:
+            retry = max(1, math.ceil(blocked.open_until - now))
+            return GatewayError(
+                503,
+                "The upstream accounts for this model are failing; retry shortly.",
+                type=SERVER,
+                code="no_accounts",
+                headers=[*self.extra, (b"retry-after", b"%d" % retry)],
+            )
+        return GatewayError(
+            503,
+            "No upstream account is available for this model right now.",
+            type=SERVER,
+            code="no_accounts",
+            headers=[*self.extra, (b"retry-after", b"1")],
+        )
+
+
+def _conversation_id(value: object) -> str:
+    if isinstance(value, dict):
+        return str(value.get("id") or "")
+    return value if isinstance(value, str) else ""
+
+
+async def _watch_disconnect(receive: Receive, task: asyncio.Task[Any] | None, gone: asyncio.Event) -> None:
+    """Cancel the relaying task as soon as the client goes away."""
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            gone.set()
+            if task is not None:
+                task.cancel()
+            return

@@ -1,0 +1,68 @@
+"""``GET /v1/usage``: a key's own usage and what is left of each limit that applies to it.
+
+Never pool-wide or upstream figures: the usage is the key's own records; the limits are
+the key's and its tenant's, as the limiter counts them now. Not the hot path: it reads
+the database (two aggregates), in a worker thread.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime
+from decimal import Decimal
+from typing import TYPE_CHECKING, Any
+
+import orjson
+
+from gateway.config.snapshot import KeyInfo, Snapshot
+from gateway.dataplane.asgi_io import Scope, Send, send_json
+from tenancy.pricing import budget_window
+
+if TYPE_CHECKING:
+    from gateway.dataplane.app import Exchange
+    from gateway.dataplane.runtime import Runtime
+
+
+def _jsonable(summary: dict[str, Any]) -> dict[str, Any]:
+    return {name: (str(value) if isinstance(value, Decimal) else value) for name, value in summary.items()}
+
+
+def _iso(epoch: float) -> str:
+    return datetime.fromtimestamp(epoch, UTC).isoformat().replace("+00:00", "Z")
+
+
+async def usage_view(
+    scope: Scope,
+    send: Send,
+    runtime: Runtime,
+    ex: Exchange,
+    authenticate: Callable[[Scope, Snapshot], KeyInfo],
+) -> None:
+    from gateway.dataplane.runtime import db_call
+    from tenancy.selectors import usage_summary
+
+    await runtime.fresh_token()
+    snapshot = await runtime.config.current()
+    key = authenticate(scope, snapshot)
+    now = time.time()
+    window = None
+    for limits in (key.key_limits, key.tenant_limits):
+        if limits is not None and (limits.budget_micros is not None or limits.budget_tokens is not None):
+            window = limits.window(now)
+            break
+    if window is None:
+        start, end = budget_window("month", datetime.fromtimestamp(now, UTC))
+        window = (int(start.timestamp()), int(end.timestamp()))
+    summarize = db_call(usage_summary)
+    total = await summarize(key.key_id)
+    period = await summarize(key.key_id, datetime.fromtimestamp(window[0], UTC))
+    limits = await runtime.limiter.peek(key.scopes(now), now=now)
+    body = {
+        "object": "usage",
+        "key": {"prefix": key.prefix, "tenant": key.tenant_slug},
+        "total": _jsonable(total),
+        "period": {"start": _iso(window[0]), "end": _iso(window[1]), **_jsonable(period)},
+        "limits": limits,
+    }
+    await send_json(send, 200, orjson.dumps(body), ex.rid)

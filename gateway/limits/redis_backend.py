@@ -1,0 +1,569 @@
+"""The Redis backend of gateway.limits.engine: every replica shares the same counters exactly.
+
+One admit is one round trip: a Lua script (EVALSHA; EVAL once when Redis answers
+NOSCRIPT, which also caches it) checks every limit of every scope and counts them only
+if all pass, atomically, and returns the configuration change token
+(``gw:config:gen``) as well, so the gateway's per-request config check rides along.
+Settlements and lease releases never add a round trip to a request: :meth:`settle`
+queues them, the next admit of this process carries up to ``piggyback`` operations
+of the queue in its own script call (applied before its checks, so it sees the leases
+and reservations this process gave back), and a background task sends what is still
+queued ``linger`` seconds later as one script call per ``max_batch`` operations (what
+an idle process gives back reaches the other replicas after ``linger`` + one RTT).
+
+Keys (``prefix`` defaults to ``gw:rl:``), each with a TTL so nothing grows for ever:
+
+- ``{prefix}{name}:{id}:m:{minute}``: hash ``r`` (requests), ``t`` (tokens) of one
+  epoch minute; expires 120 s after its first count.
+- ``{prefix}{name}:{id}:c``: sorted set of concurrency leases scored by their expiry
+  (ms); expired leases are dropped when the set is full; the key expires
+  ``lease_ttl`` after the last admit.
+- ``{prefix}{name}:{id}:b:{window_start}``: hash ``st``/``sm`` (spent tokens/micros),
+  ``rt``/``rm`` (reserved), ``as``/``ah`` (soft/hard alert sent); expires
+  ``budget_grace`` seconds after the window ends. Its absence means "seed me".
+
+The scripts build these names from the prefix and per-scope specs rather than take
+them in ``KEYS``, and take all their input as one string: redis-py spends ~4 us of
+client CPU per command argument, more than the script spends splitting the string.
+So this needs a standalone Redis (or Sentinel), not Redis Cluster. The prefix and a
+scope's ``name`` must not contain ``,`` or ``;``.
+
+The admit script (``ADMIT_LUA``):
+
+- ``KEYS[1]`` = the config token key.
+- ``ARGV[1]`` = ``"prefix,minute,now_ms,est_tokens,est_micros,lease_id,
+  lease_ttl_ms,minute_ttl_s,budget_grace_s"`` then, after a ``;`` each, one spec per
+  scope: ``"name:id,rpm,tpm,concurrency,budget_tokens,budget_micros,window_start,
+  window_end,seed_tokens,seed_micros"`` (limits -1 = unlimited; no budget limit = no
+  budget counter; seeds -1 = report a missing budget counter instead of creating it;
+  lease ``-`` = none).
+- ``ARGV[2]`` = settlements to apply first, as the settle script's ``ARGV[1]``
+  (empty: none).
+- returns one string ``"status|counts|fails|alerts|settled[|token]"`` (one bulk reply,
+  as cheap to parse as a GET's; ``settled``: the alerts of the carried settlements,
+  as the settle script returns them): status 1 admitted (counted), 0 refused (nothing
+  counted), 2 budget counters missing (nothing counted; ``fails`` lists the 0-based
+  scope indices to seed); ``counts`` = per scope ``requests,tokens`` used in the
+  minute (after counting when admitted); ``fails`` = ``index,kind`` pairs (kind 0 rpm,
+  1 tpm, 2 concurrency, 3 budget); ``alerts`` = ``index,kind,spent_tokens,
+  spent_micros`` (kind 2: the first refusal of a budget sets its hard alert), all
+  comma-separated integers; ``token``: the config key's raw value, absent with the
+  key (then ``Decision.config_token`` is None, as ``GET`` would say).
+
+The settle script (``SETTLE_LUA``) applies a batch: ``ARGV[1]`` = ``prefix`` then,
+after a ``;`` each, one spec per operation (one ticket scope): ``"name:id,minute,
+window_start,requests_delta,tokens_delta,lease_id,budgeted,-reserved_tokens,-reserved_micros,
+spent_tokens,spent_micros,soft_tokens,soft_micros,hard_tokens,hard_micros"``
+(lease ``-`` = none; budgeted 0/1; thresholds -1 = none). It touches a minute or
+budget counter only if it still exists (a counter re-created by a seed after a Redis
+restart does not hold this reservation, so reserved totals are clamped at zero) and
+returns ``"op,kind,spent_tokens,spent_micros,..."`` for the alerts that fired
+(kind 1 soft, 2 hard).
+
+A batch whose reply is lost (connection dropped after the script ran) is retried and
+so applied twice: at worst a reservation is released early and spend counted twice,
+which errs on the side of refusing. While Redis is unreachable the queue holds up to
+``max_pending`` settlements (oldest dropped beyond that, with an error logged: their
+leases expire, their reservations stay until the window ends). Admit propagates Redis
+errors to the caller.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import logging
+import time
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import replace
+from typing import TYPE_CHECKING, Any
+
+from redis.exceptions import NoScriptError
+
+from gateway.limits.engine import (
+    BUDGET_GRACE,
+    LEASE_TTL,
+    MINUTE,
+    SEED_RETRY,
+    AlertHook,
+    Decision,
+    Scope,
+    Seed,
+    Seeder,
+    Ticket,
+    fire_alert,
+    limit_report,
+    new_lease_id,
+    rate_headers,
+    refusal,
+    threshold,
+)
+
+if TYPE_CHECKING:
+    from redis.asyncio import Redis
+
+logger = logging.getLogger(__name__)
+
+# The same key as gateway.config.notify.CONFIG_GEN_KEY (not imported: this module stays
+# free of Django so that plain processes can use it).
+CONFIG_GEN_KEY = "gw:config:gen"
+MINUTE_TTL = 120
+
+_SETTLE_FUNCTION = """
+local function reached(st, sm, limit_t, limit_m)
+  limit_t, limit_m = tonumber(limit_t), tonumber(limit_m)
+  return (limit_t >= 0 and st >= limit_t) or (limit_m >= 0 and sm >= limit_m)
+end
+local function settle(text)
+  if text == nil or text == '' then return '' end
+  local ops = {}
+  for op in string.gmatch(text, '[^;]+') do ops[#ops + 1] = op end
+  local prefix = ops[1]
+  local alerts = {}
+  for i = 2, #ops do
+    local f = {}
+    for v in string.gmatch(ops[i], '[^,]+') do f[#f + 1] = v end
+    local base = prefix .. f[1] .. ':'
+    local rd, td = tonumber(f[4]), tonumber(f[5])
+    if rd ~= 0 or td ~= 0 then
+      local mk = base .. 'm:' .. f[2]
+      local row = redis.call('HMGET', mk, 'r', 't')
+      if row[1] then
+        redis.call('HSET', mk, 'r', math.max(tonumber(row[1]) + rd, 0), 't', math.max(tonumber(row[2]) + td, 0))
+      end
+    end
+    if f[6] ~= '-' then redis.call('ZREM', base .. 'c', f[6]) end
+    if f[7] == '1' then
+      local bk = base .. 'b:' .. f[3]
+      local row = redis.call('HMGET', bk, 'st', 'sm', 'rt', 'rm')
+      if row[1] then
+        local st, sm = tonumber(row[1]) + tonumber(f[10]), tonumber(row[2]) + tonumber(f[11])
+        local rt, rm = math.max(tonumber(row[3]) + tonumber(f[8]), 0), math.max(tonumber(row[4]) + tonumber(f[9]), 0)
+        redis.call('HSET', bk, 'st', st, 'sm', sm, 'rt', rt, 'rm', rm)
+        if reached(st, sm, f[12], f[13]) and redis.call('HSETNX', bk, 'as', 1) == 1 then
+          alerts[#alerts + 1] = string.format('%d,1,%d,%d', i - 2, st, sm)
+        end
+        if reached(st, sm, f[14], f[15]) and redis.call('HSETNX', bk, 'ah', 1) == 1 then
+          alerts[#alerts + 1] = string.format('%d,2,%d,%d', i - 2, st, sm)
+        end
+      end
+    end
+  end
+  return table.concat(alerts, ',')
+end
+"""
+
+ADMIT_LUA = (
+    _SETTLE_FUNCTION
+    + """
+local settled = settle(ARGV[2])
+local function ints(list)
+  for k, v in ipairs(list) do list[k] = string.format('%d', v) end
+  return table.concat(list, ',')
+end
+local function split(text, sep)
+  local out = {}
+  for v in string.gmatch(text, sep) do out[#out + 1] = v end
+  return out
+end
+local parts = split(ARGV[1], '[^;]+')
+local h = split(parts[1], '[^,]+')
+local prefix, minute, now = h[1], h[2], tonumber(h[3])
+local est_t, est_m = tonumber(h[4]), tonumber(h[5])
+local lease, lease_ttl = h[6], tonumber(h[7])
+local minute_ttl, grace = tonumber(h[8]), tonumber(h[9])
+local token = redis.call('GET', KEYS[1])
+local function reply(status, counts, fails, alerts)
+  local text = status .. '|' .. counts .. '|' .. fails .. '|' .. alerts .. '|' .. settled
+  if token then return text .. '|' .. token end
+  return text
+end
+local n = #parts - 1
+local scopes, missing = {}, {}
+for i = 1, n do
+  local f = split(parts[1 + i], '[^,]+')
+  local s = {base = prefix .. f[1] .. ':', rpm = tonumber(f[2]), tpm = tonumber(f[3]), conc = tonumber(f[4]),
+             bt = tonumber(f[5]), bm = tonumber(f[6])}
+  scopes[i] = s
+  if s.bt >= 0 or s.bm >= 0 then
+    s.bk = s.base .. 'b:' .. f[7]
+    local row = redis.call('HMGET', s.bk, 'st', 'sm', 'rt', 'rm')
+    if not row[1] then
+      local seed_t, seed_m = tonumber(f[9]), tonumber(f[10])
+      if seed_t < 0 then
+        missing[#missing + 1] = i - 1
+      else
+        redis.call('HSET', s.bk, 'st', seed_t, 'sm', seed_m, 'rt', 0, 'rm', 0)
+        redis.call('EXPIRE', s.bk, math.max(tonumber(f[8]) - math.floor(now / 1000), 0) + grace)
+        row = {seed_t, seed_m, 0, 0}
+      end
+    end
+    s.st, s.sm, s.rt, s.rm = tonumber(row[1]), tonumber(row[2]), tonumber(row[3]), tonumber(row[4])
+  end
+end
+if #missing > 0 then
+  return reply(2, '', ints(missing), '')
+end
+local counts, fails, alerts = {}, {}, {}
+for i = 1, n do
+  local s = scopes[i]
+  local r, t = 0, 0
+  if s.rpm >= 0 or s.tpm >= 0 then
+    s.mk = s.base .. 'm:' .. minute
+    local row = redis.call('HMGET', s.mk, 'r', 't')
+    s.fresh = not row[1]
+    r, t = tonumber(row[1]) or 0, tonumber(row[2]) or 0
+    if s.rpm >= 0 and r + 1 > s.rpm then fails[#fails + 1] = i - 1; fails[#fails + 1] = 0 end
+    if s.tpm >= 0 and t + est_t > s.tpm then fails[#fails + 1] = i - 1; fails[#fails + 1] = 1 end
+  end
+  counts[#counts + 1] = r
+  counts[#counts + 1] = t
+  if s.conc >= 0 then
+    s.ck = s.base .. 'c'
+    local held = redis.call('ZCARD', s.ck)
+    if held >= s.conc then
+      redis.call('ZREMRANGEBYSCORE', s.ck, '-inf', now)
+      held = redis.call('ZCARD', s.ck)
+    end
+    if held >= s.conc then fails[#fails + 1] = i - 1; fails[#fails + 1] = 2 end
+  end
+  if s.bk and ((s.bt >= 0 and s.st + s.rt + est_t > s.bt) or (s.bm >= 0 and s.sm + s.rm + est_m > s.bm)) then
+    fails[#fails + 1] = i - 1
+    fails[#fails + 1] = 3
+    if redis.call('HSETNX', s.bk, 'ah', 1) == 1 then
+      alerts[#alerts + 1] = i - 1; alerts[#alerts + 1] = 2; alerts[#alerts + 1] = s.st; alerts[#alerts + 1] = s.sm
+    end
+  end
+end
+if #fails > 0 then
+  return reply(0, ints(counts), ints(fails), ints(alerts))
+end
+for i = 1, n do
+  local s = scopes[i]
+  if s.mk then
+    counts[2 * i - 1] = counts[2 * i - 1] + 1
+    counts[2 * i] = counts[2 * i] + est_t
+    redis.call('HSET', s.mk, 'r', counts[2 * i - 1], 't', counts[2 * i])
+    if s.fresh then redis.call('EXPIRE', s.mk, minute_ttl) end
+  end
+  if s.ck then
+    redis.call('ZADD', s.ck, now + lease_ttl, lease)
+    redis.call('PEXPIRE', s.ck, lease_ttl)
+  end
+  if s.bk then
+    redis.call('HSET', s.bk, 'rt', s.rt + est_t, 'rm', s.rm + est_m)
+  end
+end
+return reply(1, ints(counts), '', '')
+"""
+)
+
+SETTLE_LUA = _SETTLE_FUNCTION + "return settle(ARGV[1])\n"
+
+_ALERT_KINDS = {1: "soft", 2: "hard"}
+
+
+def redis_client(url: str, *, max_connections: int = 64, timeout: float = 5.0) -> Redis:
+    """An asyncio client whose pool makes callers wait for a free connection.
+
+    redis-py's default pool opens one connection per concurrent command and raises
+    ``MaxConnectionsError`` past 100: a burst of requests would fail their admits.
+    A blocking pool queues them instead (``timeout``: the longest wait).
+    """
+    from redis.asyncio import BlockingConnectionPool
+    from redis.asyncio import Redis as AsyncRedis
+
+    pool = BlockingConnectionPool.from_url(url, max_connections=max_connections, timeout=timeout)
+    return AsyncRedis.from_pool(pool)
+
+
+class Script:
+    """A Lua script run by EVALSHA, falling back to EVAL (which caches it) on NOSCRIPT."""
+
+    def __init__(self, source: str) -> None:
+        self.source = source
+        self.sha = hashlib.sha1(source.encode()).hexdigest()
+
+    async def __call__(self, redis: Redis, keys: Sequence[Any], args: Sequence[Any]) -> Any:
+        try:
+            return await redis.execute_command("EVALSHA", self.sha, len(keys), *keys, *args)
+        except NoScriptError:
+            return await redis.execute_command("EVAL", self.source, len(keys), *keys, *args)
+
+
+_ADMIT = Script(ADMIT_LUA)
+_SETTLE = Script(SETTLE_LUA)
+
+# One queued settlement: (ticket, actual tokens, actual micros, requests delta).
+_Pending = tuple[Ticket, int, int, int]
+
+
+class RedisLimiter:
+    """gateway.limits.engine semantics over Redis; one script call per admit (see the module docstring).
+
+    ``redis`` is the caller's ``redis.asyncio.Redis``; ``Decision.config_token`` has the
+    type its ``decode_responses`` gives (bytes by default), like
+    ``gateway.config.notify.config_token_async``. Times come from the caller's ``now``:
+    replicas need synchronised clocks (NTP) to share minute windows.
+    """
+
+    def __init__(
+        self,
+        redis: Redis,
+        *,
+        seed: Seed | None = None,
+        on_alert: AlertHook | None = None,
+        lease_ttl: float = LEASE_TTL,
+        prefix: str = "gw:rl:",
+        config_key: str = CONFIG_GEN_KEY,
+        linger: float = 0.02,
+        max_batch: int = 256,
+        piggyback: int = 32,
+        max_pending: int = 100_000,
+        seed_retry: float = SEED_RETRY,
+        budget_grace: int = BUDGET_GRACE,
+    ) -> None:
+        self._redis = redis
+        self._seeder = Seeder(seed, seed_retry)
+        self._on_alert = on_alert
+        self._lease_ttl_ms = int(lease_ttl * 1000)
+        self._prefix = prefix
+        self._keys = (config_key,)
+        self._linger = linger
+        self._max_batch = max_batch
+        self._piggyback = piggyback
+        self._max_pending = max_pending
+        self._budget_grace = budget_grace
+        self._queue: deque[_Pending] = deque()
+        self._wake = asyncio.Event()
+        self._lock = asyncio.Lock()
+        self._task: asyncio.Task[None] | None = None
+
+    async def admit(
+        self, scopes: Sequence[Scope], *, tokens: int, micros: int = 0, now: float | None = None
+    ) -> Decision:
+        now = time.time() if now is None else now
+        minute = int(now // MINUTE)
+        lease = new_lease_id() if any(scope.concurrency is not None for scope in scopes) else ""
+        seed = "-1,-1" if self._seeder.seed is not None else "0,0"
+        # One argument, not one per value: redis-py's packing costs more per argument
+        # than the whole script costs to split this string.
+        head = (
+            f"{self._prefix},{minute},{int(now * 1000)},{tokens},{micros},{lease or '-'},"
+            f"{self._lease_ttl_ms},{MINUTE_TTL},{self._budget_grace}"
+        )
+        specs = [_spec(scope, seed) for scope in scopes]
+        started = time.monotonic()
+        # Queued settlements ride along: no round trip of their own, and this admit
+        # already sees the leases and reservations that this process gave back.
+        carried, ops, settle_arg = self._take(self._piggyback) if self._queue else ([], [], "")
+        try:
+            status, counts, fails, alerts, settled, token = _admit_reply(
+                await _ADMIT(self._redis, self._keys, (";".join((head, *specs)), settle_arg))
+            )
+        except BaseException:
+            self._queue.extendleft(reversed(carried))
+            raise
+        self._fire_settle_alerts(ops, settled)
+        attempts = 0
+        unenforced: set[int] = set()
+        while status == 2:
+            # Some budget counters are missing: seed them (off the common path), then
+            # ask again with the seeds, which the script uses only if still missing.
+            attempts += 1
+            for index in fails:
+                seeded = await self._seeder.get(scopes[index], started) if attempts < 3 else None
+                if seeded is None:  # no seed: this budget is not enforced for this request
+                    unenforced.add(index)
+                    specs[index] = _spec(replace(scopes[index], budget_tokens=None, budget_micros=None), seed)
+                else:
+                    specs[index] = _spec(scopes[index], f"{seeded[0]},{seeded[1]}")
+            status, counts, fails, alerts, _, token = _admit_reply(
+                await _ADMIT(self._redis, self._keys, (";".join((head, *specs)), ""))
+            )
+        used_r = counts[0::2]
+        used_t = counts[1::2]
+        for j in range(0, len(alerts), 4):
+            fire_alert(self._on_alert, scopes[alerts[j]], "hard", alerts[j + 2], alerts[j + 3])
+        headers = rate_headers(scopes, used_r, used_t, now)
+        if status != 1:
+            pairs = [(fails[j], fails[j + 1]) for j in range(0, len(fails), 2)]
+            exceeded, retry, message = refusal(scopes, pairs, used_r, used_t, tokens, now)
+            return Decision(False, exceeded, retry, headers, None, token, message)
+        budgeted = tuple(scope.has_budget and i not in unenforced for i, scope in enumerate(scopes))
+        ticket = Ticket(tuple(scopes), tokens, micros, minute, lease, budgeted)
+        return Decision(True, None, None, headers, ticket, token)
+
+    async def peek(self, scopes: Sequence[Scope], *, now: float | None = None) -> list[dict[str, object]]:
+        """Each scope's limits and what is left of them now (reads only; not the hot path).
+
+        A budget without a counter yet reports what the seed says was spent.
+        """
+        now = time.time() if now is None else now
+        minute = int(now // MINUTE)
+        pipe = self._redis.pipeline(transaction=False)
+        for scope in scopes:
+            base = f"{self._prefix}{scope.name}:{scope.id}:"
+            pipe.hmget(f"{base}m:{minute}", "r", "t")
+            pipe.zcount(f"{base}c", int(now * 1000), "+inf")
+            pipe.hmget(f"{base}b:{scope.window_start}", "st", "sm")
+        replies = await pipe.execute()
+        reports = []
+        for i, scope in enumerate(scopes):
+            (requests, tokens), in_flight, (spent_t, spent_m) = replies[3 * i : 3 * i + 3]
+            if scope.has_budget and spent_t is None:
+                seeded = await self._seeder.get(scope)  # no counter yet (e.g. after a Redis restart)
+                if seeded is not None:
+                    spent_t, spent_m = seeded
+            reports.append(
+                limit_report(
+                    scope,
+                    now,
+                    requests=int(requests or 0),
+                    tokens=int(tokens or 0),
+                    in_flight=int(in_flight or 0),
+                    spent_tokens=int(spent_t) if spent_t is not None else None,
+                    spent_micros=int(spent_m) if spent_m is not None else None,
+                )
+            )
+        return reports
+
+    def settle(self, ticket: Ticket, *, tokens: int | None, micros: int | None) -> None:
+        self._enqueue(ticket, tokens, micros, 0)
+
+    def cancel(self, ticket: Ticket) -> None:
+        self._enqueue(ticket, 0, 0, -1)
+
+    def pending(self) -> int:
+        """Settlements queued and not yet applied."""
+        return len(self._queue)
+
+    def _enqueue(self, ticket: Ticket, tokens: int | None, micros: int | None, requests: int) -> None:
+        if ticket.settled:
+            return
+        ticket.settled = True
+        actual_t = ticket.tokens if tokens is None else tokens
+        actual_m = ticket.micros if micros is None else micros
+        if len(self._queue) >= self._max_pending:
+            self._queue.popleft()
+            logger.error("rate-limit settlements pile up (Redis unreachable?); dropped the oldest")
+        self._queue.append((ticket, actual_t, actual_m, requests))
+        if self._task is None:
+            try:
+                self._task = asyncio.get_running_loop().create_task(self._run())
+            except RuntimeError:
+                return  # no event loop here: flush() or aclose() applies it
+        self._wake.set()
+
+    async def _run(self) -> None:
+        backoff = 0.0
+        while True:
+            if not self._queue:
+                self._wake.clear()
+                await self._wake.wait()
+            if self._linger:
+                await asyncio.sleep(self._linger)
+            try:
+                await self._flush_batch()
+                backoff = 0.0
+            except Exception:
+                backoff = min(max(backoff * 2, 0.05), 5.0)
+                logger.warning("applying %d settlements failed; retrying in %.2fs", len(self._queue), backoff)
+                await asyncio.sleep(backoff)
+
+    def _take(self, max_ops: int) -> tuple[list[_Pending], list[Scope], str]:
+        """Dequeue settlements worth up to ``max_ops`` operations: (items, op scopes, script text)."""
+        items: list[_Pending] = []
+        parts: list[str] = [self._prefix]
+        ops: list[Scope] = []
+        while self._queue and len(ops) < max_ops:
+            item = self._queue.popleft()
+            items.append(item)
+            ticket, actual_t, actual_m, requests = item
+            for i, scope in enumerate(ticket.scopes):
+                minute_used = scope.rpm is not None or scope.tpm is not None
+                budgeted = ticket.budgeted[i]
+                lease = ticket.lease if ticket.lease and scope.concurrency is not None else "-"
+                if not (minute_used or budgeted or lease != "-"):
+                    continue
+                parts.append(
+                    f"{scope.name}:{scope.id},{ticket.minute},{scope.window_start},"
+                    f"{requests if minute_used else 0},{actual_t - ticket.tokens if minute_used else 0},"
+                    f"{lease},{1 if budgeted else 0},{-ticket.tokens},{-ticket.micros},{actual_t},{actual_m},"
+                    f"{threshold(scope.budget_tokens, scope.soft_percent)},"
+                    f"{threshold(scope.budget_micros, scope.soft_percent)},"
+                    f"{threshold(scope.budget_tokens, 100)},{threshold(scope.budget_micros, 100)}"
+                )
+                ops.append(scope)
+        return items, ops, ";".join(parts) if ops else ""
+
+    def _fire_settle_alerts(self, ops: Sequence[Scope], reply: str) -> None:
+        alerts = _ints(reply)
+        for j in range(0, len(alerts), 4):
+            kind = _ALERT_KINDS[alerts[j + 1]]
+            fire_alert(self._on_alert, ops[alerts[j]], kind, alerts[j + 2], alerts[j + 3])
+
+    async def _flush_batch(self) -> None:
+        """Apply up to ``max_batch`` operations in one script call; on failure they stay queued."""
+        async with self._lock:
+            items, ops, text = self._take(self._max_batch)
+            if not ops:
+                return
+            try:
+                reply = await _SETTLE(self._redis, (), (text,))
+            except BaseException:
+                self._queue.extendleft(reversed(items))
+                raise
+        self._fire_settle_alerts(ops, _text(reply))
+
+    async def flush(self) -> None:
+        """Apply every queued settlement now (raises if Redis fails; they stay queued)."""
+        while self._queue:
+            await self._flush_batch()
+
+    async def aclose(self) -> None:
+        """Stop the background task and apply what is queued (failures are logged)."""
+        if self._task is not None:
+            async with self._lock:  # let a batch in flight finish: cancelled, it could be applied twice
+                self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+        try:
+            await self.flush()
+        except Exception:
+            logger.exception("could not apply %d rate-limit settlements at shutdown", len(self._queue))
+
+
+def _spec(scope: Scope, seed: str) -> str:
+    """A scope as the admit script reads it (see the module docstring)."""
+    rpm = -1 if scope.rpm is None else scope.rpm
+    tpm = -1 if scope.tpm is None else scope.tpm
+    conc = -1 if scope.concurrency is None else scope.concurrency
+    bt = -1 if scope.budget_tokens is None else scope.budget_tokens
+    bm = -1 if scope.budget_micros is None else scope.budget_micros
+    return f"{scope.name}:{scope.id},{rpm},{tpm},{conc},{bt},{bm},{scope.window_start},{scope.window_end},{seed}"
+
+
+def _admit_reply(raw: bytes | str) -> tuple[int, list[int], list[int], list[int], str, bytes | str | None]:
+    """(status, counts, fails, alerts, settle alerts, token) of the admit script's reply."""
+    if isinstance(raw, bytes):
+        parts: list[Any] = raw.split(b"|", 5)
+        token = parts[5] if len(parts) == 6 else None
+        status, counts, fails, alerts, settled = (part.decode() for part in parts[:5])
+    else:  # decode_responses=True
+        parts = raw.split("|", 5)
+        token = parts[5] if len(parts) == 6 else None
+        status, counts, fails, alerts, settled = parts[:5]
+    return int(status), _ints(counts), _ints(fails), _ints(alerts), settled, token
+
+
+def _text(raw: bytes | str) -> str:
+    return raw.decode() if isinstance(raw, bytes) else raw  # str with decode_responses=True
+
+
+def _ints(raw: str) -> list[int]:
+    """Comma-separated integers of a script reply (empty: none)."""
+    return [int(value) for value in raw.split(",")] if raw else []

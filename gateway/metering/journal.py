@@ -1,0 +1,359 @@
+"""Usage records on disk: the embedded path from a response to the database.
+
+A gateway process does not write usage to the database itself: the write holds the GIL
+the event loop needs, and under sustained load a writer thread both stalled requests
+(the p99 tail) and fell behind (the buffer, and RSS, grew with the backlog; see
+docs/performance.md). Instead:
+
+- :class:`JournalWriter` (hot path): :meth:`~JournalWriter.record` appends one JSON line
+  to a buffer; every ``interval`` the buffer goes to the process's current segment
+  ``DIR/<time_ns>-<pid>.jsonl`` with one ``os.write`` (``O_APPEND``). A segment is held
+  under an exclusive ``flock`` while its writer has it open, and is rotated at
+  ``segment_bytes``.
+- :class:`JournalDrainer` (the usage writer process, ``gateway.metering.writer``, or
+  ``manage.py usage_drain --once``): reads every segment from its offset to the last
+  complete line, writes batches with ``tenancy.services.usage_records_write``
+  (idempotent on ``request_id``), and deletes a segment once it is read to the end and
+  no writer holds it. One drainer is active per directory (``flock`` on ``.drain.lock``);
+  the others stand by and take over when it goes.
+
+Guarantees: a record is in the kernel's page cache within ``interval`` of its response,
+so it survives a crash of the gateway process (not a power cut: there is no ``fsync``
+per batch). A database outage delays records and fails no request: offsets only move
+past what was written, and a restarted drainer re-reads from the start of each segment,
+which the idempotent writer absorbs. An event the database refuses for its data, or a
+line that is not JSON, goes to ``DIR/dead.jsonl`` with an error logged.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fcntl
+import logging
+import os
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from gateway.metering.stream import (
+    UsageWriteFailed,
+    Writer,
+    decode_event,
+    django_writer,
+    encode_event,
+    is_transient,
+    transient_errors,
+)
+
+logger = logging.getLogger(__name__)
+
+SEGMENT_BYTES = 8 << 20
+LOCK_NAME = ".drain.lock"
+DEAD_NAME = "dead.jsonl"
+
+
+class JournalWriter:
+    """Appends usage events to this process's journal segment. ``record`` never blocks."""
+
+    def __init__(self, directory: Path, *, interval: float = 0.05, segment_bytes: int = SEGMENT_BYTES) -> None:
+        self._dir = directory
+        self._interval = interval
+        self._segment_bytes = segment_bytes
+        self._buffer = bytearray()
+        self._pending = 0
+        self._fd: int | None = None
+        self._size = 0
+        self._timer: asyncio.TimerHandle | None = None
+        self.written = 0
+
+    def record(self, event: dict[str, Any]) -> None:
+        """Queue one usage event (a dict of UsageRecord fields) for the next append."""
+        self._buffer += encode_event(event)
+        self._buffer += b"\n"
+        self._pending += 1
+        if self._timer is None:
+            self._schedule(self._interval)
+
+    def pending(self) -> int:
+        return self._pending
+
+    def _schedule(self, delay: float) -> None:
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return  # no loop (a command, atexit): flush_sync writes it
+        self._timer = loop.call_later(delay, self._on_timer)
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        try:
+            self.flush_sync()
+        except OSError:
+            # A full disk: keep the buffer and retry; requests go on meanwhile.
+            logger.error("appending %d usage records to the journal failed; retrying", self._pending, exc_info=True)
+            self._schedule(1.0)
+
+    def flush_sync(self) -> None:
+        """Append what is buffered to the segment now (one ``write`` unless the disk is short)."""
+        if not self._buffer:
+            return
+        fd = self._segment()
+        view = memoryview(self._buffer)
+        done = 0
+        try:
+            while done < len(view):
+                done += os.write(fd, view[done:])
+        finally:
+            view.release()
+            del self._buffer[:done]
+            self._size += done
+        self.written += self._pending
+        self._pending = 0
+        if self._size >= self._segment_bytes:
+            self._close_segment()
+
+    def _segment(self) -> int:
+        if self._fd is not None:
+            return self._fd
+        self._dir.mkdir(parents=True, exist_ok=True)
+        name = f"{time.time_ns():020d}-{os.getpid()}"
+        # Locked before it gets its .jsonl name, so a drainer never sees it unlocked and empty.
+        tmp = self._dir / f"{name}.tmp"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        os.rename(tmp, self._dir / f"{name}.jsonl")
+        self._fd, self._size = fd, 0
+        return fd
+
+    def _close_segment(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)  # releases the lock: the drainer may now finish the segment
+            self._fd = None
+
+    def close(self) -> None:
+        """Append what is left and let go of the segment (``atexit`` safe)."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        try:
+            self.flush_sync()
+        finally:
+            self._close_segment()
+
+    async def aclose(self) -> None:
+        self.close()
+
+
+class JournalDrainer:
+    """Writes journal segments (and legacy spool files) to the database, then deletes them."""
+
+    def __init__(
+        self,
+        directory: Path,
+        writer: Writer = django_writer,
+        *,
+        batch: int = 500,
+        extra_dirs: Sequence[Path] = (),
+    ) -> None:
+        self.directory = directory
+        self._writer = writer
+        self._batch = batch
+        # Directories of finished files in the same format (the spool of earlier versions).
+        self._extra_dirs = tuple(extra_dirs)
+        self._offsets: dict[Path, int] = {}
+        self._lock_fd: int | None = None
+        self._transient = transient_errors()
+        self.written = 0
+        self.dead = 0
+
+    def acquire(self) -> bool:
+        """Become the directory's active drainer, if no other process is."""
+        if self._lock_fd is not None:
+            return True
+        self.directory.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.directory / LOCK_NAME, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            return False
+        self._lock_fd = fd
+        return True
+
+    def release(self) -> None:
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+    def step(self) -> int:
+        """Write what the journal holds now; return how many records were handled.
+
+        Raises :class:`UsageWriteFailed` on an outage (what was written stays written).
+        Returns 0 without reading when another process is the active drainer.
+        """
+        if not self.acquire():
+            return 0
+        handled = 0
+        for path in self._files():
+            handled += self._drain(path)
+        return handled
+
+    def drain(self, *, wait: float = 0.0) -> int:
+        """Write everything, waiting up to ``wait`` seconds for writers to let go of segments."""
+        deadline = time.monotonic() + wait
+        total = self.step()
+        while self._files() and time.monotonic() < deadline:
+            time.sleep(0.05)
+            total += self.step()
+        return total
+
+    def _files(self) -> list[Path]:
+        files = sorted(self.directory.glob("*.jsonl")) if self.directory.is_dir() else []
+        files = [path for path in files if path.name != DEAD_NAME]
+        for extra in self._extra_dirs:
+            if extra.is_dir():
+                files += sorted(extra.glob("*.jsonl"))
+        return files
+
+    def _drain(self, path: Path) -> int:
+        offset = self._offsets.get(path, 0)
+        try:
+            handle = open(path, "rb")  # noqa: SIM115 - closed below, after the lock test
+        except FileNotFoundError:
+            self._offsets.pop(path, None)
+            return 0
+        with handle:
+            handled = self._consume(path, handle, offset)
+            try:
+                fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return handled  # its writer is still appending
+            # No writer: what is there now is all there will be.
+            handled += self._consume(path, handle, self._offsets[path], final=True)
+            path.unlink()
+            self._offsets.pop(path, None)
+            return handled
+
+    def _consume(self, path: Path, handle: Any, offset: int, *, final: bool = False) -> int:
+        """Write the complete lines after ``offset``, moving the offset past each batch written."""
+        handle.seek(offset)
+        data = handle.read()
+        end = data.rfind(b"\n") + 1
+        lines = data[:end].split(b"\n")[:-1]
+        handled = 0
+        for start in range(0, len(lines), self._batch):
+            chunk = lines[start : start + self._batch]
+            self._write_lines(chunk)
+            handled += len(chunk)
+            offset += sum(len(line) + 1 for line in chunk)
+            self._offsets[path] = offset
+        self._offsets[path] = offset
+        if final and end < len(data):
+            # The writer died mid-append (its lock is gone): the tail will never be completed.
+            logger.error("usage journal %s ends with a torn line (%d bytes); set aside", path.name, len(data) - end)
+            self._bury_raw([data[end:]])
+        return handled
+
+    def _write_lines(self, lines: list[bytes]) -> None:
+        events: list[dict[str, Any]] = []
+        junk: list[bytes] = []
+        for line in lines:
+            if not line.strip():
+                continue
+            try:
+                events.append(decode_event(line))
+            except ValueError:
+                junk.append(line)
+        if events:
+            try:
+                self._writer(events)
+            except Exception as exc:
+                if self._is_transient(exc):
+                    raise UsageWriteFailed(str(exc)) from exc
+                self._write_one_by_one(events)
+            else:
+                self.written += len(events)
+        if junk:
+            # After the writes: an outage leaves the offset before these lines, and each retry
+            # would set them aside once more.
+            logger.error("%d usage journal lines are unreadable; set aside in %s", len(junk), DEAD_NAME)
+            self._bury_raw(junk)
+
+    def _write_one_by_one(self, events: list[dict[str, Any]]) -> None:
+        """After a batch refused for its data: write what can be, set the bad events aside."""
+        bad: list[dict[str, Any]] = []
+        reason = ""
+        for event in events:
+            try:
+                self._writer([event])
+            except Exception as exc:
+                if self._is_transient(exc):
+                    raise UsageWriteFailed(str(exc)) from exc
+                bad.append(event)
+                reason = reason or f"{type(exc).__name__}: {exc}"
+                continue
+            self.written += 1
+        if bad:
+            logger.error(
+                "the usage writer refused %d events (%s; first error: %s); set aside in %s",
+                len(bad),
+                ", ".join(str(event.get("request_id")) for event in bad[:10]),
+                reason[:300],
+                self.directory / DEAD_NAME,
+            )
+            self._bury_raw([encode_event(event) for event in bad])
+
+    def _bury_raw(self, lines: list[bytes]) -> None:
+        self.dead += len(lines)
+        with open(self.directory / DEAD_NAME, "ab") as dead:
+            dead.write(b"".join(line + b"\n" for line in lines))
+
+    def _is_transient(self, error: Exception) -> bool:
+        return is_transient(error, self._transient)
+
+
+def drain_until(drainer: JournalDrainer, stopped: Callable[[float], bool], *, poll: float = 0.2) -> None:
+    """Step ``drainer`` until ``stopped(delay)`` (which waits up to ``delay`` seconds) says so.
+
+    Outages back off (up to 10 s); records stay in the journal meanwhile. For a process
+    of its own: the usage writer child, ``manage.py usage_drain``.
+    """
+    delay = poll
+    while not stopped(delay):
+        try:
+            drainer.step()
+            delay = poll
+        except UsageWriteFailed as exc:
+            delay = min(max(delay * 2, 0.5), 10.0)
+            logger.warning("usage write failed (%s); records stay in the journal, retry in %.1fs", exc, delay)
+        except Exception:
+            delay = min(max(delay * 2, 0.5), 10.0)
+            logger.exception("usage journal drainer error; retry in %.1fs", delay)
+
+
+async def run_journal_drainer(drainer: JournalDrainer, *, stop: asyncio.Event, poll: float = 0.2) -> None:
+    """Drain in this process (``GATEWAY_USAGE_WRITER=thread``) until ``stop``, then a last pass."""
+    from asgiref.sync import sync_to_async
+
+    step = sync_to_async(drainer.step, thread_sensitive=False)
+    delay = poll
+    while not stop.is_set():
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), delay)
+        try:
+            await step()
+            delay = poll
+        except UsageWriteFailed as exc:
+            delay = min(max(delay * 2, 0.5), 10.0)
+            logger.warning("usage write failed (%s); records stay in the journal, retry in %.1fs", exc, delay)
+        except Exception:
+            delay = min(max(delay * 2, 0.5), 10.0)
+            logger.exception("usage journal drainer error; retry in %.1fs", delay)
+    try:
+        await sync_to_async(drainer.drain, thread_sensitive=False)(wait=1.0)
+    except Exception:
+        logger.exception("usage left in %s for the next start", drainer.directory)
+    finally:
+        drainer.release()

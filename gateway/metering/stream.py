@@ -1,0 +1,583 @@
+"""Usage records through Redis: a durable stream between the gateways and the database.
+
+With Redis configured, usage leaves a gateway process through :class:`RedisUsageSink`
+(same interface as ``gateway.metering.UsageMeter``: ``record`` is a list append; a
+background task sends batches as pipelined ``XADD gw:usage * e <json>``). The stream
+is never trimmed by length: an entry leaves it only after the database has it.
+
+:class:`UsageDrainer` reads the stream through the consumer group ``gw-writers`` (one
+consumer per process) and writes batches with a writer callable (by default
+``tenancy.services.usage_records_write``, idempotent on ``request_id``), then XACKs
+them. So:
+
+- a database outage delays records and fails no request: the writer's failure leaves
+  the entries pending, and they are retried with backoff (up to ``max_backoff``);
+- a consumer that dies holding entries is relieved by the others: XAUTOCLAIM hands
+  entries idle for ``claim_idle_ms`` to a living consumer (a slow but living one may
+  then write them twice, which the idempotent writer absorbs);
+- acknowledged entries are trimmed (``XTRIM MINID`` below the oldest entry some group
+  still needs), and consumers idle for a day with nothing pending are deleted;
+- an event that the writer refuses for its data (an error that is not an outage, see
+  :func:`transient_errors`) is moved to ``{stream}:dead`` with an error logged, so that
+  it cannot block the stream for ever; ``usage_drain --requeue-dead`` puts such
+  entries back once the cause is fixed.
+
+Run :func:`run_drainer` as a background task in each gateway process and/or
+``python manage.py usage_drain`` as a dedicated worker: they share the work.
+
+Redis must persist (AOF) for "never lost" to hold across a Redis restart; at shutdown
+with Redis unreachable the sink spools what it holds to ``spool_dir`` (like the
+embedded meter) and replays it into the stream on the next start.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import socket
+import time
+from collections.abc import Callable, Sequence
+from datetime import datetime
+from decimal import Decimal
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import orjson
+from asgiref.sync import sync_to_async
+from redis.exceptions import ResponseError
+
+if TYPE_CHECKING:
+    import redis as redis_sync
+    from redis.asyncio import Redis
+
+    from gateway.metering.spool import Spool
+
+logger = logging.getLogger(__name__)
+
+STREAM = "gw:usage"
+GROUP = "gw-writers"
+FIELD = b"e"
+
+Writer = Callable[[Sequence[dict[str, Any]]], object]
+
+# Consumers idle this long with nothing pending are removed from the group.
+CONSUMER_MAX_IDLE_MS = 86_400_000
+
+
+def encode_event(event: dict[str, Any]) -> bytes:
+    """JSON of one usage event: datetimes as ISO 8601 strings, Decimals as strings."""
+    return orjson.dumps(event, default=_default)
+
+
+def _default(value: object) -> object:
+    if isinstance(value, Decimal):
+        return str(value)
+    if isinstance(value, datetime):  # orjson handles datetimes itself; subclasses land here
+        return value.isoformat()
+    raise TypeError(f"cannot encode {type(value).__name__} in a usage event")
+
+
+def decode_event(data: bytes) -> dict[str, Any]:
+    """The inverse of :func:`encode_event` (datetimes and Decimals stay strings)."""
+    event = orjson.loads(data)
+    if not isinstance(event, dict):
+        raise ValueError("a usage event must be a JSON object")
+    return event
+
+
+def django_writer(events: Sequence[dict[str, Any]]) -> object:
+    """``usage_records_write`` for a long-lived worker thread: drops broken DB connections first.
+
+    Outside the request cycle nothing closes a connection that an outage broke, and
+    Django would keep failing on it after the database came back.
+    """
+    from gateway.conf.db import drop_broken_connections
+    from tenancy.services import usage_records_write
+
+    drop_broken_connections()
+    return usage_records_write(events)
+
+
+class RedisUsageSink:
+    """Buffers usage events and XADDs them in batches off the request path.
+
+    ``url`` (the Redis URL) enables the synchronous paths: :meth:`flush_sync` for
+    ``atexit`` and, with ``spool_dir``, spooling to disk what Redis refused at shutdown,
+    or beyond ``max_buffer`` events while Redis is unreachable (replayed into the stream
+    by the next flush that finds the spool directory).
+    """
+
+    def __init__(
+        self,
+        redis: Redis,
+        *,
+        stream: str = STREAM,
+        interval: float = 0.5,
+        max_batch: int = 500,
+        url: str | None = None,
+        spool_dir: Path | None = None,
+        max_buffer: int = 50_000,
+    ) -> None:
+        if spool_dir is not None and url is None:
+            raise ValueError("spooling needs url= (spooled events are replayed with a synchronous client)")
+        self._redis = redis
+        self._max_buffer = max_buffer
+        self._stream = stream
+        self._interval = interval
+        self._max_batch = max_batch
+        self._url = url
+        self._sync: redis_sync.Redis | None = None
+        self._spill: Spool | None = None
+        if spool_dir is not None:
+            from gateway.metering.spool import Spool
+
+            self._spill = Spool(spool_dir)
+        self._buffer: list[dict[str, Any]] = []
+        self._task: asyncio.Task[None] | None = None
+        self._spilling: asyncio.Future[list[dict[str, Any]]] | None = None
+        self.written = 0
+
+    def record(self, event: dict[str, Any]) -> None:
+        """Queue one usage event. Never blocks, never raises."""
+        self._buffer.append(event)
+        if self._task is None:
+            # Without a running loop, aclose() or flush_sync() sends it.
+            with contextlib.suppress(RuntimeError):
+                self._task = asyncio.get_running_loop().create_task(self._run())
+
+    def pending(self) -> int:
+        return len(self._buffer)
+
+    async def _run(self) -> None:
+        backoff = self._interval
+        replay = self._spill is not None and self._spill.has_files()
+        while True:
+            await asyncio.sleep(backoff)
+            if replay and self._spill is not None:
+                try:
+                    await sync_to_async(self._spill.replay, thread_sensitive=False)(self._xadd_sync)
+                    replay = False
+                except Exception:
+                    logger.warning("replaying spooled usage into Redis failed; will retry", exc_info=True)
+            try:
+                await self.flush()
+            except Exception:
+                backoff = min(backoff * 2, 5.0)
+                logger.warning("usage XADD failed; %d events kept for retry", len(self._buffer), exc_info=True)
+                if self._spill is not None and len(self._buffer) >= self._max_buffer:
+                    batch, self._buffer = self._buffer, []  # taken here, on the loop: record() may run meanwhile
+                    # Shielded and kept: aclose() waits for a spill that its cancel interrupted.
+                    self._spilling = asyncio.ensure_future(
+                        sync_to_async(self._spill_batch, thread_sensitive=False)(batch)
+                    )
+                    self._buffer[:0] = await asyncio.shield(self._spilling)  # what could not be spooled
+                    self._spilling = None
+                    replay = True
+                continue
+            backoff = self._interval
+
+    async def flush(self) -> None:
+        """Send everything buffered now; what fails stays buffered (and the error propagates)."""
+        while self._buffer:
+            batch = self._buffer[: self._max_batch]
+            del self._buffer[: self._max_batch]
+            try:
+                pipe = self._redis.pipeline(transaction=False)
+                for event in batch:
+                    pipe.xadd(self._stream, {FIELD: encode_event(event)})
+                await pipe.execute()
+            except BaseException:
+                # A partly sent batch is sent again: the writer is idempotent on request_id.
+                self._buffer[:0] = batch
+                raise
+            self.written += len(batch)
+
+    async def aclose(self) -> None:
+        """Stop the background task and send what is left; spool it if Redis refuses."""
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+        if self._spilling is not None:  # interrupted by the cancel: it still runs in its thread
+            self._buffer[:0] = await self._spilling
+            self._spilling = None
+        try:
+            await self.flush()
+        except Exception:
+            logger.warning("usage XADD failed at shutdown", exc_info=True)
+            batch, self._buffer = self._buffer, []
+            lost = await sync_to_async(self._spill_batch, thread_sensitive=False)(batch)
+            if lost:
+                logger.error("%d usage events lost: Redis unreachable and nowhere to spool them", len(lost))
+
+    def flush_sync(self) -> None:
+        """Blocking flush for ``atexit`` (no event loop left): XADD, else spool, else log."""
+        if not self._buffer:
+            return
+        batch, self._buffer = self._buffer, []
+        try:
+            self._xadd_sync(batch)
+            self.written += len(batch)
+        except Exception:
+            logger.warning("usage XADD failed at exit", exc_info=True)
+            lost = self._spill_batch(batch)
+            if lost:
+                logger.error("%d usage events lost: Redis unreachable and nowhere to spool them", len(lost))
+
+    def _spill_batch(self, batch: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Blocking: one more synchronous XADD, else write to the spool directory.
+
+        Returns the events that could go nowhere (no spool directory, disk error).
+        """
+        if not batch:
+            return []
+        if self._spill is None:
+            return batch
+        try:
+            self._xadd_sync(batch)  # Redis once more
+            self.written += len(batch)
+            return []
+        except Exception:
+            logger.warning("usage XADD failed again; spooling %d events to disk", len(batch), exc_info=True)
+        try:
+            self._spill.write(batch)
+        except Exception:
+            logger.exception("spooling %d usage events to disk failed", len(batch))
+            return batch  # a spool file is written whole or not at all
+        return []
+
+    def _xadd_sync(self, events: Sequence[dict[str, Any]]) -> None:
+        if self._url is None:
+            raise RuntimeError("RedisUsageSink needs url= for synchronous writes")
+        if self._sync is None:
+            import redis as redis_sync
+
+            self._sync = redis_sync.Redis.from_url(self._url)
+        pipe = self._sync.pipeline(transaction=False)
+        for event in events:
+            pipe.xadd(self._stream, {FIELD: encode_event(event)})
+        pipe.execute()
+
+
+class UsageWriteFailed(Exception):
+    """The writer failed for a whole batch (the database is down): entries stay pending."""
+
+
+Entry = tuple[bytes, dict[bytes, bytes] | None]
+
+
+def transient_errors() -> tuple[type[BaseException], ...]:
+    """Writer errors that mean "the database is unavailable", not "this event is bad".
+
+    Connection-level errors and Django's database errors, except DataError and
+    IntegrityError (which a particular event causes). A deploy whose schema does not
+    match (ProgrammingError) thus holds the records back rather than setting them aside.
+    """
+    errors: tuple[type[BaseException], ...] = (OSError,)  # ConnectionError and TimeoutError included
+    try:
+        from django.db import DatabaseError
+    except ImportError:  # pragma: no cover - the project always has Django
+        return errors
+    return (*errors, DatabaseError)
+
+
+def is_transient(error: BaseException, transient: tuple[type[BaseException], ...]) -> bool:
+    """An outage (retry later), not an event the database refuses for its data (set it aside)."""
+    from django.db import DataError, IntegrityError
+
+    return isinstance(error, transient) and not isinstance(error, DataError | IntegrityError)
+
+
+class UsageDrainer:
+    """Moves usage events from the stream to the database, acknowledging only what was written.
+
+    A writer error that is transient (:func:`transient_errors`, or ``transient``) leaves
+    the batch pending for a retry after a backoff; any other error makes the drainer
+    write the batch event by event and move the events still refused to
+    ``{stream}:dead`` (``usage_drain --requeue-dead`` puts them back once fixed).
+    """
+
+    def __init__(
+        self,
+        redis: Redis,
+        writer: Writer = django_writer,
+        *,
+        stream: str = STREAM,
+        group: str = GROUP,
+        consumer: str | None = None,
+        batch: int = 500,
+        block_ms: int = 1000,
+        claim_idle_ms: int = 60_000,
+        claim_interval: float = 15.0,
+        housekeeping_interval: float = 10.0,
+        max_backoff: float = 10.0,
+        transient: tuple[type[BaseException], ...] | None = None,
+    ) -> None:
+        self._redis = redis
+        self._transient = transient if transient is not None else transient_errors()
+        self._write = sync_to_async(writer, thread_sensitive=False)
+        self.stream = stream
+        self.dead_stream = stream + ":dead"
+        self.group = group
+        self.consumer = consumer or f"{socket.gethostname()}-{os.getpid()}-{os.urandom(3).hex()}"
+        self._batch = batch
+        self._block_ms = block_ms
+        self._claim_idle_ms = claim_idle_ms
+        self._claim_interval = claim_interval
+        self._housekeeping_interval = housekeeping_interval
+        self.max_backoff = max_backoff
+        self._own_pending = True  # a restarted consumer of the same name may hold some
+        self._claim_cursor: bytes | str = "0-0"
+        self._next_claim = 0.0
+        self._next_housekeeping = 0.0
+        self._group_ready = False
+        self.written = 0
+
+    async def ensure_group(self) -> None:
+        """Create the stream and the group (reading from the start) unless they exist."""
+        try:
+            await self._redis.xgroup_create(self.stream, self.group, id="0", mkstream=True)
+        except ResponseError as exc:
+            if "BUSYGROUP" not in str(exc):
+                raise
+        self._group_ready = True
+
+    async def step(self, *, block: bool = True) -> int:
+        """Handle one batch: own pending entries, then claimable ones, then new ones.
+
+        Returns how many entries were dealt with (written, or set aside as unreadable;
+        0: nothing to do); raises :class:`UsageWriteFailed` when the writer failed for
+        the whole batch (the entries stay pending).
+        """
+        if not self._group_ready:
+            await self.ensure_group()
+        try:
+            entries = await self._next_entries(block)
+        except ResponseError as exc:
+            if "NOGROUP" not in str(exc):
+                raise
+            await self.ensure_group()  # the stream vanished (Redis restart): start over
+            entries = []
+        handled = await self._handle(entries) if entries else 0
+        if time.monotonic() >= self._next_housekeeping:
+            self._next_housekeeping = time.monotonic() + self._housekeeping_interval
+            try:
+                await self.housekeeping()
+            except Exception:
+                logger.warning("usage stream housekeeping failed", exc_info=True)
+        return handled
+
+    async def _next_entries(self, block: bool) -> list[Entry]:
+        entries: list[Entry] = []
+        if self._own_pending:
+            entries = await self._read("0", None)
+            self._own_pending = bool(entries)
+            if entries and len(entries) < self._batch:
+                # Fill up with new entries: one bad event must not starve the stream,
+                # and a batch with good events tells bad data from an outage.
+                entries += await self._read(">", None, self._batch - len(entries))
+        if not entries and time.monotonic() >= self._next_claim:
+            entries = await self._claim()
+        if not entries:
+            entries = await self._read(">", self._block_ms if block else None)
+        return entries
+
+    async def _read(self, start: str, block: int | None, count: int | None = None) -> list[Entry]:
+        reply = await self._redis.xreadgroup(
+            self.group, self.consumer, {self.stream: start}, count=count or self._batch, block=block
+        )
+        streams = reply.values() if isinstance(reply, dict) else (item[1] for item in reply or ())
+        return [entry for entries in streams for entry in _entries(entries)]
+
+    async def _claim(self) -> list[Entry]:
+        """Take over entries that other (dead) consumers left pending for ``claim_idle_ms``."""
+        while True:
+            reply = await self._redis.xautoclaim(
+                self.stream,
+                self.group,
+                self.consumer,
+                self._claim_idle_ms,
+                start_id=self._claim_cursor,
+                count=self._batch,
+            )
+            self._claim_cursor = reply[0]
+            entries = [entry for entry in _entries(reply[1]) if entry[1] is not None]
+            if self._claim_cursor in (b"0-0", "0-0"):
+                self._next_claim = time.monotonic() + self._claim_interval
+                return entries
+            if entries:
+                return entries
+
+    async def _handle(self, entries: list[Entry]) -> int:
+        events: list[dict[str, Any]] = []
+        ids: list[bytes] = []
+        gone: list[bytes] = []
+        junk: list[tuple[bytes, dict[bytes, bytes]]] = []
+        for entry_id, fields in entries:
+            if fields is None:
+                gone.append(entry_id)  # deleted from the stream while pending: nothing to write
+                continue
+            try:
+                events.append(decode_event(fields[FIELD]))
+                ids.append(entry_id)
+            except (KeyError, ValueError):
+                logger.error("usage stream entry %r is unreadable; moved to %s", entry_id, self.dead_stream)
+                junk.append((entry_id, fields))
+        if gone:
+            await self._redis.xack(self.stream, self.group, *gone)
+        if junk:
+            await self._bury(junk)
+        set_aside = len(gone) + len(junk)
+        if not events:
+            return set_aside
+        try:
+            await self._write(events)
+        except Exception as exc:
+            self._own_pending = True
+            if self._is_transient(exc):
+                raise UsageWriteFailed(str(exc)) from exc
+            return set_aside + await self._write_one_by_one(events, ids)
+        await self._redis.xack(self.stream, self.group, *ids)
+        self.written += len(ids)
+        return set_aside + len(ids)
+
+    async def _write_one_by_one(self, events: list[dict[str, Any]], ids: list[bytes]) -> int:
+        """After a batch refused for its data: write what can be, set the bad events aside.
+
+        An outage starting meanwhile (a transient error) stops the pass: what is not
+        written yet stays pending.
+        """
+        done: list[int] = []
+        bad: list[int] = []
+        outage: Exception | None = None
+        for index in range(len(events)):
+            try:
+                await self._write([events[index]])
+            except Exception as exc:
+                if self._is_transient(exc):
+                    outage = exc
+                    break
+                bad.append(index)
+                continue
+            done.append(index)
+        if bad:
+            logger.error(
+                "the usage writer refused %d events (%s); moved to %s",
+                len(bad),
+                ", ".join(str(events[i].get("request_id")) for i in bad[:10]),
+                self.dead_stream,
+            )
+            await self._bury([(ids[i], {FIELD: encode_event(events[i])}) for i in bad])
+        if done:
+            await self._redis.xack(self.stream, self.group, *(ids[i] for i in done))
+            self.written += len(done)
+        if outage is not None:
+            raise UsageWriteFailed(str(outage)) from outage
+        return len(done) + len(bad)
+
+    def _is_transient(self, error: Exception) -> bool:
+        return is_transient(error, self._transient)
+
+    async def requeue_dead(self) -> int:
+        """Move every entry of ``{stream}:dead`` back to the stream (after fixing the cause)."""
+        moved = 0
+        while True:
+            entries: list[Any] = await self._redis.xrange(self.dead_stream, count=self._batch) or []
+            if not entries:
+                return moved
+            pipe = self._redis.pipeline(transaction=True)
+            for entry_id, fields in entries:
+                if FIELD in fields:
+                    pipe.xadd(self.stream, {FIELD: fields[FIELD]})  # without the "id" it was buried with
+                pipe.xdel(self.dead_stream, entry_id)
+            await pipe.execute()
+            moved += len(entries)
+
+    async def _bury(self, entries: Sequence[tuple[bytes, dict[bytes, bytes]]]) -> None:
+        pipe = self._redis.pipeline(transaction=True)
+        for entry_id, fields in entries:
+            payload: dict[Any, Any] = {**fields, b"id": entry_id}
+            pipe.xadd(self.dead_stream, payload)
+        pipe.xack(self.stream, self.group, *(entry_id for entry_id, _ in entries))
+        await pipe.execute()
+
+    async def housekeeping(self) -> None:
+        """Trim what every group acknowledged; forget consumers long idle with nothing pending."""
+        try:
+            groups = await self._redis.xinfo_groups(self.stream)
+        except ResponseError:
+            return  # no stream yet
+        keep: tuple[int, int] | None = None
+        for group in groups:
+            if group["pending"]:
+                summary = await self._redis.xpending(self.stream, group["name"])
+                needed = _parse_id(summary["min"])
+            else:
+                ms, seq = _parse_id(group["last-delivered-id"])
+                needed = (ms, seq + 1)
+            keep = needed if keep is None else min(keep, needed)
+        if keep is not None and keep > (0, 1):
+            await self._redis.xtrim(self.stream, minid=f"{keep[0]}-{keep[1]}")
+        for consumer in await self._redis.xinfo_consumers(self.stream, self.group):
+            name = consumer["name"]
+            if name in (self.consumer, self.consumer.encode()):
+                continue
+            if not consumer["pending"] and consumer["idle"] > CONSUMER_MAX_IDLE_MS:
+                await self._redis.xgroup_delconsumer(self.stream, self.group, name)
+
+    async def drain(self) -> int:
+        """Deal with everything available now (claimable entries included); return how many."""
+        self._next_claim = 0.0
+        total = 0
+        while True:
+            handled = await self.step(block=False)
+            if not handled and not self._own_pending:
+                return total
+            total += handled
+
+
+async def run_drainer(
+    redis: Redis,
+    writer: Writer = django_writer,
+    *,
+    stop: asyncio.Event | None = None,
+    **options: Any,
+) -> None:
+    """Drain the usage stream until cancelled (or ``stop`` is set); never raises on outages.
+
+    ``options`` go to :class:`UsageDrainer`. Suitable as a background task of each
+    gateway process (``loop.create_task(run_drainer(runtime.redis))``).
+    """
+    drainer = UsageDrainer(redis, writer, **options)
+    backoff = 0.0
+    while stop is None or not stop.is_set():
+        try:
+            await drainer.step(block=True)
+            backoff = 0.0
+            continue
+        except UsageWriteFailed as exc:
+            backoff = min(max(backoff * 2, 0.5), drainer.max_backoff)
+            logger.warning("usage write failed (%s); entries stay in the stream, retry in %.1fs", exc, backoff)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            backoff = min(max(backoff * 2, 0.5), drainer.max_backoff)
+            logger.warning("usage drainer error; retry in %.1fs", backoff, exc_info=True)
+        if stop is None:
+            await asyncio.sleep(backoff)
+        else:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), backoff)
+
+
+def _entries(raw: Any) -> list[Entry]:
+    return [(entry[0], entry[1]) for entry in raw or ()]
+
+
+def _parse_id(value: bytes | str) -> tuple[int, int]:
+    text = value.decode() if isinstance(value, bytes) else value
+    ms, _, seq = text.partition("-")
+    return (int(ms), int(seq or 0))
