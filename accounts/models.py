@@ -41,7 +41,7 @@ def validate_base_url(value: str) -> None:
 
 class Pool(models.Model):
     class Strategy(models.TextChoices):
-        """How the gateway spreads a pool's traffic over its accounts (accounts/selection.py)."""
+        """How the gateway spreads a pool's traffic over its accounts (accounts/routing/selection.py)."""
 
         WEIGHTED_ROUND_ROBIN = "weighted_round_robin", "weighted round robin"
         LEAST_IN_FLIGHT = "least_in_flight", "least in-flight requests"
@@ -100,7 +100,7 @@ class ModelRoute(models.Model):
     """A public model name and the ordered (pool, upstream model) targets serving it.
 
     Without a route, a model is served by every pool with an enabled account listing it
-    (accounts/routing.py). With one, only its targets serve it, tried in ``position``
+    (accounts/routing/routes.py). With one, only its targets serve it, tried in ``position``
     order: the first is the primary, later ones are fallbacks.
     """
 
@@ -132,7 +132,7 @@ class ModelRouteTarget(models.Model):
 
 
 class AccountTransition(models.Model):
-    """The durable log of an account's health transitions (accounts/health.py).
+    """The durable log of an account's health transitions (accounts/health/machine.py).
 
     Written in batches off the request path by ``account_transitions_write``; operator
     actions (disable, enable, reset) are logged here too. Never read by the data plane.

@@ -1,7 +1,7 @@
 """Celery tasks of the supply side. They take ids (or nothing) and call accounts.health.probing.
 
 Schedule ``accounts.probe`` periodically (every 30 s is a good default) in
-``gateway/celery.py``'s beat schedule. Overlapping runs are harmless: Redis-mode
+``gateway/conf/celery.py``'s beat schedule. Overlapping runs are harmless: Redis-mode
 trials are locked per account, and a re-admission is idempotent.
 """
 
@@ -18,7 +18,7 @@ from accounts.health import probing
 def accounts_probe() -> dict[str, int]:
     """Probe every account disabled by an upstream error or with an open circuit due a trial.
 
-    Re-admits those that answer (see accounts/probing.py). Returns verdict counts.
+    Re-admits those that answer (see accounts/health/probing.py). Returns verdict counts.
     """
     return dict(Counter(outcome.verdict for outcome in probing.accounts_probe_run()))
 

@@ -6,7 +6,7 @@ path with the price rows of its snapshot, and the services can call them off it.
 Prices are in USD per million tokens (``Decimal``); costs are ``Decimal`` USD rounded
 to :data:`COST_PLACES` (nano-dollars), which is what ``UsageRecord.cost`` stores.
 
-**The token convention** (the Responses ``usage`` object, as ``gateway.dataplane.relay.usage_fields``
+**The token convention** (the Responses ``usage`` object, as :func:`usage_fields`
 maps it; the usage record keeps it as is):
 
 - ``input_tokens`` counts *every* prompt token, **including** ``cached_tokens`` (prompt
@@ -34,6 +34,45 @@ _COST_QUANTUM = Decimal(1).scaleb(-COST_PLACES)
 _MILLION = Decimal(1_000_000)
 
 BUDGET_PERIODS = ("day", "week", "month", "fixed")
+
+
+# The token fields of a usage record, in the order every writer and reader uses.
+TOKEN_FIELDS = (
+    "input_tokens",
+    "cached_tokens",
+    "cache_write_tokens",
+    "output_tokens",
+    "reasoning_tokens",
+    "total_tokens",
+)
+
+
+def unknown_usage() -> dict[str, int | None]:
+    """Token fields of a usage nobody reported: every count None."""
+    return dict.fromkeys(TOKEN_FIELDS)
+
+
+def _count(value: object) -> int | None:
+    # bool is an int subclass; a token count is never a bool.
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else None
+
+
+def usage_fields(usage: object) -> dict[str, int | None]:
+    """Map a Responses ``usage`` object to usage-record fields; unreported values stay None."""
+    if not isinstance(usage, dict):
+        return unknown_usage()
+    inp = usage.get("input_tokens_details")
+    out = usage.get("output_tokens_details")
+    inp = inp if isinstance(inp, dict) else {}
+    out = out if isinstance(out, dict) else {}
+    return {
+        "input_tokens": _count(usage.get("input_tokens")),
+        "cached_tokens": _count(inp.get("cached_tokens")),
+        "cache_write_tokens": _count(inp.get("cache_write_tokens")),
+        "output_tokens": _count(usage.get("output_tokens")),
+        "reasoning_tokens": _count(out.get("reasoning_tokens")),
+        "total_tokens": _count(usage.get("total_tokens")),
+    }
 
 
 class PriceRow(Protocol):

@@ -12,6 +12,7 @@ from django.db.models.functions import Coalesce
 
 from tenancy.keys import key_prefix
 from tenancy.models import COST_MAX_DIGITS, COST_PLACES, ApiKey, BudgetScope, PriceVersion, Tenant, UsageRecord
+from tenancy.pricing import TOKEN_FIELDS
 
 # The limit columns shared by keys and tenants (tenancy.models.LimitFields).
 LIMIT_FIELDS = (
@@ -28,14 +29,6 @@ LIMIT_FIELDS = (
 # The request policy only keys have.
 KEY_POLICY_FIELDS = ("max_output_tokens", "reasoning_efforts", "allowed_tools", "allowed_ips")
 
-_USAGE_TOKEN_FIELDS = (
-    "input_tokens",
-    "cached_tokens",
-    "cache_write_tokens",
-    "output_tokens",
-    "reasoning_tokens",
-    "total_tokens",
-)
 _ZERO_COST = Value(Decimal(0), output_field=DecimalField(max_digits=COST_MAX_DIGITS, decimal_places=COST_PLACES))
 
 
@@ -116,7 +109,7 @@ def usage_summary(api_key: ApiKey | int, since: datetime | None = None) -> dict[
         records = records.filter(created_at__gte=since)
     # Aliases differ from the column names: an alias named like a column would shadow it
     # in the other aggregates' filters.
-    sums: dict[str, Any] = {f"sum_{name}": Coalesce(Sum(name), 0) for name in _USAGE_TOKEN_FIELDS}
+    sums: dict[str, Any] = {f"sum_{name}": Coalesce(Sum(name), 0) for name in TOKEN_FIELDS}
     totals = records.aggregate(
         n_requests=Count("id"),
         sum_cost=Coalesce(Sum("cost"), _ZERO_COST),
@@ -126,7 +119,7 @@ def usage_summary(api_key: ApiKey | int, since: datetime | None = None) -> dict[
     )
     return {
         "requests": int(totals["n_requests"]),
-        **{name: int(totals[f"sum_{name}"]) for name in _USAGE_TOKEN_FIELDS},
+        **{name: int(totals[f"sum_{name}"]) for name in TOKEN_FIELDS},
         "cost": Decimal(totals["sum_cost"]),
         "requests_with_unknown_usage": int(totals["n_unknown_usage"]),
         "requests_with_unknown_cost": int(totals["n_unknown_cost"]),

@@ -43,6 +43,7 @@ from tenancy.models import (
     Tenant,
     UsageRecord,
 )
+from tenancy.pricing import TOKEN_FIELDS
 
 logger = logging.getLogger(__name__)
 
@@ -57,15 +58,6 @@ _INT_MAX = 2**31 - 1
 _BIGINT_MAX = 2**63 - 1
 _COST_QUANTUM = Decimal(1).scaleb(-COST_PLACES)
 _COST_LIMIT = Decimal(10) ** (COST_MAX_DIGITS - COST_PLACES)  # what UsageRecord.cost can hold
-
-_TOKEN_FIELDS = (
-    "input_tokens",
-    "cached_tokens",
-    "cache_write_tokens",
-    "output_tokens",
-    "reasoning_tokens",
-    "total_tokens",
-)
 
 
 # --- limits ---------------------------------------------------------------------------
@@ -543,7 +535,7 @@ def usage_records_write(events: Sequence[Mapping[str, Any]]) -> int:
                 float(event["latency_ms"]),
                 float(ttfb) if ttfb is not None else None,
                 adapt(created_at),
-                *(event.get(name) for name in _TOKEN_FIELDS),
+                *(event.get(name) for name in TOKEN_FIELDS),
                 adapt_decimal(cost, COST_MAX_DIGITS, COST_PLACES) if cost is not None else None,
                 price_id,
                 attempts_field.get_db_prep_save(list(event.get("attempts") or ()), connection),
@@ -582,7 +574,7 @@ def _usage_insert_sql() -> str:
         "latency_ms",
         "ttfb_ms",
         "created_at",
-        *_TOKEN_FIELDS,
+        *TOKEN_FIELDS,
         "cost",
         "price_version_id",
         "attempts",

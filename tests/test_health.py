@@ -1,4 +1,4 @@
-"""The account health state machine (accounts/health.py): pure, so every rule is pinned exactly."""
+"""The account health state machine (accounts/health/machine.py): pure, so every rule is pinned exactly."""
 
 from __future__ import annotations
 

@@ -4,7 +4,7 @@ a request makes no database query, and at most one Redis round trip when Redis i
 The gateway runs in this process (``gateway.conf.asgi.application`` driven by a minimal ASGI harness, so
 anything later mounted in front of the data plane is covered too) against the real fake upstream.
 Usage metering stays on, but its database writes are moved out of the counted window, since they are
-off the request path by design (a gateway's usage writer is a child process, gateway/usage_writer.py,
+off the request path by design (a gateway's usage writer is a child process, gateway/metering/writer.py,
 which this in-process harness does not start: it would not see pytest's test database): the usage
 writer is off, records wait in the journal (embedded) or the Redis stream, and ``manage.py usage_drain
 --once`` writes them after the window. The test then checks every request was recorded.

@@ -1,4 +1,4 @@
-"""The limit engine (gateway/limits.py, gateway/limits_redis.py): both backends, same semantics.
+"""The limit engine (gateway/limits/engine.py, gateway/limits/redis_backend.py): both backends, same semantics.
 
 Every engine test runs against LocalLimiter and RedisLimiter; the Redis half skips when
 REDIS_URL is not set. Each test uses its own key prefix and deletes its keys. Time is

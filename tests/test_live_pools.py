@@ -99,7 +99,7 @@ class Pools:
         self.synced.clear()
 
     def _sync(self, url: str) -> None:
-        """Work around a Redis-mode gap in gateway/views.py: a gateway authenticates and plans a
+        """Work around a Redis-mode gap in gateway/dataplane/responses.py: a gateway authenticates and plans a
         request on the snapshot of the change token it saw last, and only the admission that
         follows reads the new one, so a key, account or route *added* since is refused (401,
         404) once. ``GET /v1/models`` reads the token first; one per gateway after an addition."""

@@ -1,4 +1,4 @@
-"""The usage writer child process (gateway/usage_writer.py) of live gateways.
+"""The usage writer child process (gateway/metering/writer.py) of live gateways.
 
 Each gateway process spawns one ``python -m gateway.metering.writer`` whose stdin is its
 lifeline: when the gateway exits (SIGTERM: after its last append) or dies (SIGKILL), the

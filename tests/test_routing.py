@@ -1,4 +1,4 @@
-"""Model routes: pure resolution (accounts/routing.py) and the services and selectors behind it."""
+"""Model routes: pure resolution (accounts/routing/routes.py) and the services and selectors behind it."""
 
 from __future__ import annotations
 

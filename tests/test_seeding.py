@@ -1,4 +1,4 @@
-"""Batched budget seeds (gateway/seeding.py): the scopes waiting while a query runs form the next one."""
+"""Batched budget seeds (gateway/limits/seeding.py): the scopes waiting while a query runs form the next one."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Account selection per pool (accounts/selection.py) and sticky bindings (accounts/stickiness.py)."""
+"""Account selection per pool (accounts/routing/selection.py) and sticky bindings (accounts/routing/stickiness.py)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""FastTransport (gateway/transport.py) and the transport choice in gateway/upstream.py.
+"""FastTransport (accounts/upstream/transport.py) and the transport choice in accounts/upstream/client.py.
 
 Real sockets only: the project's fake upstream as a subprocess (the ``fake_upstream`` fixture) and
 small scripted servers running in the test's own event loop for the edge cases. No database.

@@ -1,4 +1,4 @@
-"""The embedded path of metering (gateway/usage_journal.py): writer -> journal on disk -> drainer.
+"""The embedded path of metering (gateway/metering/journal.py): writer -> journal on disk -> drainer.
 
 Plain unit tests on ``tmp_path``: the drainer's writer is a list-collecting callable
 standing in for ``usage_records_write``, so no database is needed. A "writer holding a

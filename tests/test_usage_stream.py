@@ -1,4 +1,4 @@
-"""The Redis path of metering (gateway/usage_stream.py): sink -> stream -> drainer -> writer.
+"""The Redis path of metering (gateway/metering/stream.py): sink -> stream -> drainer -> writer.
 
 Stream tests skip when REDIS_URL is not set; each uses its own stream name and deletes
 it. Writers are plain functions standing in for ``usage_records_write``; one test runs

@@ -25,7 +25,7 @@ HEALTHY, and the next success records the transition back. Events that arrive fo
 state they cannot concern (a success from a request sent before the account started
 cooling, a 5xx while disabled) change nothing: results of requests in flight when the
 state changed are stale evidence. The half-open "exactly one trial" is enforced by the
-store (a lock, see accounts/health_store.py); this module only says a trial is due.
+store (a lock, see accounts/health/store.py); this module only says a trial is due.
 
 Operator-disabled accounts (``UpstreamAccount.enabled = False``) never reach this
 machine: they are not in the config snapshot at all.
@@ -116,7 +116,7 @@ class Health:
     failures: int = 0  # consecutive server errors in the current window
     window_start: float = 0.0  # time of the first of those failures
     opens: int = 0  # consecutive circuit openings since the last success
-    version: int = 0  # ordering of shared writes (accounts/health_store.py); the machine keeps it
+    version: int = 0  # ordering of shared writes (accounts/health/store.py); the machine keeps it
 
     def admission(self, now: float) -> Admission:
         state = self.state

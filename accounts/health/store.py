@@ -5,7 +5,7 @@ stores answer :meth:`LocalHealthStore.admission` / ``usable`` / ``earliest_deadl
 from a dict. Events go in through ``await store.report(account_id, event)``.
 
 :class:`LocalHealthStore` (embedded mode) is the authority itself: the event is applied
-and its transition queued for the database (accounts/transition_log.py).
+and its transition queued for the database (accounts/health/transitions.py).
 
 :class:`RedisHealthStore` keeps the same dict as a *mirror* of Redis:
 

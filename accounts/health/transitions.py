@@ -3,7 +3,7 @@
 The health stores call :meth:`TransitionLog.add` (a list append); a background task
 writes what accumulated every ``interval`` seconds through
 ``accounts.services.account_transitions_write``. Transitions are diagnostics, not
-money: unlike usage (gateway/usage_journal.py) nothing is spooled to disk. A failed write
+money: unlike usage (gateway/metering/journal.py) nothing is spooled to disk. A failed write
 is retried with a growing delay, the buffer is bounded (the oldest rows are dropped
 first, with a warning), and what is left at shutdown gets one last synchronous try.
 """

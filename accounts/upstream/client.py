@@ -4,7 +4,7 @@ Everything the data plane sends to an upstream goes through :class:`UpstreamClie
 so the transport under httpx can be chosen by benchmark (``GATEWAY_UPSTREAM_TRANSPORT``)
 and tests can stub this seam. The transports:
 
-* ``fast``: gateway/transport.py, HTTP/1.1 over asyncio protocols and httptools (leanest;
+* ``fast``: accounts/upstream/transport.py, HTTP/1.1 over asyncio protocols and httptools (leanest;
   no proxies, no HTTP/2).
 * ``aiohttp``: httpx_aiohttp's AiohttpTransport (aiohttp's connector and parser).
 * ``httpx``: httpx.AsyncHTTPTransport (httpcore's pool, h11).

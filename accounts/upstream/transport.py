@@ -1,7 +1,7 @@
 """A lean HTTP/1.1 transport for httpx: raw asyncio protocols and ``httptools`` parsing.
 
 :class:`FastTransport` is an :class:`httpx.AsyncBaseTransport`, so httpx stays the API at the
-upstream seam (gateway/upstream.py) while the per-request cost drops to a bytes join, one
+upstream seam (accounts/upstream/client.py) while the per-request cost drops to a bytes join, one
 ``write`` and an ``httptools`` parse. It runs on whatever loop is running (uvloop under the
 gateway).
 

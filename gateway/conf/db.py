@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from asgiref.sync import sync_to_async
+
 
 def drop_broken_connections() -> None:
     """Django's end-of-request connection hygiene, minus "``CONN_MAX_AGE`` 0 means close".
@@ -22,3 +27,18 @@ def drop_broken_connections() -> None:
         if not connection.settings_dict.get("CONN_MAX_AGE"):
             connection.close_at = None
         connection.close_if_unusable_or_obsolete()
+
+
+def db_call(function: Callable[..., Any]) -> Callable[..., Awaitable[Any]]:
+    """``function`` run in a worker thread, after dropping that thread's broken connection.
+
+    Worker threads keep their Django connection; nothing else closes one that a database
+    restart broke (there is no request cycle here), so without this every later call in
+    that thread would fail.
+    """
+
+    def call(*args: Any) -> Any:
+        drop_broken_connections()
+        return function(*args)
+
+    return sync_to_async(call, thread_sensitive=False)

@@ -1,7 +1,7 @@
 """Small typed helpers that read configuration from the environment.
 
 Parsing problems are collected instead of raised, so that Django can start far
-enough to report every one of them through system checks (see gateway/checks.py)
+enough to report every one of them through system checks (see gateway/conf/checks.py)
 with a stable id and a sentence saying what to set.
 """
 

@@ -1,6 +1,6 @@
 """A key's request policy beyond models: reasoning efforts, tools, client IPs, output cap.
 
-Applied once per request, after validation and before admission (gateway/views.py).
+Applied once per request, after validation and before admission (gateway/dataplane/responses.py).
 Refusals are 403 with the OpenAI envelope; the output cap clamps instead of refusing.
 """
 
@@ -17,7 +17,7 @@ def apply_policy(request: dict[str, Any], key: KeyInfo, client_ip: str | None) -
     """Check ``request`` against the key's policy; return it with ``max_output_tokens`` clamped.
 
     The clamp matters where the pool forwards the field; everywhere it bounds the
-    budget reservation (see gateway/views.py).
+    budget reservation (see gateway/dataplane/responses.py).
     """
     if key.allowed_ips is not None:
         _check_ip(key, client_ip)

@@ -1,13 +1,13 @@
 """Sending a request upstream: account selection, attempts, failover, relaying.
 
 ``Dispatcher.run`` walks the request's attempt plan (the model's targets, then its
-fallbacks' targets; see accounts/routing.py). For each target it picks an account
-with the pool's strategy (accounts/selection.py), honouring health, concurrency caps
-and the prompt-cache binding (accounts/stickiness.py). Before the first byte reaches
+fallbacks' targets; see accounts/routing/routes.py). For each target it picks an account
+with the pool's strategy (accounts/routing/selection.py), honouring health, concurrency caps
+and the prompt-cache binding (accounts/routing/stickiness.py). Before the first byte reaches
 the client, a failed attempt (connect error, timeout, 5xx, 408, 429, a rejected
 credential) is reported to the account's health and retried on another account, up
 to ``GATEWAY_MAX_ATTEMPTS`` attempts and ``GATEWAY_FAILOVER_DEADLINE`` seconds.
-Streams are held back until real output arrives (gateway/relay.py), so an upstream
+Streams are held back until real output arrives (gateway/dataplane/relay.py), so an upstream
 that fails right after ``response.created`` is retried invisibly too.
 
 Every attempt is noted on the exchange (account, outcome, status, usage) for metering.
@@ -32,10 +32,11 @@ from gateway.config.snapshot import AccountInfo, Snapshot
 from gateway.contract.errors import RATE_LIMIT, SERVER, GatewayError
 from gateway.contract.sanitize import sanitize_for_upstream
 from gateway.dataplane.asgi_io import Receive, Send, send_json
-from gateway.dataplane.relay import COMMIT, SseRelay, usage_fields
+from gateway.dataplane.relay import COMMIT, SseRelay
+from tenancy.pricing import usage_fields
 
 if TYPE_CHECKING:
-    from gateway.dataplane.app import Exchange
+    from gateway.dataplane.exchange import Exchange
     from gateway.dataplane.runtime import Runtime
 
 # Upstream headers worth relaying to the client on an error answer.

@@ -16,46 +16,16 @@ from typing import Any
 
 import orjson
 
+from tenancy.pricing import unknown_usage, usage_fields
+
 Send = Callable[[dict[str, Any]], Awaitable[None]]
 
-TOKEN_FIELDS = (
-    "input_tokens",
-    "cached_tokens",
-    "cache_write_tokens",
-    "output_tokens",
-    "reasoning_tokens",
-    "total_tokens",
-)
-_UNKNOWN_USAGE: dict[str, int | None] = dict.fromkeys(TOKEN_FIELDS)
 _TERMINAL = {
     b"response.completed": "completed",
     b"response.incomplete": "incomplete",
     b"response.failed": "failed",
 }
 _CREATED = b"response.created"
-
-
-def _count(value: object) -> int | None:
-    # bool is an int subclass; a token count is never a bool.
-    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else None
-
-
-def usage_fields(usage: object) -> dict[str, int | None]:
-    """Map a Responses ``usage`` object to usage-record fields; unreported values stay None."""
-    if not isinstance(usage, dict):
-        return dict(_UNKNOWN_USAGE)
-    inp = usage.get("input_tokens_details")
-    out = usage.get("output_tokens_details")
-    inp = inp if isinstance(inp, dict) else {}
-    out = out if isinstance(out, dict) else {}
-    return {
-        "input_tokens": _count(usage.get("input_tokens")),
-        "cached_tokens": _count(inp.get("cached_tokens")),
-        "cache_write_tokens": _count(inp.get("cache_write_tokens")),
-        "output_tokens": _count(usage.get("output_tokens")),
-        "reasoning_tokens": _count(out.get("reasoning_tokens")),
-        "total_tokens": _count(usage.get("total_tokens")),
-    }
 
 
 def _frame_type(frame: bytes) -> bytes | None:
@@ -109,7 +79,7 @@ class SseRelay:
         self.entry: list[Any] = [send, time.monotonic()]
         self.ttfb_ms: float | None = None
         self.terminal: str | None = None
-        self.usage: dict[str, int | None] = dict(_UNKNOWN_USAGE)
+        self.usage: dict[str, int | None] = unknown_usage()
         self.response_id = ""
         self.failure_code = ""
         self._created: dict[str, Any] | None = None

@@ -19,12 +19,11 @@ import gc
 import logging
 import sys
 import time
-from collections.abc import Awaitable, Callable, Coroutine, Sequence
+from collections.abc import Coroutine, Sequence
 from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any
 
-from asgiref.sync import sync_to_async
 from django.conf import settings
 
 from accounts.health.store import health_store_from_settings
@@ -32,65 +31,15 @@ from accounts.health.transitions import TransitionLog
 from accounts.routing.selection import Selector
 from accounts.routing.stickiness import LocalStickyStore, RedisStickyStore
 from accounts.upstream.client import UpstreamClient
-from gateway.conf.db import drop_broken_connections
+from gateway.conf.db import db_call, drop_broken_connections
 from gateway.config.snapshot import ConfigState, Snapshot, load_snapshot
+from gateway.dataplane.keepalive import KeepAlive
 from gateway.limits.engine import LocalLimiter, Scope
 from gateway.limits.seeding import BatchSeed
 from gateway.metering.journal import JournalDrainer, JournalWriter, run_journal_drainer
 from gateway.metering.writer import UsageWriterProcess, journal_dir, spool_dir
 
 logger = logging.getLogger(__name__)
-
-Send = Callable[[dict[str, Any]], Awaitable[None]]
-
-KEEPALIVE_FRAME = b": keep-alive\n\n"
-
-
-class KeepAlive:
-    """One ticker for all open streams: sends an SSE comment to streams idle too long."""
-
-    def __init__(self, interval: float) -> None:
-        self.interval = interval
-        self._streams: dict[int, list[Any]] = {}
-        self._task: asyncio.Task[None] | None = None
-
-    def register(self, entry: list[Any]) -> None:
-        """Track a stream's mutable ``[send, last_send_time]`` entry (the relay updates the time)."""
-        self._streams[id(entry)] = entry
-        if self._task is None:
-            self._task = asyncio.get_running_loop().create_task(self._run())
-
-    def unregister(self, entry: list[Any]) -> None:
-        self._streams.pop(id(entry), None)
-
-    async def _run(self) -> None:
-        tick = min(self.interval / 2, 1.0)
-        while True:
-            await asyncio.sleep(tick)
-            now = time.monotonic()
-            for entry in list(self._streams.values()):
-                if now - entry[1] >= self.interval:
-                    entry[1] = now
-                    try:
-                        # Safe to interleave: the relay only ever sends whole frames.
-                        await entry[0]({"type": "http.response.body", "body": KEEPALIVE_FRAME, "more_body": True})
-                    except Exception:  # the stream's own task notices the broken client
-                        self.unregister(entry)
-
-
-def db_call(function: Callable[..., Any]) -> Callable[..., Awaitable[Any]]:
-    """``function`` run in a worker thread, after dropping that thread's broken connection.
-
-    Worker threads keep their Django connection; nothing else closes one that a database
-    restart broke (there is no request cycle here), so without this every later call in
-    that thread would fail.
-    """
-
-    def call(*args: Any) -> Any:
-        drop_broken_connections()
-        return function(*args)
-
-    return sync_to_async(call, thread_sensitive=False)
 
 
 # A generation-2 threshold no snapshot build reaches (counted in generation-1 collections).

@@ -8,20 +8,19 @@ the database (two aggregates), in a worker thread.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
 from datetime import UTC, datetime
 from decimal import Decimal
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import orjson
 
-from gateway.config.snapshot import KeyInfo, Snapshot
+from gateway.conf.db import db_call
 from gateway.dataplane.asgi_io import Scope, Send, send_json
+from gateway.dataplane.auth import authenticate
+from gateway.dataplane.exchange import Exchange
+from gateway.dataplane.runtime import Runtime
 from tenancy.pricing import budget_window
-
-if TYPE_CHECKING:
-    from gateway.dataplane.app import Exchange
-    from gateway.dataplane.runtime import Runtime
+from tenancy.selectors import usage_summary
 
 
 def _jsonable(summary: dict[str, Any]) -> dict[str, Any]:
@@ -32,16 +31,7 @@ def _iso(epoch: float) -> str:
     return datetime.fromtimestamp(epoch, UTC).isoformat().replace("+00:00", "Z")
 
 
-async def usage_view(
-    scope: Scope,
-    send: Send,
-    runtime: Runtime,
-    ex: Exchange,
-    authenticate: Callable[[Scope, Snapshot], KeyInfo],
-) -> None:
-    from gateway.dataplane.runtime import db_call
-    from tenancy.selectors import usage_summary
-
+async def usage(scope: Scope, send: Send, runtime: Runtime, ex: Exchange) -> None:
     await runtime.fresh_token()
     snapshot = await runtime.config.current()
     key = authenticate(scope, snapshot)

@@ -1,0 +1,41 @@
+"""Keep-alive comments for idle streams: one ticker for all of a process's open streams."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+KEEPALIVE_FRAME = b": keep-alive\n\n"
+
+
+class KeepAlive:
+    """One ticker for all open streams: sends an SSE comment to streams idle too long."""
+
+    def __init__(self, interval: float) -> None:
+        self.interval = interval
+        self._streams: dict[int, list[Any]] = {}
+        self._task: asyncio.Task[None] | None = None
+
+    def register(self, entry: list[Any]) -> None:
+        """Track a stream's mutable ``[send, last_send_time]`` entry (the relay updates the time)."""
+        self._streams[id(entry)] = entry
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(self._run())
+
+    def unregister(self, entry: list[Any]) -> None:
+        self._streams.pop(id(entry), None)
+
+    async def _run(self) -> None:
+        tick = min(self.interval / 2, 1.0)
+        while True:
+            await asyncio.sleep(tick)
+            now = time.monotonic()
+            for entry in list(self._streams.values()):
+                if now - entry[1] >= self.interval:
+                    entry[1] = now
+                    try:
+                        # Safe to interleave: the relay only ever sends whole frames.
+                        await entry[0]({"type": "http.response.body", "body": KEEPALIVE_FRAME, "more_body": True})
+                    except Exception:  # the stream's own task notices the broken client
+                        self.unregister(entry)

@@ -1,0 +1,130 @@
+"""``POST /v1/responses``: admit -> dispatch -> settle.
+
+authenticate -> read the body (size limit) -> parse -> validate (seed 004) -> key policy
+-> model access and attempt plan -> admission (every limit and budget in one atomic step:
+the single choke point) -> dispatch with failover (:mod:`gateway.dataplane.dispatch`) ->
+settle the reservation with what was really used. The caller (the app) meters the
+exchange whatever happened.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import orjson
+from django.conf import settings
+
+from gateway.config.snapshot import Snapshot
+from gateway.contract.errors import GatewayError
+from gateway.contract.policy import apply_policy
+from gateway.contract.validation import validate_request
+from gateway.dataplane.asgi_io import Receive, Scope, Send, read_body
+from gateway.dataplane.auth import Plan, authenticate, plan_request
+from gateway.dataplane.dispatch import Dispatcher, Failed
+from gateway.dataplane.exchange import Exchange
+from gateway.dataplane.runtime import Runtime
+from gateway.limits.engine import Decision, estimate_tokens, rejection_error
+from tenancy.pricing import estimate_cost_usd, usd_to_micros
+
+
+async def responses(scope: Scope, receive: Receive, send: Send, runtime: Runtime, ex: Exchange) -> None:
+    """Serve one ``POST /v1/responses``; raises GatewayError for the app to answer."""
+    await runtime.start()
+    validated: dict[str, Any] | None = None
+    size = 0
+    for retry in (False, True):
+        snapshot = await runtime.config.current()
+        try:
+            ex.key = authenticate(scope, snapshot)
+            if validated is None:
+                raw = await read_body(scope, receive, settings.GATEWAY_MAX_BODY_BYTES)
+                size = len(raw)
+                validated = _parse(raw, ex)
+            request, plan, decision = await _admit(scope, runtime, ex, snapshot, validated, size)
+        except GatewayError as error:
+            # With Redis this replica learns of config changes from the admission
+            # script; a refusal decided before it (unknown key or model) is checked
+            # against the current token once, so new keys work on their first request.
+            if retry or runtime.redis is None or error.status not in (401, 403, 404, 503):
+                raise
+            if await runtime.fresh_token() == snapshot.token:
+                raise
+            continue
+        if runtime.redis is None or decision.config_token == snapshot.token or retry:
+            break
+        # The admission read a newer config token: this replica's snapshot is stale.
+        # Undo the admission and decide again on the new configuration.
+        runtime.token = decision.config_token
+        if decision.ticket is not None:
+            runtime.limiter.cancel(decision.ticket)
+            # Applied before the next admission: still queued, the cancelled admission
+            # would hold its slot, reservation and place in the minute, and could refuse
+            # its own retry.
+            await runtime.limiter.flush()
+    ex.headers = decision.headers
+    if not decision.allowed or decision.ticket is None:
+        raise rejection_error(decision)
+    ticket = decision.ticket
+    try:
+        await Dispatcher(runtime, ex, request, plan, snapshot, decision.headers).run(receive, send)
+    except Failed as failed:
+        raise failed.error from None
+    finally:
+        tokens, cost = ex.billed()
+        micros = usd_to_micros(cost) if cost is not None else None
+        if ex.final is None or ex.final[0] >= 400:
+            # No upstream answer (every attempt failed, or none was made) or an error answer
+            # (an upstream 4xx relayed): only usage an upstream reported is billed; the rest
+            # of the reservation is refunded. Unknown usage of a real answer keeps the estimate.
+            tokens, micros = tokens or 0, micros or 0
+        runtime.limiter.settle(ticket, tokens=tokens, micros=micros)
+
+
+def _parse(raw: bytes, ex: Exchange) -> dict[str, Any]:
+    try:
+        body = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        raise GatewayError(
+            400,
+            "We could not parse the JSON body of your request. Send a JSON object as the body.",
+            code="invalid_json",
+        ) from None
+    if isinstance(body, dict) and isinstance(body.get("model"), str):
+        ex.model = body["model"]
+    validated = validate_request(body)
+    ex.stream = bool(validated.get("stream"))
+    return validated
+
+
+async def _admit(
+    scope: Scope,
+    runtime: Runtime,
+    ex: Exchange,
+    snapshot: Snapshot,
+    validated: dict[str, Any],
+    body_size: int,
+) -> tuple[dict[str, Any], Plan, Decision]:
+    """Policy, plan and admission under ``snapshot`` (the one choke point for limits)."""
+    key = ex.key
+    assert key is not None
+    client = scope.get("client")
+    request = apply_policy(validated, key, client[0] if client else None)
+    plan = plan_request(snapshot, key, request)
+    if request.get("conversation") is not None:
+        raise GatewayError(
+            501,
+            "Stored conversations are not implemented on this gateway yet; send the full context in 'input'.",
+            code="not_implemented",
+            param="conversation",
+        )
+    now = time.time()
+    max_output = request.get("max_output_tokens")
+    tokens = estimate_tokens(body_size, max_output, default_output=settings.GATEWAY_DEFAULT_OUTPUT_RESERVE)
+    ex.price = price = snapshot.prices.lookup(request["model"], now)
+    micros = 0
+    if price is not None:
+        output = max_output if max_output is not None else settings.GATEWAY_DEFAULT_OUTPUT_RESERVE
+        micros = usd_to_micros(estimate_cost_usd(tokens - output, output, price))
+    decision = await runtime.limiter.admit(key.scopes(now), tokens=tokens, micros=micros, now=now)
+    return request, plan, decision
