@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: run test test-pg lint format bench clean
+.PHONY: run test test-unit test-live lint format bench clean
 
 ## run: install, migrate and serve the gateway on 127.0.0.1:$${PORT:-8000} (embedded SQLite, no Redis)
 run: $(STAMP) .env
@@ -14,6 +14,13 @@ run: $(STAMP) .env
 ## test: the whole test suite against the current environment (embedded default unless DATABASE_URL/REDIS_URL are set)
 test: $(STAMP)
 	$(PY) -m pytest
+
+## test-unit / test-live: the two suites on their own (live: gateway and fake-upstream processes over sockets)
+test-unit: $(STAMP)
+	$(PY) -m pytest tests/unit
+
+test-live: $(STAMP)
+	$(PY) -m pytest tests/live
 
 ## lint: ruff (format check + lint) and mypy
 lint: $(STAMP)

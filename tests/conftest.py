@@ -27,7 +27,7 @@ import httpx
 import pytest
 from django.conf import settings
 
-from tests import live
+from tests import harness as live
 
 DATA_DIR = Path(settings.DATA_DIR)
 

@@ -18,7 +18,7 @@ from django.core.management.base import CommandError
 
 from tenancy.models import ApiKey, PriceVersion, Tenant
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 ALL_KEY_FLAGS = [
     "--rpm",

@@ -30,7 +30,7 @@ from django.conf import settings
 
 from gateway.metering.journal import DEAD_NAME, JournalDrainer, JournalWriter
 from gateway.metering.stream import decode_event
-from tests import live
+from tests import harness as live
 from tests.conftest import DATA_DIR, MODEL, Live, make_actor
 
 pytestmark = pytest.mark.live

@@ -37,9 +37,9 @@ import pytest
 from django.conf import settings
 from django.core.management import call_command
 
-from tests import live
+from tests import harness as live
 from tests.conftest import DATA_DIR, MODEL, FakeUpstream, Live
-from tests.live import assert_error, poll
+from tests.harness import assert_error, poll
 
 pytestmark = pytest.mark.live
 

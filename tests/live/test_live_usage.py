@@ -10,9 +10,9 @@ from typing import Any
 import httpx
 import pytest
 
-from tests import live
+from tests import harness as live
 from tests.conftest import MODEL, Live
-from tests.live import assert_error, sse_events
+from tests.harness import assert_error, sse_events
 
 pytestmark = pytest.mark.live
 

@@ -15,7 +15,7 @@ from django.core import checks
 from gateway.conf import checks as gateway_checks
 from gateway.conf import env
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def ids(messages: list[checks.CheckMessage]) -> list[str | None]:

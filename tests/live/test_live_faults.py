@@ -8,9 +8,9 @@ from typing import Any
 import httpx
 import pytest
 
-from tests import live
+from tests import harness as live
 from tests.conftest import DATA_DIR, MODEL, OTHER_MODEL, Live
-from tests.live import assert_error
+from tests.harness import assert_error
 
 pytestmark = pytest.mark.live
 

@@ -27,9 +27,9 @@ from django.conf import settings
 from accounts import services as account_services
 from accounts.health.machine import Health, State
 from accounts.models import AccountTransition, Pool, UpstreamAccount
-from tests import live
+from tests import harness as live
 from tests.conftest import DATA_DIR, Live
-from tests.live import KnobbedFake, assert_error, poll, sse_events
+from tests.harness import KnobbedFake, assert_error, poll, sse_events
 
 pytestmark = pytest.mark.live
 

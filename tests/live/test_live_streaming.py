@@ -14,7 +14,7 @@ import httpx
 import pytest
 
 from tests.conftest import MODEL, Live
-from tests.live import SseProbe, assert_error, poll, sse_events, sse_frames
+from tests.harness import SseProbe, assert_error, poll, sse_events, sse_frames
 
 pytestmark = pytest.mark.live
 

@@ -19,7 +19,7 @@ from accounts.models import Pool, UpstreamAccount
 from tenancy.keys import key_digest
 from tenancy.models import ApiKey, Tenant
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def run(*args: str) -> str:

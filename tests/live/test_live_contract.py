@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 
 from tests.conftest import MODEL, OTHER_MODEL, Live
-from tests.live import assert_error, poll, sse_events
+from tests.harness import assert_error, poll, sse_events
 
 pytestmark = pytest.mark.live
 

@@ -24,7 +24,7 @@ import openai
 import pytest
 from pydantic import BaseModel
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 READY = re.compile(r"fake upstream listening on http://([\d.]+):(\d+)")
 ID_SUFFIX = r"[0-9a-f]{28}"
 
