@@ -34,6 +34,7 @@ from accounts.upstream.client import UpstreamClient
 from gateway.conf.db import db_call, drop_broken_connections
 from gateway.config.snapshot import ConfigState, Snapshot, load_snapshot
 from gateway.dataplane.keepalive import KeepAlive
+from gateway.dataplane.readiness import Readiness
 from gateway.limits.engine import LocalLimiter, Scope
 from gateway.limits.seeding import BatchSeed
 from gateway.metering.journal import JournalDrainer, JournalWriter, run_journal_drainer
@@ -133,6 +134,8 @@ class Runtime:
         # health transitions) only get the GIL when the switch interval forces a hand-over;
         # at the default 5 ms they fell behind under sustained load (docs/performance.md).
         sys.setswitchinterval(settings.GATEWAY_GIL_SWITCH_INTERVAL)
+        # Each dependency's state, reported by the parts that use it (readiness, logged once).
+        self.readiness = Readiness()
         self.redis: Any = None
         if settings.REDIS_URL:
             from gateway.limits.redis_backend import redis_client
