@@ -10,7 +10,7 @@ from django.db.models import QuerySet
 from django.http import HttpRequest
 
 from tenancy.models import ApiKey, BudgetAlert, PriceVersion, Tenant, UsageRecord
-from tenancy.services import apikey_revoke
+from tenancy.services.keys import apikey_revoke
 
 
 @admin.register(Tenant)

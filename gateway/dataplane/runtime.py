@@ -91,7 +91,7 @@ ALERT_RETRY_SECONDS = 600.0
 def _record_alert(scope: Scope, kind: str, spent_tokens: int, spent_micros: int, window_start: int) -> None:
     """Record the alert; ``budget_alert_record`` queues its webhook delivery (once) when configured."""
     from tenancy.pricing import budget_window, micros_to_usd
-    from tenancy.services import budget_alert_record
+    from tenancy.services.alerts import budget_alert_record
 
     start = datetime.fromtimestamp(window_start, UTC)
     end = datetime.fromtimestamp(scope.window_end, UTC) if scope.window_end else budget_window("month", start)[1]

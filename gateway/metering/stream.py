@@ -7,7 +7,7 @@ is never trimmed by length: an entry leaves it only after the database has it.
 
 :class:`UsageDrainer` reads the stream through the consumer group ``gw-writers`` (one
 consumer per process) and writes batches with a writer callable (by default
-``tenancy.services.usage_records_write``, idempotent on ``request_id``), then XACKs
+``tenancy.services.usage.usage_records_write``, idempotent on ``request_id``), then XACKs
 them. So:
 
 - a database outage delays records and fails no request: the writer's failure leaves
@@ -94,7 +94,7 @@ def django_writer(events: Sequence[dict[str, Any]]) -> object:
     Django would keep failing on it after the database came back.
     """
     from gateway.conf.db import drop_broken_connections
-    from tenancy.services import usage_records_write
+    from tenancy.services.usage import usage_records_write
 
     drop_broken_connections()
     return usage_records_write(events)

@@ -25,17 +25,11 @@ from tenancy.selectors import (
     prices_for_snapshot,
     usage_summary,
 )
-from tenancy.services import (
-    AlertDeliveryError,
-    apikey_create,
-    apikey_update,
-    budget_alert_deliver,
-    budget_alert_record,
-    price_set,
-    tenant_create,
-    tenant_update,
-    usage_records_write,
-)
+from tenancy.services.alerts import AlertDeliveryError, budget_alert_deliver, budget_alert_record
+from tenancy.services.keys import apikey_create, apikey_update
+from tenancy.services.prices import price_set
+from tenancy.services.tenants import tenant_create, tenant_update
+from tenancy.services.usage import usage_records_write
 from tenancy.tasks import budget_alert_deliver as budget_alert_deliver_task
 
 T0 = datetime(2030, 1, 1, tzinfo=UTC)

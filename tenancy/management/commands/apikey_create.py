@@ -21,7 +21,7 @@ from django.utils import timezone
 from tenancy.management.limit_options import add_limit_arguments, describe_limits, limits_from_options
 from tenancy.models import Tenant
 from tenancy.selectors import tenant_get_by_slug
-from tenancy.services import apikey_create
+from tenancy.services.keys import apikey_create
 
 
 class Command(BaseCommand):

@@ -8,7 +8,7 @@ from django.core.management.base import BaseCommand, CommandError, CommandParser
 
 from tenancy.models import ApiKey
 from tenancy.selectors import apikey_get_by_prefix
-from tenancy.services import apikey_revoke
+from tenancy.services.keys import apikey_revoke
 
 
 class Command(BaseCommand):

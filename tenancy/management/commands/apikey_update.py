@@ -15,7 +15,7 @@ from django.core.management.base import BaseCommand, CommandError, CommandParser
 from tenancy.management.limit_options import add_limit_arguments, describe_limits, limits_from_options
 from tenancy.models import ApiKey
 from tenancy.selectors import apikey_get_by_prefix
-from tenancy.services import apikey_update
+from tenancy.services.keys import apikey_update
 
 
 class Command(BaseCommand):

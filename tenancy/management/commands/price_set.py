@@ -13,7 +13,7 @@ from typing import Any
 from django.core.exceptions import ValidationError
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
-from tenancy.services import price_set
+from tenancy.services.prices import price_set
 
 _REQUIRED = (
     ("input", "--input"),

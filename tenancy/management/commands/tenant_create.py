@@ -13,7 +13,7 @@ from django.core.exceptions import ValidationError
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
 from tenancy.management.limit_options import add_limit_arguments, describe_limits, limits_from_options
-from tenancy.services import tenant_create
+from tenancy.services.tenants import tenant_create
 
 
 class Command(BaseCommand):

@@ -15,7 +15,7 @@ from django.core.management.base import BaseCommand, CommandError, CommandParser
 from tenancy.management.limit_options import add_limit_arguments, describe_limits, limits_from_options
 from tenancy.models import Tenant
 from tenancy.selectors import tenant_get_by_slug
-from tenancy.services import tenant_update
+from tenancy.services.tenants import tenant_update
 
 
 class Command(BaseCommand):
