@@ -60,17 +60,11 @@ def apikey_create(
             raise ValidationError("expires_at is in the past.", code="invalid")
     if len(name) > 200:  # ApiKey.name max_length
         raise ValidationError("key name is too long (200 characters at most).", code="max_length")
+    api_key = ApiKey(tenant=tenant, name=name, allowed_models=models, expires_at=expires_at)
+    limits_apply(api_key, cleaned)
     for _ in range(_PREFIX_ATTEMPTS):
         secret, prefix = generate_api_key()
-        api_key = ApiKey(
-            tenant=tenant,
-            name=name,
-            prefix=prefix,
-            digest=key_digest(secret),
-            allowed_models=models,
-            expires_at=expires_at,
-        )
-        limits_apply(api_key, cleaned)
+        api_key.prefix, api_key.digest = prefix, key_digest(secret)
         try:
             with transaction.atomic():
                 api_key.save()

@@ -127,43 +127,43 @@ def _clean_positive_int(name: str, value: Any) -> int | None:
     return value
 
 
-def _clean_names(name: str, value: Any) -> list[str] | None:
+def _strings(name: str, value: Any, what: str) -> list[str] | None:
+    """None, or the stripped entries of a list of non-empty strings (a lone string is refused)."""
     if value is None:
         return None
     if isinstance(value, str) or not isinstance(value, Iterable):
-        raise ValidationError(f"{name} must be a list of names, not {type(value).__name__}.", code="invalid")
-    result: list[str] = []
-    for item in value:
-        if not isinstance(item, str) or not item.strip():
-            raise ValidationError(f"{name} must contain non-empty names.", code="invalid")
-        item = item.strip().lower()
+        raise ValidationError(f"{name} must be a list of {what}, not {type(value).__name__}.", code="invalid")
+    items = list(value)
+    if not all(isinstance(item, str) and item.strip() for item in items):
+        raise ValidationError(f"{name} must contain non-empty {what}.", code="invalid")
+    return [item.strip() for item in items]
+
+
+def _clean_names(name: str, value: Any) -> list[str] | None:
+    names = _strings(name, value, "names")
+    if names is None:
+        return None
+    for item in names:
         if len(item) > _NAME_MAX:
             raise ValidationError(
                 f"{name} entry {item[:_NAME_MAX]!r}... is too long ({_NAME_MAX} characters at most).", code="invalid"
             )
-        if item not in result:
-            result.append(item)
-    return result
+    return list(dict.fromkeys(item.lower() for item in names))
 
 
 def _clean_cidrs(value: Any) -> list[str] | None:
-    if value is None:
+    items = _strings("allowed_ips", value, "addresses or CIDR networks")
+    if items is None:
         return None
-    if isinstance(value, str) or not isinstance(value, Iterable):
-        raise ValidationError("allowed_ips must be a list of addresses or CIDR networks.", code="invalid")
-    result: list[str] = []
-    for item in value:
-        if not isinstance(item, str) or not item.strip():
-            raise ValidationError("allowed_ips must contain non-empty addresses or networks.", code="invalid")
-        try:
-            network = str(ipaddress.ip_network(item.strip(), strict=False))
-        except ValueError:
-            raise ValidationError(f"allowed_ips: {item.strip()!r} is not an IP address or CIDR network.") from None
-        if network not in result:
-            result.append(network)
-    if not result:
+    if not items:
         raise ValidationError("allowed_ips must list at least one network (None allows any).", code="invalid")
-    return result
+    networks: list[str] = []
+    for item in items:
+        try:
+            networks.append(str(ipaddress.ip_network(item, strict=False)))
+        except ValueError:
+            raise ValidationError(f"allowed_ips: {item!r} is not an IP address or CIDR network.") from None
+    return list(dict.fromkeys(networks))
 
 
 def _clean_one(name: str, value: Any) -> Any:
