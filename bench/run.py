@@ -716,8 +716,6 @@ def versions(wrk: str, litellm: str) -> dict[str, str]:
         "uvloop",
         "httptools",
         "httpx",
-        "httpx-aiohttp",
-        "aiohttp",
         "orjson",
         "redis",
     ):

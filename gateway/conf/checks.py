@@ -28,10 +28,10 @@ from django.conf import settings
 from django.core.checks import CheckMessage, Error, register
 from django.core.exceptions import ImproperlyConfigured
 
+from accounts.upstream.client import TRANSPORTS
 from gateway.conf import env
 
 MIN_SECRET_KEY_LENGTH = 32
-UPSTREAM_TRANSPORTS = ("fast", "aiohttp", "httpx")
 SERVERS = ("uvicorn", "daphne")
 USAGE_WRITERS = ("process", "thread")
 
@@ -121,11 +121,12 @@ def check_environment(app_configs: Sequence[AppConfig] | None = None, **kwargs: 
 def check_choices(app_configs: Sequence[AppConfig] | None = None, **kwargs: Any) -> list[CheckMessage]:
     errors: list[CheckMessage] = []
     transport = _setting("GATEWAY_UPSTREAM_TRANSPORT")
-    if transport not in UPSTREAM_TRANSPORTS:
+    if transport not in TRANSPORTS:
         errors.append(
             Error(
                 f"GATEWAY_UPSTREAM_TRANSPORT={transport!r} is not supported.",
-                hint="Set GATEWAY_UPSTREAM_TRANSPORT to fast (default, fastest), aiohttp or httpx, or unset it.",
+                hint=f"Set GATEWAY_UPSTREAM_TRANSPORT to one of {', '.join(TRANSPORTS)} "
+                "(fast: the default, measured fastest), or unset it.",
                 id="gateway.E005",
             )
         )

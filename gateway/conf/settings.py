@@ -121,7 +121,7 @@ GATEWAY_MAX_BODY_BYTES = env_int("GATEWAY_MAX_BODY_BYTES", 16 * 1024 * 1024, min
 # Upstream timeouts (seconds): connecting, and the longest silence while reading.
 GATEWAY_UPSTREAM_CONNECT_TIMEOUT = env_float("GATEWAY_UPSTREAM_CONNECT_TIMEOUT", 10.0, minimum=0.01)
 GATEWAY_UPSTREAM_READ_TIMEOUT = env_float("GATEWAY_UPSTREAM_READ_TIMEOUT", 600.0, minimum=0.01)
-# httpx transport for upstream calls: "fast" (accounts/upstream/transport.py; fastest, measured), "aiohttp" or "httpx".
+# httpx transport for upstream calls: "fast" (accounts/upstream/transport.py; fastest, measured) or "httpx".
 GATEWAY_UPSTREAM_TRANSPORT = env_str("GATEWAY_UPSTREAM_TRANSPORT", "fast")
 GATEWAY_UPSTREAM_MAX_CONNECTIONS = env_int("GATEWAY_UPSTREAM_MAX_CONNECTIONS", 1000, minimum=1)
 # A comment frame is sent on a stream after this many idle seconds.

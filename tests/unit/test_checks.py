@@ -74,7 +74,7 @@ def test_env_errors_are_reported_with_their_ids(config_errors: list[tuple[str, s
 
 
 def test_e005_e006_choices(settings: Any) -> None:
-    settings.GATEWAY_UPSTREAM_TRANSPORT = "aiohttp"
+    settings.GATEWAY_UPSTREAM_TRANSPORT = "httpx"
     settings.GATEWAY_SERVER = "uvicorn"
     assert gateway_checks.check_choices() == []
     settings.GATEWAY_UPSTREAM_TRANSPORT = "requests"
