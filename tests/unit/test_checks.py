@@ -63,8 +63,9 @@ def test_e002_passes_with_a_fernet_key(settings: Any) -> None:
 
 def test_env_errors_are_reported_with_their_ids(config_errors: list[tuple[str, str]]) -> None:
     assert gateway_checks.check_environment() == []
-    env.database_from_url("mysql://db/gateway", "/tmp/unused.sqlite3")
-    env.database_from_url("postgres://db:5432/", "/tmp/unused.sqlite3")
+    timeouts = {"connect_timeout": 5.0, "statement_timeout": 30.0, "sqlite_busy_timeout": 20.0}
+    env.database_from_url("mysql://db/gateway", "/tmp/unused.sqlite3", **timeouts)
+    env.database_from_url("postgres://db:5432/", "/tmp/unused.sqlite3", **timeouts)
     config_errors.append(("gateway.E004", "REDIS_URL must start with redis://"))
     config_errors.append(("gateway.E011", "PORT='x' is not an integer: set it to a whole number."))
     found = gateway_checks.check_environment()
