@@ -22,9 +22,8 @@ No message ever contains a secret value.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
-
 from pathlib import Path
+from typing import Any
 
 from django.apps import AppConfig
 from django.conf import settings

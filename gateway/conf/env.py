@@ -116,7 +116,9 @@ def database_from_url(
     try:
         config: dict[str, Any] = dict(dj_database_url.parse(url))
     except ValueError:
-        _error("gateway.E003", f"DATABASE_URL (scheme {scheme!r}) is not supported or malformed: use {DATABASE_URL_FORMS}.")
+        _error(
+            "gateway.E003", f"DATABASE_URL (scheme {scheme!r}) is not supported or malformed: use {DATABASE_URL_FORMS}."
+        )
         return sqlite_default
     options: dict[str, Any] = config.setdefault("OPTIONS", {})
     if config["ENGINE"] == SQLITE_ENGINE:

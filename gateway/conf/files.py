@@ -9,6 +9,7 @@ chosen it), and ``gateway.W001`` (gateway/conf/checks.py) reports one that other
 
 from __future__ import annotations
 
+import contextlib
 import os
 import stat
 from pathlib import Path
@@ -28,10 +29,8 @@ def private_file(path: Path) -> None:
 
     A missing parent directory is left to whoever opens the file to report.
     """
-    try:
+    with contextlib.suppress(FileExistsError, FileNotFoundError):
         os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, PRIVATE_FILE))
-    except (FileExistsError, FileNotFoundError):
-        pass
 
 
 def write_private_file(path: Path, text: str) -> None:

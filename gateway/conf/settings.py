@@ -6,6 +6,7 @@ malformed at start-up with stable check ids.
 
 from __future__ import annotations
 
+import warnings
 from datetime import timedelta
 from pathlib import Path
 
@@ -180,8 +181,12 @@ USE_I18N = False
 USE_TZ = True
 STATIC_URL = "static/"
 # WhiteNoise serves the apps' static files (the admin's) straight from their packages: there is
-# no STATIC_ROOT and no collectstatic step.
+# no STATIC_ROOT and no collectstatic step. Under ASGI Django reads WhiteNoise's file iterator in a
+# worker thread (the admin's files are small) and warns that it does: expected, so not shown.
 WHITENOISE_USE_FINDERS = True
+warnings.filterwarnings(
+    "ignore", "StreamingHttpResponse must consume synchronous iterators", Warning, "django.core.handlers.asgi"
+)
 
 REST_FRAMEWORK = {
     "DEFAULT_RENDERER_CLASSES": ["rest_framework.renderers.JSONRenderer"],

@@ -234,9 +234,7 @@ def test_pipelined_requests_and_large_bodies_are_served(live_gw: Live, limited: 
 # --- connections -------------------------------------------------------------------------------
 
 
-def test_connections_beyond_the_limit_get_503(
-    live_gw: Live, start_gateway: Callable[..., live.LiveProcess]
-) -> None:
+def test_connections_beyond_the_limit_get_503(live_gw: Live, start_gateway: Callable[..., live.LiveProcess]) -> None:
     gateway = start_gateway(GATEWAY_MAX_CONNECTIONS="4", GATEWAY_HEADER_TIMEOUT="60")
     idle = [connect(gateway) for _ in range(3)]
     try:

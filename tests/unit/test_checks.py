@@ -22,14 +22,6 @@ def ids(messages: list[checks.CheckMessage]) -> list[str | None]:
     return [m.id for m in messages]
 
 
-@pytest.fixture
-def config_errors(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, str]]:
-    """An empty gateway.conf.env.CONFIG_ERRORS for the test; the real list comes back after."""
-    errors: list[tuple[str, str]] = []
-    monkeypatch.setattr(env, "CONFIG_ERRORS", errors)
-    return errors
-
-
 @pytest.mark.parametrize("value", ["", "too-short"])
 def test_e001_secret_key(settings: Any, value: str) -> None:
     settings.SECRET_KEY = value

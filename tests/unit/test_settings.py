@@ -11,13 +11,6 @@ import pytest
 from gateway.conf import env
 
 
-@pytest.fixture
-def config_errors(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, str]]:
-    errors: list[tuple[str, str]] = []
-    monkeypatch.setattr(env, "CONFIG_ERRORS", errors)
-    return errors
-
-
 def load_settings(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, **environ: str) -> dict[str, Any]:
     """The settings module run afresh under ``environ`` (and a data directory in ``tmp_path``)."""
     monkeypatch.setenv("GATEWAY_DATA_DIR", str(tmp_path / "data"))
@@ -74,7 +67,11 @@ def test_sqlite_keeps_wal_immediate_and_its_busy_timeout(
 ) -> None:
     db = parse(url, busy=3.5)
     assert (db["ENGINE"], db["NAME"]) == ("django.db.backends.sqlite3", name)
-    assert db["OPTIONS"] == {"init_command": "PRAGMA journal_mode=WAL;", "timeout": 3.5, "transaction_mode": "IMMEDIATE"}
+    assert db["OPTIONS"] == {
+        "init_command": "PRAGMA journal_mode=WAL;",
+        "timeout": 3.5,
+        "transaction_mode": "IMMEDIATE",
+    }
     assert config_errors == []
 
 
