@@ -186,7 +186,9 @@ def test_a_silent_connection_is_closed(limited: live.LiveProcess) -> None:
         assert read_answer(sock) == b""  # closed by the server well before SLACK
 
 
-def test_a_trickling_body_is_408(live_gw: Live, limited: live.LiveProcess) -> None:
+def test_a_trickling_body_is_408_and_recorded_as_a_disconnect(live_gw: Live, limited: live.LiveProcess) -> None:
+    from tenancy.models import UsageRecord
+
     body = json.dumps({"model": MODEL, "input": "hi"}).encode()
     head = request(
         "/v1/responses",
@@ -199,6 +201,12 @@ def test_a_trickling_body_is_408(live_gw: Live, limited: live.LiveProcess) -> No
         answer = read_answer(sock)
     assert status_of(answer) == 408
     assert error_of(answer)["code"] == "request_timeout"
+    # The application read a disconnect: the key's request is on record, nothing was sent upstream.
+    record = live.poll(
+        lambda: UsageRecord.objects.filter(api_key=live_gw.owner.api_key).first(), what="the usage record"
+    )
+    assert record is not None
+    assert (record.status_code, record.outcome, record.account_id) == (499, "client_disconnected", None)
 
 
 def test_idle_kept_alive_connections_are_closed(limited: live.LiveProcess) -> None:
