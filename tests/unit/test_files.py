@@ -16,11 +16,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from cryptography.fernet import Fernet
 
 from gateway.conf import checks as gateway_checks
 from gateway.metering.journal import JournalWriter
 from gateway.metering.spool import Spool
+from tests.unit.test_commands import _env as commands_env
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -38,15 +38,8 @@ def permissive_umask() -> Iterator[None]:
 
 
 def process_env(tmp_path: Path, **overrides: str) -> dict[str, str]:
-    environ = {k: v for k, v in os.environ.items() if not k.startswith(("GATEWAY_", "DATABASE_URL", "REDIS_URL"))}
-    environ.update(
-        SECRET_KEY="subprocess-secret-key-0123456789-abcdefghijklmnopqrstuvwxyz",
-        GATEWAY_ENCRYPTION_KEY=Fernet.generate_key().decode(),
-        GATEWAY_DATA_DIR=str(tmp_path / "data"),
-        DJANGO_SETTINGS_MODULE="gateway.conf.settings",
-    )
-    environ.update(overrides)
-    return environ
+    """A clean process environment with the default database (SQLite in the data directory)."""
+    return commands_env(tmp_path, **{"DATABASE_URL": "", **overrides})
 
 
 def test_data_directory_database_and_broker_folders_are_private(tmp_path: Path) -> None:
