@@ -13,6 +13,8 @@ from typing import Any
 from django.conf import settings
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
+from gateway.conf.checks import SERVERS
+
 
 class Command(BaseCommand):
     help = "Serve the gateway over ASGI (uvicorn by default, or Daphne)."
@@ -20,7 +22,7 @@ class Command(BaseCommand):
     def add_arguments(self, parser: CommandParser) -> None:
         parser.add_argument("--host", default=settings.HOST)
         parser.add_argument("--port", type=int, default=settings.PORT)
-        parser.add_argument("--server", choices=["uvicorn", "daphne"], default=settings.GATEWAY_SERVER)
+        parser.add_argument("--server", choices=SERVERS, default=settings.GATEWAY_SERVER)
         parser.add_argument("--workers", type=int, default=1, help="uvicorn worker processes")
 
     def handle(self, *args: Any, **options: Any) -> None:
