@@ -201,7 +201,10 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         self._deadline = None
         if self.transport.is_closing():
             return
-        if self.reading is Reading.BODY:
+        if self.pipeline:
+            # A request queued behind a response in progress: the server is not reading, the client is not slow.
+            self._arm(self.limits.body_timeout if self.reading is Reading.BODY else self.limits.header_timeout)
+        elif self.reading is Reading.BODY:
             seconds = self.limits.body_timeout
             self._refuse(_refusal(408, f"The request body did not arrive within {seconds:g} s.", "request_timeout"))
         elif self.reading is Reading.HEAD and self.cycle is not None and not self.cycle.response_complete:
