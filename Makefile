@@ -42,9 +42,9 @@ $(STAMP): pyproject.toml
 	$(VENV)/bin/pip install --quiet -e '.[dev]'
 	touch $(STAMP)
 
-# Secrets for the embedded setup, generated once; real environment variables win.
+# Secrets for the embedded setup, generated once (mode 0600); real environment variables win.
 .env: | $(STAMP)
-	$(PY) manage.py genkeys > .env.tmp && mv .env.tmp .env
+	$(PY) manage.py genkeys --output .env
 
 clean:
 	rm -rf $(VENV) var .env

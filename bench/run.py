@@ -67,6 +67,15 @@ MODEL_TOKENS = {MODEL: STREAM_SMALL, MODEL_LONG: STREAM_LARGE}
 # (a new worker thread with its own SQLite connection and page cache, allocator arenas) were measured
 # at up to ~15 MiB and then stay flat; a leak of 1 KiB per request would add ~50 MiB over 50k requests.
 MEMORY_GROWTH_LIMIT_MIB = 16.0
+# Keys of Bench.raw holding wrk runs (lists of WrkResult dicts per target).
+WRK_SCENARIOS = (
+    "latency_c1",
+    "throughput_c16",
+    "throughput_c64",
+    f"stream{STREAM_SMALL}_c16",
+    f"stream{STREAM_LARGE}_c16",
+    "keymix_c16",
+)
 
 # Variables of the caller's environment that would change what the gateway under test is: the
 # harness decides the database (a fresh SQLite), Redis, server, host and port itself.
@@ -359,9 +368,12 @@ class Target:
 
 @dataclass
 class WrkResult:
-    requests: int
+    """One wrk run. Only good answers are throughput; every error fails the scenario's budget line."""
+
+    requests: int  # answers received, whatever their status
     seconds: float
-    errors: int
+    status_errors: int  # answers with a status >= 400 (wrk's count; /v1/responses never answers 1xx or 3xx)
+    socket_errors: int  # connect, read and write errors and timeouts: requests that got no answer
     p50_ms: float
     p90_ms: float
     p99_ms: float
@@ -369,8 +381,39 @@ class WrkResult:
     extra: dict[str, float] = field(default_factory=dict)
 
     @property
+    def errors(self) -> int:
+        return self.status_errors + self.socket_errors
+
+    @property
     def rps(self) -> float:
-        return self.requests / self.seconds if self.seconds else 0.0
+        return good_rps(asdict(self))
+
+
+def good_rps(run: dict[str, Any]) -> float:
+    """Good answers (status < 400) per second of a run, as stored in ``Bench.raw``."""
+    return (run["requests"] - run["status_errors"]) / run["seconds"] if run["seconds"] else 0.0
+
+
+def run_errors(run: dict[str, Any]) -> int:
+    return int(run["status_errors"] + run["socket_errors"])
+
+
+def parse_wrk(stdout: str) -> WrkResult:
+    """The ``BENCH {json}`` line that bench/wrk_bench.lua prints from wrk's ``done()`` hook."""
+    summary = next((line[6:] for line in stdout.splitlines() if line.startswith("BENCH ")), None)
+    if summary is None:
+        raise BenchError(f"no BENCH line in wrk's output: {stdout[-500:]}")
+    data = json.loads(summary)
+    return WrkResult(
+        requests=int(data["requests"]),
+        seconds=data["duration_us"] / 1e6,
+        status_errors=int(data["status_errors"]),
+        socket_errors=sum(int(data[name]) for name in ("connect_errors", "read_errors", "write_errors", "timeouts")),
+        p50_ms=data["p50_us"] / 1000,
+        p90_ms=data["p90_us"] / 1000,
+        p99_ms=data["p99_us"] / 1000,
+        mean_ms=data["mean_us"] / 1000,
+    )
 
 
 def body(stream: bool = False, tokens: int = STREAM_SMALL) -> str:
@@ -405,22 +448,15 @@ def run_wrk(
         env["WRK_AUTH"] = target.auth
     args = ["wrk", f"-t{threads}", f"-c{connections}", f"-d{seconds}s", "--timeout", "30s", "-s", str(LUA), target.url]
     done = subprocess.run(args, env=env, capture_output=True, text=True, timeout=seconds + 90, check=False)
-    summary = next((line[6:] for line in done.stdout.splitlines() if line.startswith("BENCH ")), None)
-    if done.returncode != 0 or summary is None:
+    if done.returncode != 0:
         raise BenchError(f"wrk failed against {target.key}: {done.stdout[-500:]} {done.stderr[-500:]}")
-    data = json.loads(summary)
-    errors = sum(data[name] for name in ("status_errors", "connect_errors", "read_errors", "write_errors", "timeouts"))
-    if errors:
-        log(f"  warning: {target.key}: {errors} failed requests of {data['requests']} ({summary})")
-    return WrkResult(
-        requests=int(data["requests"]),
-        seconds=data["duration_us"] / 1e6,
-        errors=int(errors),
-        p50_ms=data["p50_us"] / 1000,
-        p90_ms=data["p90_us"] / 1000,
-        p99_ms=data["p99_us"] / 1000,
-        mean_ms=data["mean_us"] / 1000,
-    )
+    result = parse_wrk(done.stdout)
+    if result.errors:
+        log(
+            f"  ERRORS: {target.key}: {result.status_errors} answers >= 400 and {result.socket_errors} socket errors "
+            f"in {result.requests} answers"
+        )
+    return result
 
 
 def rotated(targets: Sequence[Target], shift: int) -> list[Target]:
@@ -716,8 +752,6 @@ def versions(wrk: str, litellm: str) -> dict[str, str]:
         "uvloop",
         "httptools",
         "httpx",
-        "httpx-aiohttp",
-        "aiohttp",
         "orjson",
         "redis",
     ):
@@ -736,11 +770,12 @@ def versions(wrk: str, litellm: str) -> dict[str, str]:
 @dataclass
 class Row:
     label: str
-    unit: str  # "rps" | "ms" | "mib" | "count"
+    unit: str  # "rps" | "ms" | "mib" | "count" | "errors"
     values: dict[str, float | None]
     budget: str = ""
     passed: bool | None = None
     ratios: bool = True  # whether gateway/direct and gateway/litellm mean anything here
+    errors: int = 0  # failed requests of the budgeted target in the scenario behind this line
 
 
 class Bench:
@@ -1024,7 +1059,7 @@ class Bench:
         assert target.service is not None
         pid = target.service.pid
         runs = self.raw.get("throughput_c16", {}).get("gateway", [])
-        rate = median([r["requests"] / r["seconds"] for r in runs]) if runs else 500.0
+        rate = median([good_rps(r) for r in runs]) if runs else 500.0
         wait_quiet(target.pids)
         # RSS of the gateway process plus its children (the usage writer): usage that piles up
         # anywhere counts.
@@ -1092,7 +1127,7 @@ class Bench:
         runs = self.raw.get(scenario, {})
         out: dict[str, float | None] = {}
         for key, results in runs.items():
-            values = [r["requests"] / r["seconds"] if attr == "rps" else r[attr] for r in results if r["requests"]]
+            values = [good_rps(r) if attr == "rps" else r[attr] for r in results if r["requests"]]
             out[key] = median(values) if values else None
         return out
 
@@ -1108,14 +1143,28 @@ class Bench:
             out[key] = median(diffs) if diffs else None
         return out
 
+    def errors(self, scenario: str) -> dict[str, int]:
+        """Failed requests (answers >= 400 and socket errors) per target over a scenario's runs."""
+        if scenario == "memory":
+            memory = self.raw.get("memory")
+            return {"gateway": int(memory["errors"])} if memory else {}
+        return {key: sum(run_errors(r) for r in runs) for key, runs in self.raw.get(scenario, {}).items()}
+
     def rows(self) -> list[Row]:
         rows: list[Row] = []
         litellm = self.target("litellm") is not None
 
-        def budget(row: Row, text: str, check: Callable[[float], bool], column: str = "gateway") -> Row:
+        def budget(
+            row: Row, text: str, check: Callable[[float], bool], scenario: str | None, column: str = "gateway"
+        ) -> Row:
+            """A budget line: the value must pass ``check`` and the scenario must have had no failed request."""
             row.budget = text
             value = row.values.get(column)
-            row.passed = check(value) if value is not None and not math.isnan(value) else None
+            row.errors = self.errors(scenario).get(column, 0) if scenario else 0
+            if value is None or math.isnan(value):
+                row.passed = False if row.errors else None
+            else:
+                row.passed = check(value) and not row.errors
             return row
 
         thr16, thr64 = self.medians("throughput_c16", "rps"), self.medians("throughput_c64", "rps")
@@ -1123,18 +1172,28 @@ class Bench:
         rows.append(Row("fake upstream ceiling (req/s)", "rps", {"direct": ceiling}, ratios=False))
         rows.append(Row("latency p50 @1 (ms)", "ms", self.medians("latency_c1", "p50_ms")))
         rows.append(
-            budget(Row("added p50 @1 (ms)", "ms", self.added("latency_c1", "p50_ms")), "<= 1.5", lambda v: v <= 1.5)
+            budget(
+                Row("added p50 @1 (ms)", "ms", self.added("latency_c1", "p50_ms")),
+                "<= 1.5",
+                lambda v: v <= 1.5,
+                "latency_c1",
+            )
         )
         rows.append(Row("latency p99 @1 (ms)", "ms", self.medians("latency_c1", "p99_ms")))
         rows.append(
-            budget(Row("added p99 @1 (ms)", "ms", self.added("latency_c1", "p99_ms")), "<= 5", lambda v: v <= 5.0)
+            budget(
+                Row("added p99 @1 (ms)", "ms", self.added("latency_c1", "p99_ms")),
+                "<= 5",
+                lambda v: v <= 5.0,
+                "latency_c1",
+            )
         )
         row16 = Row("req/s @16", "rps", thr16)
         litellm16 = thr16.get("litellm")
         if litellm and litellm16:
-            budget(row16, ">= 1000, >= 6x litellm", lambda v: v >= 1000 and v >= 6 * litellm16)
+            budget(row16, ">= 1000, >= 6x litellm", lambda v: v >= 1000 and v >= 6 * litellm16, "throughput_c16")
         else:
-            budget(row16, ">= 1000", lambda v: v >= 1000)
+            budget(row16, ">= 1000", lambda v: v >= 1000, "throughput_c16")
         rows.append(row16)
         rows.append(Row("req/s @64", "rps", thr64))
         for tokens in (STREAM_SMALL, STREAM_LARGE):
@@ -1143,7 +1202,7 @@ class Bench:
             label = f"stream {tokens + 8} ev: resp/s @16"
             row = Row(label, "rps", resp)
             if tokens == STREAM_SMALL:
-                budget(row, ">= 800", lambda v: v >= 800)
+                budget(row, ">= 800", lambda v: v >= 800, f"stream{tokens}_c16")
             rows.append(row)
             rows.append(Row(f"stream {tokens + 8} ev: events/s @16", "rps", events))
         ttfb: dict[str, float | None] = {k: v["p50"] for k, v in self.raw.get("ttfb_stream_c1_ms", {}).items()}
@@ -1152,7 +1211,8 @@ class Bench:
         added_ttfb: dict[str, float | None] = {
             k: v - direct_ttfb for k, v in ttfb.items() if k != "direct" and v is not None and direct_ttfb is not None
         }
-        rows.append(budget(Row("added first byte p50 @1 (ms)", "ms", added_ttfb), "<= 2", lambda v: v <= 2.0))
+        # The first-byte client stops the run at the first answer that is not 200: no errors to count.
+        rows.append(budget(Row("added first byte p50 @1 (ms)", "ms", added_ttfb), "<= 2", lambda v: v <= 2.0, None))
         rows.append(Row(f"key mix {MIX_KEYS // 1000}k keys req/s @16", "rps", self.medians("keymix_c16", "rps")))
         rows.append(Row("key mix p99 @16 (ms)", "ms", self.medians("keymix_c16", "p99_ms")))
         memory = self.raw.get("memory")
@@ -1172,7 +1232,12 @@ class Bench:
             )
             late = {"gateway": memory["rss_end_mib"] - memory["rss_mid_mib"]}
             row = Row("RSS+writer growth, 2nd half (MiB)", "mib", late, ratios=False)
-            rows.append(budget(row, "<= 16", lambda v: v <= MEMORY_GROWTH_LIMIT_MIB))
+            rows.append(budget(row, "<= 16", lambda v: v <= MEMORY_GROWTH_LIMIT_MIB, "memory"))
+        totals: dict[str, float | None] = {}
+        for scenario in (*WRK_SCENARIOS, "memory"):
+            for key, count in self.errors(scenario).items():
+                totals[key] = (totals.get(key) or 0) + count
+        rows.append(Row("failed requests, all wrk runs", "errors", totals, ratios=False))
         redis_runs = [r["extra"] for r in self.raw.get("throughput_c16", {}).get("redis", [])]
         trips = [e["redis_round_trips_per_request"] for e in redis_runs if "redis_round_trips_per_request" in e]
         commands = [e["redis_commands_per_request"] for e in redis_runs if "redis_commands_per_request" in e]
@@ -1198,6 +1263,8 @@ def fmt(value: float | None, unit: str) -> str:
         return f"{value:,.0f}"
     if unit == "count":
         return f"{value:.2f}"
+    if unit == "errors":
+        return f"{value:,.0f}"
     if unit == "mib":
         return f"{value:.1f}"
     return f"{value:.2f}"
@@ -1228,7 +1295,7 @@ def table(rows: Sequence[Row], extra: Sequence[str] = ()) -> list[list[str]]:
                 fmt(v.get("litellm"), row.unit),
                 ratio(v.get("gateway"), v.get("litellm")) if row.ratios else "-",
                 row.budget or "-",
-                {True: "ok", False: "FAIL", None: "-"}[row.passed],
+                f"FAIL: {row.errors:,} errors" if row.errors else {True: "ok", False: "FAIL", None: "-"}[row.passed],
             ]
         )
     return lines
@@ -1314,6 +1381,10 @@ def main() -> int:
     limits = ", ".join(info["seed"]["limits"]) or "none (no limit fields in this build)"
     print(f"usage metering on; limits set (generous) on every key and tenant: {limits}")
     print("hot path database queries for a cached key: 0 (asserted by tests/test_hot_path_queries.py)")
+    for scenario in (*WRK_SCENARIOS, "memory"):
+        for key, count in bench.errors(scenario).items():
+            if count:
+                print(f"ERRORS: {scenario}: {key}: {count:,} failed requests (answers >= 400 or socket errors)")
     for note in bench.notes:
         print(note)
     print(

@@ -4,12 +4,12 @@ Everything the data plane sends to an upstream goes through :class:`UpstreamClie
 so the transport under httpx can be chosen by benchmark (``GATEWAY_UPSTREAM_TRANSPORT``)
 and tests can stub this seam. The transports:
 
-* ``fast``: accounts/upstream/transport.py, HTTP/1.1 over asyncio protocols and httptools (leanest;
-  no proxies, no HTTP/2).
-* ``aiohttp``: httpx_aiohttp's AiohttpTransport (aiohttp's connector and parser).
-* ``httpx``: httpx.AsyncHTTPTransport (httpcore's pool, h11).
+* ``fast`` (default): accounts/upstream/transport.py, HTTP/1.1 over asyncio protocols and
+  httptools (the fastest measured, docs/performance.md; no proxies, no HTTP/2).
+* ``httpx``: httpx.AsyncHTTPTransport (httpcore's pool, h11): the standard stack, for
+  upstreams the lean transport does not serve.
 
-Failures surface as the exception tree below, never as httpx or aiohttp exceptions:
+Failures surface as the exception tree below, never as httpx exceptions:
 
     UpstreamError
     ├── UpstreamConnectError   nothing was sent: DNS, refused, connect timeout
@@ -91,7 +91,7 @@ class UpstreamStream:
             await self._response.aclose()
 
 
-TRANSPORTS = ("fast", "aiohttp", "httpx")
+TRANSPORTS = ("fast", "httpx")
 
 
 class UpstreamClient:
@@ -116,16 +116,12 @@ class UpstreamClient:
             from accounts.upstream.transport import FastTransport
 
             self._transport = FastTransport(max_connections=max_connections)
-        elif transport == "aiohttp":
-            from httpx_aiohttp import AiohttpTransport
-
-            self._transport = AiohttpTransport(limits=limits, trust_env=False)
         elif transport == "httpx":
             self._transport = httpx.AsyncHTTPTransport(limits=limits, trust_env=False)
         else:
             raise ValueError(f"unknown upstream transport {transport!r}; expected one of {', '.join(TRANSPORTS)}")
         # httpcore (h11) needs the Host and Content-Length headers that only httpx.Request's full
-        # constructor adds; the other two transports write their own, so they get the lean request.
+        # constructor adds; the fast transport writes its own, so it gets the lean request.
         self._lean = transport != "httpx"
         self._extensions = {"timeout": timeout.as_dict()}
         self._urls: dict[str, httpx.URL] = {}
@@ -137,7 +133,7 @@ class UpstreamClient:
         may serve every request; that is cheapest (a mapping is re-normalised on every call).
         The request goes straight to the transport: the gateway needs none of AsyncClient's
         cookie, redirect or auth handling. The lean request (``stream=`` instead of
-        ``content=``) skips httpx's header re-normalisation: ~5 µs instead of ~25-50 µs.
+        ``content=``, for the fast transport) skips httpx's header re-normalisation: ~5 µs instead of ~25-50 µs.
         """
         parsed = self._urls.get(url)
         if parsed is None:
@@ -146,7 +142,7 @@ class UpstreamClient:
             request = httpx.Request(
                 "POST", parsed, headers=headers, stream=httpx.ByteStream(body), extensions=self._extensions
             )
-            request.read()  # sets request.content, which both lean transports send from
+            request.read()  # sets request.content, which the fast transport sends from
         else:
             request = httpx.Request("POST", parsed, headers=headers, content=body, extensions=self._extensions)
         try:

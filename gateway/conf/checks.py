@@ -14,6 +14,7 @@ operators refer to them.
     gateway.E010  a boolean variable is malformed    (from gateway.conf.env)
     gateway.E011  an integer variable is malformed   (from gateway.conf.env)
     gateway.E012  a number variable is malformed     (from gateway.conf.env)
+    gateway.W001  .env, the data directory or the SQLite database is open to other users
 
 No message ever contains a secret value.
 """
@@ -21,17 +22,19 @@ No message ever contains a secret value.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from django.apps import AppConfig
 from django.conf import settings
-from django.core.checks import CheckMessage, Error, register
+from django.core.checks import CheckMessage, Error, Warning, register
 from django.core.exceptions import ImproperlyConfigured
 
+from accounts.upstream.client import TRANSPORTS
 from gateway.conf import env
+from gateway.conf.files import readable_by_others
 
 MIN_SECRET_KEY_LENGTH = 32
-UPSTREAM_TRANSPORTS = ("fast", "aiohttp", "httpx")
 SERVERS = ("uvicorn", "daphne")
 USAGE_WRITERS = ("process", "thread")
 
@@ -46,8 +49,8 @@ ENCRYPTION_KEY_HINT = (
     "Upstream credentials stored under another key must be re-entered."
 )
 ENV_HINTS = {
-    "gateway.E003": "Set DATABASE_URL to sqlite:///path.db or postgres://user:password@host:5432/name, "
-    "or unset it to use the embedded SQLite database under GATEWAY_DATA_DIR.",
+    "gateway.E003": f"Set DATABASE_URL to {env.DATABASE_URL_FORMS} (percent-encode special characters "
+    "of the password), or unset it to use the embedded SQLite database under GATEWAY_DATA_DIR.",
     "gateway.E004": "Set REDIS_URL to redis://host:6379/0 (or rediss://, unix://), "
     "or unset it to run a single process without Redis.",
     "gateway.E010": "Set the variable named above to true or false, or unset it to use the default.",
@@ -121,11 +124,12 @@ def check_environment(app_configs: Sequence[AppConfig] | None = None, **kwargs: 
 def check_choices(app_configs: Sequence[AppConfig] | None = None, **kwargs: Any) -> list[CheckMessage]:
     errors: list[CheckMessage] = []
     transport = _setting("GATEWAY_UPSTREAM_TRANSPORT")
-    if transport not in UPSTREAM_TRANSPORTS:
+    if transport not in TRANSPORTS:
         errors.append(
             Error(
                 f"GATEWAY_UPSTREAM_TRANSPORT={transport!r} is not supported.",
-                hint="Set GATEWAY_UPSTREAM_TRANSPORT to fast (default, fastest), aiohttp or httpx, or unset it.",
+                hint=f"Set GATEWAY_UPSTREAM_TRANSPORT to one of {', '.join(TRANSPORTS)} "
+                "(fast: the default, measured fastest), or unset it.",
                 id="gateway.E005",
             )
         )
@@ -149,3 +153,22 @@ def check_choices(app_configs: Sequence[AppConfig] | None = None, **kwargs: Any)
             )
         )
     return errors
+
+
+@register()
+def check_private_files(app_configs: Sequence[AppConfig] | None = None, **kwargs: Any) -> list[CheckMessage]:
+    """Secrets and tenant data must not be readable by other local users (created private,
+    gateway/conf/files.py; a path made before, or by hand, may not be)."""
+    paths = [Path(settings.BASE_DIR) / ".env", Path(settings.DATA_DIR)]
+    database = settings.DATABASES["default"]
+    if database["ENGINE"] == env.SQLITE_ENGINE:
+        paths.append(Path(database["NAME"]))
+    return [
+        Warning(
+            f"{path} can be read by other users of this machine.",
+            hint=f"Run `chmod {'700' if path.is_dir() else '600'} {path}`: it holds secrets or tenant data.",
+            id="gateway.W001",
+        )
+        for path in paths
+        if readable_by_others(path)
+    ]

@@ -7,8 +7,12 @@ with a stable id and a sentence saying what to set.
 
 from __future__ import annotations
 
+import math
 import os
+from typing import Any
 from urllib.parse import urlsplit
+
+import dj_database_url
 
 CONFIG_ERRORS: list[tuple[str, str]] = []
 
@@ -64,50 +68,78 @@ def env_float(name: str, default: float, *, minimum: float = 0.0) -> float:
     return value
 
 
-def database_from_url(url: str, default_sqlite_path: str) -> dict[str, object]:
-    """Turn DATABASE_URL into a Django DATABASES entry.
+def env_list(name: str, default: str = "") -> list[str]:
+    """A comma-separated list; blanks around items and empty items are dropped."""
+    return [item.strip() for item in os.environ.get(name, default).split(",") if item.strip()]
 
-    Supported: ``sqlite:///relative/or/absolute.db`` and
-    ``postgres://user:pass@host:port/name`` (also ``postgresql://``).
+
+SQLITE_ENGINE = "django.db.backends.sqlite3"
+POSTGRES_ENGINE = "django.db.backends.postgresql"
+DATABASE_URL_FORMS = "sqlite:///relative.db, sqlite:////absolute/path.db or postgres://user:password@host:5432/name"
+
+
+def database_from_url(
+    url: str,
+    default_sqlite_path: str,
+    *,
+    connect_timeout: float,
+    statement_timeout: float,
+    sqlite_busy_timeout: float,
+) -> dict[str, Any]:
+    """Turn DATABASE_URL into a Django DATABASES entry (parsed by dj-database-url).
+
+    Empty: SQLite at ``default_sqlite_path``. Supported: SQLite (``sqlite:///relative.db``,
+    ``sqlite:////absolute/path.db``) and PostgreSQL (``postgres://``, ``postgresql://``,
+    ``pgsql://``); user and password are percent-decoded, and query parameters become
+    connection options (``?sslmode=verify-full&sslrootcert=/path``), which win over the
+    defaults below. Each database use is bounded in time:
+
+    - SQLite: WAL (the usage writer writes while others read), IMMEDIATE transactions (a
+      read-then-write transaction takes the write lock up front instead of failing with
+      "database is locked"), and ``sqlite_busy_timeout`` seconds of waiting for a lock.
+    - PostgreSQL: ``connect_timeout`` (libpq, whole seconds, at least 2) and
+      ``statement_timeout`` (seconds, 0 = none) on every connection; connections are kept
+      60 s and health-checked before reuse.
+
+    A malformed or unsupported URL is reported as ``gateway.E003`` (without the URL, which
+    may hold a password) and the SQLite default is used so that the checks can run.
     """
-    sqlite_default: dict[str, object] = {
-        "ENGINE": "django.db.backends.sqlite3",
-        "NAME": default_sqlite_path,
-        # WAL lets the background usage flusher write while the console reads.
-        # IMMEDIATE: a read-then-write transaction (an operator command) takes the write lock
-        # up front instead of failing with "database is locked" against the usage writer.
-        "OPTIONS": {"init_command": "PRAGMA journal_mode=WAL;", "timeout": 20, "transaction_mode": "IMMEDIATE"},
+    sqlite_options: dict[str, Any] = {
+        "init_command": "PRAGMA journal_mode=WAL;",
+        "timeout": sqlite_busy_timeout,
+        "transaction_mode": "IMMEDIATE",
     }
+    sqlite_default: dict[str, Any] = {"ENGINE": SQLITE_ENGINE, "NAME": default_sqlite_path, "OPTIONS": sqlite_options}
     if not url:
         return sqlite_default
-    parts = urlsplit(url)
-    if parts.scheme == "sqlite":
-        # sqlite:///relative.db or sqlite:////absolute/path.db
-        name = url[len("sqlite:///") :] if url.startswith("sqlite:///") else ""
-        if not name:
-            _error("gateway.E003", "DATABASE_URL sqlite form is sqlite:///relative.db or sqlite:////abs/path.db.")
+    scheme = urlsplit(url).scheme
+    try:
+        config: dict[str, Any] = dict(dj_database_url.parse(url))
+    except ValueError:
+        _error(
+            "gateway.E003", f"DATABASE_URL (scheme {scheme!r}) is not supported or malformed: use {DATABASE_URL_FORMS}."
+        )
+        return sqlite_default
+    options: dict[str, Any] = config.setdefault("OPTIONS", {})
+    if config["ENGINE"] == SQLITE_ENGINE:
+        if config["NAME"] in ("", ":memory:"):
+            _error("gateway.E003", f"DATABASE_URL names no SQLite file: use {DATABASE_URL_FORMS}.")
             return sqlite_default
-        return {**sqlite_default, "NAME": name}
-    if parts.scheme in ("postgres", "postgresql", "pgsql"):
-        if not parts.path.strip("/"):
-            _error("gateway.E003", "DATABASE_URL has no database name: use postgres://user@host:5432/NAME.")
-            return sqlite_default
-        return {
-            "ENGINE": "django.db.backends.postgresql",
-            "NAME": parts.path.lstrip("/"),
-            "USER": parts.username or "",
-            "PASSWORD": parts.password or "",
-            "HOST": parts.hostname or "",
-            "PORT": str(parts.port or ""),
-            "CONN_MAX_AGE": 60,
-            "CONN_HEALTH_CHECKS": True,
-        }
-    _error(
-        "gateway.E003",
-        f"DATABASE_URL scheme {parts.scheme!r} is not supported: use sqlite:///path.db "
-        "or postgres://user:password@host:5432/name.",
-    )
-    return sqlite_default
+        config["OPTIONS"] = {**sqlite_options, **options}
+        return config
+    if config["ENGINE"] != POSTGRES_ENGINE:
+        _error("gateway.E003", f"DATABASE_URL scheme {scheme!r} is not supported: use {DATABASE_URL_FORMS}.")
+        return sqlite_default
+    if not config["NAME"]:
+        _error("gateway.E003", "DATABASE_URL has no database name: use postgres://user@host:5432/NAME.")
+        return sqlite_default
+    options.setdefault("connect_timeout", max(2, math.ceil(connect_timeout)))
+    server_options = str(options.get("options", ""))
+    if "statement_timeout" not in server_options:
+        milliseconds = round(statement_timeout * 1000)
+        options["options"] = f"{server_options} -c statement_timeout={milliseconds}".strip()
+    config.update(CONN_MAX_AGE=60, CONN_HEALTH_CHECKS=True)
+    return config
 
 
 def redis_url(name: str = "REDIS_URL") -> str:

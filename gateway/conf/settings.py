@@ -6,30 +6,82 @@ malformed at start-up with stable check ids.
 
 from __future__ import annotations
 
+import warnings
+from datetime import timedelta
 from pathlib import Path
 
 from gateway.conf.env import (
+    SQLITE_ENGINE,
     database_from_url,
     env_bool,
     env_float,
     env_int,
+    env_list,
     env_str,
     load_dotenv,
     redis_url,
 )
+from gateway.conf.files import private_directory, private_file
 
 BASE_DIR = Path(__file__).resolve().parents[2]
 # A local .env (written by `make run` on first start) supplies secrets in the
 # embedded setup; real environment variables always win.
 load_dotenv(BASE_DIR / ".env")
 
-DATA_DIR = Path(env_str("GATEWAY_DATA_DIR", str(BASE_DIR / "var")))
-DATA_DIR.mkdir(parents=True, exist_ok=True)
+# Private to the gateway's user (0700): it holds the SQLite database, the usage journal and spool.
+DATA_DIR = private_directory(Path(env_str("GATEWAY_DATA_DIR", str(BASE_DIR / "var"))))
 SECRET_KEY = env_str("SECRET_KEY")
 GATEWAY_ENCRYPTION_KEY = env_str("GATEWAY_ENCRYPTION_KEY")
 DEBUG = env_bool("DEBUG", False)
+
+# --- The HTTP server (`manage.py serve`; docs/operations.md, "Server limits") ---------------
+HOST = env_str("HOST", "127.0.0.1")
 PORT = env_int("PORT", 8000, minimum=1, maximum=65535)
-ALLOWED_HOSTS = [h.strip() for h in env_str("ALLOWED_HOSTS", "*").split(",") if h.strip()]
+# ASGI server used by `manage.py serve`: "uvicorn" (measured fastest) or "daphne".
+GATEWAY_SERVER = env_str("GATEWAY_SERVER", "uvicorn")
+# Open client connections at most; a request beyond it is answered 503 at once.
+GATEWAY_MAX_CONNECTIONS = env_int("GATEWAY_MAX_CONNECTIONS", 1000, minimum=1)
+# A request head (request line and headers) larger than this, or with more header lines, gets 431.
+GATEWAY_MAX_HEADER_BYTES = env_int("GATEWAY_MAX_HEADER_BYTES", 32 * 1024, minimum=1024)
+GATEWAY_MAX_HEADERS = env_int("GATEWAY_MAX_HEADERS", 100, minimum=8)
+# Seconds a client has for a whole request head (from connecting, or from its first byte on a
+# kept-alive connection), and for a whole request body after its head; then 408 and closed.
+GATEWAY_HEADER_TIMEOUT = env_float("GATEWAY_HEADER_TIMEOUT", 10.0, minimum=0.1)
+GATEWAY_BODY_TIMEOUT = env_float("GATEWAY_BODY_TIMEOUT", 60.0, minimum=0.1)
+# An idle kept-alive connection is closed after this many seconds (keep it above a proxy's).
+GATEWAY_KEEP_ALIVE_TIMEOUT = env_int("GATEWAY_KEEP_ALIVE_TIMEOUT", 5, minimum=1)
+# Addresses of reverse proxies whose X-Forwarded-For/-Proto are believed (client address and
+# scheme); empty: the headers are ignored and the peer address is the client.
+GATEWAY_FORWARDED_ALLOW_IPS = env_list("GATEWAY_FORWARDED_ALLOW_IPS")
+
+# --- The admin behind a TLS proxy (docs/operations.md, "Production deployment") --------------
+ALLOWED_HOSTS = env_list("ALLOWED_HOSTS", "localhost,127.0.0.1,[::1]")
+CSRF_TRUSTED_ORIGINS = env_list("CSRF_TRUSTED_ORIGINS")
+# The header a TLS-terminating proxy sets to "https" (e.g. X-Forwarded-Proto); unset: none.
+_proxy_ssl_header = env_str("SECURE_PROXY_SSL_HEADER")
+SECURE_PROXY_SSL_HEADER = (
+    ("HTTP_" + _proxy_ssl_header.upper().replace("-", "_"), "https") if _proxy_ssl_header else None
+)
+# Clients reach the gateway over HTTPS: cookies are Secure and the admin sends HSTS.
+GATEWAY_HTTPS = env_bool("GATEWAY_HTTPS", False)
+SESSION_COOKIE_SECURE = CSRF_COOKIE_SECURE = GATEWAY_HTTPS
+SECURE_HSTS_SECONDS = env_int("SECURE_HSTS_SECONDS", 365 * 24 * 3600 if GATEWAY_HTTPS else 0)
+# Admin login throttling (django-axes): after this many failures from one address, or for one
+# username, further attempts are refused (429) before any password is hashed, for the cool-off.
+AXES_FAILURE_LIMIT = env_int("GATEWAY_ADMIN_LOGIN_FAILURES", 5, minimum=1)
+AXES_COOLOFF_TIME = timedelta(seconds=env_float("GATEWAY_ADMIN_LOCKOUT_SECONDS", 900.0, minimum=1.0))
+AXES_LOCKOUT_PARAMETERS = ["ip_address", "username"]
+AXES_RESET_ON_SUCCESS = True
+# The client address is the connection's peer (the server rewrites it from X-Forwarded-For only
+# for GATEWAY_FORWARDED_ALLOW_IPS): a header a client sets itself never picks the lockout key.
+AXES_IPWARE_META_PRECEDENCE_ORDER = ["REMOTE_ADDR"]
+AUTHENTICATION_BACKENDS = ["axes.backends.AxesStandaloneBackend", "django.contrib.auth.backends.ModelBackend"]
+AUTH_PASSWORD_VALIDATORS = [
+    {"NAME": "django.contrib.auth.password_validation.UserAttributeSimilarityValidator"},
+    {"NAME": "django.contrib.auth.password_validation.MinimumLengthValidator", "OPTIONS": {"min_length": 12}},
+    {"NAME": "django.contrib.auth.password_validation.CommonPasswordValidator"},
+    {"NAME": "django.contrib.auth.password_validation.NumericPasswordValidator"},
+]
 
 INSTALLED_APPS = [
     "daphne",
@@ -39,6 +91,7 @@ INSTALLED_APPS = [
     "django.contrib.sessions",
     "django.contrib.messages",
     "django.contrib.staticfiles",
+    "axes",
     "rest_framework",
     "channels",
     "gateway",
@@ -48,12 +101,15 @@ INSTALLED_APPS = [
 
 MIDDLEWARE = [
     "django.middleware.security.SecurityMiddleware",
+    # The admin's CSS and JavaScript, served by the process itself (no collectstatic needed).
+    "whitenoise.middleware.WhiteNoiseMiddleware",
     "django.contrib.sessions.middleware.SessionMiddleware",
     "django.middleware.common.CommonMiddleware",
     "django.middleware.csrf.CsrfViewMiddleware",
     "django.contrib.auth.middleware.AuthenticationMiddleware",
     "django.contrib.messages.middleware.MessageMiddleware",
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
+    "axes.middleware.AxesMiddleware",
 ]
 
 ROOT_URLCONF = "gateway.conf.urls"
@@ -75,9 +131,24 @@ TEMPLATES = [
     }
 ]
 
+# Every database use is bounded: seconds to connect (PostgreSQL), per statement (PostgreSQL,
+# 0 = none) and waiting for SQLite's write lock.
+GATEWAY_DB_CONNECT_TIMEOUT = env_float("GATEWAY_DB_CONNECT_TIMEOUT", 5.0, minimum=1.0)
+GATEWAY_DB_STATEMENT_TIMEOUT = env_float("GATEWAY_DB_STATEMENT_TIMEOUT", 30.0, minimum=0.0)
+GATEWAY_SQLITE_BUSY_TIMEOUT = env_float("GATEWAY_SQLITE_BUSY_TIMEOUT", 20.0, minimum=0.0)
 DATABASE_URL = env_str("DATABASE_URL")
-DATABASES = {"default": database_from_url(DATABASE_URL, str(DATA_DIR / "gateway.sqlite3"))}
-if str(DATABASES["default"]["ENGINE"]).endswith("sqlite3"):
+DATABASES = {
+    "default": database_from_url(
+        DATABASE_URL,
+        str(DATA_DIR / "gateway.sqlite3"),
+        connect_timeout=GATEWAY_DB_CONNECT_TIMEOUT,
+        statement_timeout=GATEWAY_DB_STATEMENT_TIMEOUT,
+        sqlite_busy_timeout=GATEWAY_SQLITE_BUSY_TIMEOUT,
+    )
+}
+if DATABASES["default"]["ENGINE"] == SQLITE_ENGINE:
+    # Created 0600 before SQLite opens it: its WAL and shared-memory files take the same mode.
+    private_file(Path(DATABASES["default"]["NAME"]))
     # A file, not memory: live test processes share the test database.
     DATABASES["default"]["TEST"] = {"NAME": str(DATA_DIR / "test.sqlite3")}
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
@@ -95,21 +166,27 @@ else:
     # A broker that needs no server: kombu's filesystem transport under DATA_DIR.
     CELERY_BROKER_URL = "filesystem://"
     CELERY_BROKER_TRANSPORT_OPTIONS = {
-        "data_folder_in": str(DATA_DIR / "celery" / "queue"),
+        "data_folder_in": str(private_directory(DATA_DIR / "celery" / "queue")),
         "data_folder_out": str(DATA_DIR / "celery" / "queue"),
-        "processed_folder": str(DATA_DIR / "celery" / "processed"),
+        "processed_folder": str(private_directory(DATA_DIR / "celery" / "processed")),
+        "control_folder": str(private_directory(DATA_DIR / "celery" / "control")),
         "store_processed": False,
     }
 CELERY_TASK_ALWAYS_EAGER = env_bool("CELERY_TASK_ALWAYS_EAGER", False)
 CELERY_TASK_IGNORE_RESULT = True
 
-AUTH_PASSWORD_VALIDATORS: list[dict[str, str]] = []
 LANGUAGE_CODE = "en-us"
 TIME_ZONE = "UTC"
 USE_I18N = False
 USE_TZ = True
 STATIC_URL = "static/"
-STATIC_ROOT = DATA_DIR / "static"
+# WhiteNoise serves the apps' static files (the admin's) straight from their packages: there is
+# no STATIC_ROOT and no collectstatic step. Under ASGI Django reads WhiteNoise's file iterator in a
+# worker thread (the admin's files are small) and warns that it does: expected, so not shown.
+WHITENOISE_USE_FINDERS = True
+warnings.filterwarnings(
+    "ignore", "StreamingHttpResponse must consume synchronous iterators", Warning, "django.core.handlers.asgi"
+)
 
 REST_FRAMEWORK = {
     "DEFAULT_RENDERER_CLASSES": ["rest_framework.renderers.JSONRenderer"],
@@ -121,7 +198,7 @@ GATEWAY_MAX_BODY_BYTES = env_int("GATEWAY_MAX_BODY_BYTES", 16 * 1024 * 1024, min
 # Upstream timeouts (seconds): connecting, and the longest silence while reading.
 GATEWAY_UPSTREAM_CONNECT_TIMEOUT = env_float("GATEWAY_UPSTREAM_CONNECT_TIMEOUT", 10.0, minimum=0.01)
 GATEWAY_UPSTREAM_READ_TIMEOUT = env_float("GATEWAY_UPSTREAM_READ_TIMEOUT", 600.0, minimum=0.01)
-# httpx transport for upstream calls: "fast" (accounts/upstream/transport.py; fastest, measured), "aiohttp" or "httpx".
+# httpx transport for upstream calls: "fast" (accounts/upstream/transport.py; fastest, measured) or "httpx".
 GATEWAY_UPSTREAM_TRANSPORT = env_str("GATEWAY_UPSTREAM_TRANSPORT", "fast")
 GATEWAY_UPSTREAM_MAX_CONNECTIONS = env_int("GATEWAY_UPSTREAM_MAX_CONNECTIONS", 1000, minimum=1)
 # A comment frame is sent on a stream after this many idle seconds.
@@ -150,8 +227,6 @@ GATEWAY_GC_FREEZE = env_bool("GATEWAY_GC_FREEZE", True)
 GATEWAY_USAGE_WRITER_NICE = env_int("GATEWAY_USAGE_WRITER_NICE", 10, minimum=0, maximum=19)
 # Each gateway process also writes usage to the database (else run `manage.py usage_drain`).
 GATEWAY_USAGE_DRAINER = env_bool("GATEWAY_USAGE_DRAINER", True)
-# ASGI server used by `manage.py serve`: "uvicorn" (measured fastest) or "daphne".
-GATEWAY_SERVER = env_str("GATEWAY_SERVER", "uvicorn")
 
 LOGGING = {
     "version": 1,
@@ -159,5 +234,5 @@ LOGGING = {
     "formatters": {"plain": {"format": "%(asctime)s %(levelname)s %(name)s %(message)s"}},
     "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},
     "root": {"handlers": ["console"], "level": env_str("LOG_LEVEL", "INFO")},
-    "loggers": {"httpx": {"level": "WARNING"}, "daphne": {"level": "WARNING"}},
+    "loggers": {"httpx": {"level": "WARNING"}, "daphne": {"level": "WARNING"}, "axes": {"level": "WARNING"}},
 }

@@ -37,6 +37,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from gateway.conf.files import private_directory
 from gateway.metering.stream import (
     UsageWriteFailed,
     Writer,
@@ -117,7 +118,7 @@ class JournalWriter:
     def _segment(self) -> int:
         if self._fd is not None:
             return self._fd
-        self._dir.mkdir(parents=True, exist_ok=True)
+        private_directory(self._dir)
         name = f"{time.time_ns():020d}-{os.getpid()}"
         # Locked before it gets its .jsonl name, so a drainer never sees it unlocked and empty.
         tmp = self._dir / f"{name}.tmp"
@@ -172,7 +173,7 @@ class JournalDrainer:
         """Become the directory's active drainer, if no other process is."""
         if self._lock_fd is not None:
             return True
-        self.directory.mkdir(parents=True, exist_ok=True)
+        private_directory(self.directory)
         fd = os.open(self.directory / LOCK_NAME, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

@@ -16,6 +16,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from gateway.conf.files import private_directory
 from gateway.metering.stream import decode_event, encode_event
 
 logger = logging.getLogger(__name__)
@@ -29,10 +30,10 @@ class Spool:
         """Write ``events`` as one file (JSON lines); raises OSError when the disk refuses."""
         if not events:
             return
-        self.directory.mkdir(parents=True, exist_ok=True)
+        private_directory(self.directory)
         path = self.directory / f"{time.time_ns()}-{uuid.uuid4().hex}.jsonl"
         tmp = path.with_suffix(".tmp")
-        with open(tmp, "wb") as handle:
+        with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600), "wb") as handle:
             handle.write(b"".join(encode_event(event) + b"\n" for event in events))
             handle.flush()
             os.fsync(handle.fileno())

@@ -22,14 +22,6 @@ def ids(messages: list[checks.CheckMessage]) -> list[str | None]:
     return [m.id for m in messages]
 
 
-@pytest.fixture
-def config_errors(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, str]]:
-    """An empty gateway.conf.env.CONFIG_ERRORS for the test; the real list comes back after."""
-    errors: list[tuple[str, str]] = []
-    monkeypatch.setattr(env, "CONFIG_ERRORS", errors)
-    return errors
-
-
 @pytest.mark.parametrize("value", ["", "too-short"])
 def test_e001_secret_key(settings: Any, value: str) -> None:
     settings.SECRET_KEY = value
@@ -63,8 +55,9 @@ def test_e002_passes_with_a_fernet_key(settings: Any) -> None:
 
 def test_env_errors_are_reported_with_their_ids(config_errors: list[tuple[str, str]]) -> None:
     assert gateway_checks.check_environment() == []
-    env.database_from_url("mysql://db/gateway", "/tmp/unused.sqlite3")
-    env.database_from_url("postgres://db:5432/", "/tmp/unused.sqlite3")
+    timeouts = {"connect_timeout": 5.0, "statement_timeout": 30.0, "sqlite_busy_timeout": 20.0}
+    env.database_from_url("mysql://db/gateway", "/tmp/unused.sqlite3", **timeouts)
+    env.database_from_url("postgres://db:5432/", "/tmp/unused.sqlite3", **timeouts)
     config_errors.append(("gateway.E004", "REDIS_URL must start with redis://"))
     config_errors.append(("gateway.E011", "PORT='x' is not an integer: set it to a whole number."))
     found = gateway_checks.check_environment()
@@ -74,7 +67,7 @@ def test_env_errors_are_reported_with_their_ids(config_errors: list[tuple[str, s
 
 
 def test_e005_e006_choices(settings: Any) -> None:
-    settings.GATEWAY_UPSTREAM_TRANSPORT = "aiohttp"
+    settings.GATEWAY_UPSTREAM_TRANSPORT = "httpx"
     settings.GATEWAY_SERVER = "uvicorn"
     assert gateway_checks.check_choices() == []
     settings.GATEWAY_UPSTREAM_TRANSPORT = "requests"

@@ -1,21 +1,28 @@
-"""``python manage.py serve``: run the gateway (data plane + console) on one port."""
+"""``python manage.py serve``: run the gateway (data plane + admin) on one port.
+
+uvicorn (the default) runs with the server limits of the settings (docs/operations.md,
+"Server limits"): connections, request head size and count, head and body timeouts
+(gateway/conf/server.py), idle keep-alive, and the reverse proxies whose forwarded
+client address and scheme are believed.
+"""
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 from django.conf import settings
 from django.core.management.base import BaseCommand, CommandError, CommandParser
+
+from gateway.conf.checks import SERVERS
 
 
 class Command(BaseCommand):
     help = "Serve the gateway over ASGI (uvicorn by default, or Daphne)."
 
     def add_arguments(self, parser: CommandParser) -> None:
-        parser.add_argument("--host", default=os.environ.get("HOST", "127.0.0.1"))
+        parser.add_argument("--host", default=settings.HOST)
         parser.add_argument("--port", type=int, default=settings.PORT)
-        parser.add_argument("--server", choices=["uvicorn", "daphne"], default=settings.GATEWAY_SERVER)
+        parser.add_argument("--server", choices=SERVERS, default=settings.GATEWAY_SERVER)
         parser.add_argument("--workers", type=int, default=1, help="uvicorn worker processes")
 
     def handle(self, *args: Any, **options: Any) -> None:
@@ -31,6 +38,8 @@ class Command(BaseCommand):
             return
         import uvicorn
 
+        from gateway.conf.server import LimitedHttpToolsProtocol
+
         if options["workers"] < 1:
             raise CommandError("--workers must be at least 1")
         uvicorn.run(
@@ -39,10 +48,15 @@ class Command(BaseCommand):
             port=port,
             workers=options["workers"],
             loop="uvloop",
-            http="httptools",
+            http=LimitedHttpToolsProtocol,
+            ws="none",  # the gateway serves no WebSocket route
             lifespan="on",
             log_level="warning",
             access_log=False,
-            proxy_headers=False,
+            # uvicorn counts the connection asking too: N + 1 serves N connections at once.
+            limit_concurrency=settings.GATEWAY_MAX_CONNECTIONS + 1,
+            timeout_keep_alive=settings.GATEWAY_KEEP_ALIVE_TIMEOUT,
+            proxy_headers=bool(settings.GATEWAY_FORWARDED_ALLOW_IPS),
+            forwarded_allow_ips=settings.GATEWAY_FORWARDED_ALLOW_IPS or None,
             timeout_graceful_shutdown=10,
         )
