@@ -16,6 +16,7 @@ and closed there (Daphne sends no lifespan events: the first request starts it).
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import time
@@ -25,21 +26,25 @@ from gateway.dataplane.asgi_io import ClientGone, Receive, Scope, Send, send_err
 from gateway.dataplane.exchange import Exchange
 from gateway.dataplane.models_endpoint import models
 from gateway.dataplane.responses import responses
-from gateway.dataplane.runtime import get_runtime, shutdown_runtime
+from gateway.dataplane.runtime import Runtime
 from gateway.dataplane.usage_endpoint import usage
 
 logger = logging.getLogger(__name__)
 
 
 class GatewayApp:
-    """ASGI application for /v1/* and the lifespan protocol."""
+    """ASGI application for /v1/* and the lifespan protocol; owns the process's :class:`Runtime`."""
+
+    def __init__(self) -> None:
+        self.runtime: Runtime | None = None
+        self._starting: asyncio.Lock | None = None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
             await self._lifespan(receive, send)
             return
         ex = Exchange("req_" + os.urandom(12).hex(), time.monotonic())
-        runtime = get_runtime()
+        runtime = self.runtime or await self._start_without_lifespan()
         path = scope["path"]
         method = scope["method"]
         started = False
@@ -89,14 +94,35 @@ class GatewayApp:
             if ex.key is not None and path == "/v1/responses":
                 runtime.meter.record(ex.event(ex.billed()[1]))
 
+    async def _start_without_lifespan(self) -> Runtime:
+        """A server that sends no lifespan events (Daphne): the first request starts the runtime."""
+        if self._starting is None:
+            self._starting = asyncio.Lock()
+        async with self._starting:
+            runtime = self.runtime
+            if runtime is None:
+                runtime = Runtime()
+                await runtime.start()
+                self.runtime = runtime
+        return runtime
+
     async def _lifespan(self, receive: Receive, send: Send) -> None:
         while True:
             message = await receive()
             if message["type"] == "lifespan.startup":
-                await get_runtime().start()
+                try:
+                    runtime = Runtime()
+                    await runtime.start()
+                except Exception as exc:
+                    logger.exception("the data plane could not start")
+                    await send({"type": "lifespan.startup.failed", "message": str(exc)})
+                    return
+                self.runtime = runtime
                 await send({"type": "lifespan.startup.complete"})
             elif message["type"] == "lifespan.shutdown":
-                await shutdown_runtime()
+                running, self.runtime = self.runtime, None
+                if running is not None:
+                    await running.aclose()
                 await send({"type": "lifespan.shutdown.complete"})
                 return
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from typing import Any
 
@@ -39,3 +40,12 @@ class KeepAlive:
                         await entry[0]({"type": "http.response.body", "body": KEEPALIVE_FRAME, "more_body": True})
                     except Exception:  # the stream's own task notices the broken client
                         self.unregister(entry)
+
+    async def aclose(self) -> None:
+        """Stop the ticker (at shutdown; open streams are being closed by their own tasks)."""
+        task, self._task = self._task, None
+        self._streams.clear()
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task

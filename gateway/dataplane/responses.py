@@ -30,7 +30,6 @@ from tenancy.pricing import estimate_cost_usd, usd_to_micros
 
 async def responses(scope: Scope, receive: Receive, send: Send, runtime: Runtime, ex: Exchange) -> None:
     """Serve one ``POST /v1/responses``; raises GatewayError for the app to answer."""
-    await runtime.start()
     validated: dict[str, Any] | None = None
     size = 0
     for retry in (False, True):

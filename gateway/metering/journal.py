@@ -28,7 +28,6 @@ line that is not JSON, goes to ``DIR/dead.jsonl`` with an error logged.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import fcntl
 import logging
 import os
@@ -37,15 +36,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from gateway.metering.stream import (
-    UsageWriteFailed,
-    Writer,
-    decode_event,
-    django_writer,
-    encode_event,
-    is_transient,
-    transient_errors,
-)
+from gateway.metering.codec import decode_event, encode_event
+from gateway.metering.database import UsageWriteFailed, Writer, django_writer, write_batch
 
 logger = logging.getLogger(__name__)
 
@@ -54,13 +46,37 @@ LOCK_NAME = ".drain.lock"
 DEAD_NAME = "dead.jsonl"
 
 
-class JournalWriter:
-    """Appends usage events to this process's journal segment. ``record`` never blocks."""
+# Usage bytes held in memory while the journal cannot be appended to (a full or failing
+# disk): past this the gateway refuses new requests (``saturated``) rather than lose records.
+MAX_BUFFER_BYTES = 64 << 20
+RETRY_SECONDS = 1.0
 
-    def __init__(self, directory: Path, *, interval: float = 0.05, segment_bytes: int = SEGMENT_BYTES) -> None:
+
+class JournalWriter:
+    """Appends usage events to this process's journal segment. ``record`` never blocks.
+
+    While appends fail (a full or failing disk) the buffer is kept and retried every
+    second; ``on_state(reason)`` is called once when appends start failing and
+    ``on_state(None)`` once they succeed again. The buffer is bounded by refusing work,
+    not by dropping records: :attr:`saturated` turns true past ``max_buffer`` bytes and
+    the data plane then answers new requests 503 until the disk takes the records.
+    """
+
+    def __init__(
+        self,
+        directory: Path,
+        *,
+        interval: float = 0.05,
+        segment_bytes: int = SEGMENT_BYTES,
+        max_buffer: int = MAX_BUFFER_BYTES,
+        on_state: Callable[[str | None], object] | None = None,
+    ) -> None:
         self._dir = directory
         self._interval = interval
         self._segment_bytes = segment_bytes
+        self._max_buffer = max_buffer
+        self._on_state = on_state
+        self._failing = False
         self._buffer = bytearray()
         self._pending = 0
         self._fd: int | None = None
@@ -79,6 +95,11 @@ class JournalWriter:
     def pending(self) -> int:
         return self._pending
 
+    @property
+    def saturated(self) -> bool:
+        """Too much is waiting for the disk: take no new work until it drains."""
+        return len(self._buffer) >= self._max_buffer
+
     def _schedule(self, delay: float) -> None:
         try:
             loop = asyncio.get_running_loop()
@@ -90,10 +111,22 @@ class JournalWriter:
         self._timer = None
         try:
             self.flush_sync()
-        except OSError:
-            # A full disk: keep the buffer and retry; requests go on meanwhile.
-            logger.error("appending %d usage records to the journal failed; retrying", self._pending, exc_info=True)
-            self._schedule(1.0)
+        except OSError as exc:
+            # A full or failing disk: keep the buffer and retry; requests go on until it is full.
+            if not self._failing:
+                self._failing = True
+                logger.error(
+                    "appending usage records to the journal failed (%s); %d records kept in memory", exc, self._pending
+                )
+                if self._on_state is not None:
+                    self._on_state(f"the usage journal cannot be written: {exc.strerror or exc}")
+            self._schedule(RETRY_SECONDS)
+            return
+        if self._failing:
+            self._failing = False
+            logger.warning("appending usage records to the journal works again")
+            if self._on_state is not None:
+                self._on_state(None)
 
     def flush_sync(self) -> None:
         """Append what is buffered to the segment now (one ``write`` unless the disk is short)."""
@@ -164,7 +197,6 @@ class JournalDrainer:
         self._extra_dirs = tuple(extra_dirs)
         self._offsets: dict[Path, int] = {}
         self._lock_fd: int | None = None
-        self._transient = transient_errors()
         self.written = 0
         self.dead = 0
 
@@ -267,93 +299,48 @@ class JournalDrainer:
             except ValueError:
                 junk.append(line)
         if events:
-            try:
-                self._writer(events)
-            except Exception as exc:
-                if self._is_transient(exc):
-                    raise UsageWriteFailed(str(exc)) from exc
-                self._write_one_by_one(events)
-            else:
-                self.written += len(events)
+            result = write_batch(self._writer, events)
+            if result.outage is not None:
+                # Offsets stay before this batch: what was written is written again (idempotent).
+                raise UsageWriteFailed(str(result.outage)) from result.outage
+            self.written += len(result.done)
+            if result.bad:
+                bad = [events[i] for i in result.bad]
+                logger.error(
+                    "the usage writer refused %d events (%s; first error: %s); set aside in %s",
+                    len(bad),
+                    ", ".join(str(event.get("request_id")) for event in bad[:10]),
+                    result.reason,
+                    self.directory / DEAD_NAME,
+                )
+                self._bury_raw([encode_event(event) for event in bad])
         if junk:
             # After the writes: an outage leaves the offset before these lines, and each retry
             # would set them aside once more.
             logger.error("%d usage journal lines are unreadable; set aside in %s", len(junk), DEAD_NAME)
             self._bury_raw(junk)
 
-    def _write_one_by_one(self, events: list[dict[str, Any]]) -> None:
-        """After a batch refused for its data: write what can be, set the bad events aside."""
-        bad: list[dict[str, Any]] = []
-        reason = ""
-        for event in events:
-            try:
-                self._writer([event])
-            except Exception as exc:
-                if self._is_transient(exc):
-                    raise UsageWriteFailed(str(exc)) from exc
-                bad.append(event)
-                reason = reason or f"{type(exc).__name__}: {exc}"
-                continue
-            self.written += 1
-        if bad:
-            logger.error(
-                "the usage writer refused %d events (%s; first error: %s); set aside in %s",
-                len(bad),
-                ", ".join(str(event.get("request_id")) for event in bad[:10]),
-                reason[:300],
-                self.directory / DEAD_NAME,
-            )
-            self._bury_raw([encode_event(event) for event in bad])
-
     def _bury_raw(self, lines: list[bytes]) -> None:
         self.dead += len(lines)
         with open(self.directory / DEAD_NAME, "ab") as dead:
             dead.write(b"".join(line + b"\n" for line in lines))
 
-    def _is_transient(self, error: Exception) -> bool:
-        return is_transient(error, self._transient)
 
+class JournalSource:
+    """The journal as a :class:`gateway.metering.drain.Source` (steps run in a worker thread)."""
 
-def drain_until(drainer: JournalDrainer, stopped: Callable[[float], bool], *, poll: float = 0.2) -> None:
-    """Step ``drainer`` until ``stopped(delay)`` (which waits up to ``delay`` seconds) says so.
+    name = "journal"
 
-    Outages back off (up to 10 s); records stay in the journal meanwhile. For a process
-    of its own: the usage writer child, ``manage.py usage_drain``.
-    """
-    delay = poll
-    while not stopped(delay):
+    def __init__(self, drainer: JournalDrainer) -> None:
+        self.drainer = drainer
+
+    async def step(self) -> int:
+        return await asyncio.to_thread(self.drainer.step)
+
+    async def finish(self, wait: float) -> None:
+        drainer = self.drainer
         try:
-            drainer.step()
-            delay = poll
-        except UsageWriteFailed as exc:
-            delay = min(max(delay * 2, 0.5), 10.0)
-            logger.warning("usage write failed (%s); records stay in the journal, retry in %.1fs", exc, delay)
-        except Exception:
-            delay = min(max(delay * 2, 0.5), 10.0)
-            logger.exception("usage journal drainer error; retry in %.1fs", delay)
-
-
-async def run_journal_drainer(drainer: JournalDrainer, *, stop: asyncio.Event, poll: float = 0.2) -> None:
-    """Drain in this process (``GATEWAY_USAGE_WRITER=thread``) until ``stop``, then a last pass."""
-    from asgiref.sync import sync_to_async
-
-    step = sync_to_async(drainer.step, thread_sensitive=False)
-    delay = poll
-    while not stop.is_set():
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(stop.wait(), delay)
-        try:
-            await step()
-            delay = poll
-        except UsageWriteFailed as exc:
-            delay = min(max(delay * 2, 0.5), 10.0)
-            logger.warning("usage write failed (%s); records stay in the journal, retry in %.1fs", exc, delay)
-        except Exception:
-            delay = min(max(delay * 2, 0.5), 10.0)
-            logger.exception("usage journal drainer error; retry in %.1fs", delay)
-    try:
-        await sync_to_async(drainer.drain, thread_sensitive=False)(wait=1.0)
-    except Exception:
-        logger.exception("usage left in %s for the next start", drainer.directory)
-    finally:
-        drainer.release()
+            if drainer.acquire():  # else another process is the active drainer: it writes what is left
+                await asyncio.to_thread(drainer.drain, wait=wait)
+        finally:
+            drainer.release()

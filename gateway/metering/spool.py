@@ -16,7 +16,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from gateway.metering.stream import decode_event, encode_event
+from gateway.metering.codec import decode_event, encode_event
 
 logger = logging.getLogger(__name__)
 

@@ -156,7 +156,7 @@ def in_stream() -> set[str]:
 
 
 def gateway_env(data_dir: Path, **env: str) -> dict[str, str]:
-    return {"GATEWAY_DATA_DIR": str(data_dir), "GATEWAY_USAGE_WRITER": "process", **env}
+    return {"GATEWAY_DATA_DIR": str(data_dir), **env}
 
 
 # --- the child of a gateway -------------------------------------------------------------------
@@ -177,14 +177,25 @@ def test_a_gateway_has_exactly_one_usage_writer_child(
         live_gw.wait_usage(request_id)
 
 
-def test_the_thread_writer_spawns_no_child(
+def test_a_killed_usage_writer_is_reaped_restarted_and_reported(
     live_gw: Live, start_gateway: Callable[..., live.LiveProcess], tmp_path: Path
 ) -> None:
-    gateway = start_gateway(**gateway_env(tmp_path / "data", GATEWAY_USAGE_WRITER="thread"))
-    request_id = post(gateway, live_gw.owner.key, "hi")
-    live_gw.wait_usage(request_id)
+    """SIGKILL of the writer child: no zombie left, a new child takes over, records keep arriving."""
+    gateway = start_gateway(**gateway_env(tmp_path / "data"))
+    live_gw.wait_usage(post(gateway, live_gw.owner.key, "before"))
+    writer = usage_writer_of(gateway)
+    writer.signal(signal.SIGKILL)
+    live.poll(lambda: not writer.running(), what="the killed writer reaped")  # not left a zombie
     assert gateway.proc is not None
-    assert children(gateway.proc.pid) == []
+    assert writer.pid not in children(gateway.proc.pid)
+    # Meanwhile the gateway keeps serving; the records wait and then reach the database.
+    request_ids = [post(gateway, live_gw.owner.key, f"after {i}") for i in range(10)]
+    replacement = usage_writer_of(gateway)
+    assert replacement != writer
+    for request_id in request_ids:
+        live_gw.wait_usage(request_id)
+    log = gateway.log.read_text()
+    assert f"the usage writer (pid {writer.pid}) exited with status -9" in log
 
 
 def test_sigkill_of_a_gateway_loses_no_usage(

@@ -21,8 +21,10 @@ import pytest
 from django.db import DataError, IntegrityError, OperationalError, ProgrammingError
 
 from gateway.metering import journal as usage_journal
-from gateway.metering.journal import DEAD_NAME, LOCK_NAME, JournalDrainer, JournalWriter, run_journal_drainer
-from gateway.metering.stream import UsageWriteFailed, decode_event, encode_event
+from gateway.metering.codec import decode_event, encode_event
+from gateway.metering.database import UsageWriteFailed
+from gateway.metering.drain import drain
+from gateway.metering.journal import DEAD_NAME, LOCK_NAME, JournalDrainer, JournalSource, JournalWriter
 
 T0 = datetime(2030, 1, 1, 12, 30, tzinfo=UTC)
 
@@ -509,15 +511,15 @@ def test_a_failed_append_is_retried_and_completes_a_short_write(
     assert drainer.dead == 0
 
 
-def test_the_in_process_drainer_writes_until_stopped_then_a_last_pass(journal: Path) -> None:
-    """``run_journal_drainer`` (GATEWAY_USAGE_WRITER=thread) on a writer in the same loop."""
+def test_the_drain_loop_writes_until_stopped_then_a_last_pass(journal: Path) -> None:
+    """The drain loop over the journal, with a writer in the same loop."""
     collected = ListWriter()
 
     async def scenario() -> None:
         writer = JournalWriter(journal, interval=0.01)
         drainer = JournalDrainer(journal, collected)
         stop = asyncio.Event()
-        task = asyncio.create_task(run_journal_drainer(drainer, stop=stop, poll=0.01))
+        task = asyncio.create_task(drain(JournalSource(drainer), stop, idle=0.01))
         writer.record(event("a"))
         await wait_for(lambda: collected.ids() == ["a"])
         writer.record(event("b"))
