@@ -3,7 +3,7 @@
 The ASGI app owns it (:class:`gateway.dataplane.app.GatewayApp`): it is built and
 started at lifespan start-up and closed at lifespan shutdown. Daphne sends no lifespan
 events: there the first request starts it and Twisted's "before shutdown" trigger
-closes it (:meth:`Runtime.start` registers that). Constructing a Runtime starts
+closes it. Constructing a Runtime starts
 nothing: no task, no process, no global setting.
 
 Embedded mode (no ``REDIS_URL``) keeps limits, health and stickiness in process and
@@ -100,6 +100,7 @@ class Runtime:
             self.meter = JournalWriter(
                 journal_dir(),
                 interval=settings.GATEWAY_USAGE_FLUSH_SECONDS,
+                max_buffer=settings.GATEWAY_USAGE_BUFFER_BYTES,
                 on_state=self._state_reporter("journal"),
             )
             path = str(notify.config_gen_path())
@@ -160,7 +161,6 @@ class Runtime:
         if settings.GATEWAY_USAGE_DRAINER:
             self.writer = UsageWriterProcess(on_state=self._state_reporter("usage_writer"))
             await self.writer.start()
-        _close_with_twisted(self)
 
     async def aclose(self) -> None:
         """Close everything in order: the meter's last records reach the journal or the stream
@@ -196,16 +196,3 @@ class Runtime:
         for task in tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
-
-
-def _close_with_twisted(runtime: Runtime) -> None:
-    """Under Daphne (a Twisted reactor, no lifespan events), close ``runtime`` at reactor shutdown."""
-    reactor_module = sys.modules.get("twisted.internet.reactor")
-    if reactor_module is None or not getattr(reactor_module, "running", False):
-        return
-    from twisted.internet.defer import Deferred
-
-    def before_shutdown() -> Deferred[Any]:
-        return Deferred.fromFuture(asyncio.ensure_future(runtime.aclose()))
-
-    reactor_module.addSystemEventTrigger("before", "shutdown", before_shutdown)

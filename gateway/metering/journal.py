@@ -45,21 +45,22 @@ SEGMENT_BYTES = 8 << 20
 LOCK_NAME = ".drain.lock"
 DEAD_NAME = "dead.jsonl"
 
-
-# Usage bytes held in memory while the journal cannot be appended to (a full or failing
-# disk): past this the gateway refuses new requests (``saturated``) rather than lose records.
-MAX_BUFFER_BYTES = 64 << 20
+# While appends fail (a full or failing disk), they are retried this often (seconds), and
+# at shutdown for this long before the records still held are given up (logged).
 RETRY_SECONDS = 1.0
+CLOSE_WAIT_SECONDS = 5.0
 
 
 class JournalWriter:
     """Appends usage events to this process's journal segment. ``record`` never blocks.
 
     While appends fail (a full or failing disk) the buffer is kept and retried every
-    second; ``on_state(reason)`` is called once when appends start failing and
-    ``on_state(None)`` once they succeed again. The buffer is bounded by refusing work,
-    not by dropping records: :attr:`saturated` turns true past ``max_buffer`` bytes and
-    the data plane then answers new requests 503 until the disk takes the records.
+    ``RETRY_SECONDS``; ``on_state(reason)`` is called once when appends start failing
+    and ``on_state(None)`` once they succeed again. The buffer is bounded by refusing
+    work, not by dropping records: :attr:`saturated` is true while ``max_buffer`` bytes
+    or more wait, and the data plane then answers new requests 503 until the disk takes
+    them (requests already admitted still record: they add at most one record each).
+    ``max_buffer=None`` (tools, tests) never saturates.
     """
 
     def __init__(
@@ -68,7 +69,7 @@ class JournalWriter:
         *,
         interval: float = 0.05,
         segment_bytes: int = SEGMENT_BYTES,
-        max_buffer: int = MAX_BUFFER_BYTES,
+        max_buffer: int | None = None,
         on_state: Callable[[str | None], object] | None = None,
     ) -> None:
         self._dir = directory
@@ -81,7 +82,7 @@ class JournalWriter:
         self._pending = 0
         self._fd: int | None = None
         self._size = 0
-        self._timer: asyncio.TimerHandle | None = None
+        self._timer: asyncio.Handle | None = None
         self.written = 0
 
     def record(self, event: dict[str, Any]) -> None:
@@ -98,14 +99,14 @@ class JournalWriter:
     @property
     def saturated(self) -> bool:
         """Too much is waiting for the disk: take no new work until it drains."""
-        return len(self._buffer) >= self._max_buffer
+        return self._max_buffer is not None and len(self._buffer) >= self._max_buffer
 
     def _schedule(self, delay: float) -> None:
         try:
             loop = asyncio.get_running_loop()
         except RuntimeError:
-            return  # no loop (a command, atexit): flush_sync writes it
-        self._timer = loop.call_later(delay, self._on_timer)
+            return  # no loop (a command, a test): flush_sync or close writes it
+        self._timer = loop.call_later(delay, self._on_timer) if delay else loop.call_soon(self._on_timer)
 
     def _on_timer(self) -> None:
         self._timer = None
@@ -166,17 +167,52 @@ class JournalWriter:
             self._fd = None
 
     def close(self) -> None:
-        """Append what is left and let go of the segment (``atexit`` safe)."""
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
+        """Append what is left (no retry) and let go of the segment; see :meth:`aclose`."""
+        self._stop_timer()
         try:
             self.flush_sync()
+        except OSError as exc:
+            self._give_up(exc)
         finally:
             self._close_segment()
 
-    async def aclose(self) -> None:
-        self.close()
+    async def aclose(self, wait: float = CLOSE_WAIT_SECONDS) -> None:
+        """At shutdown: append what is left, retrying for up to ``wait`` seconds, then let go.
+
+        What the disk still refuses then cannot be kept on it: the records are logged
+        (ERROR, one JSON object per line) so that an operator can put them back (as a
+        ``.jsonl`` file in ``DATA_DIR/usage-spool``, which the usage writer drains).
+        """
+        self._stop_timer()
+        deadline = time.monotonic() + wait
+        try:
+            while True:
+                try:
+                    self.flush_sync()
+                    return
+                except OSError as exc:
+                    if time.monotonic() >= deadline:
+                        self._give_up(exc)
+                        return
+                await asyncio.sleep(RETRY_SECONDS)
+        finally:
+            self._close_segment()
+
+    def _stop_timer(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _give_up(self, exc: OSError) -> None:
+        lost, self._buffer = bytes(self._buffer), bytearray()
+        self._pending = 0
+        logger.error(
+            "%d usage records could not be appended to the journal at shutdown (%s); "
+            "they are not on disk, here they are:\n%s",
+            lost.count(b"\n"),
+            exc,
+            lost.decode(errors="replace"),
+        )
 
 
 class JournalDrainer:

@@ -112,6 +112,11 @@ class RedisUsageSink:
     def pending(self) -> int:
         return len(self._buffer)
 
+    @property
+    def saturated(self) -> bool:
+        """``max_buffer`` events wait that neither Redis nor the spool took: take no new work."""
+        return len(self._buffer) >= self._max_buffer
+
     async def _run(self) -> None:
         backoff = self._interval
         replay = self._spill is not None and self._spill.has_files()

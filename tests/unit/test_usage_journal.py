@@ -25,6 +25,7 @@ from gateway.metering.codec import decode_event, encode_event
 from gateway.metering.database import UsageWriteFailed
 from gateway.metering.drain import drain
 from gateway.metering.journal import DEAD_NAME, LOCK_NAME, JournalDrainer, JournalSource, JournalWriter
+from tests import harness as live
 
 T0 = datetime(2030, 1, 1, 12, 30, tzinfo=UTC)
 
@@ -544,3 +545,59 @@ async def wait_for(condition: Any, timeout: float = 10.0) -> None:
         if loop.time() >= deadline:
             raise AssertionError("condition not reached")
         await asyncio.sleep(0.005)
+
+
+# --- a full disk (a real tmpfs; skipped where it cannot be mounted) ---------------------------
+
+
+@pytest.fixture
+def full_journal(journal: Path) -> Iterator[Path]:
+    """The journal directory on a tmpfs with no byte left (``filler`` takes it all)."""
+    with live.tmpfs(journal, "64k"):
+        live.fill(journal / "filler")
+        yield journal
+
+
+def test_a_full_disk_holds_records_up_to_the_bound_reports_once_and_catches_up(full_journal: Path) -> None:
+    states: list[str | None] = []
+
+    async def scenario() -> list[str]:
+        writer = JournalWriter(full_journal, interval=0.01, max_buffer=4096, on_state=states.append)
+        sent: list[str] = []
+        while not writer.saturated:
+            sent.append(f"r{len(sent)}")
+            writer.record(event(sent[-1]))
+            await asyncio.sleep(0.005)  # the appends are tried (and fail) meanwhile
+        assert writer.pending() == len(sent), "every record is held"
+        assert writer.written == 0
+        assert states == ["the usage journal cannot be written: No space left on device"]
+        (full_journal / "filler").unlink()
+        await wait_for(lambda: writer.pending() == 0)  # the next retry appends them
+        assert not writer.saturated
+        assert states[-1] is None
+        await writer.aclose()
+        return sent
+
+    sent = asyncio.run(scenario())
+    assert len(sent) >= 2
+    assert len(states) == 2, "reported once down, once up"
+    collected = ListWriter()
+    JournalDrainer(full_journal, collected).step()
+    assert collected.ids() == sent
+
+
+def test_what_the_disk_still_refuses_at_shutdown_is_logged_not_dropped_silently(
+    full_journal: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    async def scenario() -> None:
+        writer = JournalWriter(full_journal, interval=60)
+        for request_id in ("x1", "x2", "x3"):
+            writer.record(event(request_id))
+        await writer.aclose(wait=0)
+        assert writer.pending() == 0
+
+    asyncio.run(scenario())
+    [message] = [r.getMessage() for r in caplog.records if "could not be appended" in r.getMessage()]
+    assert message.startswith("3 usage records could not be appended to the journal at shutdown")
+    logged = [decode_event(line) for line in message.split("\n")[1:] if line]
+    assert [e["request_id"] for e in logged] == ["x1", "x2", "x3"]

@@ -306,11 +306,13 @@ def test_sink_spools_a_long_outage_instead_of_growing(tmp_path: Path) -> None:
         sink = RedisUsageSink(redis, url=unreachable, spool_dir=spool, interval=0.01, max_buffer=5)
         for n in range(10):
             sink.record(event(f"o{n}"))
+        assert sink.saturated  # until the spool takes them: the data plane answers 503
         for _ in range(1000):
             if sink.pending() == 0:
                 break
             await asyncio.sleep(0.01)
         assert sink.pending() == 0  # moved to disk, not held in memory
+        assert not sink.saturated
         await sink.aclose()
         await redis.aclose()
 
