@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import errno
 import json
 import os
@@ -106,6 +107,59 @@ def child_env(**overrides: str) -> dict[str, str]:
     env["DJANGO_SETTINGS_MODULE"] = "gateway.conf.settings"
     env.update(overrides)
     return env
+
+
+# --- processes through /proc ------------------------------------------------------------------
+
+
+def _stat(pid: int) -> list[str] | None:
+    """The fields of /proc/<pid>/stat after the command name (state first), or None if gone."""
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text()
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+    return text.rpartition(")")[2].split()
+
+
+def cmdline(pid: int) -> list[str]:
+    try:
+        raw = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except (FileNotFoundError, ProcessLookupError):
+        return []
+    return [part.decode() for part in raw.split(b"\0") if part]
+
+
+def children(pid: int) -> list[int]:
+    """The pids whose parent is ``pid``."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            fields = _stat(int(entry.name))
+            if fields is not None and int(fields[1]) == pid:
+                found.append(int(entry.name))
+    return sorted(found)
+
+
+@dataclasses.dataclass(frozen=True)
+class Child:
+    """A process, told apart from a later one with the same pid by its start time."""
+
+    pid: int
+    started: str
+
+    @classmethod
+    def of(cls, pid: int) -> Child:
+        fields = _stat(pid)
+        assert fields is not None, f"process {pid} is gone"
+        return cls(pid, fields[19])
+
+    def running(self) -> bool:
+        fields = _stat(self.pid)
+        return fields is not None and fields[19] == self.started and fields[0] not in ("Z", "X")
+
+    def signal(self, signum: int) -> None:
+        if self.running():
+            os.kill(self.pid, signum)
 
 
 # --- a small file system -------------------------------------------------------------------

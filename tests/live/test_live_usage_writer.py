@@ -14,8 +14,6 @@ may be written by any of them, so those tests poll.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
-import os
 import signal
 import subprocess
 import sys
@@ -28,8 +26,8 @@ import httpx
 import pytest
 from django.conf import settings
 
+from gateway.metering.codec import decode_event
 from gateway.metering.journal import DEAD_NAME, JournalDrainer, JournalWriter
-from gateway.metering.stream import decode_event
 from tests import harness as live
 from tests.conftest import DATA_DIR, MODEL, Live, make_actor
 
@@ -39,71 +37,18 @@ WRITER_MODULE = "gateway.metering.writer"
 EMBEDDED = not settings.REDIS_URL
 
 
-# --- processes through /proc ------------------------------------------------------------------
-
-
-def _stat(pid: int) -> list[str] | None:
-    """The fields of /proc/<pid>/stat after the command name (state first), or None if gone."""
-    try:
-        text = Path(f"/proc/{pid}/stat").read_text()
-    except (FileNotFoundError, ProcessLookupError):
-        return None
-    return text.rpartition(")")[2].split()
-
-
-def _cmdline(pid: int) -> list[str]:
-    try:
-        raw = Path(f"/proc/{pid}/cmdline").read_bytes()
-    except (FileNotFoundError, ProcessLookupError):
-        return []
-    return [part.decode() for part in raw.split(b"\0") if part]
-
-
-def children(pid: int) -> list[int]:
-    """The pids whose parent is ``pid``."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            fields = _stat(int(entry.name))
-            if fields is not None and int(fields[1]) == pid:
-                found.append(int(entry.name))
-    return sorted(found)
-
-
-@dataclasses.dataclass(frozen=True)
-class Child:
-    """A process, told apart from a later one with the same pid by its start time."""
-
-    pid: int
-    started: str
-
-    @classmethod
-    def of(cls, pid: int) -> Child:
-        fields = _stat(pid)
-        assert fields is not None, f"process {pid} is gone"
-        return cls(pid, fields[19])
-
-    def running(self) -> bool:
-        fields = _stat(self.pid)
-        return fields is not None and fields[19] == self.started and fields[0] not in ("Z", "X")
-
-    def signal(self, signum: int) -> None:
-        if self.running():
-            os.kill(self.pid, signum)
-
-
 def usage_writers(gateway: live.LiveProcess) -> list[int]:
     assert gateway.proc is not None
-    return [pid for pid in children(gateway.proc.pid) if WRITER_MODULE in _cmdline(pid)]
+    return [pid for pid in live.children(gateway.proc.pid) if WRITER_MODULE in live.cmdline(pid)]
 
 
-def usage_writer_of(gateway: live.LiveProcess) -> Child:
+def usage_writer_of(gateway: live.LiveProcess) -> live.Child:
     """The gateway's one usage writer child (waiting for it: Daphne starts it at the first request)."""
     [pid] = live.poll(lambda: usage_writers(gateway), what="a usage writer child")
     assert gateway.proc is not None
-    assert children(gateway.proc.pid) == [pid], "the gateway has no other child"
-    assert _cmdline(pid)[1:] == ["-m", WRITER_MODULE]
-    return Child.of(pid)
+    assert live.children(gateway.proc.pid) == [pid], "the gateway has no other child"
+    assert live.cmdline(pid)[1:] == ["-m", WRITER_MODULE]
+    return live.Child.of(pid)
 
 
 # --- requests and where their records are -----------------------------------------------------
@@ -188,7 +133,7 @@ def test_a_killed_usage_writer_is_reaped_restarted_and_reported(
     assert gateway.proc is not None
     parent = gateway.proc.pid
     # Reaped: not left a zombie (a zombie still shows among the parent's children).
-    live.poll(lambda: writer.pid not in children(parent), what="the killed writer reaped")
+    live.poll(lambda: writer.pid not in live.children(parent), what="the killed writer reaped")
     # Meanwhile the gateway keeps serving; the records wait and then reach the database.
     request_ids = [post(gateway, live_gw.owner.key, f"after {i}") for i in range(10)]
     replacement = usage_writer_of(gateway)
@@ -264,6 +209,29 @@ def test_sigterm_of_a_gateway_writes_usage_and_ends_its_writer(
         # Pushed to the stream at shutdown; this writer or another one writes them.
         live.poll(lambda: recorded(request_ids) == set(request_ids), timeout=15, what="all records written")
         live.poll(lambda: not writer.running(), timeout=15, what="the usage writer exiting")
+
+
+@pytest.mark.parametrize("server", ["uvicorn", "daphne"])
+def test_a_stream_cut_by_the_shutdown_of_its_gateway_is_recorded(
+    live_gw: Live, start_gateway: Callable[..., live.LiveProcess], tmp_path: Path, server: str
+) -> None:
+    """SIGTERM while a stream runs: Daphne cancels it at once, uvicorn after its graceful
+    window (10 s); either way its record reaches the journal before the runtime closes."""
+    gateway = start_gateway(server=server, **gateway_env(tmp_path / "data"))
+    slow = {"fake_event_delay_ms": "200", "fake_tokens": "100"}  # ~20 s of events
+    with httpx.stream(
+        "POST",
+        gateway.url + "/v1/responses",
+        json={"model": MODEL, "input": "cut short", "stream": True, "metadata": slow},
+        headers={"authorization": f"Bearer {live_gw.owner.key}"},
+        timeout=60,
+    ) as response:
+        assert response.status_code == 200
+        request_id = response.headers["x-request-id"]
+        chunks = response.iter_bytes()
+        next(chunks)  # streaming
+        assert gateway.stop(signal.SIGTERM, timeout=30) in (0, -signal.SIGTERM)
+    live.poll(lambda: recorded([request_id]), timeout=30, what="the cut stream recorded")
 
 
 # --- the child on its own ---------------------------------------------------------------------
