@@ -1,127 +1,130 @@
-"""What appending usage to the journal costs, by flush policy: a small A/B load test.
+"""What appending each usage record to the journal at once costs, against batching it.
 
-    .venv/bin/python -m bench.journal_flush [--seconds 5] [--rounds 3] [--variants "timer:0.05 iteration:0"]
+    .venv/bin/python -m bench.journal_flush [--records 100000] [--rounds 3]
 
-Each variant is a gateway (embedded, uvicorn, as ``manage.py serve`` runs it) with its own
-``GATEWAY_USAGE_FLUSH_SECONDS``: ``0.05`` appends the buffered records every 50 ms, ``0``
-appends them at the next event-loop iteration. ``wrk`` (bench/wrk_bench.lua) loads one
-variant at a time, interleaved over ``--rounds``, at 1 and 16 connections. Per run it
-reports throughput, wrk's p50/p99, the serving process's CPU time per request (from
-/proc/PID/stat) and its write syscalls per request (``syscw`` of /proc/PID/io: the journal
-appends plus the socket writes, the same for both variants but for the appends). Medians
-of the rounds are printed as a table. It needs ``wrk`` and leaves nothing behind.
+In one process on uvloop, like the gateway: ``--records`` records (a usage event of the
+gateway's shape) are made ``per_iteration`` at a time with one event-loop iteration in
+between (1: one request per iteration, a lightly loaded gateway; 8: a loaded one). It
+compares the CPU time per record (``time.process_time``) of
+
+- ``journal``: :class:`gateway.metering.journal.JournalWriter`, one ``os.write`` per record
+  (the record is on disk when the request ends);
+- ``batched``: the policy it replaced, the records buffered and appended with one
+  ``os.write`` every 50 ms (a SIGKILL loses the last 50 ms of records);
+- ``buffer only``: encoding and buffering, never written (the floor).
+
+The gateway spends ~300 µs of CPU per request (docs/performance.md), so the difference
+between the first two is the price of closing the window. Files go to a temporary
+directory on the same file system as the gateway's ``var/``.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import statistics
-import subprocess
-import sys
+import asyncio
+import os
+import shutil
+import tempfile
+import time
+from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any, Protocol
 
-from bench.run import (
-    ROOT,
-    Service,
-    Target,
-    WrkResult,
-    body,
-    cpu_seconds,
-    data_directory,
-    free_port,
-    manage,
-    run_wrk,
-    wait_quiet,
-)
+import uvloop
+
+from bench.run import ROOT
+from gateway.metering.codec import encode_event
+from gateway.metering.journal import JournalWriter
+
+EVENT: dict[str, Any] = {
+    "request_id": "req_" + "a" * 24,
+    "tenant_id": 1,
+    "api_key_id": 1,
+    "account_id": 1,
+    "model": "gpt-4.1",
+    "status_code": 200,
+    "outcome": "completed",
+    "stream": False,
+    "response_id": "resp_" + "b" * 40,
+    "latency_ms": 1.234,
+    "ttfb_ms": 0.5,
+    "created_at": datetime.now(UTC),
+    "input_tokens": 12,
+    "output_tokens": 20,
+    "total_tokens": 32,
+    "cost": "0.000123",
+    "price_version_id": 1,
+    "attempts": [],
+}
 
 
-def write_syscalls(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/io").read_text().splitlines():
-        if line.startswith("syscw:"):
-            return int(line.split()[1])
-    return 0
+class Meter(Protocol):
+    def record(self, event: dict[str, Any]) -> None: ...
+
+    def close(self) -> None: ...
 
 
-def measure(target: Target, connections: int, seconds: int) -> tuple[WrkResult, float, float]:
-    """One wrk run: the result, CPU microseconds and write syscalls per request of the serving process."""
-    assert target.service is not None
-    pid = target.service.pid
-    cpu, writes = cpu_seconds(pid), write_syscalls(pid)
-    result = run_wrk(target, connections, seconds, body(), exact=True)
-    per = max(result.requests, 1)
-    return result, (cpu_seconds(pid) - cpu) * 1e6 / per, (write_syscalls(pid) - writes) / per
+class Batched:
+    """Buffered records appended with one ``os.write`` every ``interval`` seconds."""
+
+    def __init__(self, path: Path, interval: float | None) -> None:
+        self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        self._interval = interval  # None: never written
+        self._buffer = bytearray()
+        self._timer: asyncio.TimerHandle | None = None
+
+    def record(self, event: dict[str, Any]) -> None:
+        self._buffer += encode_event(event)
+        self._buffer += b"\n"
+        if self._interval is not None and self._timer is None:
+            self._timer = asyncio.get_running_loop().call_later(self._interval, self._flush)
+
+    def _flush(self) -> None:
+        self._timer = None
+        os.write(self._fd, self._buffer)
+        self._buffer.clear()
+
+    def close(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        os.close(self._fd)
+
+
+async def cpu_per_record(meter: Meter, records: int, per_iteration: int) -> float:
+    started = time.process_time()
+    for _ in range(records // per_iteration):
+        for _ in range(per_iteration):
+            meter.record(EVENT)
+        await asyncio.sleep(0)
+    await asyncio.sleep(0.06)  # the last batch
+    spent = time.process_time() - started
+    meter.close()
+    return spent / records * 1e6
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.journal_flush", description=__doc__.splitlines()[0])
-    parser.add_argument("--seconds", type=int, default=5)
+    parser.add_argument("--records", type=int, default=100_000)
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--variants", default="timer:0.05 iteration:0", help="NAME:FLUSH_SECONDS ...")
     args = parser.parse_args()
-    variants = dict(item.split(":", 1) for item in args.variants.split())
-    with data_directory() as data_dir:
-        services: list[Service] = []
-        try:
-            port = free_port()
-            fake = Service(
-                "fake upstream",
-                [sys.executable, "-m", "gateway.devtools.fake_upstream", "--port", str(port), "--tokens", "20"],
-                {},
-                f"http://127.0.0.1:{port}/health",
-                data_dir / "fake.log",
-            )
-            services.append(fake.launch().wait_ready())
-            env = {"PATH": "/usr/bin:/bin", "GATEWAY_DATA_DIR": str(data_dir), "DATABASE_URL": "", "REDIS_URL": ""}
-            env.update(line.split("=", 1) for line in manage(env, "genkeys").split() if "=" in line)
-            manage(env, "migrate", "--noinput", "-v0")
-            seeded = subprocess.run(
-                [sys.executable, "-m", "bench.seed", f"--route=gpt-4.1=http://127.0.0.1:{port}/v1"]
-                + ["--keys", "1", "--tenants", "1", "--keys-file", str(data_dir / "keys.txt")],
-                cwd=ROOT,
-                env=env,
-                capture_output=True,
-                text=True,
-                check=True,
-            )
-            key = json.loads(seeded.stdout.strip().splitlines()[-1])["main_key"]
-            targets = []
-            for name, flush in variants.items():
-                gateway_port = free_port()
-                service = Service(
-                    name,
-                    [sys.executable, "manage.py", "serve", "--port", str(gateway_port)],
-                    {**env, "GATEWAY_USAGE_FLUSH_SECONDS": flush},
-                    f"http://127.0.0.1:{gateway_port}/healthz",
-                    data_dir / f"{name}.log",
-                )
-                services.append(service.launch().wait_ready())
-                targets.append(Target(name, gateway_port, key, service))
-            rows: dict[tuple[str, int], list[tuple[WrkResult, float, float]]] = {}
-            for target in targets:  # warm-up: the first requests load the snapshot and seed the budgets
-                run_wrk(target, 4, 1, body(), exact=True)
-            for rnd in range(args.rounds):
-                for connections in (1, 16):
-                    order = targets[rnd % len(targets) :] + targets[: rnd % len(targets)]
-                    for target in order:
-                        wait_quiet(target.pids)
-                        rows.setdefault((target.key, connections), []).append(
-                            measure(target, connections, args.seconds)
-                        )
-            print(
-                f"{'variant':<10} {'conns':>5} {'req/s':>8} {'p50 ms':>7} {'p99 ms':>7} {'CPU us/req':>10} {'writes/req':>10}"
-            )
-            for (name, connections), runs in rows.items():
-                print(
-                    f"{name:<10} {connections:>5} {statistics.median(r.rps for r, _, _ in runs):>8,.0f}"
-                    f" {statistics.median(r.p50_ms for r, _, _ in runs):>7.2f}"
-                    f" {statistics.median(r.p99_ms for r, _, _ in runs):>7.2f}"
-                    f" {statistics.median(c for _, c, _ in runs):>10.0f}"
-                    f" {statistics.median(w for _, _, w in runs):>10.2f}"
-                )
-        finally:
-            for service in reversed(services):
-                service.stop()
+    (ROOT / "var").mkdir(exist_ok=True)
+    directory = Path(tempfile.mkdtemp(prefix="journal-bench-", dir=ROOT / "var"))
+    try:
+        for per_iteration in (1, 8):
+            for _ in range(args.rounds):
+                work = directory / f"{time.time_ns()}"
+                meters: dict[str, Meter] = {
+                    "journal": JournalWriter(work / "journal"),
+                    "batched": Batched(directory / f"{time.time_ns()}-batched", 0.05),
+                    "buffer only": Batched(directory / f"{time.time_ns()}-none", None),
+                }
+                row = [
+                    f"{name} {uvloop.run(cpu_per_record(meter, args.records, per_iteration)):.2f}"
+                    for name, meter in meters.items()
+                ]
+                print(f"{per_iteration} per loop iteration, µs of CPU per record: " + " | ".join(row))
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
 
 
 if __name__ == "__main__":

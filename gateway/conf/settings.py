@@ -127,7 +127,7 @@ GATEWAY_UPSTREAM_MAX_CONNECTIONS = env_int("GATEWAY_UPSTREAM_MAX_CONNECTIONS", 1
 # A comment frame is sent on a stream after this many idle seconds.
 GATEWAY_SSE_KEEPALIVE_SECONDS = env_float("GATEWAY_SSE_KEEPALIVE_SECONDS", 15.0, minimum=0.05)
 # How often buffered usage records leave the process: appended to the journal, or XADDed (seconds).
-GATEWAY_USAGE_FLUSH_SECONDS = env_float("GATEWAY_USAGE_FLUSH_SECONDS", 0.05, minimum=0.0)
+GATEWAY_USAGE_FLUSH_SECONDS = env_float("GATEWAY_USAGE_FLUSH_SECONDS", 0.05, minimum=0.01)
 # Usage (bytes of JSON) a process holds in memory while its journal cannot be appended to
 # (a full or failing disk); past it new requests are answered 503 (gateway/metering/journal.py).
 GATEWAY_USAGE_BUFFER_BYTES = env_int("GATEWAY_USAGE_BUFFER_BYTES", 64 * 1024 * 1024, minimum=64 * 1024)

@@ -99,7 +99,6 @@ class Runtime:
             self.limiter = LocalLimiter(seed=seed, on_alert=self._on_alert)
             self.meter = JournalWriter(
                 journal_dir(),
-                interval=settings.GATEWAY_USAGE_FLUSH_SECONDS,
                 max_buffer=settings.GATEWAY_USAGE_BUFFER_BYTES,
                 on_state=self._state_reporter("journal"),
             )
@@ -191,6 +190,9 @@ class Runtime:
 
     async def _cancel_tasks(self) -> None:
         tasks = list(self._tasks)
+        if tasks:
+            # Budget alerts still being recorded (retrying through a database outage).
+            logger.warning("%d background tasks cancelled at shutdown: %s", len(tasks), [t.get_coro() for t in tasks])
         for task in tasks:
             task.cancel()
         for task in tasks:

@@ -5,8 +5,9 @@ and by ``manage.py usage_drain``. A :class:`Source` (:class:`~gateway.metering.j
 or :class:`~gateway.metering.stream.StreamSource`) says how to take one step; the loop
 says when: steps back to back while there is work, ``idle`` seconds apart when there is
 none, and with a growing backoff (0.5 s doubling up to ``max_backoff``) while the
-database or Redis fails, records staying where they are meanwhile. One warning per
-failure streak, not per retry. When ``stop`` is set it makes the source's last pass.
+database or Redis fails, records staying where they are meanwhile. One log line per
+failure streak (not per retry) and one when it ends. When ``stop`` is set it makes the
+source's last pass.
 """
 
 from __future__ import annotations
@@ -45,17 +46,17 @@ async def drain(
     while not stop.is_set():
         try:
             handled = await source.step()
-        except UsageWriteFailed as exc:
+        except Exception as exc:
             delay = min(max(delay * 2, 0.5), max_backoff)
-            if not failing:
-                logger.warning("usage write failed (%s); records stay in the %s, retrying", exc, source.name)
+            if not failing:  # once per failure streak, not once per retry
+                if isinstance(exc, UsageWriteFailed):
+                    logger.warning("usage write failed (%s); records stay in the %s, retrying", exc, source.name)
+                else:  # Redis unreachable, a disk error, a bug: with its traceback
+                    logger.exception("the usage %s drainer failed; records stay there, retrying", source.name)
             failing = True
-        except Exception:
-            delay = min(max(delay * 2, 0.5), max_backoff)
-            logger.exception("usage %s drainer error; retry in %.1fs", source.name, delay)
         else:
             if failing:
-                logger.warning("usage writes to the database resumed")
+                logger.warning("usage from the %s reaches the database again", source.name)
             failing = False
             delay = 0.0 if handled else idle
         if delay:

@@ -95,6 +95,7 @@ class UsageWriterProcess:
     async def start(self) -> None:
         self._proc = await self._spawn()
         self._supervisor = asyncio.get_running_loop().create_task(self._supervise())
+        self._supervisor.add_done_callback(_log_failure)
 
     async def _spawn(self) -> asyncio.subprocess.Process:
         from django.conf import settings
@@ -111,6 +112,7 @@ class UsageWriterProcess:
         return proc
 
     async def _supervise(self) -> None:
+        """Reap the child when it exits; while serving, start another after the backoff."""
         delay = RESTART_DELAY
         while True:
             proc = self._proc
@@ -123,19 +125,21 @@ class UsageWriterProcess:
                 delay = RESTART_DELAY
             reason = f"the usage writer (pid {proc.pid}) exited with status {code}; restarting in {delay:.1f}s"
             logger.error("%s; usage waits in the journal or the stream meanwhile", reason)
-            if self._on_state is not None:
-                self._on_state(reason)
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, RESTART_DELAY_MAX)
-            try:
-                self._proc = await self._spawn()
-            except Exception as exc:
-                logger.exception("could not restart the usage writer")
-                self._proc = _Exited(str(exc))  # type: ignore[assignment]
-                continue
+            self._report(reason)
+            while True:
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, RESTART_DELAY_MAX)
+                try:
+                    self._proc = await self._spawn()
+                    break
+                except OSError as exc:
+                    logger.error("could not start a usage writer (%s); retrying in %.1fs", exc, delay)
             self.restarts += 1
-            if self._on_state is not None:
-                self._on_state(None)
+            self._report(None)
+
+    def _report(self, reason: str | None) -> None:
+        if self._on_state is not None:
+            self._on_state(reason)
 
     async def stop(self, wait: float = STOP_WAIT_SECONDS) -> None:
         """Close the lifeline and wait for the child's last pass (call after the last append)."""
@@ -143,10 +147,11 @@ class UsageWriterProcess:
         proc, self._proc = self._proc, None
         if self._supervisor is not None:
             self._supervisor.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
+            # A supervisor that failed was logged when it did (_log_failure): the child is stopped all the same.
+            with contextlib.suppress(asyncio.CancelledError, Exception):
                 await self._supervisor
             self._supervisor = None
-        if proc is None or isinstance(proc, _Exited):
+        if proc is None or proc.returncode is not None:
             return
         if proc.stdin is not None:
             proc.stdin.close()
@@ -156,17 +161,11 @@ class UsageWriterProcess:
             logger.warning("usage writer (pid %d) still busy after %.0fs; it finishes on its own", proc.pid, wait)
 
 
-class _Exited:
-    """Stands in for a child that could not be started: ``wait`` returns at once."""
-
-    pid = 0
-    stdin = None
-
-    def __init__(self, reason: str) -> None:
-        self.reason = reason
-
-    async def wait(self) -> int:
-        return -1
+def _log_failure(task: asyncio.Task[None]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        logger.error(
+            "the usage writer's supervisor failed; the writer is no longer restarted", exc_info=task.exception()
+        )
 
 
 @contextlib.asynccontextmanager

@@ -156,8 +156,9 @@ def test_sigkill_of_a_gateway_loses_no_usage(
         gateway = start_gateway(**gateway_env(tmp_path / "data"))
         writer = usage_writer_of(gateway)
         request_ids = [post(gateway, live_gw.owner.key, f"n{i}", stream=i % 2 == 1) for i in range(10)]
-        # The gateway appends within GATEWAY_USAGE_FLUSH_SECONDS of each response; a SIGKILL
-        # before that loses what it held (by design), so wait for the records to be out.
+        # With Redis the gateway XADDs within GATEWAY_USAGE_FLUSH_SECONDS of each response; a
+        # SIGKILL before that loses what it held (docs/operations.md), so wait for the records
+        # to be out. (Embedded they are in the journal when the response ends.)
         if EMBEDDED:
             live.poll(lambda: set(request_ids) <= in_journal(journal), what="records in the journal")
             assert recorded(request_ids) == set()
@@ -180,6 +181,22 @@ def test_sigkill_of_a_gateway_loses_no_usage(
         assert not (journal / DEAD_NAME).exists()
 
 
+def test_sigkill_right_after_the_responses_loses_no_usage_embedded(
+    live_gw: Live, start_gateway: Callable[..., live.LiveProcess], tmp_path: Path
+) -> None:
+    """Embedded, a record is in the journal (the kernel's page cache) when its request ends:
+    a SIGKILL right after the client has its answer loses nothing, with no wait first.
+    (The gateway runs without Redis whatever the session's mode; see docs for Redis.)"""
+    gateway = start_gateway(**gateway_env(tmp_path / "data", REDIS_URL=""))
+    writer = usage_writer_of(gateway)
+    request_ids = [post(gateway, live_gw.owner.key, f"n{i}", stream=i % 2 == 1) for i in range(10)]
+    assert gateway.stop(signal.SIGKILL) == -signal.SIGKILL
+    # The orphaned writer's last pass writes what the journal holds.
+    live.poll(lambda: recorded(request_ids) == set(request_ids), timeout=30, what="all records written")
+    live.poll(lambda: not writer.running(), timeout=30, what="the orphaned usage writer exiting")
+    assert segments(tmp_path / "data" / "usage-journal") == []
+
+
 @pytest.mark.parametrize(
     ("server", "signal_writer"),
     [("uvicorn", False), ("daphne", False), ("uvicorn", True)],
@@ -188,11 +205,19 @@ def test_sigkill_of_a_gateway_loses_no_usage(
 def test_sigterm_of_a_gateway_writes_usage_and_ends_its_writer(
     live_gw: Live, start_gateway: Callable[..., live.LiveProcess], tmp_path: Path, server: str, signal_writer: bool
 ) -> None:
-    # A flush interval far beyond the test: only the shutdown path can append these records.
-    gateway = start_gateway(server=server, **gateway_env(tmp_path / "data", GATEWAY_USAGE_FLUSH_SECONDS="60"))
-    request_ids = [post(gateway, live_gw.owner.key, f"n{i}", stream=i % 2 == 1) for i in range(8)]
-    writer = usage_writer_of(gateway)
-    assert recorded(request_ids) == set(), "written before shutdown?"
+    # Embedded, records are in the journal at once, and this test holds the journal's drain
+    # lock until the shutdown: the gateway's writer stands by meanwhile. With Redis, a flush
+    # interval far beyond the test: only the sink's shutdown path can XADD these records.
+    journal = tmp_path / "data" / "usage-journal"
+    holder = JournalDrainer(journal)
+    assert holder.acquire()
+    try:
+        gateway = start_gateway(server=server, **gateway_env(tmp_path / "data", GATEWAY_USAGE_FLUSH_SECONDS="60"))
+        request_ids = [post(gateway, live_gw.owner.key, f"n{i}", stream=i % 2 == 1) for i in range(8)]
+        writer = usage_writer_of(gateway)
+        assert recorded(request_ids) == set(), "written before shutdown?"
+    finally:
+        holder.release()
     if signal_writer:
         # A Ctrl-C or a service manager signals the whole process group: the writer
         # ignores it and still does the last pass once the gateway has appended its records.
@@ -204,7 +229,7 @@ def test_sigterm_of_a_gateway_writes_usage_and_ends_its_writer(
         # The gateway waited for its writer's last pass, the only drainer of its journal.
         assert recorded(request_ids) == set(request_ids)
         assert not writer.running()
-        assert segments(tmp_path / "data" / "usage-journal") == []
+        assert segments(journal) == []
     else:
         # Pushed to the stream at shutdown; this writer or another one writes them.
         live.poll(lambda: recorded(request_ids) == set(request_ids), timeout=15, what="all records written")

@@ -22,7 +22,7 @@ from django.conf import settings
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
 from gateway.metering.database import UsageWriteFailed
-from gateway.metering.drain import drain
+from gateway.metering.drain import Source, drain
 from gateway.metering.journal import JournalSource
 from gateway.metering.stream import STREAM, StreamSource
 from gateway.metering.writer import POLL_SECONDS, opened_source
@@ -66,13 +66,15 @@ class Command(BaseCommand):
                 loop.add_signal_handler(signum, stop.set)
             await drain(source, stop, idle=POLL_SECONDS)
 
-    async def _once(self, source: JournalSource | StreamSource | Any) -> int:
-        where = f"they stay in the {source.name}"
+    async def _once(self, source: Source) -> int:
         try:
             if isinstance(source, JournalSource):
                 if not source.drainer.acquire():
                     raise CommandError("a gateway's usage writer is draining the journal now; nothing to do")
                 return await asyncio.to_thread(source.drainer.drain)
-            return int(await source.drainer.drain())
+            assert isinstance(source, StreamSource)
+            return await source.drainer.drain()
         except UsageWriteFailed as exc:
-            raise CommandError(f"the database refused the usage records ({exc}); {where}") from exc
+            raise CommandError(
+                f"the database refused the usage records ({exc}); they stay in the {source.name}"
+            ) from exc
