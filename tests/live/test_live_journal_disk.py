@@ -21,7 +21,7 @@ from tests import harness as live
 from tests.conftest import MODEL, Live
 from tests.live.test_live_usage_writer import gateway_env, recorded
 
-BUFFER_BYTES = 64 * 1024  # a few dozen records (one is ~0.7 KB of JSON)
+BUFFER_BYTES = 64 * 1024  # ~130 records (one is ~0.5 KB of JSON)
 
 
 def ask(gateway: live.LiveProcess, key: str, text: str) -> httpx.Response:

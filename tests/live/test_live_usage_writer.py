@@ -157,7 +157,7 @@ def test_sigkill_of_a_gateway_loses_no_usage(
         writer = usage_writer_of(gateway)
         request_ids = [post(gateway, live_gw.owner.key, f"n{i}", stream=i % 2 == 1) for i in range(10)]
         # With Redis the gateway XADDs within GATEWAY_USAGE_FLUSH_SECONDS of each response; a
-        # SIGKILL before that loses what it held (docs/operations.md), so wait for the records
+        # SIGKILL before that loses what it held (docs/architecture.md), so wait for the records
         # to be out. (Embedded they are in the journal when the response ends.)
         if EMBEDDED:
             live.poll(lambda: set(request_ids) <= in_journal(journal), what="records in the journal")

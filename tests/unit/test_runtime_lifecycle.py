@@ -49,7 +49,7 @@ async def wait_for(condition: Callable[[], object], timeout: float = 15.0) -> No
 
 def others() -> set[asyncio.Task[Any]]:
     """The tasks of the running loop other than the caller's."""
-    return asyncio.all_tasks() - {asyncio.current_task()}  # type: ignore[operator]
+    return asyncio.all_tasks() - {asyncio.current_task()}
 
 
 def test_constructing_a_runtime_starts_nothing(embedded_writer: None) -> None:

@@ -535,7 +535,7 @@ def test_what_the_disk_still_refuses_at_shutdown_is_logged_not_dropped_silently(
     asyncio.run(scenario())
     [message] = [r.getMessage() for r in caplog.records if "could not be appended" in r.getMessage()]
     assert message.startswith("3 usage records could not be appended to the journal at shutdown")
-    logged = [decode_event(line) for line in message.split("\n")[1:] if line]
+    logged = [decode_event(line.encode()) for line in message.split("\n")[1:] if line]
     assert [e["request_id"] for e in logged] == ["x1", "x2", "x3"]
 
 
