@@ -211,6 +211,16 @@ def poll(check: Callable[[], T], timeout: float = 10.0, interval: float = 0.02, 
         time.sleep(interval)
 
 
+async def poll_async(check: Callable[[], object], timeout: float = 15.0, what: str = "condition") -> None:
+    """:func:`poll` inside an event loop: yields to it between checks."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not check():
+        if loop.time() >= deadline:
+            raise AssertionError(f"{what} not reached within {timeout}s")
+        await asyncio.sleep(0.005)
+
+
 def assert_error(
     response: httpx.Response,
     status: int,

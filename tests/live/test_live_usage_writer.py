@@ -122,11 +122,12 @@ def test_a_gateway_has_exactly_one_usage_writer_child(
         live_gw.wait_usage(request_id)
 
 
+@pytest.mark.parametrize("server", ["uvicorn", "daphne"])
 def test_a_killed_usage_writer_is_reaped_restarted_and_reported(
-    live_gw: Live, start_gateway: Callable[..., live.LiveProcess], tmp_path: Path
+    live_gw: Live, start_gateway: Callable[..., live.LiveProcess], tmp_path: Path, server: str
 ) -> None:
     """SIGKILL of the writer child: no zombie left, a new child takes over, records keep arriving."""
-    gateway = start_gateway(**gateway_env(tmp_path / "data"))
+    gateway = start_gateway(server=server, **gateway_env(tmp_path / "data"))
     live_gw.wait_usage(post(gateway, live_gw.owner.key, "before"))
     writer = usage_writer_of(gateway)
     writer.signal(signal.SIGKILL)
@@ -142,6 +143,9 @@ def test_a_killed_usage_writer_is_reaped_restarted_and_reported(
         live_gw.wait_usage(request_id)
     log = gateway.log.read_text()
     assert f"the usage writer (pid {writer.pid}) exited with status -9" in log
+    # Readiness reported it down once, and up again once the replacement started.
+    assert log.count(f"usage_writer is unavailable: the usage writer (pid {writer.pid}) exited") == 1
+    assert "usage_writer is available again" in log
 
 
 def test_sigkill_of_a_gateway_loses_no_usage(

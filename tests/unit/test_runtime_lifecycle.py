@@ -13,7 +13,6 @@ import asyncio
 import os
 import signal
 import sys
-from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -36,15 +35,6 @@ def embedded_writer(settings: Any, monkeypatch: pytest.MonkeyPatch) -> None:
     settings.REDIS_URL = ""
     settings.GATEWAY_USAGE_DRAINER = True
     monkeypatch.setenv("REDIS_URL", "")
-
-
-async def wait_for(condition: Callable[[], object], timeout: float = 15.0) -> None:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while not condition():
-        if loop.time() >= deadline:
-            raise AssertionError("condition not reached")
-        await asyncio.sleep(0.01)
 
 
 def others() -> set[asyncio.Task[Any]]:
@@ -78,7 +68,7 @@ def test_closing_a_runtime_closes_every_task_it_started(settings: Any) -> None:
 
         runtime.keepalive.register([send, 0.0])  # an idle stream: the ticker runs
         runtime.spawn(asyncio.sleep(3600))  # a background task, as a budget alert's
-        await wait_for(lambda: frames)
+        await live.poll_async(lambda: frames)
         assert others()
         await runtime.aclose()
         assert others() == set(), "every task the runtime started is closed"
@@ -94,12 +84,12 @@ def test_a_dead_usage_writer_is_reported_in_readiness_until_its_replacement_runs
             [pid] = writer_children()
             assert runtime.readiness.report() == {"status": "ok", "down": {}}
             os.kill(pid, signal.SIGKILL)
-            await wait_for(lambda: runtime.readiness.is_down("usage_writer"))
+            await live.poll_async(lambda: runtime.readiness.is_down("usage_writer"))
             report: Any = runtime.readiness.report()
             assert report["status"] == "degraded"
             reason = report["down"]["usage_writer"]["reason"]
             assert reason.startswith(f"the usage writer (pid {pid}) exited with status -9; restarting in")
-            await wait_for(lambda: not runtime.readiness.is_down("usage_writer"))
+            await live.poll_async(lambda: not runtime.readiness.is_down("usage_writer"))
             assert runtime.readiness.report() == {"status": "ok", "down": {}}
             [replacement] = writer_children()
             assert replacement != pid
@@ -121,7 +111,7 @@ def test_the_lifespan_starts_the_runtime_and_closes_it_with_its_writer(embedded_
 
         lifespan = asyncio.create_task(app({"type": "lifespan"}, inbox.get, send))
         await inbox.put({"type": "lifespan.startup"})
-        await wait_for(lambda: sent)
+        await live.poll_async(lambda: sent)
         assert sent == ["lifespan.startup.complete"]
         assert app.runtime is not None
         assert len(writer_children()) == 1

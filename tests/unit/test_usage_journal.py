@@ -458,7 +458,7 @@ def test_the_drain_loop_writes_until_stopped_then_a_last_pass(journal: Path) -> 
         stop = asyncio.Event()
         task = asyncio.create_task(drain(JournalSource(drainer), stop, idle=0.01))
         writer.record(event("a"))
-        await wait_for(lambda: collected.ids() == ["a"])
+        await live.poll_async(lambda: collected.ids() == ["a"])
         writer.record(event("b"))
         await writer.aclose()
         stop.set()
@@ -471,16 +471,6 @@ def test_the_drain_loop_writes_until_stopped_then_a_last_pass(journal: Path) -> 
         other.release()
 
     asyncio.run(scenario())
-
-
-async def wait_for(condition: Any, timeout: float = 10.0) -> None:
-    """Yield to the loop until ``condition()`` holds (fails after ``timeout`` seconds)."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while not condition():
-        if loop.time() >= deadline:
-            raise AssertionError("condition not reached")
-        await asyncio.sleep(0.005)
 
 
 # --- a full disk (a real tmpfs; skipped where it cannot be mounted) ---------------------------
@@ -508,7 +498,7 @@ def test_a_full_disk_holds_records_up_to_the_bound_reports_once_and_catches_up(f
         assert writer.written == 0
         assert states == ["the usage journal cannot be written: No space left on device"]
         (full_journal / "filler").unlink()
-        await wait_for(lambda: writer.pending() == 0)  # the next retry appends them
+        await live.poll_async(lambda: writer.pending() == 0)  # the next retry appends them
         assert not writer.saturated
         assert states[-1] is None
         await writer.aclose()
