@@ -188,23 +188,18 @@ def upstream_account_update(
     ``max_concurrency=None`` means unlimited. ``enabled`` goes through
     :func:`upstream_account_set_enabled` (``disabled_reason`` with it).
     """
-    fields: list[str] = []
-    if weight is not None and _clean_weight(weight) != account.weight:
-        account.weight = weight
-        fields.append("weight")
+    wanted: dict[str, object] = {}
+    if weight is not None:
+        wanted["weight"] = _clean_weight(weight)
     if max_concurrency is not UNCHANGED:
-        value = _clean_max_concurrency(max_concurrency)
-        if value != account.max_concurrency:
-            account.max_concurrency = value
-            fields.append("max_concurrency")
-    if priority is not None and _clean_priority(priority) != account.priority:
-        account.priority = priority
-        fields.append("priority")
+        wanted["max_concurrency"] = _clean_max_concurrency(max_concurrency)
+    if priority is not None:
+        wanted["priority"] = _clean_priority(priority)
     if models is not None:
-        model_list = _clean_models(models)
-        if model_list != account.models:
-            account.models = model_list
-            fields.append("models")
+        wanted["models"] = _clean_models(models)
+    fields = [name for name, value in wanted.items() if getattr(account, name) != value]
+    for name in fields:
+        setattr(account, name, wanted[name])
     with transaction.atomic():
         if fields:
             account.save(update_fields=fields)
@@ -348,6 +343,13 @@ def account_health_reset(*, account: UpstreamAccount, reason: str = "reset by op
         if transition is not None:
             account_transitions_write([transition])
     return transition
+
+
+# The rule strip_fields_clean enforces, as the admin states it next to the field.
+STRIP_FIELDS_HELP = (
+    f"null: the default list {DEFAULT_STRIP_FIELDS}. "
+    "A list: exactly these fields (a subset of the default; [] strips nothing)."
+)
 
 
 def strip_fields_clean(fields: Iterable[str] | None) -> list[str] | None:

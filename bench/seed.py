@@ -63,15 +63,16 @@ def seed(routes: dict[str, str], keys: int, tenants: int, keys_file: Path) -> di
 
     from accounts.services import pool_get_or_create, upstream_account_create
     from gateway.config import notify
-    from tenancy import services
     from tenancy.keys import key_digest
     from tenancy.models import ApiKey, Tenant
+    from tenancy.services.keys import apikey_create
+    from tenancy.services.tenants import tenant_create
 
     tenant_limits = limit_values(Tenant)
     key_limits = limit_values(ApiKey)
-    tenant = services.tenant_create(slug="bench", name="Benchmark")
+    tenant = tenant_create(slug="bench", name="Benchmark")
     Tenant.objects.filter(pk=tenant.pk).update(**tenant_limits)
-    api_key, main_secret = services.apikey_create(tenant=tenant, name="bench main")
+    api_key, main_secret = apikey_create(tenant=tenant, name="bench main")
     ApiKey.objects.filter(pk=api_key.pk).update(**key_limits)
     pool = pool_get_or_create(name="bench")
     for model_name, base_url in routes.items():

@@ -9,8 +9,9 @@ from django.contrib import admin, messages
 from django.db.models import QuerySet
 from django.http import HttpRequest
 
+from accounts.admin import AppendOnlyAdmin, ReadOnlyAdmin
 from tenancy.models import ApiKey, BudgetAlert, PriceVersion, Tenant, UsageRecord
-from tenancy.services import apikey_revoke
+from tenancy.services.keys import apikey_revoke
 
 
 @admin.register(Tenant)
@@ -46,7 +47,7 @@ class ApiKeyAdmin(admin.ModelAdmin):
 
 
 @admin.register(UsageRecord)
-class UsageRecordAdmin(admin.ModelAdmin):
+class UsageRecordAdmin(ReadOnlyAdmin):
     list_display = ("created_at", "tenant", "api_key", "model", "status_code", "outcome", "total_tokens", "latency_ms")
     list_filter = ("outcome", "stream")
     list_select_related = ("tenant", "api_key")
@@ -54,31 +55,16 @@ class UsageRecordAdmin(admin.ModelAdmin):
     # The table grows fast: no COUNT(*) of the whole table per page.
     show_full_result_count = False
 
-    def has_add_permission(self, request: HttpRequest, obj: Any = None) -> bool:
-        return False
-
-    def has_change_permission(self, request: HttpRequest, obj: Any = None) -> bool:
-        return False
-
 
 @admin.register(PriceVersion)
-class PriceVersionAdmin(admin.ModelAdmin):
+class PriceVersionAdmin(AppendOnlyAdmin):
     """Price versions are append-only (`manage.py price_set`): billed records point at them."""
 
     list_display = ("model", "input", "cached_input", "cache_write", "output", "reasoning", "effective_from")
     search_fields = ("model",)
 
-    def has_change_permission(self, request: HttpRequest, obj: Any = None) -> bool:
-        return False
-
 
 @admin.register(BudgetAlert)
-class BudgetAlertAdmin(admin.ModelAdmin):
+class BudgetAlertAdmin(ReadOnlyAdmin):
     list_display = ("created_at", "scope", "scope_id", "kind", "metric", "period_start", "delivered_at", "last_error")
     list_filter = ("kind", "scope")
-
-    def has_add_permission(self, request: HttpRequest, obj: Any = None) -> bool:
-        return False
-
-    def has_change_permission(self, request: HttpRequest, obj: Any = None) -> bool:
-        return False

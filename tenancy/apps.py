@@ -4,3 +4,8 @@ from django.apps import AppConfig
 class TenancyConfig(AppConfig):
     name = "tenancy"
     default_auto_field = "django.db.models.BigAutoField"
+
+    def ready(self) -> None:
+        # Registers the Celery tasks in every process: services queue them by name, and
+        # with CELERY_TASK_ALWAYS_EAGER an unregistered name would go to the broker instead.
+        from tenancy import tasks  # noqa: F401

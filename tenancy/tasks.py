@@ -1,16 +1,21 @@
-"""Celery tasks of the demand side. They take ids and call services."""
+"""Celery tasks of the demand side. They take ids and call services.
+
+Services queue them by name (tenancy.services.alerts.BUDGET_ALERT_DELIVER_TASK) and never
+import this module; tenancy/apps.py imports it so every process has the tasks registered.
+"""
 
 from __future__ import annotations
 
 from celery import shared_task
 from django.conf import settings
 
-from tenancy import services
 from tenancy.models import BudgetAlert
+from tenancy.services import alerts
 
 
 @shared_task(
-    autoretry_for=(services.AlertDeliveryError,),
+    name=alerts.BUDGET_ALERT_DELIVER_TASK,
+    autoretry_for=(alerts.AlertDeliveryError,),
     retry_backoff=5,
     retry_backoff_max=600,
     retry_jitter=True,
@@ -28,4 +33,4 @@ def budget_alert_deliver(alert_id: int) -> None:
     alert = BudgetAlert.objects.select_related("tenant").filter(pk=alert_id).first()
     if alert is None:
         return
-    services.budget_alert_deliver(alert=alert, url=url)
+    alerts.budget_alert_deliver(alert=alert, url=url)

@@ -151,9 +151,9 @@ class Live:
 
     def new_key(self, actor: Actor | None = None, **options: Any) -> tuple[Any, str]:
         """A further key of ``actor`` (default: the owner): ``(ApiKey, secret)``."""
-        from tenancy import services
+        from tenancy.services.keys import apikey_create
 
-        return services.apikey_create(tenant=(actor or self.owner).tenant, name="extra key", **options)
+        return apikey_create(tenant=(actor or self.owner).tenant, name="extra key", **options)
 
     def wait_usage(self, request_id: str, timeout: float = 10.0) -> Any:
         """The usage record of a request, once the gateway's meter has written it."""
@@ -180,10 +180,11 @@ class Live:
 
 
 def make_actor(slug: str, **key_options: Any) -> Actor:
-    from tenancy import services
+    from tenancy.services.keys import apikey_create
+    from tenancy.services.tenants import tenant_create
 
-    tenant = services.tenant_create(slug=slug, name=slug.title())
-    api_key, secret = services.apikey_create(tenant=tenant, name=f"{slug} key", **key_options)
+    tenant = tenant_create(slug=slug, name=slug.title())
+    api_key, secret = apikey_create(tenant=tenant, name=f"{slug} key", **key_options)
     return Actor(tenant=tenant, key=secret, api_key=api_key)
 
 

@@ -21,7 +21,7 @@ from gateway.conf.db import db_call
 from gateway.limits.engine import Scope
 from tenancy import selectors
 from tenancy.pricing import budget_window, micros_to_usd
-from tenancy.services import budget_alert_record
+from tenancy.services.alerts import budget_alert_record
 
 logger = logging.getLogger(__name__)
 

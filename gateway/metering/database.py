@@ -50,7 +50,7 @@ def django_writer(events: Sequence[dict[str, Any]]) -> object:
     Django would keep failing on it after the database came back.
     """
     from gateway.conf.db import drop_broken_connections
-    from tenancy.services import usage_records_write
+    from tenancy.services.usage import usage_records_write
 
     drop_broken_connections()
     return usage_records_write(events)

@@ -11,7 +11,7 @@ docs/performance.md). Instead:
   open, and is rotated at ``segment_bytes``.
 - :class:`JournalDrainer` (the usage writer process, ``gateway.metering.writer``, or
   ``manage.py usage_drain --once``): reads every segment from its offset to the last
-  complete line, writes batches with ``tenancy.services.usage_records_write``
+  complete line, writes batches with ``tenancy.services.usage.usage_records_write``
   (idempotent on ``request_id``), and deletes a segment once it is read to the end and
   no writer holds it. One drainer is active per directory (``flock`` on ``.drain.lock``);
   the others stand by and take over when it goes.

@@ -7,7 +7,7 @@ is never trimmed by length: an entry leaves it only after the database has it.
 
 :class:`UsageDrainer` reads the stream through the consumer group ``gw-writers`` (one
 consumer per process) and writes batches with a writer callable (by default
-``tenancy.services.usage_records_write``, idempotent on ``request_id``), then XACKs
+``tenancy.services.usage.usage_records_write``, idempotent on ``request_id``), then XACKs
 them. So:
 
 - a database outage delays records and fails no request: the writer's failure leaves

@@ -8,13 +8,18 @@ limit (unlimited / unrestricted); in the create commands a left-out flag is unli
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from functools import partial
 from typing import Any
 
-from django.core.management.base import CommandError, CommandParser
+from django.core.management.base import BaseCommand, CommandError, CommandParser
 
+from accounts.management.refusals import exit_on_refusal
 from tenancy.models import ApiKey, BudgetPeriod, Tenant
+from tenancy.services.keys import apikey_update
+from tenancy.services.tenants import tenant_update
 
 CLEAR = "none"
 
@@ -171,6 +176,31 @@ def limits_from_options(options: dict[str, Any], *, key_level: bool, clearable: 
             continue
         limits[spec.field] = _parse(spec, raw)
     return limits
+
+
+def limits_update_and_show(command: BaseCommand, obj: Tenant | ApiKey, options: dict[str, Any]) -> None:
+    """What tenant_update and apikey_update do with the tenant or key they name.
+
+    The limit flags given in ``options`` go to tenant_update or apikey_update; a first line
+    names ``obj`` and the changed limits (without flags nothing changes and it just names
+    ``obj``); then the limits as they are now. A refused value: CommandError, nothing changed.
+    """
+    update: Callable[..., Tenant | ApiKey]
+    if isinstance(obj, ApiKey):
+        label, update = f"API key {obj.prefix} of tenant {obj.tenant.slug}", partial(apikey_update, api_key=obj)
+    else:
+        label, update = f"tenant {obj.slug}", partial(tenant_update, tenant=obj)
+    limits = limits_from_options(options, key_level=isinstance(obj, ApiKey), clearable=True)
+    if limits:
+        with exit_on_refusal():
+            obj = update(**limits)
+        command.stdout.write(f"Updated {label}: {', '.join(sorted(limits))}.")
+    else:
+        command.stdout.write(f"{label[:1].upper()}{label[1:]}:")
+    if isinstance(obj, ApiKey) and obj.revoked_at is not None:
+        command.stderr.write(f"warning: this key was revoked at {obj.revoked_at.isoformat()}.")
+    for line in describe_limits(obj):
+        command.stdout.write(line)
 
 
 def _amount(value: Any, unit: str = "") -> str:

@@ -258,10 +258,10 @@ def test_error_never_echoes_the_key(live_gw: Live) -> None:
 
 
 def test_revoked_key_is_refused_on_the_very_next_request(live_gw: Live) -> None:
-    from tenancy import services
+    from tenancy.services.keys import apikey_revoke
 
     assert live_gw.post(body()).status_code == 200
-    services.apikey_revoke(api_key=live_gw.owner.api_key)
+    apikey_revoke(api_key=live_gw.owner.api_key)
     assert_error(live_gw.post(body()), 401, "invalid_api_key")
     with live_gw.http() as client:
         assert_error(client.get("/v1/models"), 401, "invalid_api_key")

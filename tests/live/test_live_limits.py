@@ -91,17 +91,17 @@ def forget_counters(*scopes: tuple[str, int]) -> None:
 
 def new_key(gw: Live, tenant: Any = None, **limits: Any) -> tuple[Any, str]:
     """A key with ``limits`` (of the owner's tenant unless ``tenant``), with fresh counters."""
-    from tenancy import services
+    from tenancy.services.keys import apikey_create
 
-    api_key, secret = services.apikey_create(tenant=tenant or gw.owner.tenant, name="limited", **limits)
+    api_key, secret = apikey_create(tenant=tenant or gw.owner.tenant, name="limited", **limits)
     forget_counters(("key", api_key.id))
     return api_key, secret
 
 
 def new_tenant(slug: str, **limits: Any) -> Any:
-    from tenancy import services
+    from tenancy.services.tenants import tenant_create
 
-    tenant = services.tenant_create(slug=slug, **limits)
+    tenant = tenant_create(slug=slug, **limits)
     forget_counters(("tenant", tenant.id))
     return tenant
 

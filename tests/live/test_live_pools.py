@@ -609,7 +609,7 @@ def test_failed_attempts_are_recorded_with_their_usage_and_billed(pools: Pools) 
     from gateway.devtools.fake_upstream.wire import OK_HEADERS, SSE_TYPE, chunk, head, sse_frame
     from tenancy import pricing
     from tenancy.models import PriceVersion
-    from tenancy.services import price_set
+    from tenancy.services.prices import price_set
 
     failing, healthy = pools.fake(), pools.fake()
     usage = {

@@ -353,26 +353,25 @@ def test_probe_of_an_open_circuit(account: UpstreamAccount, settings: Any) -> No
     assert account_health_states([account.pk])[account.pk].state is State.HEALTHY
 
 
-def test_probe_task_counts_verdicts(account: UpstreamAccount, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_probe_tasks_count_verdicts(account: UpstreamAccount) -> None:
+    """The tasks probe through the real client: the account's address (port 9 of the loopback)
+    refuses connections, so a disabled account stays disabled. Re-admission through the tasks:
+    test_probe_against_the_fake_upstream."""
     from accounts import tasks
-    from accounts.health import probing
 
+    assert tasks.account_probe(account.pk) == "not_a_candidate"  # healthy
     make_unhealthy(account.pk, AuthFailure(403))
-    original = probing.probe_rows
-
-    async def stubbed(rows: Any, client: Any = None) -> Any:
-        return await original(rows, StubClient(status=200))
-
-    monkeypatch.setattr(probing, "probe_rows", stubbed)
-    assert tasks.account_probe(account.pk) == "readmitted"
-    assert tasks.account_probe(account.pk) == "not_a_candidate"
-    make_unhealthy(account.pk, AuthFailure(403))
-    assert tasks.accounts_probe() == {"readmitted": 1}
+    assert tasks.account_probe(account.pk) == "unchanged"
+    assert tasks.accounts_probe() == {"unchanged": 1}
+    assert account_health_states([account.pk])[account.pk].state is State.DISABLED
 
 
 @pytest.mark.live
 def test_probe_against_the_fake_upstream(transactional_db: None, fake_upstream: Any) -> None:
-    """The real client and wire: a revoked key stays disabled, a valid one is re-admitted."""
+    """The real client and wire, through the Celery tasks: a revoked key stays disabled, a valid
+    one is re-admitted."""
+    from accounts import tasks
+
     pool = pool_get_or_create(name="live")
     account = upstream_account_create(
         pool=pool, base_url=fake_upstream.base_url, api_key="sk-live-probe", models=["gpt-live"]
@@ -382,10 +381,11 @@ def test_probe_against_the_fake_upstream(transactional_db: None, fake_upstream: 
     before = httpx.get(control).json()
     httpx.post(control, json={"require_key": "sk-something-else"})
     try:
-        assert [o.verdict for o in accounts_probe_run()] == ["unchanged"]
+        assert tasks.accounts_probe() == {"unchanged": 1}
     finally:
         httpx.post(control, json={"require_key": before["require_key"]})
-    assert [o.verdict for o in accounts_probe_run()] == ["readmitted"]
+    assert tasks.account_probe(account.pk) == "readmitted"
+    assert tasks.account_probe(account.pk) == "not_a_candidate"
     sent = fake_upstream.last_request()
     assert sent["path"].endswith("/responses")
     assert sent["body"]["max_output_tokens"] == 16

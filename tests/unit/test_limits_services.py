@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import threading
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
@@ -25,18 +27,18 @@ from tenancy.selectors import (
     prices_for_snapshot,
     usage_summary,
 )
-from tenancy.services import (
+from tenancy.services.alerts import (
+    BUDGET_ALERT_DELIVER_TASK,
     AlertDeliveryError,
-    apikey_create,
-    apikey_update,
     budget_alert_deliver,
     budget_alert_record,
-    price_set,
-    tenant_create,
-    tenant_update,
-    usage_records_write,
 )
+from tenancy.services.keys import apikey_create, apikey_update
+from tenancy.services.prices import price_set
+from tenancy.services.tenants import tenant_create, tenant_update
+from tenancy.services.usage import usage_records_write
 from tenancy.tasks import budget_alert_deliver as budget_alert_deliver_task
+from tests import harness
 
 T0 = datetime(2030, 1, 1, tzinfo=UTC)
 
@@ -594,3 +596,20 @@ def test_failed_delivery_records_the_error_without_the_url(webhook: _Webhook) ->
     stored = BudgetAlert.objects.get(pk=alert.pk)
     assert stored.delivered_at is not None
     assert stored.last_error == ""
+
+
+def test_alert_task_is_registered_in_every_process() -> None:
+    """budget_alert_record queues the delivery by task name, without importing tenancy.tasks.
+
+    A process that never imports the tasks (the gateway) must still know the name, or
+    ``CELERY_TASK_ALWAYS_EAGER`` would not apply (an unknown name is sent to the broker).
+    """
+    code = (
+        "import django; django.setup(); from celery import current_app; "
+        f"print({BUDGET_ALERT_DELIVER_TASK!r} in current_app.tasks)"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], env=harness.child_env(), capture_output=True, text=True, timeout=60, check=True
+    )
+    assert result.stdout.strip() == "True"
+    assert budget_alert_deliver_task.name == BUDGET_ALERT_DELIVER_TASK

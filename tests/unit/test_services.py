@@ -28,7 +28,9 @@ from gateway.config import notify
 from tenancy.keys import generate_api_key, key_digest, key_prefix
 from tenancy.models import ApiKey, Tenant, UsageRecord
 from tenancy.selectors import apikeys_for_snapshot, tenant_get_by_slug
-from tenancy.services import apikey_create, apikey_revoke, tenant_create, usage_records_write
+from tenancy.services.keys import apikey_create, apikey_revoke
+from tenancy.services.tenants import tenant_create
+from tenancy.services.usage import usage_records_write
 
 BASE62 = set(string.ascii_letters + string.digits)
 

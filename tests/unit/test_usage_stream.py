@@ -335,7 +335,7 @@ def test_flush_sync_writes_without_an_event_loop(stream: str) -> None:
 @pytest.mark.django_db(transaction=True)
 def test_usage_drain_command_writes_to_the_database(stream: str, settings: Any) -> None:
     from tenancy.models import UsageRecord
-    from tenancy.services import tenant_create
+    from tenancy.services.tenants import tenant_create
 
     settings.REDIS_URL = REDIS_URL
     tenant = tenant_create(slug="drained")

@@ -12,7 +12,7 @@ from typing import Any
 
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
-from accounts.models import Pool, UpstreamAccount
+from accounts.management.refusals import account_or_exit, pool_or_exit
 from accounts.selectors import account_health_overview
 from accounts.services import account_health_reset
 
@@ -34,22 +34,16 @@ class Command(BaseCommand):
 
     def handle(self, *args: Any, **options: Any) -> None:
         if options["reset"] is not None:
-            try:
-                account_id = int(options["reset"])
-            except ValueError:
-                raise CommandError(f"--reset needs an account id, got {options['reset']!r}.") from None
-            account = UpstreamAccount.objects.filter(pk=account_id).first()
-            if account is None:
-                raise CommandError(f"no upstream account {account_id}.")
+            account = account_or_exit(options["reset"], "--reset")
             transition = account_health_reset(account=account)
             if transition is None:
-                self.stdout.write(f"Account {account_id} was not unhealthy; its counters are cleared.")
+                self.stdout.write(f"Account {account.pk} was not unhealthy; its counters are cleared.")
             else:
-                self.stdout.write(f"Account {account_id} re-admitted (was {transition.from_state}).")
+                self.stdout.write(f"Account {account.pk} re-admitted (was {transition.from_state}).")
             return
         pool = options["pool"]
-        if pool is not None and not Pool.objects.filter(name=pool).exists():
-            raise CommandError(f"unknown pool {pool!r}.")
+        if pool is not None:
+            pool_or_exit(pool)
         if options["limit"] < 0:
             raise CommandError("--limit must be 0 or more.")
         rows = account_health_overview(pool_name=pool, limit=options["limit"])

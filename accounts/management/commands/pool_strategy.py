@@ -7,9 +7,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from django.core.exceptions import ValidationError
-from django.core.management.base import BaseCommand, CommandError, CommandParser
+from django.core.management.base import BaseCommand, CommandParser
 
+from accounts.management.refusals import exit_on_refusal, pool_or_exit
 from accounts.models import Pool
 from accounts.services import pool_set_strategy
 
@@ -22,14 +22,8 @@ class Command(BaseCommand):
         parser.add_argument("strategy", metavar="STRATEGY", nargs="?", default=None)
 
     def handle(self, *args: Any, **options: Any) -> None:
-        name: str = options["pool"]
-        try:
-            pool = Pool.objects.get(name=name)
-        except Pool.DoesNotExist:
-            raise CommandError(f"unknown pool {name!r}: pools are created by `manage.py upstream_add`.") from None
+        pool = pool_or_exit(options["pool"])
         if options["strategy"] is not None:
-            try:
+            with exit_on_refusal():
                 pool = pool_set_strategy(pool=pool, strategy=options["strategy"])
-            except ValidationError as exc:
-                raise CommandError(" ".join(exc.messages)) from None
         self.stdout.write(f"Pool {pool.name} uses {pool.strategy}.")

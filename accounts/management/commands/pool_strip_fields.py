@@ -7,10 +7,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from django.core.exceptions import ValidationError
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
-from accounts.models import DEFAULT_STRIP_FIELDS, Pool
+from accounts.management.refusals import exit_on_refusal, pool_or_exit
+from accounts.models import DEFAULT_STRIP_FIELDS
 from accounts.services import pool_set_strip_fields
 
 
@@ -28,21 +28,15 @@ class Command(BaseCommand):
         group.add_argument("--default", action="store_true", help="Strip the default list again.")
 
     def handle(self, *args: Any, **options: Any) -> None:
-        name: str = options["pool"]
-        try:
-            pool = Pool.objects.get(name=name)
-        except Pool.DoesNotExist:
-            raise CommandError(f"unknown pool {name!r}: pools are created by `manage.py upstream_add`.") from None
+        pool = pool_or_exit(options["pool"])
         if options["fields"] is not None and options["default"]:
             raise CommandError("use either --fields or --default, not both.")
-        try:
+        with exit_on_refusal():
             if options["default"]:
                 pool = pool_set_strip_fields(pool=pool, fields=None)
             elif options["fields"] is not None:
                 fields = [f.strip() for f in str(options["fields"]).split(",") if f.strip()]
                 pool = pool_set_strip_fields(pool=pool, fields=fields)
-        except ValidationError as exc:
-            raise CommandError(" ".join(exc.messages)) from None
         current = pool.effective_strip_fields()
         listed = ", ".join(current) if current else "nothing"
         origin = " (default)" if pool.strip_fields is None else ""

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from django.core.exceptions import ValidationError
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
+from accounts.management.refusals import exit_on_refusal
 from accounts.models import ModelRoute
 from accounts.services import model_route_delete, model_route_set
 
@@ -50,10 +50,8 @@ class Command(BaseCommand):
                 if not sep or not pool.strip() or not upstream.strip():
                     raise CommandError(f"--target {raw!r}: expected POOL:UPSTREAM_MODEL, e.g. main:gpt-4o-2024-08-06.")
                 targets.append((pool.strip(), upstream.strip()))
-            try:
+            with exit_on_refusal():
                 model_route_set(model=model, targets=targets)
-            except ValidationError as exc:
-                raise CommandError(" ".join(exc.messages)) from None
         route = ModelRoute.objects.filter(model=model.strip()).first()
         if route is None:
             self.stdout.write(f"{model} has no route: it is served by every pool with an account listing it.")

@@ -9,10 +9,10 @@ from __future__ import annotations
 import sys
 from typing import Any
 
-from django.core.exceptions import ValidationError
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 from django.db import transaction
 
+from accounts.management.refusals import exit_on_refusal, whole_number_or_exit
 from accounts.services import pool_get_or_create, upstream_account_create
 
 
@@ -38,23 +38,17 @@ class Command(BaseCommand):
         models = [m.strip() for m in str(options["models"] or "").split(",") if m.strip()]
         if not models:
             raise CommandError("--models is required: the comma-separated models this account serves.")
-        try:
-            weight = int(options["weight"])
-        except (TypeError, ValueError):
-            raise CommandError("--weight must be a whole number of at least 1.") from None
+        weight = whole_number_or_exit(options["weight"], "--weight")
         api_key = options["api_key"]
         if api_key == "-":
             api_key = sys.stdin.readline().strip()
-        try:
-            # One transaction: a rejected account does not leave a new empty pool behind.
-            with transaction.atomic():
-                pool = pool_get_or_create(name=options["pool"])
-                account = upstream_account_create(
-                    pool=pool, base_url=base_url, api_key=api_key, models=models, weight=weight, name=options["name"]
-                )
-        except ValidationError as exc:
-            # Service messages never contain the credential.
-            raise CommandError(" ".join(exc.messages)) from None
+        # One transaction: a rejected account does not leave a new empty pool behind.
+        # (Service messages never contain the credential.)
+        with exit_on_refusal(), transaction.atomic():
+            pool = pool_get_or_create(name=options["pool"])
+            account = upstream_account_create(
+                pool=pool, base_url=base_url, api_key=api_key, models=models, weight=weight, name=options["name"]
+            )
         credential = "stored encrypted" if account.credential_encrypted else "none"
         self.stdout.write(
             f"Added upstream account {account.pk} to pool {pool.name}: {account.base_url}/responses "

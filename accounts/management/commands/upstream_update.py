@@ -8,20 +8,12 @@ from __future__ import annotations
 
 from typing import Any
 
-from django.core.exceptions import ValidationError
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
-from accounts.models import UpstreamAccount
+from accounts.management.refusals import account_or_exit, exit_on_refusal, whole_number_or_exit
 from accounts.services import UNCHANGED, Unchanged, upstream_account_update
 
 _UNLIMITED = ("unlimited", "none", "0")
-
-
-def _int(value: str, option: str) -> int:
-    try:
-        return int(value)
-    except (TypeError, ValueError):
-        raise CommandError(f"{option} must be a whole number, got {value!r}.") from None
 
 
 class Command(BaseCommand):
@@ -44,10 +36,7 @@ class Command(BaseCommand):
         parser.add_argument("--reason", default="", help="Why it is disabled (with --disable).")
 
     def handle(self, *args: Any, **options: Any) -> None:
-        account_id = _int(options["account_id"], "ACCOUNT_ID")
-        account = UpstreamAccount.objects.select_related("pool").filter(pk=account_id).first()
-        if account is None:
-            raise CommandError(f"no upstream account {account_id}.")
+        account = account_or_exit(options["account_id"], "ACCOUNT_ID")
         if options["enable"] and options["disable"]:
             raise CommandError("use either --enable or --disable, not both.")
         if options["reason"] and not options["disable"]:
@@ -55,25 +44,25 @@ class Command(BaseCommand):
         max_concurrency: int | Unchanged | None = UNCHANGED
         if options["max_concurrency"] is not None:
             raw = str(options["max_concurrency"]).strip().lower()
-            max_concurrency = None if raw in _UNLIMITED else _int(raw, "--max-concurrency")
+            max_concurrency = None if raw in _UNLIMITED else whole_number_or_exit(raw, "--max-concurrency")
         models = None
         if options["models"] is not None:
             models = [m.strip() for m in str(options["models"]).split(",") if m.strip()]
             if not models:
                 raise CommandError("--models needs at least one model name.")
         enabled = True if options["enable"] else False if options["disable"] else None
-        try:
+        weight = None if options["weight"] is None else whole_number_or_exit(options["weight"], "--weight")
+        priority = None if options["priority"] is None else whole_number_or_exit(options["priority"], "--priority")
+        with exit_on_refusal():
             account = upstream_account_update(
                 account=account,
-                weight=None if options["weight"] is None else _int(options["weight"], "--weight"),
+                weight=weight,
                 max_concurrency=max_concurrency,
-                priority=None if options["priority"] is None else _int(options["priority"], "--priority"),
+                priority=priority,
                 models=models,
                 enabled=enabled,
                 disabled_reason=options["reason"],
             )
-        except ValidationError as exc:
-            raise CommandError(" ".join(exc.messages)) from None
         cap = "unlimited" if account.max_concurrency is None else str(account.max_concurrency)
         status = (
             "enabled"

@@ -14,14 +14,13 @@ from __future__ import annotations
 from datetime import timedelta
 from typing import Any
 
-from django.core.exceptions import ValidationError
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 from django.utils import timezone
 
+from accounts.management.refusals import exit_on_refusal, whole_number_or_exit
 from tenancy.management.limit_options import add_limit_arguments, describe_limits, limits_from_options
-from tenancy.models import Tenant
-from tenancy.selectors import tenant_get_by_slug
-from tenancy.services import apikey_create
+from tenancy.management.lookups import tenant_or_exit
+from tenancy.services.keys import apikey_create
 
 
 class Command(BaseCommand):
@@ -37,29 +36,19 @@ class Command(BaseCommand):
         add_limit_arguments(parser, key_level=True, clearable=False)
 
     def handle(self, *args: Any, **options: Any) -> None:
-        slug: str = options["tenant"]
-        try:
-            tenant = tenant_get_by_slug(slug)
-        except Tenant.DoesNotExist:
-            raise CommandError(f"unknown tenant {slug!r}: create it with `manage.py tenant_create {slug}`.") from None
+        tenant = tenant_or_exit(options["tenant"])
         models = [m.strip() for m in str(options["models"] or "").split(",") if m.strip()]
         expires_at = None
-        days_raw = options["expires_in_days"]
-        if days_raw is not None:
-            try:
-                days = int(days_raw)
-            except (TypeError, ValueError):
-                raise CommandError(f"--expires-in-days must be a whole number of days, not {days_raw!r}.") from None
+        if options["expires_in_days"] is not None:
+            days = whole_number_or_exit(options["expires_in_days"], "--expires-in-days")
             if days < 1:
                 raise CommandError("--expires-in-days must be at least 1.")
             expires_at = timezone.now() + timedelta(days=days)
         limits = limits_from_options(options, key_level=True, clearable=False)
-        try:
+        with exit_on_refusal():
             api_key, secret = apikey_create(
                 tenant=tenant, name=options["name"], allowed_models=models, expires_at=expires_at, **limits
             )
-        except ValidationError as exc:
-            raise CommandError(" ".join(exc.messages)) from None
         if not tenant.is_active:
             self.stderr.write(f"warning: tenant {tenant.slug} is inactive; the key works once it is reactivated.")
         self.stdout.write(f"Created API key {api_key.prefix} for tenant {tenant.slug} (id {api_key.pk}).")

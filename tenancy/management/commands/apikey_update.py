@@ -9,44 +9,18 @@ from __future__ import annotations
 
 from typing import Any
 
-from django.core.exceptions import ValidationError
-from django.core.management.base import BaseCommand, CommandError, CommandParser
+from django.core.management.base import BaseCommand, CommandParser
 
-from tenancy.management.limit_options import add_limit_arguments, describe_limits, limits_from_options
-from tenancy.models import ApiKey
-from tenancy.selectors import apikey_get_by_prefix
-from tenancy.services import apikey_update
+from tenancy.management.limit_options import add_limit_arguments, limits_update_and_show
+from tenancy.management.lookups import add_apikey_argument, apikey_or_exit
 
 
 class Command(BaseCommand):
-    help = (
-        "Change an API key's limits and policy: flags left out are kept, 'none' clears one "
-        "(e.g. --rpm none, --allowed-ips none). Without flags, show them. "
-        "Takes effect on the next request on every replica."
-    )
+    help = "Change an API key's limits and policy, or show them (no flags); replicas apply it on their next request."
 
     def add_arguments(self, parser: CommandParser) -> None:
-        parser.add_argument("key", metavar="KEY", help="The key's 16-character prefix (the full key works too).")
+        add_apikey_argument(parser)
         add_limit_arguments(parser, key_level=True, clearable=True)
 
     def handle(self, *args: Any, **options: Any) -> None:
-        raw: str = options["key"].strip()
-        try:
-            api_key = apikey_get_by_prefix(raw)
-        except ApiKey.DoesNotExist:
-            # Echo only the first 16 characters: a full key may have been pasted.
-            raise CommandError(f"no API key with prefix {raw[:16]!r}.") from None
-        limits = limits_from_options(options, key_level=True, clearable=True)
-        label = f"API key {api_key.prefix} of tenant {api_key.tenant.slug}"
-        if limits:
-            try:
-                api_key = apikey_update(api_key=api_key, **limits)
-            except ValidationError as exc:
-                raise CommandError(" ".join(exc.messages)) from None
-            self.stdout.write(f"Updated {label}: {', '.join(sorted(limits))}.")
-        else:
-            self.stdout.write(f"{label}:")
-        if api_key.revoked_at is not None:
-            self.stderr.write(f"warning: this key was revoked at {api_key.revoked_at.isoformat()}.")
-        for line in describe_limits(api_key):
-            self.stdout.write(line)
+        limits_update_and_show(self, apikey_or_exit(options), options)

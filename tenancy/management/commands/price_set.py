@@ -10,10 +10,10 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Any
 
-from django.core.exceptions import ValidationError
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
-from tenancy.services import price_set
+from accounts.management.refusals import exit_on_refusal
+from tenancy.services.prices import price_set
 
 _REQUIRED = (
     ("input", "--input"),
@@ -66,7 +66,7 @@ class Command(BaseCommand):
                 ) from None
             if effective_from.tzinfo is None:
                 effective_from = effective_from.replace(tzinfo=UTC)
-        try:
+        with exit_on_refusal():
             price = price_set(
                 model=options["model"],
                 input=str(options["input"]),
@@ -76,8 +76,6 @@ class Command(BaseCommand):
                 reasoning=str(options["reasoning"]) if options["reasoning"] is not None else None,
                 effective_from=effective_from,
             )
-        except ValidationError as exc:
-            raise CommandError(" ".join(exc.messages)) from None
         reasoning = f"{price.reasoning:f}" if price.reasoning is not None else "= output"
         self.stdout.write(
             f"Price version {price.pk} of {price.model} from {price.effective_from.isoformat()} (USD per 1M tokens): "

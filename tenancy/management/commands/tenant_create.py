@@ -9,11 +9,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from django.core.exceptions import ValidationError
-from django.core.management.base import BaseCommand, CommandError, CommandParser
+from django.core.management.base import BaseCommand, CommandParser
 
+from accounts.management.refusals import exit_on_refusal
 from tenancy.management.limit_options import add_limit_arguments, describe_limits, limits_from_options
-from tenancy.services import tenant_create
+from tenancy.services.tenants import tenant_create
 
 
 class Command(BaseCommand):
@@ -29,10 +29,8 @@ class Command(BaseCommand):
 
     def handle(self, *args: Any, **options: Any) -> None:
         limits = limits_from_options(options, key_level=False, clearable=False)
-        try:
+        with exit_on_refusal():
             tenant = tenant_create(slug=options["slug"], name=options["name"], **limits)
-        except ValidationError as exc:
-            raise CommandError(" ".join(exc.messages)) from None
         self.stdout.write(f"Created tenant {tenant.slug} (id {tenant.pk}).")
         if limits:
             for line in describe_limits(tenant):

@@ -1,0 +1,51 @@
+"""How an operator command refuses input it cannot use: one line on stderr, a non-zero exit.
+
+Services raise django.core.exceptions.ValidationError with human sentences (never a
+credential): :func:`exit_on_refusal` shows them as a CommandError, without a traceback.
+The ``*_or_exit`` lookups do the same for a name or id that matches nothing. The commands
+of every room use them (tenancy's too: imports run down to accounts).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from django.core.exceptions import ValidationError
+from django.core.management.base import CommandError
+
+from accounts.models import Pool, UpstreamAccount
+
+
+@contextmanager
+def exit_on_refusal() -> Iterator[None]:
+    """Turn a ValidationError raised inside the block into a one-line CommandError."""
+    try:
+        yield
+    except ValidationError as exc:
+        raise CommandError(" ".join(exc.messages)) from None
+
+
+def whole_number_or_exit(value: object, what: str) -> int:
+    """``value`` as an int; CommandError naming ``what`` (e.g. ``--weight``) otherwise."""
+    try:
+        return int(str(value))
+    except ValueError:
+        raise CommandError(f"{what} must be a whole number, got {value!r}.") from None
+
+
+def pool_or_exit(name: str) -> Pool:
+    """The pool called ``name``; CommandError if there is none."""
+    pool = Pool.objects.filter(name=name).first()
+    if pool is None:
+        raise CommandError(f"unknown pool {name!r}: pools are created by `manage.py upstream_add`.")
+    return pool
+
+
+def account_or_exit(raw_id: object, what: str) -> UpstreamAccount:
+    """The upstream account (with its pool) whose id is ``raw_id``; CommandError otherwise."""
+    account_id = whole_number_or_exit(raw_id, what)
+    account = UpstreamAccount.objects.select_related("pool").filter(pk=account_id).first()
+    if account is None:
+        raise CommandError(f"no upstream account {account_id}.")
+    return account

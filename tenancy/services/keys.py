@@ -1,0 +1,95 @@
+"""Writes of tenant API keys: create (the secret is returned once), change limits, revoke.
+
+Key material (generation, prefix, digest) lives in tenancy.keys; this module stores it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from datetime import datetime
+from typing import Unpack
+
+from django.core.exceptions import ValidationError
+from django.db import IntegrityError, transaction
+from django.utils import timezone
+
+from tenancy.keys import generate_api_key, key_digest
+from tenancy.models import ApiKey, Tenant
+from tenancy.services.limits import APIKEY_LIMIT_FIELDS, ApiKeyLimits, limits_apply, limits_clean, limits_update
+
+# Prefix collisions (10 base62 chars) are astronomically rare; a few retries suffice.
+_PREFIX_ATTEMPTS = 5
+
+
+def _normalize_models(models: Iterable[str] | None, *, what: str) -> list[str]:
+    if models is None:
+        return []
+    if isinstance(models, str):
+        raise ValidationError(f"{what} must be a list of model names, not a string.", code="invalid")
+    result: list[str] = []
+    for model in models:
+        if not isinstance(model, str) or not model.strip():
+            raise ValidationError(f"{what} must contain non-empty model names.", code="invalid")
+        model = model.strip()
+        if model not in result:
+            result.append(model)
+    return result
+
+
+def apikey_create(
+    *,
+    tenant: Tenant,
+    name: str = "",
+    allowed_models: Sequence[str] | None = None,
+    expires_at: datetime | None = None,
+    **limits: Unpack[ApiKeyLimits],
+) -> tuple[ApiKey, str]:
+    """Create a key for ``tenant``; return ``(row, secret)``.
+
+    The secret is returned once and never stored: the row holds only its prefix and
+    HMAC digest. ``allowed_models`` None or empty: every model the pools serve.
+    ``expires_at`` must be an aware datetime in the future. ``limits`` as in ApiKeyLimits
+    (absent: unlimited, soft alerts at 80 %, monthly budget period).
+    """
+    models = _normalize_models(allowed_models, what="allowed models")
+    cleaned = limits_clean(limits, allowed=APIKEY_LIMIT_FIELDS)
+    if expires_at is not None:
+        if timezone.is_naive(expires_at):
+            raise ValidationError("expires_at must be timezone-aware.", code="invalid")
+        if expires_at <= timezone.now():
+            raise ValidationError("expires_at is in the past.", code="invalid")
+    if len(name) > 200:  # ApiKey.name max_length
+        raise ValidationError("key name is too long (200 characters at most).", code="max_length")
+    api_key = ApiKey(tenant=tenant, name=name, allowed_models=models, expires_at=expires_at)
+    limits_apply(api_key, cleaned)
+    for _ in range(_PREFIX_ATTEMPTS):
+        secret, prefix = generate_api_key()
+        api_key.prefix, api_key.digest = prefix, key_digest(secret)
+        try:
+            with transaction.atomic():
+                api_key.save()
+        except IntegrityError:
+            if ApiKey.objects.filter(prefix=prefix).exists():
+                continue  # prefix collision: draw another key
+            raise
+        return api_key, secret
+    raise RuntimeError("could not allocate a unique API key prefix")  # pragma: no cover
+
+
+def apikey_revoke(*, api_key: ApiKey) -> ApiKey:
+    """Revoke ``api_key`` (idempotent: an already revoked key keeps its revocation time)."""
+    if api_key.revoked_at is None:
+        api_key.revoked_at = timezone.now()
+        api_key.save(update_fields=["revoked_at"])
+    return api_key
+
+
+def apikey_update(*, api_key: ApiKey, **limits: Unpack[ApiKeyLimits]) -> ApiKey:
+    """Change some limits of ``api_key``: a given name is set (None: unlimited), the others kept.
+
+    Validation as in ApiKeyLimits; the whole change is refused on any bad value. The row is
+    locked while it is read and written, so concurrent updates cannot leave an inconsistent
+    budget window. Saves only the changed fields; a real change is announced to every
+    replica (post_save), which applies it on its next request. Returns ``api_key``, updated.
+    """
+    return limits_update(api_key, limits_clean(limits, allowed=APIKEY_LIMIT_FIELDS))
