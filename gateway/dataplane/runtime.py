@@ -15,7 +15,6 @@ usage goes through a Redis stream. Either way a supervised child process
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import sys
 from collections.abc import Awaitable, Callable
@@ -197,6 +196,4 @@ class Runtime:
             logger.warning("%d background tasks cancelled at shutdown: %s", len(tasks), [t.get_coro() for t in tasks])
         for task in tasks:
             task.cancel()
-        for task in tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await asyncio.gather(*tasks, return_exceptions=True)  # a failure was logged by _done

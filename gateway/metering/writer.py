@@ -93,7 +93,12 @@ class UsageWriterProcess:
         return self._proc.pid if self._proc is not None else None
 
     async def start(self) -> None:
-        self._proc = await self._spawn()
+        """Start the child and its supervisor; a child that cannot be started is retried by it."""
+        try:
+            self._proc = await self._spawn()
+        except OSError as exc:
+            logger.error("could not start a usage writer (%s); retrying in %.1fs", exc, RESTART_DELAY)
+            self._report(f"the usage writer could not be started: {exc}")
         self._supervisor = asyncio.get_running_loop().create_task(self._supervise())
         self._supervisor.add_done_callback(_log_failure)
 
@@ -116,16 +121,17 @@ class UsageWriterProcess:
         delay = RESTART_DELAY
         while True:
             proc = self._proc
-            assert proc is not None
-            started = time.monotonic()
-            code = await proc.wait()
-            if self._stopping:
-                return
-            if time.monotonic() - started >= STABLE_SECONDS:
-                delay = RESTART_DELAY
-            reason = f"the usage writer (pid {proc.pid}) exited with status {code}; restarting in {delay:.1f}s"
-            logger.error("%s; usage waits in the journal or the stream meanwhile", reason)
-            self._report(reason)
+            if proc is not None:
+                started = time.monotonic()
+                code = await proc.wait()
+                if self._stopping:
+                    return
+                if time.monotonic() - started >= STABLE_SECONDS:
+                    delay = RESTART_DELAY
+                reason = f"the usage writer (pid {proc.pid}) exited with status {code}; restarting in {delay:.1f}s"
+                logger.error("%s; usage waits in the journal or the stream meanwhile", reason)
+                self._report(reason)
+                self._proc = None
             while True:
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, RESTART_DELAY_MAX)
