@@ -1,9 +1,11 @@
 """Usage records through Redis: a durable stream between the gateways and the database.
 
 With Redis configured, usage leaves a gateway process through :class:`RedisUsageSink`
-(the same interface as the embedded :class:`gateway.metering.journal.JournalWriter`:
-``record`` is a list append; a background task sends batches as pipelined ``XADD gw:usage * e <json>``). The stream
-is never trimmed by length: an entry leaves it only after the database has it.
+(the interface of the embedded :class:`gateway.metering.journal.JournalWriter`:
+``record``, ``saturated``, ``aclose``). Here ``record`` is a list append and a background
+task sends batches as pipelined ``XADD gw:usage * e <json>`` every ``interval``, so a
+SIGKILL of the gateway loses what the last interval held. The stream is never trimmed by
+length: an entry leaves it only after the database has it.
 
 :class:`UsageDrainer` reads the stream through the consumer group ``gw-writers`` (one
 consumer per process) and writes batches with a writer callable (by default
