@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
+import errno
 import json
 import os
 import signal
@@ -22,6 +24,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import httpx
+import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -106,6 +109,91 @@ def child_env(**overrides: str) -> dict[str, str]:
     return env
 
 
+# --- processes through /proc ------------------------------------------------------------------
+
+
+def _stat(pid: int) -> list[str] | None:
+    """The fields of /proc/<pid>/stat after the command name (state first), or None if gone."""
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text()
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+    return text.rpartition(")")[2].split()
+
+
+def cmdline(pid: int) -> list[str]:
+    try:
+        raw = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except (FileNotFoundError, ProcessLookupError):
+        return []
+    return [part.decode() for part in raw.split(b"\0") if part]
+
+
+def children(pid: int) -> list[int]:
+    """The pids whose parent is ``pid``."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            fields = _stat(int(entry.name))
+            if fields is not None and int(fields[1]) == pid:
+                found.append(int(entry.name))
+    return sorted(found)
+
+
+@dataclasses.dataclass(frozen=True)
+class Child:
+    """A process, told apart from a later one with the same pid by its start time."""
+
+    pid: int
+    started: str
+
+    @classmethod
+    def of(cls, pid: int) -> Child:
+        fields = _stat(pid)
+        assert fields is not None, f"process {pid} is gone"
+        return cls(pid, fields[19])
+
+    def running(self) -> bool:
+        fields = _stat(self.pid)
+        return fields is not None and fields[19] == self.started and fields[0] not in ("Z", "X")
+
+    def signal(self, signum: int) -> None:
+        if self.running():
+            os.kill(self.pid, signum)
+
+
+# --- a small file system -------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def tmpfs(path: Path, size: str) -> Iterator[Path]:
+    """A tmpfs of ``size`` mounted on ``path`` (skips the test when mounting is not allowed)."""
+    path.mkdir(parents=True, exist_ok=True)
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], capture_output=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.decode().strip()}")
+    try:
+        yield path
+    finally:
+        # Lazy: a process the test failed to stop may still hold a file there.
+        subprocess.run(["umount", "-l", str(path)], check=False)
+
+
+def fill(path: Path) -> None:
+    """Write ``path`` until the file system has no byte left."""
+    chunk = b"\0" * 4096
+    with open(path, "wb", buffering=0) as handle:
+        while True:
+            try:
+                handle.write(chunk)
+            except OSError as exc:
+                if exc.errno != errno.ENOSPC:
+                    raise
+                return
+
+
 # --- wire helpers ---------------------------------------------------------------------------
 
 T = TypeVar("T")
@@ -121,6 +209,16 @@ def poll(check: Callable[[], T], timeout: float = 10.0, interval: float = 0.02, 
         if time.monotonic() >= deadline:
             raise AssertionError(f"{what} not reached within {timeout}s (last: {value!r})")
         time.sleep(interval)
+
+
+async def poll_async(check: Callable[[], object], timeout: float = 15.0, what: str = "condition") -> None:
+    """:func:`poll` inside an event loop: yields to it between checks."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not check():
+        if loop.time() >= deadline:
+            raise AssertionError(f"{what} not reached within {timeout}s")
+        await asyncio.sleep(0.005)
 
 
 def assert_error(

@@ -10,7 +10,6 @@ operators refer to them.
     gateway.E004  REDIS_URL malformed                (from gateway.conf.env)
     gateway.E005  GATEWAY_UPSTREAM_TRANSPORT unknown
     gateway.E006  GATEWAY_SERVER unknown
-    gateway.E007  GATEWAY_USAGE_WRITER unknown
     gateway.E010  a boolean variable is malformed    (from gateway.conf.env)
     gateway.E011  an integer variable is malformed   (from gateway.conf.env)
     gateway.E012  a number variable is malformed     (from gateway.conf.env)
@@ -36,7 +35,6 @@ from gateway.conf.files import readable_by_others
 
 MIN_SECRET_KEY_LENGTH = 32
 SERVERS = ("uvicorn", "daphne")
-USAGE_WRITERS = ("process", "thread")
 
 SECRET_KEY_HINT = (
     "Set SECRET_KEY to a long random string, e.g. the output of "
@@ -140,16 +138,6 @@ def check_choices(app_configs: Sequence[AppConfig] | None = None, **kwargs: Any)
                 f"GATEWAY_SERVER={server!r} is not supported.",
                 hint="Set GATEWAY_SERVER to uvicorn (default, fastest) or daphne, or unset it.",
                 id="gateway.E006",
-            )
-        )
-    writer = _setting("GATEWAY_USAGE_WRITER")
-    if writer not in USAGE_WRITERS:
-        errors.append(
-            Error(
-                f"GATEWAY_USAGE_WRITER={writer!r} is not supported.",
-                hint="Set GATEWAY_USAGE_WRITER to process (default: a child process writes usage) or thread, "
-                "or unset it.",
-                id="gateway.E007",
             )
         )
     return errors

@@ -205,8 +205,9 @@ GATEWAY_UPSTREAM_MAX_CONNECTIONS = env_int("GATEWAY_UPSTREAM_MAX_CONNECTIONS", 1
 GATEWAY_SSE_KEEPALIVE_SECONDS = env_float("GATEWAY_SSE_KEEPALIVE_SECONDS", 15.0, minimum=0.05)
 # How often buffered usage records leave the process: appended to the journal, or XADDed (seconds).
 GATEWAY_USAGE_FLUSH_SECONDS = env_float("GATEWAY_USAGE_FLUSH_SECONDS", 0.05, minimum=0.01)
-# Where usage is written to the database: "process" (a child of each gateway process) or "thread".
-GATEWAY_USAGE_WRITER = env_str("GATEWAY_USAGE_WRITER", "process")
+# Usage (bytes of JSON) a process holds in memory while its journal cannot be appended to
+# (a full or failing disk); past it new requests are answered 503 (gateway/metering/journal.py).
+GATEWAY_USAGE_BUFFER_BYTES = env_int("GATEWAY_USAGE_BUFFER_BYTES", 64 * 1024 * 1024, minimum=64 * 1024)
 GATEWAY_ALERT_WEBHOOK_URL = env_str("GATEWAY_ALERT_WEBHOOK_URL")  # budget alerts are POSTed here as JSON, if set
 # Failover: attempts per request (accounts tried) and the total time they may take.
 GATEWAY_MAX_ATTEMPTS = env_int("GATEWAY_MAX_ATTEMPTS", 3, minimum=1, maximum=20)
@@ -215,16 +216,11 @@ GATEWAY_FAILOVER_DEADLINE = env_float("GATEWAY_FAILOVER_DEADLINE", 30.0, minimum
 GATEWAY_STREAM_HOLD_SECONDS = env_float("GATEWAY_STREAM_HOLD_SECONDS", 10.0, minimum=0.0)
 # Output tokens reserved against budgets and tpm when a request sets no max_output_tokens.
 GATEWAY_DEFAULT_OUTPUT_RESERVE = env_int("GATEWAY_DEFAULT_OUTPUT_RESERVE", 4096, minimum=0)
-# GIL switch interval of a gateway process (seconds): lets background threads (health and
-# transition writes, a thread usage writer) keep up with a busy event loop.
-GATEWAY_GIL_SWITCH_INTERVAL = env_float("GATEWAY_GIL_SWITCH_INTERVAL", 0.001, minimum=0.0001)
 # The config snapshot is rebuilt this often (seconds) even without a change token, so edits
 # made outside the services (raw SQL) arrive eventually.
 GATEWAY_SNAPSHOT_MAX_AGE = env_float("GATEWAY_SNAPSHOT_MAX_AGE", 60.0, minimum=1.0)
 # Freeze what is alive after each config snapshot load out of the cyclic GC's sight (short pauses).
 GATEWAY_GC_FREEZE = env_bool("GATEWAY_GC_FREEZE", True)
-# Niceness of the usage writer process: background work yields the CPU to the serving process.
-GATEWAY_USAGE_WRITER_NICE = env_int("GATEWAY_USAGE_WRITER_NICE", 10, minimum=0, maximum=19)
 # Each gateway process also writes usage to the database (else run `manage.py usage_drain`).
 GATEWAY_USAGE_DRAINER = env_bool("GATEWAY_USAGE_DRAINER", True)
 

@@ -11,6 +11,7 @@ command) is seen by the very next request here, with no database query per reque
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ipaddress
 import logging
 import time
@@ -338,6 +339,14 @@ class ConfigState:
             if self._on_reload is not None:
                 self._on_reload(snapshot)
             return snapshot
+
+    async def aclose(self) -> None:
+        """Stop a background refresh in progress (at shutdown)."""
+        task, self._refresh_task = self._refresh_task, None
+        if task is not None and not task.done():
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
 
     async def _refresh(self, token: object) -> None:
         try:

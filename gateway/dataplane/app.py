@@ -10,36 +10,68 @@ The app is the one error boundary of the data plane: a :class:`GatewayError` is
 answered with its OpenAI envelope; any other exception is logged (with the request id)
 and answered ``500 server_error`` in the same envelope, never a bare 500, and never
 after the response started (then the stream's own failure path has already answered).
-It also speaks the ASGI lifespan protocol: process state (:class:`Runtime`) is started
-and closed there (Daphne sends no lifespan events: the first request starts it).
+It also owns the process state (:class:`Runtime`): started at the ASGI lifespan's
+start-up and closed at its shutdown, after the requests still running have recorded
+their usage (up to ``SHUTDOWN_WAIT_SECONDS``). Daphne (4.2, the version installed) sends
+no lifespan events: there the first request starts the runtime, and a Twisted "before
+shutdown" trigger (the hook Daphne uses itself to cancel its running requests) closes
+it the same way.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
+import sys
 import time
+from collections.abc import Awaitable, Callable
 
 from gateway.contract.errors import SERVER, GatewayError
 from gateway.dataplane.asgi_io import ClientGone, Receive, Scope, Send, send_error
 from gateway.dataplane.exchange import Exchange
 from gateway.dataplane.models_endpoint import models
 from gateway.dataplane.responses import responses
-from gateway.dataplane.runtime import get_runtime, shutdown_runtime
+from gateway.dataplane.runtime import Runtime
 from gateway.dataplane.usage_endpoint import usage
 
 logger = logging.getLogger(__name__)
 
 
+# At shutdown, how long the requests still running may take to record their usage
+# before the runtime (and its usage meter) is closed.
+SHUTDOWN_WAIT_SECONDS = 5.0
+
+
 class GatewayApp:
-    """ASGI application for /v1/* and the lifespan protocol."""
+    """ASGI application for /v1/* and the lifespan protocol; owns the process's :class:`Runtime`."""
+
+    def __init__(self) -> None:
+        self.runtime: Runtime | None = None
+        self._starting: asyncio.Lock | None = None
+        self._running = 0  # requests being served
+        self._idle: asyncio.Event | None = None  # set when the last of them ends (at shutdown)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
             await self._lifespan(receive, send)
             return
         ex = Exchange("req_" + os.urandom(12).hex(), time.monotonic())
-        runtime = get_runtime()
+        try:
+            runtime = self.runtime or await self._start_without_lifespan()
+        except Exception:
+            logger.exception("the data plane could not start (%s)", ex.request_id)
+            await send_error(send, _internal_error(), ex.rid)
+            return
+        self._running += 1
+        try:
+            await self._serve(scope, receive, send, runtime, ex)
+        finally:
+            self._running -= 1
+            if not self._running and self._idle is not None:
+                self._idle.set()
+
+    async def _serve(self, scope: Scope, receive: Receive, send: Send, runtime: Runtime, ex: Exchange) -> None:
         path = scope["path"]
         method = scope["method"]
         started = False
@@ -89,16 +121,74 @@ class GatewayApp:
             if ex.key is not None and path == "/v1/responses":
                 runtime.meter.record(ex.event(ex.billed()[1]))
 
+    async def _open(self) -> Runtime:
+        """A started runtime; one that fails to start is closed again (the error propagates)."""
+        runtime = Runtime()
+        try:
+            await runtime.start()
+        except BaseException:
+            await runtime.aclose()
+            raise
+        self.runtime = runtime
+        return runtime
+
+    async def _close(self) -> None:
+        """Let the requests still running record their usage, then close the runtime."""
+        runtime = self.runtime
+        if runtime is None:
+            return
+        if self._running:
+            self._idle = asyncio.Event()
+            try:
+                await asyncio.wait_for(self._idle.wait(), SHUTDOWN_WAIT_SECONDS)
+            except TimeoutError:
+                logger.warning("closing the data plane with %d requests still running", self._running)
+        await runtime.aclose()
+
+    async def _start_without_lifespan(self) -> Runtime:
+        """A server that sends no lifespan events (Daphne): the first request starts the runtime."""
+        if self._starting is None:
+            self._starting = asyncio.Lock()
+        async with self._starting:
+            if self.runtime is not None:
+                return self.runtime
+            runtime = await self._open()
+            _close_at_reactor_shutdown(self._close)
+            return runtime
+
     async def _lifespan(self, receive: Receive, send: Send) -> None:
         while True:
             message = await receive()
             if message["type"] == "lifespan.startup":
-                await get_runtime().start()
+                try:
+                    await self._open()
+                except Exception as exc:
+                    logger.exception("the data plane could not start")
+                    await send({"type": "lifespan.startup.failed", "message": str(exc)})
+                    return
                 await send({"type": "lifespan.startup.complete"})
             elif message["type"] == "lifespan.shutdown":
-                await shutdown_runtime()
+                await self._close()
                 await send({"type": "lifespan.shutdown.complete"})
                 return
+
+
+def _close_at_reactor_shutdown(close: Callable[[], Awaitable[None]]) -> None:
+    """Under Daphne (a running Twisted reactor), run ``close`` at the reactor's shutdown.
+
+    A "before shutdown" trigger that returns a Deferred holds the shutdown until it fires
+    (Twisted's ``IReactorCore.addSystemEventTrigger``). Elsewhere (a test calling the app)
+    nothing is registered.
+    """
+    reactor = sys.modules.get("twisted.internet.reactor")
+    if reactor is None or not getattr(reactor, "running", False):
+        return
+    from twisted.internet.defer import Deferred
+
+    def before_shutdown() -> Deferred[None]:
+        return Deferred.fromFuture(asyncio.ensure_future(close()))
+
+    reactor.addSystemEventTrigger("before", "shutdown", before_shutdown)
 
 
 def _internal_error() -> GatewayError:

@@ -16,7 +16,7 @@ import orjson
 from django.conf import settings
 
 from gateway.config.snapshot import Snapshot
-from gateway.contract.errors import GatewayError
+from gateway.contract.errors import SERVER, GatewayError
 from gateway.contract.policy import apply_policy
 from gateway.contract.validation import validate_request
 from gateway.dataplane.asgi_io import Receive, Scope, Send, read_body
@@ -30,7 +30,10 @@ from tenancy.pricing import estimate_cost_usd, usd_to_micros
 
 async def responses(scope: Scope, receive: Receive, send: Send, runtime: Runtime, ex: Exchange) -> None:
     """Serve one ``POST /v1/responses``; raises GatewayError for the app to answer."""
-    await runtime.start()
+    if runtime.meter.saturated:
+        # Usage cannot leave this process (a full or failing disk, Redis and the spool
+        # refusing): take no work it could not meter. Checked before anything is recorded.
+        raise _usage_backlog()
     validated: dict[str, Any] | None = None
     size = 0
     for retry in (False, True):
@@ -79,6 +82,16 @@ async def responses(scope: Scope, receive: Receive, send: Send, runtime: Runtime
             # of the reservation is refunded. Unknown usage of a real answer keeps the estimate.
             tokens, micros = tokens or 0, micros or 0
         runtime.limiter.settle(ticket, tokens=tokens, micros=micros)
+
+
+def _usage_backlog() -> GatewayError:
+    return GatewayError(
+        503,
+        "The gateway cannot record usage right now, so it takes no new requests; retry shortly.",
+        type=SERVER,
+        code="usage_backlog",
+        headers=[(b"retry-after", b"2")],
+    )
 
 
 def _parse(raw: bytes, ex: Exchange) -> dict[str, Any]:

@@ -47,12 +47,12 @@ async def usage(scope: Scope, send: Send, runtime: Runtime, ex: Exchange) -> Non
     summarize = db_call(usage_summary)
     total = await summarize(key.key_id)
     period = await summarize(key.key_id, datetime.fromtimestamp(window[0], UTC))
-    limits = await runtime.limiter.peek(key.scopes(now), now=now)
+    remaining = await runtime.limiter.peek(key.scopes(now), now=now)
     body = {
         "object": "usage",
         "key": {"prefix": key.prefix, "tenant": key.tenant_slug},
         "total": _jsonable(total),
         "period": {"start": _iso(window[0]), "end": _iso(window[1]), **_jsonable(period)},
-        "limits": limits,
+        "limits": remaining,
     }
     await send_json(send, 200, orjson.dumps(body), ex.rid)

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from gateway.conf.files import private_directory
-from gateway.metering.stream import decode_event, encode_event
+from gateway.metering.codec import decode_event, encode_event
 
 logger = logging.getLogger(__name__)
 

@@ -1,9 +1,11 @@
 """Usage records through Redis: a durable stream between the gateways and the database.
 
 With Redis configured, usage leaves a gateway process through :class:`RedisUsageSink`
-(same interface as ``gateway.metering.UsageMeter``: ``record`` is a list append; a
-background task sends batches as pipelined ``XADD gw:usage * e <json>``). The stream
-is never trimmed by length: an entry leaves it only after the database has it.
+(the interface of the embedded :class:`gateway.metering.journal.JournalWriter`:
+``record``, ``saturated``, ``aclose``). Here ``record`` is a list append and a background
+task sends batches as pipelined ``XADD gw:usage * e <json>`` every ``interval``, so a
+SIGKILL of the gateway loses what the last interval held. The stream is never trimmed by
+length: an entry leaves it only after the database has it.
 
 :class:`UsageDrainer` reads the stream through the consumer group ``gw-writers`` (one
 consumer per process) and writes batches with a writer callable (by default
@@ -11,19 +13,19 @@ consumer per process) and writes batches with a writer callable (by default
 them. So:
 
 - a database outage delays records and fails no request: the writer's failure leaves
-  the entries pending, and they are retried with backoff (up to ``max_backoff``);
+  the entries pending, and they are retried with backoff (the drain loop's);
 - a consumer that dies holding entries is relieved by the others: XAUTOCLAIM hands
   entries idle for ``claim_idle_ms`` to a living consumer (a slow but living one may
   then write them twice, which the idempotent writer absorbs);
 - acknowledged entries are trimmed (``XTRIM MINID`` below the oldest entry some group
   still needs), and consumers idle for a day with nothing pending are deleted;
 - an event that the writer refuses for its data (an error that is not an outage, see
-  :func:`transient_errors`) is moved to ``{stream}:dead`` with an error logged, so that
+  :func:`gateway.metering.database.is_transient`) is moved to ``{stream}:dead`` with an error logged, so that
   it cannot block the stream for ever; ``usage_drain --requeue-dead`` puts such
   entries back once the cause is fixed.
 
-Run :func:`run_drainer` as a background task in each gateway process and/or
-``python manage.py usage_drain`` as a dedicated worker: they share the work.
+:class:`StreamSource` runs it in the drain loop (:mod:`gateway.metering.drain`): the usage
+writer child of every gateway process and ``manage.py usage_drain`` share the work.
 
 Redis must persist (AOF) for "never lost" to hold across a Redis restart; at shutdown
 with Redis unreachable the sink spools what it holds to ``spool_dir`` (like the
@@ -38,21 +40,20 @@ import logging
 import os
 import socket
 import time
-from collections.abc import Callable, Sequence
-from datetime import datetime
-from decimal import Decimal
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import orjson
 from asgiref.sync import sync_to_async
 from redis.exceptions import ResponseError
+
+from gateway.metering.codec import decode_event, encode_event
+from gateway.metering.database import UsageWriteFailed, Writer, django_writer, write_batch
+from gateway.metering.spool import Spool
 
 if TYPE_CHECKING:
     import redis as redis_sync
     from redis.asyncio import Redis
-
-    from gateway.metering.spool import Spool
 
 logger = logging.getLogger(__name__)
 
@@ -60,44 +61,9 @@ STREAM = "gw:usage"
 GROUP = "gw-writers"
 FIELD = b"e"
 
-Writer = Callable[[Sequence[dict[str, Any]]], object]
 
 # Consumers idle this long with nothing pending are removed from the group.
 CONSUMER_MAX_IDLE_MS = 86_400_000
-
-
-def encode_event(event: dict[str, Any]) -> bytes:
-    """JSON of one usage event: datetimes as ISO 8601 strings, Decimals as strings."""
-    return orjson.dumps(event, default=_default)
-
-
-def _default(value: object) -> object:
-    if isinstance(value, Decimal):
-        return str(value)
-    if isinstance(value, datetime):  # orjson handles datetimes itself; subclasses land here
-        return value.isoformat()
-    raise TypeError(f"cannot encode {type(value).__name__} in a usage event")
-
-
-def decode_event(data: bytes) -> dict[str, Any]:
-    """The inverse of :func:`encode_event` (datetimes and Decimals stay strings)."""
-    event = orjson.loads(data)
-    if not isinstance(event, dict):
-        raise ValueError("a usage event must be a JSON object")
-    return event
-
-
-def django_writer(events: Sequence[dict[str, Any]]) -> object:
-    """``usage_records_write`` for a long-lived worker thread: drops broken DB connections first.
-
-    Outside the request cycle nothing closes a connection that an outage broke, and
-    Django would keep failing on it after the database came back.
-    """
-    from gateway.conf.db import drop_broken_connections
-    from tenancy.services.usage import usage_records_write
-
-    drop_broken_connections()
-    return usage_records_write(events)
 
 
 class RedisUsageSink:
@@ -131,8 +97,6 @@ class RedisUsageSink:
         self._sync: redis_sync.Redis | None = None
         self._spill: Spool | None = None
         if spool_dir is not None:
-            from gateway.metering.spool import Spool
-
             self._spill = Spool(spool_dir)
         self._buffer: list[dict[str, Any]] = []
         self._task: asyncio.Task[None] | None = None
@@ -149,6 +113,11 @@ class RedisUsageSink:
 
     def pending(self) -> int:
         return len(self._buffer)
+
+    @property
+    def saturated(self) -> bool:
+        """``max_buffer`` events wait that neither Redis nor the spool took: take no new work."""
+        return len(self._buffer) >= self._max_buffer
 
     async def _run(self) -> None:
         backoff = self._interval
@@ -262,39 +231,13 @@ class RedisUsageSink:
         pipe.execute()
 
 
-class UsageWriteFailed(Exception):
-    """The writer failed for a whole batch (the database is down): entries stay pending."""
-
-
 Entry = tuple[bytes, dict[bytes, bytes] | None]
-
-
-def transient_errors() -> tuple[type[BaseException], ...]:
-    """Writer errors that mean "the database is unavailable", not "this event is bad".
-
-    Connection-level errors and Django's database errors, except DataError and
-    IntegrityError (which a particular event causes). A deploy whose schema does not
-    match (ProgrammingError) thus holds the records back rather than setting them aside.
-    """
-    errors: tuple[type[BaseException], ...] = (OSError,)  # ConnectionError and TimeoutError included
-    try:
-        from django.db import DatabaseError
-    except ImportError:  # pragma: no cover - the project always has Django
-        return errors
-    return (*errors, DatabaseError)
-
-
-def is_transient(error: BaseException, transient: tuple[type[BaseException], ...]) -> bool:
-    """An outage (retry later), not an event the database refuses for its data (set it aside)."""
-    from django.db import DataError, IntegrityError
-
-    return isinstance(error, transient) and not isinstance(error, DataError | IntegrityError)
 
 
 class UsageDrainer:
     """Moves usage events from the stream to the database, acknowledging only what was written.
 
-    A writer error that is transient (:func:`transient_errors`, or ``transient``) leaves
+    A writer error that is transient (:func:`gateway.metering.database.is_transient`) leaves
     the batch pending for a retry after a backoff; any other error makes the drainer
     write the batch event by event and move the events still refused to
     ``{stream}:dead`` (``usage_drain --requeue-dead`` puts them back once fixed).
@@ -313,12 +256,9 @@ class UsageDrainer:
         claim_idle_ms: int = 60_000,
         claim_interval: float = 15.0,
         housekeeping_interval: float = 10.0,
-        max_backoff: float = 10.0,
-        transient: tuple[type[BaseException], ...] | None = None,
     ) -> None:
         self._redis = redis
-        self._transient = transient if transient is not None else transient_errors()
-        self._write = sync_to_async(writer, thread_sensitive=False)
+        self._writer = writer
         self.stream = stream
         self.dead_stream = stream + ":dead"
         self.group = group
@@ -328,7 +268,6 @@ class UsageDrainer:
         self._claim_idle_ms = claim_idle_ms
         self._claim_interval = claim_interval
         self._housekeeping_interval = housekeeping_interval
-        self.max_backoff = max_backoff
         self._own_pending = True  # a restarted consumer of the same name may hold some
         self._claim_cursor: bytes | str = "0-0"
         self._next_claim = 0.0
@@ -433,53 +372,24 @@ class UsageDrainer:
         set_aside = len(gone) + len(junk)
         if not events:
             return set_aside
-        try:
-            await self._write(events)
-        except Exception as exc:
+        result = await asyncio.to_thread(write_batch, self._writer, events)
+        if result.bad:
             self._own_pending = True
-            if self._is_transient(exc):
-                raise UsageWriteFailed(str(exc)) from exc
-            return set_aside + await self._write_one_by_one(events, ids)
-        await self._redis.xack(self.stream, self.group, *ids)
-        self.written += len(ids)
-        return set_aside + len(ids)
-
-    async def _write_one_by_one(self, events: list[dict[str, Any]], ids: list[bytes]) -> int:
-        """After a batch refused for its data: write what can be, set the bad events aside.
-
-        An outage starting meanwhile (a transient error) stops the pass: what is not
-        written yet stays pending.
-        """
-        done: list[int] = []
-        bad: list[int] = []
-        outage: Exception | None = None
-        for index in range(len(events)):
-            try:
-                await self._write([events[index]])
-            except Exception as exc:
-                if self._is_transient(exc):
-                    outage = exc
-                    break
-                bad.append(index)
-                continue
-            done.append(index)
-        if bad:
             logger.error(
-                "the usage writer refused %d events (%s); moved to %s",
-                len(bad),
-                ", ".join(str(events[i].get("request_id")) for i in bad[:10]),
+                "the usage writer refused %d events (%s; first error: %s); moved to %s",
+                len(result.bad),
+                ", ".join(str(events[i].get("request_id")) for i in result.bad[:10]),
+                result.reason,
                 self.dead_stream,
             )
-            await self._bury([(ids[i], {FIELD: encode_event(events[i])}) for i in bad])
-        if done:
-            await self._redis.xack(self.stream, self.group, *(ids[i] for i in done))
-            self.written += len(done)
-        if outage is not None:
-            raise UsageWriteFailed(str(outage)) from outage
-        return len(done) + len(bad)
-
-    def _is_transient(self, error: Exception) -> bool:
-        return is_transient(error, self._transient)
+            await self._bury([(ids[i], {FIELD: encode_event(events[i])}) for i in result.bad])
+        if result.done:
+            await self._redis.xack(self.stream, self.group, *(ids[i] for i in result.done))
+            self.written += len(result.done)
+        if result.outage is not None:
+            self._own_pending = True  # what is not written stays pending for the retry
+            raise UsageWriteFailed(str(result.outage)) from result.outage
+        return set_aside + len(result.done) + len(result.bad)
 
     async def requeue_dead(self) -> int:
         """Move every entry of ``{stream}:dead`` back to the stream (after fixing the cause)."""
@@ -539,38 +449,33 @@ class UsageDrainer:
             total += handled
 
 
-async def run_drainer(
-    redis: Redis,
-    writer: Writer = django_writer,
-    *,
-    stop: asyncio.Event | None = None,
-    **options: Any,
-) -> None:
-    """Drain the usage stream until cancelled (or ``stop`` is set); never raises on outages.
+class StreamSource:
+    """The Redis stream as a :class:`gateway.metering.drain.Source`.
 
-    ``options`` go to :class:`UsageDrainer`. Suitable as a background task of each
-    gateway process (``loop.create_task(run_drainer(runtime.redis))``).
+    Each step blocks in XREADGROUP for up to ``block_ms`` when the stream is empty, so
+    the drain loop runs it back to back; the last pass retries until ``wait`` runs out.
     """
-    drainer = UsageDrainer(redis, writer, **options)
-    backoff = 0.0
-    while stop is None or not stop.is_set():
-        try:
-            await drainer.step(block=True)
-            backoff = 0.0
-            continue
-        except UsageWriteFailed as exc:
-            backoff = min(max(backoff * 2, 0.5), drainer.max_backoff)
-            logger.warning("usage write failed (%s); entries stay in the stream, retry in %.1fs", exc, backoff)
-        except asyncio.CancelledError:
-            raise
-        except Exception:
-            backoff = min(max(backoff * 2, 0.5), drainer.max_backoff)
-            logger.warning("usage drainer error; retry in %.1fs", backoff, exc_info=True)
-        if stop is None:
-            await asyncio.sleep(backoff)
-        else:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), backoff)
+
+    name = "stream"
+
+    def __init__(self, drainer: UsageDrainer) -> None:
+        self.drainer = drainer
+
+    async def step(self) -> int:
+        await self.drainer.step(block=True)
+        return 1  # never idle-wait: the step itself blocked for new entries
+
+    async def finish(self, wait: float) -> None:
+        deadline = time.monotonic() + wait
+        while True:
+            try:
+                await self.drainer.drain()
+                return
+            except Exception:
+                if time.monotonic() >= deadline:
+                    raise
+                logger.warning("last usage pass failed; retrying", exc_info=True)
+                await asyncio.sleep(0.5)
 
 
 def _entries(raw: Any) -> list[Entry]:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
@@ -184,40 +184,44 @@ def gateway_setup(fake_upstream: FakeUpstream) -> str:
     return actor.key
 
 
-def _reset_runtime() -> None:
-    """Start from no runtime, so the next one is built with this test's settings."""
-    from gateway.dataplane import runtime
-
+@contextlib.asynccontextmanager
+async def serving(app: Any) -> AsyncIterator[None]:
+    """The ASGI lifespan around a block: the app builds its runtime at start-up (with the settings
+    in force then) and closes it at shutdown, writing its buffered usage records."""
+    messages: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+    replies: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+    scope = {"type": "lifespan", "asgi": {"version": "3.0", "spec_version": "2.0"}}
+    task = asyncio.ensure_future(app(scope, messages.get, replies.put))
+    await messages.put({"type": "lifespan.startup"})
+    assert (await replies.get())["type"] == "lifespan.startup.complete"
     try:
-        asyncio.run(runtime.shutdown_runtime())
-    except Exception:  # a runtime left by another event loop cannot be closed from this one
-        runtime._runtime = None
+        yield
+    finally:
+        await messages.put({"type": "lifespan.shutdown"})
+        assert (await replies.get())["type"] == "lifespan.shutdown.complete"
+        await task
 
 
 @pytest.mark.django_db(transaction=True)
 def test_cached_key_requests_make_no_database_query(gateway_setup: str, tmp_path: Path) -> None:
     from gateway.conf.asgi import application
-    from gateway.dataplane.runtime import shutdown_runtime
     from tenancy.models import UsageRecord
 
     key = gateway_setup
     counter = QueryCounter()
 
     async def main() -> None:
-        try:
-            # Warm-up: builds the runtime and loads the snapshot (those queries are allowed).
+        async with serving(application):
+            # Warm-up: loads the snapshot (those queries are allowed).
             check(*await call(application, key, payload(0)), 0)
             check(*await call(application, key, payload(1)), 1)
             counter.enabled = True
             for n in range(2, 2 + REQUESTS):
                 check(*await call(application, key, payload(n)), n)
             counter.enabled = False
-        finally:
-            await shutdown_runtime()  # writes the buffered usage records
 
     # A journal of its own: live gateways' usage writers drain the session's data directory.
     private = override_settings(DATA_DIR=tmp_path)
-    _reset_runtime()
     with private, worker_connections_closed(), override_settings(**USAGE_WRITES_DEFERRED), counter.installed():
         asyncio.run(main())
     assert counter.statements == [], f"{len(counter.statements)} queries on the hot path: {counter.statements[:5]}"
@@ -289,7 +293,6 @@ class RoundTripProxy:
 @pytest.mark.django_db(transaction=True)
 def test_at_most_one_redis_round_trip_per_request(gateway_setup: str) -> None:
     from gateway.conf.asgi import application
-    from gateway.dataplane.runtime import shutdown_runtime
 
     key = gateway_setup
     parts = urlsplit(settings.REDIS_URL)
@@ -300,15 +303,15 @@ def test_at_most_one_redis_round_trip_per_request(gateway_setup: str) -> None:
 
     async def main() -> None:
         try:
-            # Warm-up: connects (HELLO/SELECT/CLIENT SETINFO are per connection) and loads the snapshot.
-            check(*await call(application, key, payload(0)), 0)
-            check(*await call(application, key, payload(1)), 1)
-            before = proxy.round_trips
-            for n in range(2, 2 + REQUESTS):
-                check(*await call(application, key, payload(n)), n)
-            counted.append(proxy.round_trips - before)
+            async with serving(application):
+                # Warm-up: connects (HELLO/SELECT/CLIENT SETINFO are per connection) and loads the snapshot.
+                check(*await call(application, key, payload(0)), 0)
+                check(*await call(application, key, payload(1)), 1)
+                before = proxy.round_trips
+                for n in range(2, 2 + REQUESTS):
+                    check(*await call(application, key, payload(n)), n)
+                counted.append(proxy.round_trips - before)
         finally:
-            await shutdown_runtime()
             await proxy.close()
 
     async def run() -> None:
@@ -318,7 +321,6 @@ def test_at_most_one_redis_round_trip_per_request(gateway_setup: str) -> None:
         with override_settings(REDIS_URL=urlunsplit(parts._replace(netloc=netloc)), **USAGE_WRITES_DEFERRED):
             await main()
 
-    _reset_runtime()
     with worker_connections_closed():
         asyncio.run(run())
     assert counted[0] <= REQUESTS, f"{counted[0]} Redis round trips for {REQUESTS} requests"

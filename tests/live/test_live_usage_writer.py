@@ -14,8 +14,6 @@ may be written by any of them, so those tests poll.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
-import os
 import signal
 import subprocess
 import sys
@@ -28,8 +26,8 @@ import httpx
 import pytest
 from django.conf import settings
 
+from gateway.metering.codec import decode_event
 from gateway.metering.journal import DEAD_NAME, JournalDrainer, JournalWriter
-from gateway.metering.stream import decode_event
 from tests import harness as live
 from tests.conftest import DATA_DIR, MODEL, Live, make_actor
 
@@ -39,71 +37,18 @@ WRITER_MODULE = "gateway.metering.writer"
 EMBEDDED = not settings.REDIS_URL
 
 
-# --- processes through /proc ------------------------------------------------------------------
-
-
-def _stat(pid: int) -> list[str] | None:
-    """The fields of /proc/<pid>/stat after the command name (state first), or None if gone."""
-    try:
-        text = Path(f"/proc/{pid}/stat").read_text()
-    except (FileNotFoundError, ProcessLookupError):
-        return None
-    return text.rpartition(")")[2].split()
-
-
-def _cmdline(pid: int) -> list[str]:
-    try:
-        raw = Path(f"/proc/{pid}/cmdline").read_bytes()
-    except (FileNotFoundError, ProcessLookupError):
-        return []
-    return [part.decode() for part in raw.split(b"\0") if part]
-
-
-def children(pid: int) -> list[int]:
-    """The pids whose parent is ``pid``."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            fields = _stat(int(entry.name))
-            if fields is not None and int(fields[1]) == pid:
-                found.append(int(entry.name))
-    return sorted(found)
-
-
-@dataclasses.dataclass(frozen=True)
-class Child:
-    """A process, told apart from a later one with the same pid by its start time."""
-
-    pid: int
-    started: str
-
-    @classmethod
-    def of(cls, pid: int) -> Child:
-        fields = _stat(pid)
-        assert fields is not None, f"process {pid} is gone"
-        return cls(pid, fields[19])
-
-    def running(self) -> bool:
-        fields = _stat(self.pid)
-        return fields is not None and fields[19] == self.started and fields[0] not in ("Z", "X")
-
-    def signal(self, signum: int) -> None:
-        if self.running():
-            os.kill(self.pid, signum)
-
-
 def usage_writers(gateway: live.LiveProcess) -> list[int]:
     assert gateway.proc is not None
-    return [pid for pid in children(gateway.proc.pid) if WRITER_MODULE in _cmdline(pid)]
+    return [pid for pid in live.children(gateway.proc.pid) if WRITER_MODULE in live.cmdline(pid)]
 
 
-def usage_writer_of(gateway: live.LiveProcess) -> Child:
+def usage_writer_of(gateway: live.LiveProcess) -> live.Child:
     """The gateway's one usage writer child (waiting for it: Daphne starts it at the first request)."""
     [pid] = live.poll(lambda: usage_writers(gateway), what="a usage writer child")
     assert gateway.proc is not None
-    assert children(gateway.proc.pid) == [pid], "the gateway has no other child"
-    assert _cmdline(pid)[1:] == ["-m", WRITER_MODULE]
-    return Child.of(pid)
+    assert live.children(gateway.proc.pid) == [pid], "the gateway has no other child"
+    assert live.cmdline(pid)[1:] == ["-m", WRITER_MODULE]
+    return live.Child.of(pid)
 
 
 # --- requests and where their records are -----------------------------------------------------
@@ -156,7 +101,7 @@ def in_stream() -> set[str]:
 
 
 def gateway_env(data_dir: Path, **env: str) -> dict[str, str]:
-    return {"GATEWAY_DATA_DIR": str(data_dir), "GATEWAY_USAGE_WRITER": "process", **env}
+    return {"GATEWAY_DATA_DIR": str(data_dir), **env}
 
 
 # --- the child of a gateway -------------------------------------------------------------------
@@ -177,14 +122,30 @@ def test_a_gateway_has_exactly_one_usage_writer_child(
         live_gw.wait_usage(request_id)
 
 
-def test_the_thread_writer_spawns_no_child(
-    live_gw: Live, start_gateway: Callable[..., live.LiveProcess], tmp_path: Path
+@pytest.mark.parametrize("server", ["uvicorn", "daphne"])
+def test_a_killed_usage_writer_is_reaped_restarted_and_reported(
+    live_gw: Live, start_gateway: Callable[..., live.LiveProcess], tmp_path: Path, server: str
 ) -> None:
-    gateway = start_gateway(**gateway_env(tmp_path / "data", GATEWAY_USAGE_WRITER="thread"))
-    request_id = post(gateway, live_gw.owner.key, "hi")
-    live_gw.wait_usage(request_id)
+    """SIGKILL of the writer child: no zombie left, a new child takes over, records keep arriving."""
+    gateway = start_gateway(server=server, **gateway_env(tmp_path / "data"))
+    live_gw.wait_usage(post(gateway, live_gw.owner.key, "before"))
+    writer = usage_writer_of(gateway)
+    writer.signal(signal.SIGKILL)
     assert gateway.proc is not None
-    assert children(gateway.proc.pid) == []
+    parent = gateway.proc.pid
+    # Reaped: not left a zombie (a zombie still shows among the parent's children).
+    live.poll(lambda: writer.pid not in live.children(parent), what="the killed writer reaped")
+    # Meanwhile the gateway keeps serving; the records wait and then reach the database.
+    request_ids = [post(gateway, live_gw.owner.key, f"after {i}") for i in range(10)]
+    replacement = usage_writer_of(gateway)
+    assert replacement != writer
+    for request_id in request_ids:
+        live_gw.wait_usage(request_id)
+    log = gateway.log.read_text()
+    assert f"the usage writer (pid {writer.pid}) exited with status -9" in log
+    # Readiness reported it down once, and up again once the replacement started.
+    assert log.count(f"usage_writer is unavailable: the usage writer (pid {writer.pid}) exited") == 1
+    assert "usage_writer is available again" in log
 
 
 def test_sigkill_of_a_gateway_loses_no_usage(
@@ -199,8 +160,9 @@ def test_sigkill_of_a_gateway_loses_no_usage(
         gateway = start_gateway(**gateway_env(tmp_path / "data"))
         writer = usage_writer_of(gateway)
         request_ids = [post(gateway, live_gw.owner.key, f"n{i}", stream=i % 2 == 1) for i in range(10)]
-        # The gateway appends within GATEWAY_USAGE_FLUSH_SECONDS of each response; a SIGKILL
-        # before that loses what it held (by design), so wait for the records to be out.
+        # With Redis the gateway XADDs within GATEWAY_USAGE_FLUSH_SECONDS of each response; a
+        # SIGKILL before that loses what it held (docs/architecture.md), so wait for the records
+        # to be out. (Embedded they are in the journal when the response ends.)
         if EMBEDDED:
             live.poll(lambda: set(request_ids) <= in_journal(journal), what="records in the journal")
             assert recorded(request_ids) == set()
@@ -223,6 +185,22 @@ def test_sigkill_of_a_gateway_loses_no_usage(
         assert not (journal / DEAD_NAME).exists()
 
 
+def test_sigkill_right_after_the_responses_loses_no_usage_embedded(
+    live_gw: Live, start_gateway: Callable[..., live.LiveProcess], tmp_path: Path
+) -> None:
+    """Embedded, a record is in the journal (the kernel's page cache) when its request ends:
+    a SIGKILL right after the client has its answer loses nothing, with no wait first.
+    (The gateway runs without Redis whatever the session's mode; see docs for Redis.)"""
+    gateway = start_gateway(**gateway_env(tmp_path / "data", REDIS_URL=""))
+    writer = usage_writer_of(gateway)
+    request_ids = [post(gateway, live_gw.owner.key, f"n{i}", stream=i % 2 == 1) for i in range(10)]
+    assert gateway.stop(signal.SIGKILL) == -signal.SIGKILL
+    # The orphaned writer's last pass writes what the journal holds.
+    live.poll(lambda: recorded(request_ids) == set(request_ids), timeout=30, what="all records written")
+    live.poll(lambda: not writer.running(), timeout=30, what="the orphaned usage writer exiting")
+    assert segments(tmp_path / "data" / "usage-journal") == []
+
+
 @pytest.mark.parametrize(
     ("server", "signal_writer"),
     [("uvicorn", False), ("daphne", False), ("uvicorn", True)],
@@ -231,11 +209,19 @@ def test_sigkill_of_a_gateway_loses_no_usage(
 def test_sigterm_of_a_gateway_writes_usage_and_ends_its_writer(
     live_gw: Live, start_gateway: Callable[..., live.LiveProcess], tmp_path: Path, server: str, signal_writer: bool
 ) -> None:
-    # A flush interval far beyond the test: only the shutdown path can append these records.
-    gateway = start_gateway(server=server, **gateway_env(tmp_path / "data", GATEWAY_USAGE_FLUSH_SECONDS="60"))
-    request_ids = [post(gateway, live_gw.owner.key, f"n{i}", stream=i % 2 == 1) for i in range(8)]
-    writer = usage_writer_of(gateway)
-    assert recorded(request_ids) == set(), "written before shutdown?"
+    # Embedded, records are in the journal at once, and this test holds the journal's drain
+    # lock until the shutdown: the gateway's writer stands by meanwhile. With Redis, a flush
+    # interval far beyond the test: only the sink's shutdown path can XADD these records.
+    journal = tmp_path / "data" / "usage-journal"
+    holder = JournalDrainer(journal)
+    assert holder.acquire()
+    try:
+        gateway = start_gateway(server=server, **gateway_env(tmp_path / "data", GATEWAY_USAGE_FLUSH_SECONDS="60"))
+        request_ids = [post(gateway, live_gw.owner.key, f"n{i}", stream=i % 2 == 1) for i in range(8)]
+        writer = usage_writer_of(gateway)
+        assert recorded(request_ids) == set(), "written before shutdown?"
+    finally:
+        holder.release()
     if signal_writer:
         # A Ctrl-C or a service manager signals the whole process group: the writer
         # ignores it and still does the last pass once the gateway has appended its records.
@@ -247,11 +233,34 @@ def test_sigterm_of_a_gateway_writes_usage_and_ends_its_writer(
         # The gateway waited for its writer's last pass, the only drainer of its journal.
         assert recorded(request_ids) == set(request_ids)
         assert not writer.running()
-        assert segments(tmp_path / "data" / "usage-journal") == []
+        assert segments(journal) == []
     else:
         # Pushed to the stream at shutdown; this writer or another one writes them.
         live.poll(lambda: recorded(request_ids) == set(request_ids), timeout=15, what="all records written")
         live.poll(lambda: not writer.running(), timeout=15, what="the usage writer exiting")
+
+
+@pytest.mark.parametrize("server", ["uvicorn", "daphne"])
+def test_a_stream_cut_by_the_shutdown_of_its_gateway_is_recorded(
+    live_gw: Live, start_gateway: Callable[..., live.LiveProcess], tmp_path: Path, server: str
+) -> None:
+    """SIGTERM while a stream runs: Daphne cancels it at once, uvicorn after its graceful
+    window (10 s); either way its record reaches the journal before the runtime closes."""
+    gateway = start_gateway(server=server, **gateway_env(tmp_path / "data"))
+    slow = {"fake_event_delay_ms": "200", "fake_tokens": "100"}  # ~20 s of events
+    with httpx.stream(
+        "POST",
+        gateway.url + "/v1/responses",
+        json={"model": MODEL, "input": "cut short", "stream": True, "metadata": slow},
+        headers={"authorization": f"Bearer {live_gw.owner.key}"},
+        timeout=60,
+    ) as response:
+        assert response.status_code == 200
+        request_id = response.headers["x-request-id"]
+        chunks = response.iter_bytes()
+        next(chunks)  # streaming
+        assert gateway.stop(signal.SIGTERM, timeout=30) in (0, -signal.SIGTERM)
+    live.poll(lambda: recorded([request_id]), timeout=30, what="the cut stream recorded")
 
 
 # --- the child on its own ---------------------------------------------------------------------

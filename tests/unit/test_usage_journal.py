@@ -20,9 +20,11 @@ from typing import Any
 import pytest
 from django.db import DataError, IntegrityError, OperationalError, ProgrammingError
 
-from gateway.metering import journal as usage_journal
-from gateway.metering.journal import DEAD_NAME, LOCK_NAME, JournalDrainer, JournalWriter, run_journal_drainer
-from gateway.metering.stream import UsageWriteFailed, decode_event, encode_event
+from gateway.metering.codec import decode_event, encode_event
+from gateway.metering.database import UsageWriteFailed
+from gateway.metering.drain import drain
+from gateway.metering.journal import DEAD_NAME, LOCK_NAME, JournalDrainer, JournalSource, JournalWriter
+from tests import harness as live
 
 T0 = datetime(2030, 1, 1, 12, 30, tzinfo=UTC)
 
@@ -425,101 +427,38 @@ def test_drain_writes_everything_released(journal: Path, writers: list[JournalWr
     assert segments(journal) == []
 
 
-# --- the writer without and with an event loop ------------------------------------------------
+# --- the writer ------------------------------------------------------------------------------
 
 
-def test_without_an_event_loop_records_wait_for_flush_sync_or_close(
-    journal: Path, writers: list[JournalWriter]
-) -> None:
-    writer = JournalWriter(journal, interval=0.01)
+def test_each_record_is_in_the_segment_when_record_returns(journal: Path, writers: list[JournalWriter]) -> None:
+    """No event loop needed and no flush: a SIGKILL right after ``record`` loses nothing."""
+    writer = JournalWriter(journal)
     writers.append(writer)
+    assert not journal.exists(), "no segment before the first record"
     writer.record(event("a"))
-    writer.record(event("b"))
-    assert writer.pending() == 2
-    assert not journal.exists(), "no segment before the first append"
-    writer.flush_sync()
-    assert (writer.pending(), writer.written) == (0, 2)
     [segment] = segments(journal)
+    assert [decode_event(line)["request_id"] for line in segment.read_bytes().splitlines()] == ["a"]
+    writer.record(event("b"))
     assert [decode_event(line)["request_id"] for line in segment.read_bytes().splitlines()] == ["a", "b"]
-
-    writer.record(event("c"))
-    assert writer.pending() == 1
-    assert len(segment.read_bytes().splitlines()) == 2
+    assert (writer.pending(), writer.written) == (0, 2)
     writer.close()
-    assert (writer.pending(), writer.written) == (0, 3)
     collected = ListWriter()
     JournalDrainer(journal, collected).step()
-    assert collected.ids() == ["a", "b", "c"]
+    assert collected.ids() == ["a", "b"]
     assert segments(journal) == []
 
 
-def test_with_a_running_loop_records_are_appended_without_a_flush(journal: Path) -> None:
-    async def scenario() -> list[str]:
-        writer = JournalWriter(journal, interval=0.01)
-        try:
-            writer.record(event("a"))
-            writer.record(event("b"))
-            assert writer.pending() == 2  # record() itself never writes
-            await wait_for(lambda: writer.pending() == 0)
-            assert writer.written == 2
-            # The timer is armed again by the next record.
-            writer.record(event("c"))
-            await wait_for(lambda: writer.pending() == 0)
-            assert writer.written == 3
-            [segment] = segments(journal)
-            return [decode_event(line)["request_id"] for line in segment.read_bytes().splitlines()]
-        finally:
-            writer.close()
-
-    assert asyncio.run(scenario()) == ["a", "b", "c"]
-
-
-def test_a_failed_append_is_retried_and_completes_a_short_write(
-    journal: Path, writers: list[JournalWriter], monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """A disk that takes part of a batch then refuses: the buffer keeps the rest, nothing doubles."""
-    real_write = os.write
-    calls: list[int] = []
-
-    def short_then_full(fd: int, data: Any) -> int:
-        calls.append(len(data))
-        if len(calls) == 1:
-            return real_write(fd, bytes(data[:7]))
-        if len(calls) == 2:
-            del data  # os.write keeps no reference to its buffer; the traceback must not either
-            raise OSError(28, "No space left on device")
-        return real_write(fd, data)
-
-    monkeypatch.setattr(usage_journal.os, "write", short_then_full)
-    writer = JournalWriter(journal)
-    writers.append(writer)
-    writer.record(event("a"))
-    writer.record(event("b"))
-    with pytest.raises(OSError, match="No space"):
-        writer.flush_sync()
-    assert writer.pending() == 2
-    writer.flush_sync()
-    assert (writer.pending(), writer.written) == (0, 2)
-    monkeypatch.undo()
-    writer.close()
-    collected = ListWriter()
-    drainer = JournalDrainer(journal, collected)
-    drainer.step()
-    assert collected.ids() == ["a", "b"]
-    assert drainer.dead == 0
-
-
-def test_the_in_process_drainer_writes_until_stopped_then_a_last_pass(journal: Path) -> None:
-    """``run_journal_drainer`` (GATEWAY_USAGE_WRITER=thread) on a writer in the same loop."""
+def test_the_drain_loop_writes_until_stopped_then_a_last_pass(journal: Path) -> None:
+    """The drain loop over the journal, with a writer in the same loop."""
     collected = ListWriter()
 
     async def scenario() -> None:
-        writer = JournalWriter(journal, interval=0.01)
+        writer = JournalWriter(journal)
         drainer = JournalDrainer(journal, collected)
         stop = asyncio.Event()
-        task = asyncio.create_task(run_journal_drainer(drainer, stop=stop, poll=0.01))
+        task = asyncio.create_task(drain(JournalSource(drainer), stop, idle=0.01))
         writer.record(event("a"))
-        await wait_for(lambda: collected.ids() == ["a"])
+        await live.poll_async(lambda: collected.ids() == ["a"])
         writer.record(event("b"))
         await writer.aclose()
         stop.set()
@@ -534,11 +473,78 @@ def test_the_in_process_drainer_writes_until_stopped_then_a_last_pass(journal: P
     asyncio.run(scenario())
 
 
-async def wait_for(condition: Any, timeout: float = 10.0) -> None:
-    """Yield to the loop until ``condition()`` holds (fails after ``timeout`` seconds)."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while not condition():
-        if loop.time() >= deadline:
-            raise AssertionError("condition not reached")
-        await asyncio.sleep(0.005)
+# --- a full disk (a real tmpfs; skipped where it cannot be mounted) ---------------------------
+
+
+@pytest.fixture
+def full_journal(journal: Path) -> Iterator[Path]:
+    """The journal directory on a tmpfs with no byte left (``filler`` takes it all)."""
+    with live.tmpfs(journal, "64k"):
+        live.fill(journal / "filler")
+        yield journal
+
+
+def test_a_full_disk_holds_records_up_to_the_bound_reports_once_and_catches_up(full_journal: Path) -> None:
+    states: list[str | None] = []
+
+    async def scenario() -> list[str]:
+        writer = JournalWriter(full_journal, max_buffer=4096, on_state=states.append)
+        sent: list[str] = []
+        while not writer.saturated:
+            sent.append(f"r{len(sent)}")
+            writer.record(event(sent[-1]))
+            await asyncio.sleep(0)
+        assert writer.pending() == len(sent), "every record is held"
+        assert writer.written == 0
+        assert states == ["the usage journal cannot be written: No space left on device"]
+        (full_journal / "filler").unlink()
+        await live.poll_async(lambda: writer.pending() == 0)  # the next retry appends them
+        assert not writer.saturated
+        assert states[-1] is None
+        await writer.aclose()
+        return sent
+
+    sent = asyncio.run(scenario())
+    assert len(sent) >= 2
+    assert len(states) == 2, "reported once down, once up"
+    collected = ListWriter()
+    JournalDrainer(full_journal, collected).step()
+    assert collected.ids() == sent
+
+
+def test_what_the_disk_still_refuses_at_shutdown_is_logged_not_dropped_silently(
+    full_journal: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    async def scenario() -> None:
+        writer = JournalWriter(full_journal)
+        for request_id in ("x1", "x2", "x3"):
+            writer.record(event(request_id))
+        await writer.aclose(wait=0)
+        assert writer.pending() == 0
+
+    asyncio.run(scenario())
+    [message] = [r.getMessage() for r in caplog.records if "could not be appended" in r.getMessage()]
+    assert message.startswith("3 usage records could not be appended to the journal at shutdown")
+    logged = [decode_event(line.encode()) for line in message.split("\n")[1:] if line]
+    assert [e["request_id"] for e in logged] == ["x1", "x2", "x3"]
+
+
+def test_a_short_write_on_a_filling_disk_is_completed_later_without_a_torn_line(journal: Path) -> None:
+    """The disk takes the part of a record that fits in the segment's last page, then refuses:
+    the rest is kept and appended once there is room, so the line is whole and not doubled."""
+    with live.tmpfs(journal, "64k"):
+        writer = JournalWriter(journal)
+        writer.record(event("a", model="m" * 3800))  # most of the segment's first page
+        [segment] = segments(journal)
+        live.fill(journal / "filler")
+        writer.record(event("b", model="m" * 600))  # ~200 bytes fit in that page, not the rest
+        assert writer.pending() == 1
+        assert not segment.read_bytes().endswith(b"\n"), "a short write"
+        (journal / "filler").unlink()
+        writer.close()
+        assert writer.written == 2
+        collected = ListWriter()
+        drainer = JournalDrainer(journal, collected)
+        drainer.step()
+        assert collected.ids() == ["a", "b"]
+        assert drainer.dead == 0

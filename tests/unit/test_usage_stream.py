@@ -21,15 +21,10 @@ from typing import Any
 import pytest
 from django.core.management import CommandError, call_command
 
-from gateway.metering.stream import (
-    FIELD,
-    RedisUsageSink,
-    UsageDrainer,
-    UsageWriteFailed,
-    decode_event,
-    encode_event,
-    run_drainer,
-)
+from gateway.metering.codec import decode_event, encode_event
+from gateway.metering.database import UsageWriteFailed
+from gateway.metering.drain import drain
+from gateway.metering.stream import FIELD, RedisUsageSink, StreamSource, UsageDrainer
 
 REDIS_URL = os.environ.get("REDIS_URL", "")
 T0 = datetime(2030, 1, 1, tzinfo=UTC)
@@ -165,7 +160,7 @@ def test_database_outage_keeps_entries_pending_until_it_recovers(stream: str) ->
     assert set(writer.ids().values()) == {1}
 
 
-def test_run_drainer_backs_off_through_an_outage(stream: str) -> None:
+def test_the_drain_loop_backs_off_through_an_outage(stream: str) -> None:
     writer = FakeWriter()
     writer.down = True
 
@@ -174,7 +169,12 @@ def test_run_drainer_backs_off_through_an_outage(stream: str) -> None:
         await fill(redis, stream, 25)
         stop = asyncio.Event()
         task = asyncio.get_running_loop().create_task(
-            run_drainer(redis, writer, stop=stop, stream=stream, batch=10, block_ms=20, max_backoff=0.05)
+            drain(
+                StreamSource(UsageDrainer(redis, writer, stream=stream, batch=10, block_ms=20)),
+                stop,
+                idle=0.01,
+                max_backoff=0.05,
+            )
         )
         while writer.calls < 3:
             await asyncio.sleep(0.01)
@@ -306,11 +306,13 @@ def test_sink_spools_a_long_outage_instead_of_growing(tmp_path: Path) -> None:
         sink = RedisUsageSink(redis, url=unreachable, spool_dir=spool, interval=0.01, max_buffer=5)
         for n in range(10):
             sink.record(event(f"o{n}"))
+        assert sink.saturated  # until the spool takes them: the data plane answers 503
         for _ in range(1000):
             if sink.pending() == 0:
                 break
             await asyncio.sleep(0.01)
         assert sink.pending() == 0  # moved to disk, not held in memory
+        assert not sink.saturated
         await sink.aclose()
         await redis.aclose()
 
