@@ -89,6 +89,13 @@ TYPE_CASES: list[tuple[str, dict[str, Any], str]] = [
 ]
 
 
+# (id, request body, code): max_output_tokens outside OpenAI's range (issue 10, item 11).
+RANGE_CASES: list[tuple[str, dict[str, Any], str]] = [
+    ("max_output_tokens_negative", body(max_output_tokens=-5), "integer_below_min_value"),
+    ("max_output_tokens_2_63", body(max_output_tokens=2**63), "integer_above_max_value"),
+]
+
+
 def assert_not_forwarded(live_gw: Live, before: int) -> None:
     assert live_gw.upstream.stats()["requests"] == before, "a rejected request must not reach the upstream"
 
@@ -106,6 +113,14 @@ def test_wrong_json_type_is_invalid_type(live_gw: Live, case: str, payload: dict
     before = live_gw.upstream.stats()["requests"]
     error = assert_error(live_gw.post(payload), 400, INVALID_TYPE, param=param)
     assert param in error["message"]
+    assert_not_forwarded(live_gw, before)
+
+
+@pytest.mark.parametrize(("case", "payload", "code"), RANGE_CASES, ids=[c[0] for c in RANGE_CASES])
+def test_max_output_tokens_out_of_range_is_400(live_gw: Live, case: str, payload: dict[str, Any], code: str) -> None:
+    before = live_gw.upstream.stats()["requests"]
+    error = assert_error(live_gw.post(payload), 400, code, param="max_output_tokens")
+    assert error["type"] == INVALID
     assert_not_forwarded(live_gw, before)
 
 
