@@ -1,6 +1,7 @@
 """``POST /v1/responses``: admit -> dispatch -> settle.
 
-authenticate -> read the body (size limit) -> parse -> validate (seed 004) -> key policy
+authenticate -> read the body (size limit) -> parse -> nesting depth (at most 64 levels,
+gateway/contract/nesting.py) -> validate (seed 004) -> key policy
 -> model access and attempt plan -> admission (every limit and budget in one atomic step:
 the single choke point) -> dispatch with failover (:mod:`gateway.dataplane.dispatch`) ->
 settle the reservation with what was really used. The caller (the app) meters the
@@ -17,6 +18,7 @@ from django.conf import settings
 
 from gateway.config.snapshot import Snapshot
 from gateway.contract.errors import SERVER, GatewayError
+from gateway.contract.nesting import check_nesting
 from gateway.contract.policy import apply_policy
 from gateway.contract.validation import validate_request
 from gateway.dataplane.asgi_io import Receive, Scope, Send, read_body
@@ -105,6 +107,7 @@ def _parse(raw: bytes, ex: Exchange) -> dict[str, Any]:
         ) from None
     if isinstance(body, dict) and isinstance(body.get("model"), str):
         ex.model = body["model"]
+    check_nesting(raw)
     validated = validate_request(body)
     ex.stream = bool(validated.get("stream"))
     return validated

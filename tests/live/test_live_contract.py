@@ -124,6 +124,29 @@ def test_max_output_tokens_out_of_range_is_400(live_gw: Live, case: str, payload
     assert_not_forwarded(live_gw, before)
 
 
+def _deep_schema(levels: int) -> bytes:
+    """A request whose function tool's parameters nest ``levels`` levels below the body."""
+    schema = b'{"type": "object", "properties": {"x": ' * levels + b'{"type": "string"}' + b"}}" * levels
+    head = b'{"model": "%s", "input": "hi", "tools": [{"type": "function", "name": "f", "parameters": ' % MODEL.encode()
+    return head + schema + b"}]}"
+
+
+@pytest.mark.parametrize("levels", [40, 150], ids=["84_levels", "304_levels"])
+def test_nesting_over_64_levels_is_400_before_admission(live_gw: Live, levels: int) -> None:
+    """JSON nested 255-1023 levels used to pass validation, then fail serialization (a 500)."""
+    before = live_gw.upstream.stats()["requests"]
+    response = live_gw.post(None, content=_deep_schema(levels), headers={"content-type": "application/json"})
+    assert_error(response, 400, "nesting_too_deep")
+    assert_not_forwarded(live_gw, before)
+    record = live_gw.wait_usage(response.headers["x-request-id"])
+    assert (record.status_code, record.outcome) == (400, "rejected")
+
+
+def test_nesting_of_real_tool_schemas_passes(live_gw: Live) -> None:
+    response = live_gw.post(None, content=_deep_schema(20), headers={"content-type": "application/json"})
+    assert response.status_code == 200, response.text
+
+
 def test_streaming_request_rejected_as_plain_json(live_gw: Live) -> None:
     """Errors found before the stream starts are plain JSON errors, even with stream: true."""
     response = live_gw.post(body(stream=True, store=True))
