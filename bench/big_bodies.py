@@ -1,12 +1,14 @@
 """How much one tenant's very large bodies stall everyone else (issue 10, item 8).
 
-``python -m bench.big_bodies --url http://127.0.0.1:8000 --key sk-gw-... --model gpt-4.1``
+``python -m bench.big_bodies --url http://127.0.0.1:8000 --key sk-gw-... --model gpt-4.1 --small-model gpt-4.1-mini``
 
 Against a running gateway: ``--big`` clients at once each send one body of ``--items``
 small input items (480,000 items: 13.7 MiB, under the 16 MiB body limit), while one
 client sends small requests back to back and measures each one's latency. Prints one JSON
 line: the small requests' latency (median, p99, max) while the big ones run, their
-baseline alone, and the big requests' statuses and times.
+baseline alone, and the big requests' statuses and times. Route ``--small-model`` to
+another upstream process than ``--model``: the fake upstream parses each body on its own
+event loop, so sharing it would measure the upstream's stalls, not the gateway's.
 """
 
 from __future__ import annotations
@@ -50,11 +52,12 @@ def main() -> None:
     parser.add_argument("--url", required=True)
     parser.add_argument("--key", required=True)
     parser.add_argument("--model", default="gpt-4.1")
+    parser.add_argument("--small-model", default="", help="default: --model")
     parser.add_argument("--big", type=int, default=8)
     parser.add_argument("--items", type=int, default=480_000)
     args = parser.parse_args()
     headers = {"authorization": f"Bearer {args.key}"}
-    small = {"model": args.model, "input": "hi"}
+    small = {"model": args.small_model or args.model, "input": "hi"}
     payload = big_body(args.model, args.items)
     with httpx.Client(base_url=args.url, headers=headers, timeout=120) as client:
         baseline: list[float] = []

@@ -2,6 +2,7 @@
 
 authenticate -> read the body (size limit) -> parse -> nesting depth (at most 64 levels,
 gateway/contract/nesting.py) -> validate (seed 004) -> key policy
+(a large body's parsing and validation in a worker thread: gateway/dataplane/offload.py)
 -> model access and attempt plan -> admission (every limit and budget in one atomic step:
 the single choke point) -> dispatch with failover (:mod:`gateway.dataplane.dispatch`) ->
 settle the reservation with what was really used. The caller (the app) meters the
@@ -44,8 +45,8 @@ async def responses(scope: Scope, receive: Receive, send: Send, runtime: Runtime
             ex.key = authenticate(scope, snapshot)
             if validated is None:
                 raw = await read_body(scope, receive, settings.GATEWAY_MAX_BODY_BYTES)
-                size = len(raw)
-                validated = _parse(raw, ex)
+                size = ex.body_bytes = len(raw)
+                validated = await runtime.offload.run(size, _parse, raw, ex)
             request, plan, decision = await _admit(scope, runtime, ex, snapshot, validated, size)
         except GatewayError as error:
             # With Redis this replica learns of config changes from the admission
@@ -97,6 +98,7 @@ def _usage_backlog() -> GatewayError:
 
 
 def _parse(raw: bytes, ex: Exchange) -> dict[str, Any]:
+    """Parse, check and validate the body (in a worker thread for a large one: Offload)."""
     try:
         body = orjson.loads(raw)
     except orjson.JSONDecodeError:

@@ -147,6 +147,16 @@ def test_nesting_of_real_tool_schemas_passes(live_gw: Live) -> None:
     assert response.status_code == 200, response.text
 
 
+def test_large_bodies_are_parsed_and_validated_off_the_loop_with_the_same_answers(live_gw: Live) -> None:
+    """Over 1 MiB, parsing and validation run in a worker thread (gateway/dataplane/offload.py)."""
+    items: list[dict[str, Any]] = [{"role": "user", "content": "hi"}] * 40_000  # ~1.2 MiB
+    response = live_gw.post(body(input=items))
+    assert response.status_code == 200, response.text
+    assert len(response.request.content) > 1 << 20
+    bad = [*items, {"type": "input_file", "file_id": "file_1"}]
+    assert_error(live_gw.post(body(input=bad)), 400, INVALID, param=f"input[{len(items)}].file_id")
+
+
 def test_streaming_request_rejected_as_plain_json(live_gw: Live) -> None:
     """Errors found before the stream starts are plain JSON errors, even with stream: true."""
     response = live_gw.post(body(stream=True, store=True))
