@@ -143,7 +143,7 @@ class Dispatcher:
         ex.account = account
         ex.model = public_model
         request = self.request if upstream_model == self.request["model"] else {**self.request, "model": upstream_model}
-        payload = orjson.dumps(sanitize_for_upstream(request, account.strip_fields))
+        payload = await self.rt.offload.run(ex.body_bytes, _payload, request, account.strip_fields)
         try:
             upstream = await self.rt.upstream.open(account.responses_url, upstream_headers(account, ex.stream), payload)
         except UpstreamError as exc:
@@ -340,6 +340,10 @@ class Dispatcher:
             code="no_accounts",
             headers=[*self.extra, (b"retry-after", b"1")],
         )
+
+
+def _payload(request: dict[str, Any], strip_fields: frozenset[str]) -> bytes:
+    return orjson.dumps(sanitize_for_upstream(request, strip_fields))
 
 
 def _conversation_id(value: object) -> str:
