@@ -1,7 +1,6 @@
 """The Redis backend of gateway.limits.engine: every replica shares the same counters exactly.
 
-One admit is one round trip: a Lua script (EVALSHA; EVAL once when Redis answers
-NOSCRIPT, which also caches it) checks every limit of every scope and counts them only
+One admit is one round trip: a Lua script checks every limit of every scope and counts them only
 if all pass, atomically, and returns the configuration change token
 (``gw:config:gen``) as well, so the gateway's per-request config check rides along.
 Settlements and lease releases never add a round trip to a request: :meth:`settle`
@@ -27,6 +26,15 @@ them in ``KEYS``, and take all their input as one string: redis-py spends ~4 us 
 client CPU per command argument, more than the script spends splitting the string.
 So this needs a standalone Redis (or Sentinel), not Redis Cluster. The prefix and a
 scope's ``name`` must not contain ``,`` or ``;``.
+
+The scripts are files next to this module: ``admit.lua`` and ``settle.lua``, each
+prefixed with ``settle_ops.lua`` (the settle function both use), run through redis-py's
+``register_script``: ``EVALSHA``, and after Redis lost its scripts (a restart, ``SCRIPT
+FLUSH``) ``SCRIPT LOAD`` + ``EVALSHA`` once, one command more than the ``EVAL`` fallback
+of the hand-written class it replaced. Measured with ``bench/redis_scripts.py`` (the
+admit script, sequential calls, one connection): 105.5 us of client CPU per call
+against 96.0 us for a bare ``execute_command("EVALSHA", ...)`` (its per-call import and
+argument copies).
 
 The admit script (``ADMIT_LUA``):
 
@@ -72,15 +80,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import logging
 import time
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import replace
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
-
-from redis.exceptions import NoScriptError
 
 from gateway.limits.engine import (
     BUDGET_GRACE,
@@ -111,156 +117,11 @@ logger = logging.getLogger(__name__)
 CONFIG_GEN_KEY = "gw:config:gen"
 MINUTE_TTL = 120
 
-_SETTLE_FUNCTION = """
-local function reached(st, sm, limit_t, limit_m)
-  limit_t, limit_m = tonumber(limit_t), tonumber(limit_m)
-  return (limit_t >= 0 and st >= limit_t) or (limit_m >= 0 and sm >= limit_m)
-end
-local function settle(text)
-  if text == nil or text == '' then return '' end
-  local ops = {}
-  for op in string.gmatch(text, '[^;]+') do ops[#ops + 1] = op end
-  local prefix = ops[1]
-  local alerts = {}
-  for i = 2, #ops do
-    local f = {}
-    for v in string.gmatch(ops[i], '[^,]+') do f[#f + 1] = v end
-    local base = prefix .. f[1] .. ':'
-    local rd, td = tonumber(f[4]), tonumber(f[5])
-    if rd ~= 0 or td ~= 0 then
-      local mk = base .. 'm:' .. f[2]
-      local row = redis.call('HMGET', mk, 'r', 't')
-      if row[1] then
-        redis.call('HSET', mk, 'r', math.max(tonumber(row[1]) + rd, 0), 't', math.max(tonumber(row[2]) + td, 0))
-      end
-    end
-    if f[6] ~= '-' then redis.call('ZREM', base .. 'c', f[6]) end
-    if f[7] == '1' then
-      local bk = base .. 'b:' .. f[3]
-      local row = redis.call('HMGET', bk, 'st', 'sm', 'rt', 'rm')
-      if row[1] then
-        local st, sm = tonumber(row[1]) + tonumber(f[10]), tonumber(row[2]) + tonumber(f[11])
-        local rt, rm = math.max(tonumber(row[3]) + tonumber(f[8]), 0), math.max(tonumber(row[4]) + tonumber(f[9]), 0)
-        redis.call('HSET', bk, 'st', st, 'sm', sm, 'rt', rt, 'rm', rm)
-        if reached(st, sm, f[12], f[13]) and redis.call('HSETNX', bk, 'as', 1) == 1 then
-          alerts[#alerts + 1] = string.format('%d,1,%d,%d', i - 2, st, sm)
-        end
-        if reached(st, sm, f[14], f[15]) and redis.call('HSETNX', bk, 'ah', 1) == 1 then
-          alerts[#alerts + 1] = string.format('%d,2,%d,%d', i - 2, st, sm)
-        end
-      end
-    end
-  end
-  return table.concat(alerts, ',')
-end
-"""
-
-ADMIT_LUA = (
-    _SETTLE_FUNCTION
-    + """
-local settled = settle(ARGV[2])
-local function ints(list)
-  for k, v in ipairs(list) do list[k] = string.format('%d', v) end
-  return table.concat(list, ',')
-end
-local function split(text, sep)
-  local out = {}
-  for v in string.gmatch(text, sep) do out[#out + 1] = v end
-  return out
-end
-local parts = split(ARGV[1], '[^;]+')
-local h = split(parts[1], '[^,]+')
-local prefix, minute, now = h[1], h[2], tonumber(h[3])
-local est_t, est_m = tonumber(h[4]), tonumber(h[5])
-local lease, lease_ttl = h[6], tonumber(h[7])
-local minute_ttl, grace = tonumber(h[8]), tonumber(h[9])
-local token = redis.call('GET', KEYS[1])
-local function reply(status, counts, fails, alerts)
-  local text = status .. '|' .. counts .. '|' .. fails .. '|' .. alerts .. '|' .. settled
-  if token then return text .. '|' .. token end
-  return text
-end
-local n = #parts - 1
-local scopes, missing = {}, {}
-for i = 1, n do
-  local f = split(parts[1 + i], '[^,]+')
-  local s = {base = prefix .. f[1] .. ':', rpm = tonumber(f[2]), tpm = tonumber(f[3]), conc = tonumber(f[4]),
-             bt = tonumber(f[5]), bm = tonumber(f[6])}
-  scopes[i] = s
-  if s.bt >= 0 or s.bm >= 0 then
-    s.bk = s.base .. 'b:' .. f[7]
-    local row = redis.call('HMGET', s.bk, 'st', 'sm', 'rt', 'rm')
-    if not row[1] then
-      local seed_t, seed_m = tonumber(f[9]), tonumber(f[10])
-      if seed_t < 0 then
-        missing[#missing + 1] = i - 1
-      else
-        redis.call('HSET', s.bk, 'st', seed_t, 'sm', seed_m, 'rt', 0, 'rm', 0)
-        redis.call('EXPIRE', s.bk, math.max(tonumber(f[8]) - math.floor(now / 1000), 0) + grace)
-        row = {seed_t, seed_m, 0, 0}
-      end
-    end
-    s.st, s.sm, s.rt, s.rm = tonumber(row[1]), tonumber(row[2]), tonumber(row[3]), tonumber(row[4])
-  end
-end
-if #missing > 0 then
-  return reply(2, '', ints(missing), '')
-end
-local counts, fails, alerts = {}, {}, {}
-for i = 1, n do
-  local s = scopes[i]
-  local r, t = 0, 0
-  if s.rpm >= 0 or s.tpm >= 0 then
-    s.mk = s.base .. 'm:' .. minute
-    local row = redis.call('HMGET', s.mk, 'r', 't')
-    s.fresh = not row[1]
-    r, t = tonumber(row[1]) or 0, tonumber(row[2]) or 0
-    if s.rpm >= 0 and r + 1 > s.rpm then fails[#fails + 1] = i - 1; fails[#fails + 1] = 0 end
-    if s.tpm >= 0 and t + est_t > s.tpm then fails[#fails + 1] = i - 1; fails[#fails + 1] = 1 end
-  end
-  counts[#counts + 1] = r
-  counts[#counts + 1] = t
-  if s.conc >= 0 then
-    s.ck = s.base .. 'c'
-    local held = redis.call('ZCARD', s.ck)
-    if held >= s.conc then
-      redis.call('ZREMRANGEBYSCORE', s.ck, '-inf', now)
-      held = redis.call('ZCARD', s.ck)
-    end
-    if held >= s.conc then fails[#fails + 1] = i - 1; fails[#fails + 1] = 2 end
-  end
-  if s.bk and ((s.bt >= 0 and s.st + s.rt + est_t > s.bt) or (s.bm >= 0 and s.sm + s.rm + est_m > s.bm)) then
-    fails[#fails + 1] = i - 1
-    fails[#fails + 1] = 3
-    if redis.call('HSETNX', s.bk, 'ah', 1) == 1 then
-      alerts[#alerts + 1] = i - 1; alerts[#alerts + 1] = 2; alerts[#alerts + 1] = s.st; alerts[#alerts + 1] = s.sm
-    end
-  end
-end
-if #fails > 0 then
-  return reply(0, ints(counts), ints(fails), ints(alerts))
-end
-for i = 1, n do
-  local s = scopes[i]
-  if s.mk then
-    counts[2 * i - 1] = counts[2 * i - 1] + 1
-    counts[2 * i] = counts[2 * i] + est_t
-    redis.call('HSET', s.mk, 'r', counts[2 * i - 1], 't', counts[2 * i])
-    if s.fresh then redis.call('EXPIRE', s.mk, minute_ttl) end
-  end
-  if s.ck then
-    redis.call('ZADD', s.ck, now + lease_ttl, lease)
-    redis.call('PEXPIRE', s.ck, lease_ttl)
-  end
-  if s.bk then
-    redis.call('HSET', s.bk, 'rt', s.rt + est_t, 'rm', s.rm + est_m)
-  end
-end
-return reply(1, ints(counts), '', '')
-"""
-)
-
-SETTLE_LUA = _SETTLE_FUNCTION + "return settle(ARGV[1])\n"
+_HERE = Path(__file__).parent
+# The scripts live next to this module (settle_ops.lua: the settle function both use).
+_SETTLE_OPS = (_HERE / "settle_ops.lua").read_text()
+ADMIT_LUA = _SETTLE_OPS + (_HERE / "admit.lua").read_text()
+SETTLE_LUA = _SETTLE_OPS + (_HERE / "settle.lua").read_text()
 
 _ALERT_KINDS = {1: "soft", 2: "hard"}
 
@@ -278,23 +139,6 @@ def redis_client(url: str, *, max_connections: int = 64, timeout: float = 5.0) -
     pool = BlockingConnectionPool.from_url(url, max_connections=max_connections, timeout=timeout)
     return AsyncRedis.from_pool(pool)
 
-
-class Script:
-    """A Lua script run by EVALSHA, falling back to EVAL (which caches it) on NOSCRIPT."""
-
-    def __init__(self, source: str) -> None:
-        self.source = source
-        self.sha = hashlib.sha1(source.encode()).hexdigest()
-
-    async def __call__(self, redis: Redis, keys: Sequence[Any], args: Sequence[Any]) -> Any:
-        try:
-            return await redis.execute_command("EVALSHA", self.sha, len(keys), *keys, *args)
-        except NoScriptError:
-            return await redis.execute_command("EVAL", self.source, len(keys), *keys, *args)
-
-
-_ADMIT = Script(ADMIT_LUA)
-_SETTLE = Script(SETTLE_LUA)
 
 # One queued settlement: (ticket, actual tokens, actual micros, requests delta).
 _Pending = tuple[Ticket, int, int, int]
@@ -326,6 +170,8 @@ class RedisLimiter:
         budget_grace: int = BUDGET_GRACE,
     ) -> None:
         self._redis = redis
+        self._admit_script = redis.register_script(ADMIT_LUA)
+        self._settle_script = redis.register_script(SETTLE_LUA)
         self._seeder = Seeder(seed, seed_retry)
         self._on_alert = on_alert
         self._lease_ttl_ms = int(lease_ttl * 1000)
@@ -361,7 +207,7 @@ class RedisLimiter:
         carried, ops, settle_arg = self._take(self._piggyback) if self._queue else ([], [], "")
         try:
             status, counts, fails, alerts, settled, token = _admit_reply(
-                await _ADMIT(self._redis, self._keys, (";".join((head, *specs)), settle_arg))
+                await self._admit_script(self._keys, (";".join((head, *specs)), settle_arg))
             )
         except BaseException:
             self._queue.extendleft(reversed(carried))
@@ -381,7 +227,7 @@ class RedisLimiter:
                 else:
                     specs[index] = _spec(scopes[index], f"{seeded[0]},{seeded[1]}")
             status, counts, fails, alerts, _, token = _admit_reply(
-                await _ADMIT(self._redis, self._keys, (";".join((head, *specs)), ""))
+                await self._admit_script(self._keys, (";".join((head, *specs)), ""))
             )
         used_r = counts[0::2]
         used_t = counts[1::2]
@@ -512,7 +358,7 @@ class RedisLimiter:
             if not ops:
                 return
             try:
-                reply = await _SETTLE(self._redis, (), (text,))
+                reply = await self._settle_script((), (text,))
             except BaseException:
                 self._queue.extendleft(reversed(items))
                 raise

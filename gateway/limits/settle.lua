@@ -1,0 +1,1 @@
+return settle(ARGV[1])
