@@ -1,3 +1,13 @@
+-- Functions shared by admit.lua and settle.lua (each is sent prefixed with this file).
+
+-- SETs with an expiry: "key value ttl" lines (keys and values without blanks).
+local function write(text)
+  for key, value, ttl in string.gmatch(text, '(%S+) (%S+) (%d+)') do
+    redis.call('SET', key, value, 'EX', ttl)
+  end
+end
+
+-- Settlements: "prefix;op;op..." (gateway/limits/redis_backend.py); returns the alerts that fired.
 local function reached(st, sm, limit_t, limit_m)
   limit_t, limit_m = tonumber(limit_t), tonumber(limit_m)
   return (limit_t >= 0 and st >= limit_t) or (limit_m >= 0 and sm >= limit_m)

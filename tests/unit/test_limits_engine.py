@@ -589,6 +589,39 @@ def test_redis_settlements_ride_on_the_next_admit(redis_prefix: str) -> None:
     asyncio.run(main())
 
 
+def test_redis_admit_carries_writes_and_reads_in_its_one_call(redis_prefix: str) -> None:
+    async def main() -> None:
+        from gateway.limits.redis_backend import RedisLimiter, redis_client
+
+        client = redis_client(REDIS_URL)
+        limiter = RedisLimiter(client, prefix=redis_prefix, config_key=redis_prefix + "gen", linger=3600)
+        await client.set(redis_prefix + "present", "7")
+        limiter.carry(redis_prefix + "bound", "3", 60)
+        limiter.carry(redis_prefix + "bound", "4", 60)  # a newer value not sent yet replaces the first
+        assert limiter.pending() == 1
+        decision = await limiter.admit(
+            [Scope("key", 1, rpm=10)],
+            tokens=1,
+            now=NOW,
+            reads=[redis_prefix + "present", redis_prefix + "missing", redis_prefix + "bound"],
+        )
+        assert decision.allowed
+        assert decision.reads == (b"7", None, b"4")  # the carried write is applied before the reads
+        assert limiter.pending() == 0
+        assert 0 < await client.ttl(redis_prefix + "bound") <= 60
+        refused = await limiter.admit([Scope("key", 2, rpm=0)], tokens=1, now=NOW, reads=[redis_prefix + "present"])
+        assert not refused.allowed
+        assert refused.reads == (b"7",)
+        # With no admission coming, the background batch sends what was carried.
+        limiter.carry(redis_prefix + "idle", "5", 60)
+        await limiter.flush()
+        assert await client.get(redis_prefix + "idle") == b"5"
+        await limiter.aclose()
+        await client.aclose()
+
+    asyncio.run(main())
+
+
 CHILD = """
 import asyncio, sys
 from gateway.limits.engine import Scope
