@@ -370,7 +370,7 @@ class KnobbedFake:
         self._fake = fake
         self.state = fake.State(fake.make_config(**config))
         self.knobs: tuple[tuple[bytes, bytes], ...] = ()
-        self.script: Callable[[Any], list[bytes]] | None = None
+        self.script: Callable[[Any], list[Any]] | None = None  # bytes, or a float: a pause (s)
         self.received = 0  # POSTs to /responses so far
         owner = self
 
