@@ -47,6 +47,7 @@ async def usage(scope: Scope, send: Send, runtime: Runtime, ex: Exchange) -> Non
     summarize = db_call(usage_summary)
     total = await summarize(key.key_id)
     period = await summarize(key.key_id, datetime.fromtimestamp(window[0], UTC))
+    runtime.readiness.up("database")  # a failure is mapped to 503 (and reported) by the app
     remaining = await runtime.limiter.peek(key.scopes(now), now=now)
     body = {
         "object": "usage",
