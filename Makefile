@@ -6,10 +6,10 @@ STAMP := $(VENV)/.installed
 
 .PHONY: run test test-unit test-live lint format bench clean
 
-## run: install, migrate and serve the gateway on 127.0.0.1:$${PORT:-8000} (embedded SQLite, no Redis)
+## run: install, migrate and serve the gateway on 127.0.0.1:$${PORT:-8000} (embedded SQLite, no Redis) with a Celery worker
 run: $(STAMP) .env
 	$(PY) manage.py migrate --noinput
-	$(PY) manage.py serve
+	$(PY) manage.py serve --celery
 
 ## test: the whole test suite against the current environment (embedded default unless DATABASE_URL/REDIS_URL are set)
 test: $(STAMP)

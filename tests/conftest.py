@@ -209,15 +209,16 @@ def live_gw(transactional_db: None, live_gateway: str, fake_upstream: FakeUpstre
 
 @pytest.fixture
 def start_gateway(live_env: dict[str, str], fake_upstream: FakeUpstream) -> Iterator[Callable[..., live.LiveProcess]]:
-    """Start a dedicated gateway process: ``start_gateway(server="uvicorn", **env_overrides)``.
+    """Start a dedicated gateway process: ``start_gateway(server="uvicorn", args=(), **env_overrides)``.
 
     Every process started is stopped (SIGTERM) at teardown unless the test stopped it.
     """
     started: list[live.LiveProcess] = []
 
-    def start(server: str = "uvicorn", **env: str) -> live.LiveProcess:
+    def start(server: str = "uvicorn", args: tuple[str, ...] = (), **env: str) -> live.LiveProcess:
         port = live.free_port()
-        process = live.gateway(port, {**live_env, **env}, DATA_DIR / f"gateway-{server}-{port}.log", server=server)
+        log = DATA_DIR / f"gateway-{server}-{port}.log"
+        process = live.gateway(port, {**live_env, **env}, log, server, *args)
         started.append(process)
         return process.start()
 

@@ -90,8 +90,8 @@ def fake_upstream(port: int, env: dict[str, str], log: Path, *extra: str) -> Liv
     return LiveProcess(args, env, f"http://127.0.0.1:{port}/health", log)
 
 
-def gateway(port: int, env: dict[str, str], log: Path, server: str = "uvicorn") -> LiveProcess:
-    args = [sys.executable, "manage.py", "serve", "--port", str(port), "--server", server]
+def gateway(port: int, env: dict[str, str], log: Path, server: str = "uvicorn", *extra: str) -> LiveProcess:
+    args = [sys.executable, "manage.py", "serve", "--port", str(port), "--server", server, *extra]
     process = LiveProcess(args, env, f"http://127.0.0.1:{port}/healthz", log)
     process.url = f"http://127.0.0.1:{port}"
     return process

@@ -44,6 +44,7 @@ import os
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import orjson
@@ -61,9 +62,8 @@ DEFAULT_PREFIX = "gw:health"
 Sink = Callable[[Transition], None]
 Clock = Callable[[], float]
 
-# Deletes the trial lock only if this replica still owns it (it may have expired and been
-# taken by another replica since).
-_RELEASE_SCRIPT = "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) end return 0"
+# Deletes the trial lock only if its owner still holds it (run through redis-py's register_script).
+RELEASE_PROBE_LUA = (Path(__file__).parent / "release_probe.lua").read_text()
 
 
 def _discard(_: Transition) -> None:
@@ -236,6 +236,7 @@ class RedisHealthStore(LocalHealthStore):
         self._resync_interval = resync_interval
         self._max_pending = max_pending
         self._token = f"{os.getpid()}-{os.urandom(6).hex()}"
+        self._release_probe = redis.register_script(RELEASE_PROBE_LUA)
         self._pending: dict[int, list[tuple[Event, float]]] = {}
         self._releases: set[int] = set()
         self._wake: asyncio.Event | None = None
@@ -343,7 +344,7 @@ class RedisHealthStore(LocalHealthStore):
         releases, self._releases = self._releases, set()
         for account_id in releases:
             try:
-                await self._redis.eval(_RELEASE_SCRIPT, 1, self._probe_key(account_id), self._token)
+                await self._release_probe((self._probe_key(account_id),), (self._token,))
             except Exception:
                 self._releases.add(account_id)
                 raise
@@ -597,7 +598,7 @@ def try_acquire_probe_sync(
 
 
 def release_probe_sync(client: redis_sync.Redis, account_id: int, token: str, prefix: str | None = None) -> None:
-    client.eval(_RELEASE_SCRIPT, 1, probe_key(prefix or settings_prefix(), account_id), token)
+    client.register_script(RELEASE_PROBE_LUA)((probe_key(prefix or settings_prefix(), account_id),), (token,))
 
 
 def health_store_from_settings(redis: redis_async.Redis | None, sink: Sink) -> LocalHealthStore:

@@ -11,10 +11,14 @@ to another account while the bound one is still healthy (a single 5xx, a cap rea
 leaves the binding alone, so the next request returns to the warm cache.
 
 :class:`LocalStickyStore` holds bindings in process (bounded LRU + TTL). With Redis,
-:class:`RedisStickyStore` shares them: a binding seen here in the last ``local_ttl``
-seconds is answered locally; otherwise one ``GET`` (only on such a miss). Writes
-(``SET key id EX ttl``) are queued and sent by a background task, coalesced per key;
-a binding used again is re-sent at most every ``ttl / 4`` to refresh its expiry.
+:class:`RedisStickyStore` shares them: a binding confirmed here in the last ``local_ttl``
+seconds is answered locally. Otherwise the data plane reads it along with the request's
+admission (:meth:`RedisStickyStore.stale` names the keys to read, ``learn`` takes the
+values), so a new prompt_cache_key costs no round trip of its own; ``lookup`` asks Redis
+itself (one ``GET``) only for a binding nobody read. Writes (``SET key id EX ttl``) go
+through the ``carry`` callable, which sends them with the next admission (or a
+background batch); a binding used again is re-sent at most every ``ttl / 4`` to
+refresh its expiry.
 
 Redis layout: ``{prefix}:{key}`` -> account id as a decimal string, with ``EX ttl``
 (``prefix`` defaults to ``gw:sticky``).
@@ -22,13 +26,11 @@ Redis layout: ``{prefix}:{key}`` -> account id as a decimal string, with ``EX tt
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import hashlib
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -38,6 +40,7 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_PREFIX = "gw:sticky"
 Usable = Callable[[int], bool]
+Carry = Callable[[str, str, int], None]  # (Redis key, value, ttl seconds): send without waiting
 
 
 class _Binding:
@@ -121,12 +124,17 @@ class LocalStickyStore:
 
 
 class RedisStickyStore(LocalStickyStore):
-    """Bindings shared through Redis, with a local cache in front (module docstring)."""
+    """Bindings shared through Redis, with a local cache in front (module docstring).
+
+    ``carry(redis_key, value, ttl)`` sends a binding: it must not wait (the data plane
+    passes the rate limiter's ride-along queue, ``RedisLimiter.carry``).
+    """
 
     def __init__(
         self,
         redis: redis_async.Redis,
         *,
+        carry: Carry,
         ttl: float = 3600.0,
         local_ttl: float = 30.0,
         max_entries: int = 100_000,
@@ -135,39 +143,61 @@ class RedisStickyStore(LocalStickyStore):
     ) -> None:
         super().__init__(ttl=ttl, max_entries=max_entries, clock=clock)
         self._redis = redis
+        self._carry = carry
         self._local_ttl = local_ttl
         self.prefix = prefix
-        self._outbox: dict[str, int] = {}
-        self._wake: asyncio.Event | None = None
-        self._writer: asyncio.Task[None] | None = None
+        # Keys Redis had no binding for, and when it said so: a new prompt_cache_key read with
+        # the admission is not asked again by dispatch (at most max_entries, oldest dropped).
+        self._absent: OrderedDict[str, float] = OrderedDict()
+
+    def redis_key(self, key: str) -> str:
+        """Where the binding of ``key`` lives in Redis."""
+        return f"{self.prefix}:{key}"
+
+    def stale(self, keys: Iterable[str]) -> list[str]:
+        """The ``keys`` whose binding must be read from Redis (not confirmed in the last ``local_ttl``)."""
+        now = self._clock()
+        return [key for key in keys if not self._fresh(key, now)]
+
+    def _fresh(self, key: str, now: float) -> bool:
+        entry = self._entries.get(key)
+        if entry is None:
+            checked = self._absent.get(key)
+            return checked is not None and now - checked < self._local_ttl
+        return now - entry.checked_at < self._local_ttl and entry.expires_at > now
 
     async def lookup(self, key: str) -> int | None:
-        now = self._clock()
-        entry = self._entries.get(key)
-        if entry is not None and now - entry.checked_at < self._local_ttl and entry.expires_at > now:
-            self._entries.move_to_end(key)
-            return entry.account_id
-        if key in self._outbox:  # our own write is on its way: it is the newest we know
+        if self._fresh(key, self._clock()):
             return self.get(key)
         try:
-            raw = await self._redis.get(f"{self.prefix}:{key}")
+            raw = await self._redis.get(self.redis_key(key))
         except Exception:
             logger.warning("sticky lookup: Redis unavailable, using the local binding")
             return self.get(key)
+        return self.learn(key, raw)
+
+    def learn(self, key: str, raw: object) -> int | None:
+        """Take the binding of ``key`` as read from Redis (``raw``: its value, None if missing)."""
         if raw is None:
             self._entries.pop(key, None)
+            self._absent[key] = self._clock()
+            self._absent.move_to_end(key)
+            while len(self._absent) > self._max:
+                self._absent.popitem(last=False)
             return None
         try:
-            account_id = int(raw)
+            account_id = int(raw) if isinstance(raw, bytes | str) else int(str(raw))
         except ValueError:
             return None
         # Fresh from Redis: valid locally for local_ttl; Redis keeps the real expiry, which
         # we cannot see, so the next use here re-sends it (sent_at = -inf).
+        now = self._clock()
         self._put(key, _Binding(account_id, now + self.ttl, now, float("-inf")))
         return account_id
 
     def bind(self, key: str, account_id: int, usable: Usable) -> bool:
         changed = super().bind(key, account_id, usable)
+        self._absent.pop(key, None)
         entry = self._entries.get(key)
         if entry is None or entry.account_id != account_id:
             return changed  # kept another healthy binding: nothing to send
@@ -175,58 +205,5 @@ class RedisStickyStore(LocalStickyStore):
         if changed or now - entry.sent_at >= self.ttl / 4:
             entry.sent_at = now
             entry.checked_at = now
-            self._outbox[key] = account_id
-            self._kick()
+            self._carry(self.redis_key(key), str(account_id), max(1, int(self.ttl)))
         return changed
-
-    def _kick(self) -> None:
-        if self._wake is None:
-            self._wake = asyncio.Event()
-        self._wake.set()
-        if self._writer is None or self._writer.done():
-            with contextlib.suppress(RuntimeError):  # no running loop: aclose() sends it
-                self._writer = asyncio.get_running_loop().create_task(self._write_loop())
-
-    async def _write_loop(self) -> None:
-        delay = 0.05
-        while True:
-            assert self._wake is not None
-            await self._wake.wait()
-            self._wake.clear()
-            try:
-                await self._flush()
-            except asyncio.CancelledError:
-                raise
-            except Exception:
-                logger.warning("writing sticky bindings to Redis failed; will retry", exc_info=True)
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 10.0)
-                self._wake.set()
-                continue
-            delay = 0.05
-
-    async def _flush(self) -> None:
-        if not self._outbox:
-            return
-        batch, self._outbox = self._outbox, {}
-        try:
-            async with self._redis.pipeline(transaction=False) as pipe:
-                for key, account_id in batch.items():
-                    pipe.set(f"{self.prefix}:{key}", account_id, ex=max(1, int(self.ttl)))
-                await pipe.execute()
-        except BaseException:
-            for key, account_id in batch.items():
-                self._outbox.setdefault(key, account_id)  # newer writes win
-            raise
-
-    async def aclose(self, timeout: float = 2.0) -> None:
-        if self._writer is not None:
-            self._writer.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._writer
-            self._writer = None
-        if self._outbox:
-            try:
-                await asyncio.wait_for(self._flush(), timeout)
-            except Exception:
-                logger.warning("sticky bindings not written to Redis at shutdown", exc_info=True)

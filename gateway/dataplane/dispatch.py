@@ -98,8 +98,7 @@ class Dispatcher:
         self.extra = extra_headers
         self.tried: set[int] = set()
         self.last_error: GatewayError | None = None
-        sticky = request.get("prompt_cache_key") or _conversation_id(request.get("conversation"))
-        self.sticky_value = str(sticky) if sticky else ""
+        self.sticky_value = sticky_value(request)
 
     async def run(self, receive: Receive, send: Send) -> None:
         max_attempts = settings.GATEWAY_MAX_ATTEMPTS
@@ -344,6 +343,12 @@ class Dispatcher:
 
 def _payload(request: dict[str, Any], strip_fields: frozenset[str]) -> bytes:
     return orjson.dumps(sanitize_for_upstream(request, strip_fields))
+
+
+def sticky_value(request: dict[str, Any]) -> str:
+    """What binds a request to an account's prompt cache: its prompt_cache_key (or conversation id); "" none."""
+    sticky = request.get("prompt_cache_key") or _conversation_id(request.get("conversation"))
+    return str(sticky) if sticky else ""
 
 
 def _conversation_id(value: object) -> str:

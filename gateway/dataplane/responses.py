@@ -17,6 +17,7 @@ from typing import Any
 import orjson
 from django.conf import settings
 
+from accounts.routing.stickiness import sticky_key
 from gateway.config.snapshot import Snapshot
 from gateway.contract.errors import SERVER, GatewayError
 from gateway.contract.nesting import check_nesting
@@ -24,7 +25,7 @@ from gateway.contract.policy import apply_policy
 from gateway.contract.validation import validate_request
 from gateway.dataplane.asgi_io import Receive, Scope, Send, read_body
 from gateway.dataplane.auth import Plan, authenticate, plan_request
-from gateway.dataplane.dispatch import Dispatcher, Failed
+from gateway.dataplane.dispatch import Dispatcher, Failed, sticky_value
 from gateway.dataplane.exchange import Exchange
 from gateway.dataplane.runtime import Runtime
 from gateway.limits.engine import Decision, estimate_tokens, rejection_error
@@ -144,5 +145,8 @@ async def _admit(
     if price is not None:
         output = max_output if max_output is not None else settings.GATEWAY_DEFAULT_OUTPUT_RESERVE
         micros = usd_to_micros(estimate_cost_usd(tokens - output, output, price))
-    decision = await runtime.limiter.admit(key.scopes(now), tokens=tokens, micros=micros, now=now)
+    value = sticky_value(request)
+    # The request's prompt-cache bindings, one per pool it may go to, are read with the admission.
+    keys = [sticky_key(key.tenant_id, pool, value) for pool in dict.fromkeys(p for _, p, _ in plan)] if value else []
+    decision = await runtime.admit(key.scopes(now), tokens=tokens, micros=micros, now=now, sticky_keys=keys)
     return request, plan, decision

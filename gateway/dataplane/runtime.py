@@ -17,7 +17,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import sys
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 from django.conf import settings
@@ -34,7 +34,7 @@ from gateway.dataplane.keepalive import KeepAlive
 from gateway.dataplane.offload import Offload
 from gateway.dataplane.outages import REDIS_ERRORS, reason
 from gateway.dataplane.readiness import Readiness
-from gateway.limits.engine import LocalLimiter, Scope
+from gateway.limits.engine import Decision, LocalLimiter, Scope
 from gateway.limits.persistence import budget_spent_many, record_alert_retrying
 from gateway.limits.redis_backend import RedisLimiter, redis_client
 from gateway.limits.seeding import BatchSeed
@@ -93,8 +93,9 @@ class Runtime:
         self.limiter: LocalLimiter | RedisLimiter
         token_source: Callable[[], Awaitable[object]]
         if self.redis is not None:
-            self.sticky = RedisStickyStore(self.redis)
             self.limiter = RedisLimiter(self.redis, seed=seed, on_alert=self._on_alert)
+            # Bindings ride on admissions: no round trip of their own.
+            self.sticky = RedisStickyStore(self.redis, carry=self.limiter.carry)
             self.meter = RedisUsageSink(
                 self.redis,
                 interval=settings.GATEWAY_USAGE_FLUSH_SECONDS,
@@ -128,6 +129,25 @@ class Runtime:
         if self.redis is not None:
             self.token = await notify.config_token_async(self.redis)
         return self.token
+
+    async def admit(
+        self, scopes: Sequence[Scope], *, tokens: int, micros: int, now: float, sticky_keys: Sequence[str] = ()
+    ) -> Decision:
+        """The request's admission (its one Redis round trip, with Redis).
+
+        With Redis the bindings of ``sticky_keys`` (the request's prompt-cache keys, one per
+        pool it may go to) that this process has not confirmed lately are read in the same
+        script call, so dispatch finds them locally.
+        """
+        limiter, sticky = self.limiter, self.sticky
+        if not (isinstance(limiter, RedisLimiter) and isinstance(sticky, RedisStickyStore) and sticky_keys):
+            return await limiter.admit(scopes, tokens=tokens, micros=micros, now=now)
+        stale = sticky.stale(sticky_keys)
+        reads = [sticky.redis_key(key) for key in stale]
+        decision = await limiter.admit(scopes, tokens=tokens, micros=micros, now=now, reads=reads)
+        for key, raw in zip(stale, decision.reads, strict=True):
+            sticky.learn(key, raw)
+        return decision
 
     def _on_reload(self, snapshot: Snapshot) -> None:
         self.health.apply_resets(snapshot.health_resets)

@@ -136,6 +136,7 @@ class Decision:
     ticket: Ticket | None = None  # set when allowed
     config_token: object = None  # the config change token, read with the decision
     message: str = ""
+    reads: tuple[object, ...] = ()  # Redis backend: the values of the keys read along (None: missing)
 
     @property
     def code(self) -> str | None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import threading
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
@@ -237,15 +238,20 @@ class RoundTripProxy:
 
     A pipeline of several commands sent together is one round trip (Redis' own command counters would
     count each command), and only the gateway's connections pass here, whatever else uses that Redis.
+    Each round trip is kept as its first bytes (what it asked).
     """
 
     def __init__(self, host: str, port: int) -> None:
         self.host = host
         self.port = port
-        self.round_trips = 0
+        self.trips: list[bytes] = []
         self.server: asyncio.Server | None = None
         self.writers: list[asyncio.StreamWriter] = []
         self.handlers: list[asyncio.Task[Any]] = []
+
+    @property
+    def round_trips(self) -> int:
+        return len(self.trips)
 
     async def start(self) -> int:
         self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
@@ -271,7 +277,7 @@ class RoundTripProxy:
             nonlocal waiting
             while data := await client_reader.read(65536):
                 if not waiting:
-                    self.round_trips += 1
+                    self.trips.append(data[:200])
                     waiting = True
                 server_writer.write(data)
                 await server_writer.drain()
@@ -289,38 +295,82 @@ class RoundTripProxy:
             await asyncio.gather(upstream(), downstream())
 
 
+def redis_url_through(proxy_port: int) -> str:
+    """settings.REDIS_URL with its host and port replaced by the proxy's."""
+    parts = urlsplit(settings.REDIS_URL)
+    userinfo = parts.netloc.rpartition("@")[0]
+    netloc = f"{userinfo}@127.0.0.1:{proxy_port}" if userinfo else f"127.0.0.1:{proxy_port}"
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
+def settle_sha() -> bytes:
+    """The SHA1 of the settle script: its calls are the background batches, off the request path."""
+    from gateway.limits.redis_backend import SETTLE_LUA
+
+    return hashlib.sha1(SETTLE_LUA.encode()).hexdigest().encode()
+
+
 @pytest.mark.skipif(not settings.REDIS_URL, reason="REDIS_URL is not set: the embedded mode uses no Redis")
 @pytest.mark.django_db(transaction=True)
-def test_at_most_one_redis_round_trip_per_request(gateway_setup: str) -> None:
+def test_one_redis_round_trip_per_request_of_every_kind(gateway_setup: str) -> None:
+    """Each request makes exactly one Redis round trip while it runs, whatever its kind: without a
+    prompt_cache_key, with a new one (its sticky binding is looked up in that same round trip, and
+    written by a later one), with a known one, streamed or not, and refused by a limit (429).
+
+    Settlements and binding writes ride on the next request's round trip; when none comes soon, a
+    background batch (the settle script) sends them: such batches are not part of any request, so a
+    round trip of the settle script is left out of the per-request count (on a quiet machine there
+    is none: the requests follow each other closely), and nothing else may happen in the window.
+    """
     from gateway.conf.asgi import application
 
     key = gateway_setup
+    limited = make_actor("hotpath-limited", rpm=1).key  # its first request passes, the others get 429
+    if urlsplit(settings.REDIS_URL).scheme != "redis" or urlsplit(settings.REDIS_URL).hostname is None:
+        pytest.skip(f"the round-trip proxy handles redis:// URLs only, not {settings.REDIS_URL.split(':')[0]}://")
     parts = urlsplit(settings.REDIS_URL)
-    if parts.scheme != "redis" or parts.hostname is None:
-        pytest.skip(f"the round-trip proxy handles redis:// URLs only, not {parts.scheme}://")
-    proxy = RoundTripProxy(parts.hostname, parts.port or 6379)
-    counted: list[int] = []
+    proxy = RoundTripProxy(parts.hostname or "", parts.port or 6379)
+    kinds = {
+        "no cache key": lambda n: payload(n),
+        "new cache key": lambda n: {**payload(n), "prompt_cache_key": f"conversation-{n}"},
+        "known cache key": lambda n: {**payload(n), "prompt_cache_key": "conversation-known"},
+    }
+    per_request: dict[str, list[int]] = {kind: [] for kind in [*kinds, "refused by a limit"]}
+    others: list[bytes] = []
+
+    async def request(kind: str, n: int, api_key: str, body: dict[str, Any], expected: int) -> None:
+        started = proxy.round_trips
+        status, content = await call(application, api_key, body)
+        assert status == expected, f"{kind} {n}: {status} {content[:300]!r}"
+        if expected == 200 and body["stream"]:
+            assert b"response.completed" in content, content[-300:]
+        trips = [data for data in proxy.trips[started:] if settle_sha() not in data]
+        per_request[kind].append(len(trips))
+        others.extend(trips[1:])
 
     async def main() -> None:
         try:
             async with serving(application):
-                # Warm-up: connects (HELLO/SELECT/CLIENT SETINFO are per connection) and loads the snapshot.
-                check(*await call(application, key, payload(0)), 0)
-                check(*await call(application, key, payload(1)), 1)
-                before = proxy.round_trips
+                # Warm-up: connects (HELLO/SELECT/CLIENT SETINFO are per connection), loads the snapshot
+                # and the scripts, binds "conversation-known" and uses up the limited key's minute.
+                check(*await call(application, limited, payload(0)), 0)
+                for n in range(2):
+                    for body in kinds.values():
+                        check(*await call(application, key, body(n)), n)
                 for n in range(2, 2 + REQUESTS):
-                    check(*await call(application, key, payload(n)), n)
-                counted.append(proxy.round_trips - before)
+                    for kind, body in kinds.items():
+                        await request(kind, n, key, body(n), 200)
+                    await request("refused by a limit", n, limited, payload(n), 429)
         finally:
             await proxy.close()
 
     async def run() -> None:
         port = await proxy.start()
-        userinfo = parts.netloc.rpartition("@")[0]
-        netloc = f"{userinfo}@127.0.0.1:{port}" if userinfo else f"127.0.0.1:{port}"
-        with override_settings(REDIS_URL=urlunsplit(parts._replace(netloc=netloc)), **USAGE_WRITES_DEFERRED):
+        with override_settings(REDIS_URL=redis_url_through(port), **USAGE_WRITES_DEFERRED):
             await main()
 
     with worker_connections_closed():
         asyncio.run(run())
-    assert counted[0] <= REQUESTS, f"{counted[0]} Redis round trips for {REQUESTS} requests"
+    for kind, counts in per_request.items():
+        assert counts == [1] * REQUESTS, f"{kind}: Redis round trips per request {per_request} {others}"
+    assert others == [], f"round trips besides the admission: {others[:5]}"

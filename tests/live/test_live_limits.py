@@ -547,12 +547,17 @@ def webhook() -> Iterator[Webhook]:
     hook.close()
 
 
+@pytest.mark.parametrize("worker", ["eager", "celery child"])
 def test_alerts_are_sent_to_the_webhook_once(
-    live_gw: Live, start_gateway: Callable[..., live.LiveProcess], webhook: Webhook
+    live_gw: Live, start_gateway: Callable[..., live.LiveProcess], webhook: Webhook, worker: str
 ) -> None:
+    """Delivered by the gateway itself (eager), or by the Celery worker ``serve --celery`` runs (``make run``)."""
     from tenancy.models import BudgetAlert
 
-    gateway = start_gateway(GATEWAY_ALERT_WEBHOOK_URL=webhook.url, CELERY_TASK_ALWAYS_EAGER="1")
+    if worker == "eager":
+        gateway = start_gateway(GATEWAY_ALERT_WEBHOOK_URL=webhook.url, CELERY_TASK_ALWAYS_EAGER="1")
+    else:
+        gateway = start_gateway(args=("--celery",), GATEWAY_ALERT_WEBHOOK_URL=webhook.url)
     api_key, key = new_key(live_gw, budget_tokens=120, budget_soft_percent=30, concurrency=5)
     request = {"model": MODEL, "input": "hooked", "max_output_tokens": 20}
     for _ in range(20):
@@ -561,7 +566,7 @@ def test_alerts_are_sent_to_the_webhook_once(
             break
         wait_settled(gateway.url, key)
     assert_error(response, 429, "budget_exceeded", type="insufficient_quota", param="key.budget")
-    poll(lambda: len(webhook.bodies) >= 2, what="soft and hard alerts delivered")
+    poll(lambda: len(webhook.bodies) >= 2, timeout=30, what="soft and hard alerts delivered")
     assert sorted(body["kind"] for body in webhook.bodies) == ["hard", "soft"]
     for body in webhook.bodies:
         assert body["type"] == "budget.alert"

@@ -436,16 +436,21 @@ def test_redis_down_keeps_the_local_mirror_protecting() -> None:
 def test_sticky_binding_is_shared_through_redis() -> None:
     import redis.asyncio as aioredis
 
+    from gateway.limits.redis_backend import RedisLimiter
+
     async def scenario() -> None:
         prefix = f"gwtest:{uuid.uuid4().hex}:sticky"
         client_a, client_b = aioredis.Redis.from_url(REDIS_URL), aioredis.Redis.from_url(REDIS_URL)
-        a = RedisStickyStore(client_a, prefix=prefix, ttl=60)
-        b = RedisStickyStore(client_b, prefix=prefix, ttl=60)
+        # Bindings are sent the way the gateway sends them: carried by the rate limiter's next call.
+        carrier_a = RedisLimiter(client_a, prefix=prefix + ":rl:", config_key=prefix + ":gen")
+        carrier_b = RedisLimiter(client_b, prefix=prefix + ":rl:", config_key=prefix + ":gen")
+        a = RedisStickyStore(client_a, carry=carrier_a.carry, prefix=prefix, ttl=60)
+        b = RedisStickyStore(client_b, carry=carrier_b.carry, prefix=prefix, ttl=60)
         try:
             assert await a.lookup("k") is None
             assert a.bind("k", 3, usable=lambda _: True)
-            await eventually(lambda: bool(a._outbox) is False)
-            await asyncio.sleep(0.05)
+            assert await a.lookup("k") == 3  # answered locally while the write is on its way
+            await carrier_a.flush()
             assert await b.lookup("k") == 3
             ttl = await client_a.ttl(f"{prefix}:k")
             assert 0 < ttl <= 60
@@ -454,11 +459,12 @@ def test_sticky_binding_is_shared_through_redis() -> None:
             assert await b.lookup("k") == 3
             # 3 becomes unusable: B rebinds, and A sees it once its local entry is stale.
             assert b.bind("k", 4, usable=lambda account: account != 3)
-            await asyncio.sleep(0.1)
+            await carrier_b.flush()
             assert await client_a.get(f"{prefix}:k") == b"4"
+            assert a.stale(["k", "other"]) == ["other"]  # "k" was confirmed here lately
         finally:
-            await a.aclose()
-            await b.aclose()
+            await carrier_a.aclose()
+            await carrier_b.aclose()
             await client_a.delete(f"{prefix}:k")
             await client_a.aclose()
             await client_b.aclose()

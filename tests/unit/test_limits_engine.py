@@ -535,18 +535,26 @@ def test_redis_keys_have_ttls(redis_prefix: str) -> None:
     asyncio.run(main())
 
 
-def test_redis_script_falls_back_to_eval_on_noscript(redis_prefix: str) -> None:
+def test_redis_limiter_reloads_its_scripts_after_redis_lost_them(redis_prefix: str) -> None:
+    """A Redis restart (or SCRIPT FLUSH) empties the script cache: the next call loads the script again."""
+
     async def main() -> None:
-        import redis.asyncio as aioredis
+        from gateway.limits.redis_backend import RedisLimiter, redis_client
 
-        from gateway.limits.redis_backend import Script
-
-        client = aioredis.Redis.from_url(REDIS_URL)
-        script = Script(f"return ARGV[1] .. '{uuid.uuid4().hex}'")  # never loaded before
-        first = await script(client, [], ["x"])
-        assert first.startswith(b"x")
-        assert await client.script_exists(script.sha) == [True]
-        assert await script(client, [], ["y"]) == b"y" + first[1:]
+        client = redis_client(REDIS_URL)
+        limiter = RedisLimiter(client, prefix=redis_prefix, config_key=redis_prefix + "gen", linger=3600)
+        scope = Scope("key", 1, rpm=10, concurrency=5)
+        assert (await limiter.admit([scope], tokens=1, now=NOW)).allowed
+        await client.script_flush()
+        second = await limiter.admit([scope], tokens=1, now=NOW)  # admit.lua, loaded again
+        assert second.ticket is not None
+        limiter.settle(second.ticket, tokens=1, micros=0)
+        await client.script_flush()
+        await limiter.flush()  # settle.lua, loaded again
+        assert limiter.pending() == 0
+        report = (await limiter.peek([scope], now=NOW))[0]["concurrent_requests"]
+        assert report == {"limit": 5, "in_use": 1, "remaining": 4}  # the first, never settled
+        await limiter.aclose()
         await client.aclose()
 
     asyncio.run(main())
@@ -575,6 +583,39 @@ def test_redis_settlements_ride_on_the_next_admit(redis_prefix: str) -> None:
         assert second.allowed
         assert limiter.pending() == 0
         assert alerts == ["soft"]
+        await limiter.aclose()
+        await client.aclose()
+
+    asyncio.run(main())
+
+
+def test_redis_admit_carries_writes_and_reads_in_its_one_call(redis_prefix: str) -> None:
+    async def main() -> None:
+        from gateway.limits.redis_backend import RedisLimiter, redis_client
+
+        client = redis_client(REDIS_URL)
+        limiter = RedisLimiter(client, prefix=redis_prefix, config_key=redis_prefix + "gen", linger=3600)
+        await client.set(redis_prefix + "present", "7")
+        limiter.carry(redis_prefix + "bound", "3", 60)
+        limiter.carry(redis_prefix + "bound", "4", 60)  # a newer value not sent yet replaces the first
+        assert limiter.pending() == 1
+        decision = await limiter.admit(
+            [Scope("key", 1, rpm=10)],
+            tokens=1,
+            now=NOW,
+            reads=[redis_prefix + "present", redis_prefix + "missing", redis_prefix + "bound"],
+        )
+        assert decision.allowed
+        assert decision.reads == (b"7", None, b"4")  # the carried write is applied before the reads
+        assert limiter.pending() == 0
+        assert 0 < await client.ttl(redis_prefix + "bound") <= 60
+        refused = await limiter.admit([Scope("key", 2, rpm=0)], tokens=1, now=NOW, reads=[redis_prefix + "present"])
+        assert not refused.allowed
+        assert refused.reads == (b"7",)
+        # With no admission coming, the background batch sends what was carried.
+        limiter.carry(redis_prefix + "idle", "5", 60)
+        await limiter.flush()
+        assert await client.get(redis_prefix + "idle") == b"5"
         await limiter.aclose()
         await client.aclose()
 

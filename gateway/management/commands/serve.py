@@ -4,16 +4,23 @@ uvicorn (the default) runs with the server limits of the settings (docs/operatio
 "Server limits"): connections, request head size and count, head and body timeouts
 (gateway/conf/server.py), idle keep-alive, and the reverse proxies whose forwarded
 client address and scheme are believed.
+
+``--celery`` also runs a Celery worker with its beat scheduler as a supervised child
+(:mod:`gateway.management.celery_child`): what ``make run`` does, so that the embedded
+default needs one command. In production run one ``celery -A gateway.conf.celery worker -B``
+per deployment instead (docs/operations.md).
 """
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from django.conf import settings
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
 from gateway.conf.checks import SERVERS
+from gateway.management.celery_child import CeleryWorkerChild
 
 
 class Command(BaseCommand):
@@ -24,8 +31,23 @@ class Command(BaseCommand):
         parser.add_argument("--port", type=int, default=settings.PORT)
         parser.add_argument("--server", choices=SERVERS, default=settings.GATEWAY_SERVER)
         parser.add_argument("--workers", type=int, default=1, help="uvicorn worker processes")
+        parser.add_argument(
+            "--celery", action="store_true", help="also run a Celery worker with beat as a child (one-machine setups)"
+        )
 
     def handle(self, *args: Any, **options: Any) -> None:
+        if options["workers"] < 1:
+            raise CommandError("--workers must be at least 1")
+        worker = CeleryWorkerChild(Path(settings.DATA_DIR)) if options["celery"] else None
+        if worker is not None:
+            worker.start()
+        try:
+            self._serve(options)
+        finally:
+            if worker is not None:
+                worker.stop()
+
+    def _serve(self, options: dict[str, Any]) -> None:
         host, port = options["host"], options["port"]
         self.stdout.write(f"gateway serving on http://{host}:{port} ({options['server']})")
         self.stdout.flush()
@@ -40,8 +62,6 @@ class Command(BaseCommand):
 
         from gateway.conf.server import LimitedHttpToolsProtocol
 
-        if options["workers"] < 1:
-            raise CommandError("--workers must be at least 1")
         uvicorn.run(
             "gateway.conf.asgi:application",
             host=host,
