@@ -20,6 +20,7 @@ import sys
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
+from cachetools import TTLCache
 from django.conf import settings
 
 from accounts.health.store import health_store_from_settings
@@ -51,6 +52,11 @@ logger = logging.getLogger(__name__)
 # 2-CPU machine). Set once per process, when it starts serving (Runtime.start).
 GIL_SWITCH_INTERVAL = 0.001
 
+# GET /v1/usage: how long a key's figures (two aggregate queries) are served from memory,
+# and for how many keys and windows at most (the oldest go first past it).
+USAGE_CACHE_SECONDS = 5.0
+USAGE_CACHE_ENTRIES = 10_000
+
 # While Redis is down, how often it is pinged (and how long a ping may take) to see it back.
 REDIS_CHECK_SECONDS = 1.0
 
@@ -75,6 +81,9 @@ class Runtime:
             max_connections=settings.GATEWAY_UPSTREAM_MAX_CONNECTIONS,
         )
         self.keepalive = KeepAlive(settings.GATEWAY_SSE_KEEPALIVE_SECONDS)
+        self.usage_cache: TTLCache[tuple[int, int], tuple[dict[str, Any], dict[str, Any]]] = TTLCache(
+            maxsize=USAGE_CACHE_ENTRIES, ttl=USAGE_CACHE_SECONDS
+        )
         self.offload = Offload()  # large bodies' parsing and serializing, off the event loop
         self.transitions = TransitionLog()
         self.health = health_store_from_settings(self.redis, self.transitions.add)
