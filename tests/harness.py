@@ -413,6 +413,44 @@ class SseProbe:
         self._thread.join(10)
 
 
+class SilentProbe:
+    """An upstream that reads each request and never answers; ``closed`` holds the monotonic
+    times at which the gateway hung up on it (one per connection)."""
+
+    def __init__(self) -> None:
+        self.opened: list[float] = []
+        self.closed: list[float] = []
+        self._server = socket.socket()
+        self._server.bind(("127.0.0.1", 0))
+        self._server.listen(16)
+        self.base_url = f"http://127.0.0.1:{self._server.getsockname()[1]}/v1"
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self._server.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._handle, args=(conn,), daemon=True).start()
+
+    def _handle(self, conn: socket.socket) -> None:
+        with conn:
+            received = b""
+            while b"\r\n\r\n" not in received and (data := conn.recv(65536)):
+                received += data
+            self.opened.append(time.monotonic())
+            with contextlib.suppress(OSError):
+                while conn.recv(65536):  # the body, then nothing until the gateway hangs up
+                    pass
+            self.closed.append(time.monotonic())
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self._server.shutdown(socket.SHUT_RDWR)
+        self._server.close()
+
+
 # --- the fake upstream with server-wide fault knobs ------------------------------------------
 
 

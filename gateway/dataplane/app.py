@@ -89,7 +89,16 @@ class GatewayApp:
             nonlocal started
             if message["type"] == "http.response.start":
                 started = True
-            await send(message)
+            try:
+                await send(message)
+            except (OSError, RuntimeError) as exc:
+                # The connection is closed under the server's feet: uvicorn does not tell a
+                # pipelined request that its client left, and its transport then refuses
+                # writes with a RuntimeError (uvloop: "... the handler is closed").
+                if isinstance(exc, RuntimeError) and "closed" not in str(exc):
+                    raise
+                ex.client_gone = True
+                raise ClientGone from None
 
         try:
             try:
@@ -106,17 +115,18 @@ class GatewayApp:
                 if ex.attempts:
                     outcome = "rate_limited" if error.status == 429 else "upstream_error"
                 ex.finish(error.status, outcome)
-            if not started:
-                await send_error(send, error, ex.rid)
+            if ex.client_gone:
+                ex.client_left()
+            elif not started:
+                await _answer(tracked, error, ex)
         except ClientGone:
-            if ex.final is None:
-                ex.finish(499, "client_disconnected")
+            ex.client_left()
         except Exception:
             logger.exception("unhandled error in %s %s (%s)", method, path, ex.request_id)
             if ex.final is None:
                 ex.finish(500, "failed")
             if not started:
-                await send_error(send, _internal_error(), ex.rid)
+                await _answer(tracked, _internal_error(), ex)
         finally:
             if ex.key is not None and path == "/v1/responses":
                 runtime.meter.record(ex.event(ex.billed()[1]))
@@ -222,6 +232,14 @@ async def readyz(send: Send, runtime: Runtime, ex: Exchange) -> None:
     serving = not runtime.readiness.is_down("redis") and not runtime.meter.saturated
     report["serving"] = serving
     await send_json(send, 200 if serving else 503, orjson.dumps(report), ex.rid)
+
+
+async def _answer(send: Send, error: GatewayError, ex: Exchange) -> None:
+    """Send ``error``'s envelope; a client already gone is recorded as such."""
+    try:
+        await send_error(send, error, ex.rid)
+    except ClientGone:
+        ex.client_left()
 
 
 def _internal_error() -> GatewayError:

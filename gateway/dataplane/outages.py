@@ -14,13 +14,9 @@ import redis.exceptions
 from gateway.contract.errors import SERVER, GatewayError
 
 # Connection refused or lost, no free connection in the pool, a command timed out, Redis
-# still loading its data (BusyLoadingError is a ConnectionError).
-REDIS_ERRORS: tuple[type[BaseException], ...] = (
-    redis.exceptions.ConnectionError,
-    redis.exceptions.TimeoutError,
-    TimeoutError,
-    ConnectionError,
-)
+# still loading its data (BusyLoadingError is a ConnectionError). redis-py raises its own
+# classes for all of these.
+REDIS_ERRORS: tuple[type[BaseException], ...] = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError)
 
 RETRY_AFTER_SECONDS = 2
 

@@ -199,6 +199,9 @@ class Runtime:
         except REDIS_ERRORS as exc:
             self.readiness.down("redis", reason(exc))
             return False
+        except TimeoutError:  # no answer within REDIS_CHECK_SECONDS
+            self.readiness.down("redis", "TimeoutError")
+            return False
         self.readiness.up("redis")
         return True
 
