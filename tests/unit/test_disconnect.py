@@ -108,7 +108,7 @@ def test_work_that_ends_first_is_untouched() -> None:
 
 def test_client_left_keeps_the_usage_of_the_answer_it_was_sent() -> None:
     ex = Exchange("req_1", 0.0)
-    usage = {"input_tokens": 3, "output_tokens": 5, "total_tokens": 8}
+    usage: dict[str, int | None] = {"input_tokens": 3, "output_tokens": 5, "total_tokens": 8}
     ex.finish(200, "completed", usage, response_id="resp_1")
     ex.client_left()
     assert ex.final is not None
