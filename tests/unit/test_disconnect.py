@@ -7,6 +7,7 @@ from typing import Any
 
 import pytest
 
+from gateway.dataplane.app import GatewayApp
 from gateway.dataplane.asgi_io import ClientGone
 from gateway.dataplane.disconnect import ClientWatch
 from gateway.dataplane.exchange import Exchange
@@ -118,3 +119,43 @@ def test_client_left_keeps_the_usage_of_the_answer_it_was_sent() -> None:
     nothing.client_left()
     assert nothing.final is not None
     assert nothing.final[:2] == (499, "client_disconnected")
+
+
+@pytest.mark.parametrize("path", ["/readyz", "/v1/nothing-here"])
+def test_a_closed_transport_is_a_client_gone_not_an_error(
+    settings: Any, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, path: str
+) -> None:
+    """uvicorn's transport refuses writes once the connection closed (uvloop raises a
+    RuntimeError): the app takes it as the client gone, with no traceback and no 500."""
+    settings.REDIS_URL = ""
+    settings.GATEWAY_USAGE_DRAINER = False
+    monkeypatch.setenv("REDIS_URL", "")
+    attempts: list[dict[str, Any]] = []
+
+    async def closed_transport(message: dict[str, Any]) -> None:
+        attempts.append(message)
+        raise RuntimeError("unable to perform operation on <TCPTransport closed=True>; the handler is closed")
+
+    async def receive() -> dict[str, Any]:
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def scenario() -> None:
+        app = GatewayApp()
+        inbox: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+        started = asyncio.Event()
+
+        async def lifespan_send(message: dict[str, Any]) -> None:
+            started.set()
+
+        lifespan = asyncio.create_task(app({"type": "lifespan"}, inbox.get, lifespan_send))
+        await inbox.put({"type": "lifespan.startup"})
+        await started.wait()
+        scope = {"type": "http", "method": "GET", "path": path, "headers": [], "client": ("127.0.0.1", 1)}
+        await app(scope, receive, closed_transport)
+        await inbox.put({"type": "lifespan.shutdown"})
+        await lifespan
+
+    asyncio.run(scenario())
+    assert [message["type"] for message in attempts] == ["http.response.start"]  # tried once, no 500 after
+    assert "Traceback" not in caplog.text
+    assert "unhandled error" not in caplog.text
