@@ -38,7 +38,8 @@ def test_a_killed_celery_worker_is_restarted_and_stopped_with_the_gateway(
         return child if child != first else None
 
     second = live.poll(replacement, timeout=15, what="a new worker")
-    assert second is not None and second.running()
+    assert second is not None
+    assert second.running()
     # uvicorn re-raises the SIGTERM once it has shut down; the worker gets its own SIGTERM.
     assert gateway.stop(signal.SIGTERM) in (0, -signal.SIGTERM)
     live.poll(lambda: not second.running(), timeout=30, what="the worker stopping with its gateway")
