@@ -32,7 +32,7 @@ from gateway.config.snapshot import AccountInfo, Snapshot
 from gateway.contract.errors import RATE_LIMIT, SERVER, GatewayError
 from gateway.contract.sanitize import sanitize_for_upstream
 from gateway.contract.upstream_errors import upstream_error_body
-from gateway.dataplane.asgi_io import Receive, Send, send_json
+from gateway.dataplane.asgi_io import ClientGone, Receive, Send, send_json
 from gateway.dataplane.relay import COMMIT, SseRelay
 from tenancy.pricing import usage_fields
 
@@ -280,7 +280,7 @@ class Dispatcher:
             )
             return False
         self._bind(sticky, account, upstream_model)
-        await send_json(send, status, content, ex.rid, self.extra)
+        # Noted before sending: a client gone meanwhile is recorded with this answer's usage.
         ex.finish(
             status,
             str(response.get("status") or "completed"),
@@ -288,6 +288,7 @@ class Dispatcher:
             response_id=str(response.get("id") or ""),
             ttfb_ms=(time.monotonic() - ex.started) * 1000,
         )
+        await send_json(send, status, content, ex.rid, self.extra)
         return True
 
     async def _stream(
@@ -337,9 +338,6 @@ class Dispatcher:
             }
         )
         self.rt.keepalive.register(relay.entry)
-        task = asyncio.current_task()
-        gone = asyncio.Event()
-        watcher = asyncio.get_running_loop().create_task(_watch_disconnect(receive, task, gone))
         tail = b""
         try:
             await relay.run(chunks)
@@ -359,11 +357,14 @@ class Dispatcher:
                 "upstream_error", f"The upstream stream failed: {exc}.", model=ex.model, request_id=ex.request_id
             )
         except asyncio.CancelledError:
-            if gone.is_set() and task is not None:
+            # The client left (gateway/dataplane/disconnect.py cancelled this task): keep the
+            # usage seen. Else the deadline ran out (or the cancellation is not ours: re-raised).
+            task = asyncio.current_task()
+            if ex.client_gone and task is not None:
                 task.uncancel()
                 outcome = "client_disconnected"
             else:
-                timeout = deadline.check()  # re-raises a cancellation that is not the deadline's
+                timeout = deadline.check()
                 outcome = "upstream_error"
                 tail = relay.failure_frames(
                     "upstream_timeout",
@@ -371,9 +372,10 @@ class Dispatcher:
                     model=ex.model,
                     request_id=ex.request_id,
                 )
+        except ClientGone:  # a relayed frame could not be sent
+            outcome = "client_disconnected"
         finally:
             deadline.close()
-            watcher.cancel()
             relay.discard()
             self.rt.keepalive.unregister(relay.entry)
             await upstream.aclose()
@@ -464,14 +466,3 @@ def _conversation_id(value: object) -> str:
     if isinstance(value, dict):
         return str(value.get("id") or "")
     return value if isinstance(value, str) else ""
-
-
-async def _watch_disconnect(receive: Receive, task: asyncio.Task[Any] | None, gone: asyncio.Event) -> None:
-    """Cancel the relaying task as soon as the client goes away."""
-    while True:
-        message = await receive()
-        if message["type"] == "http.disconnect":
-            gone.set()
-            if task is not None:
-                task.cancel()
-            return

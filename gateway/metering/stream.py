@@ -133,8 +133,10 @@ class RedisUsageSink:
             try:
                 await self.flush()
             except Exception:
+                # Logged once per outage (the data plane's readiness reports Redis too).
+                if backoff == self._interval:
+                    logger.warning("usage XADD failed; %d events kept for retry", len(self._buffer), exc_info=True)
                 backoff = min(backoff * 2, 5.0)
-                logger.warning("usage XADD failed; %d events kept for retry", len(self._buffer), exc_info=True)
                 if self._spill is not None and len(self._buffer) >= self._max_buffer:
                     batch, self._buffer = self._buffer, []  # taken here, on the loop: record() may run meanwhile
                     # Shielded and kept: aclose() waits for a spill that its cancel interrupted.
@@ -145,6 +147,8 @@ class RedisUsageSink:
                     self._spilling = None
                     replay = True
                 continue
+            if backoff != self._interval:
+                logger.warning("usage XADD works again")
             backoff = self._interval
 
     async def flush(self) -> None:
