@@ -622,6 +622,48 @@ def test_redis_admit_carries_writes_and_reads_in_its_one_call(redis_prefix: str)
     asyncio.run(main())
 
 
+class CountingRedis:
+    """A real client whose scripts count their calls (passed to the limiter like any client)."""
+
+    def __init__(self, client: Any) -> None:
+        self.client = client
+        self.calls: list[int] = []  # per script call: how many admissions its last argument carries
+
+    def register_script(self, source: str) -> Any:
+        script = self.client.register_script(source)
+
+        async def call(keys: Any, args: Any) -> Any:
+            self.calls.append(len(args[-1].splitlines()) if len(args) == 3 else 0)
+            return await script(keys, args)
+
+        return call
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.client, name)
+
+
+def test_redis_concurrent_admits_share_one_script_call(redis_prefix: str) -> None:
+    async def main() -> None:
+        from gateway.limits.redis_backend import RedisLimiter, redis_client
+
+        client = CountingRedis(redis_client(REDIS_URL))
+        limiter = RedisLimiter(client, prefix=redis_prefix, config_key=redis_prefix + "gen", linger=3600)  # type: ignore[arg-type]
+        scope = Scope("key", 1, rpm=5, concurrency=10)
+        decisions = await asyncio.gather(*(limiter.admit([scope], tokens=1, now=NOW) for _ in range(8)))
+        assert client.calls == [8]  # one round trip for the eight
+        assert [d.allowed for d in decisions] == [True] * 5 + [False] * 3  # in order, each atomically
+        for decision in decisions[:5]:
+            assert decision.ticket is not None
+            limiter.settle(decision.ticket, tokens=1, micros=0)
+        assert not (await limiter.admit([scope], tokens=1, now=NOW)).allowed  # the minute is used up
+        assert client.calls == [8, 1]  # the settlements rode along
+        assert limiter.pending() == 0
+        await limiter.aclose()
+        await client.client.aclose()
+
+    asyncio.run(main())
+
+
 CHILD = """
 import asyncio, sys
 from gateway.limits.engine import Scope
