@@ -17,6 +17,7 @@ from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
+import orjson
 import pytest
 
 from gateway.limits.engine import (
@@ -633,7 +634,7 @@ class CountingRedis:
         script = self.client.register_script(source)
 
         async def call(keys: Any, args: Any) -> Any:
-            self.calls.append(len(args[-1].splitlines()) if len(args) == 3 else 0)
+            self.calls.append(len(orjson.loads(args[-1])) if len(args) == 3 else 0)
             return await script(keys, args)
 
         return call
