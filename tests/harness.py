@@ -359,7 +359,8 @@ class KnobbedFake:
     ``set(status="503")``: every request is answered as if it carried ``x-fake-status: 503``
     (any knob of the fake; headers win over metadata); ``set()`` clears them. ``configure(**opts)``
     changes the fake's :class:`~gateway.devtools.fake_upstream.server.Config` (e.g. ``require_key``). ``script``,
-    when set, is called per request and its steps (raw bytes) are the answer. ``requests()`` is
+    when set, is called with each request (its ``headers``, ``body``...) and its steps (raw bytes)
+    are the answer. ``requests()`` is
     what ``GET /_fake/requests`` shows.
     """
 
@@ -369,7 +370,7 @@ class KnobbedFake:
         self._fake = fake
         self.state = fake.State(fake.make_config(**config))
         self.knobs: tuple[tuple[bytes, bytes], ...] = ()
-        self.script: Callable[[], list[bytes]] | None = None
+        self.script: Callable[[Any], list[bytes]] | None = None
         self.received = 0  # POSTs to /responses so far
         owner = self
 
@@ -379,7 +380,7 @@ class KnobbedFake:
                 owner.received += is_post
                 if owner.script is not None and is_post:
                     self.state.history.append((time.time(), req.method, req.url, req.headers, req.body))
-                    self.play(owner.script(), req.keep_alive)
+                    self.play(owner.script(req), req.keep_alive)
                     return
                 req.headers = [*req.headers, *owner.knobs]
                 super().respond(req)

@@ -494,11 +494,14 @@ def event_for_status(
 ) -> Event | None:
     """What an upstream answer says about the account's health; None if nothing.
 
-    2xx: success. 429: rate limited (burst or quota). 401/403: auth failure. 408 and
-    5xx: server error. Other 4xx are the request's fault, not the account's.
+    2xx: success. 429: rate limited (burst or quota). 401/403: auth failure. 408, 5xx
+    and 3xx (redirects are never followed: a moved or misconfigured base URL) and 1xx:
+    server error. Other 4xx are the request's fault, not the account's.
     """
     if 200 <= status < 300:
         return Success()
+    if status < 200 or 300 <= status < 400:
+        return ServerError(str(status))
     if status == 429:
         return rate_limit_event(headers, body, now)
     if status in (401, 403):

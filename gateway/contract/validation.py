@@ -11,7 +11,9 @@ Checks, in this order (the first violation is the one reported):
 1. the body is a JSON object (param null);
 2. ``model``: required, a non-empty string;
 3. option fields have their JSON type or null (code ``invalid_type``): see ``_OPTION_TYPES``,
-   plus string ``metadata`` values (param ``metadata.<key>``);
+   plus string ``metadata`` values (param ``metadata.<key>``); ``max_output_tokens`` within
+   ``[MIN_OUTPUT_TOKENS, MAX_OUTPUT_TOKENS]`` (OpenAI's codes ``integer_below_min_value`` /
+   ``integer_above_max_value``);
 4. ``store``: a boolean or null, never true;
 5. ``previous_response_id`` (alone or with ``conversation``) and ``truncation`` are rejected;
    ``conversation`` is a string or ``{"id": str}``;
@@ -84,6 +86,9 @@ INCLUDE_ALLOWLIST = frozenset(
 MESSAGE_ROLES = ("user", "assistant", "system", "developer", "tool")
 INSTRUCTION_ROLES = ("system", "developer")
 TEXT_PART_TYPES = frozenset({"text", "input_text", "output_text"})
+# max_output_tokens: OpenAI's minimum, and the largest value an upstream takes (int32).
+MIN_OUTPUT_TOKENS = 16
+MAX_OUTPUT_TOKENS = 2**31 - 1
 
 
 def validate_request(body: object) -> dict[str, Any]:
@@ -93,6 +98,7 @@ def validate_request(body: object) -> dict[str, Any]:
     request = dict(body)
     _check_model(request.get("model"))
     _check_option_types(request)
+    _check_max_output_tokens(request.get("max_output_tokens"))
     _check_store(request)
     _check_unsupported_context(request)
     _check_include(request.get("include"))
@@ -207,6 +213,26 @@ def _check_option_types(request: dict[str, Any]) -> None:
         for key, value in metadata.items():
             if not isinstance(value, str):
                 raise _invalid_type(f"metadata.{key}", "a string", value)
+
+
+def _check_max_output_tokens(value: int | None) -> None:
+    """An integer already (step 3): within OpenAI's range, so estimates and budgets stay sane."""
+    if value is None:
+        return
+    if value < MIN_OUTPUT_TOKENS:
+        raise invalid_request(
+            f"Invalid 'max_output_tokens': integer below minimum value. "
+            f"Expected a value >= {MIN_OUTPUT_TOKENS}, but got {value} instead.",
+            param="max_output_tokens",
+            code="integer_below_min_value",
+        )
+    if value > MAX_OUTPUT_TOKENS:
+        raise invalid_request(
+            f"Invalid 'max_output_tokens': integer above maximum value. "
+            f"Expected a value <= {MAX_OUTPUT_TOKENS}, but got {value} instead.",
+            param="max_output_tokens",
+            code="integer_above_max_value",
+        )
 
 
 def _check_store(request: dict[str, Any]) -> None:

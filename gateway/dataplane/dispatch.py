@@ -31,6 +31,7 @@ from accounts.upstream.client import UpstreamError, UpstreamStream
 from gateway.config.snapshot import AccountInfo, Snapshot
 from gateway.contract.errors import RATE_LIMIT, SERVER, GatewayError
 from gateway.contract.sanitize import sanitize_for_upstream
+from gateway.contract.upstream_errors import upstream_error_body
 from gateway.dataplane.asgi_io import Receive, Send, send_json
 from gateway.dataplane.relay import COMMIT, SseRelay
 from tenancy.pricing import usage_fields
@@ -142,7 +143,7 @@ class Dispatcher:
         ex.account = account
         ex.model = public_model
         request = self.request if upstream_model == self.request["model"] else {**self.request, "model": upstream_model}
-        payload = orjson.dumps(sanitize_for_upstream(request, account.strip_fields))
+        payload = await self.rt.offload.run(ex.body_bytes, _payload, request, account.strip_fields)
         try:
             upstream = await self.rt.upstream.open(account.responses_url, upstream_headers(account, ex.stream), payload)
         except UpstreamError as exc:
@@ -163,21 +164,25 @@ class Dispatcher:
             await upstream.aclose()
         status = upstream.status
         event = event_for_status(status, upstream.headers, content)
-        if status >= 500 or status in _RETRY_STATUSES:
+        if status >= 500 or status < 200 or 300 <= status < 400 or status in _RETRY_STATUSES:
+            # 3xx: redirects are never followed (a moved or misconfigured base URL), and
+            # never relayed: like a 5xx, the account failed and the next one is tried.
             outcome = "rate_limited" if status == 429 else "upstream_error"
             await self._failed(account, event, outcome, status, f"the upstream answered {status}")
             return False
         if event is not None:
             await self.rt.health.report(account.account_id, event)
         if status >= 400:
-            # The request's own fault: the upstream's envelope tells the client what.
+            # The request's own fault: the client gets the upstream's status and what its
+            # envelope says, rebuilt (never HTML, an empty body or the account's credential).
             extra = [
                 (name.encode(), upstream.headers[name].encode())
                 for name in _RELAYED_ERROR_HEADERS
                 if name in upstream.headers
             ]
             ex.finish(status, "upstream_rejected")
-            await send_json(send, status, content, ex.rid, [*self.extra, *extra])
+            body = upstream_error_body(status, content, (account.credential,))
+            await send_json(send, status, body, ex.rid, [*self.extra, *extra])
             return True
         try:
             parsed = orjson.loads(content)
@@ -339,6 +344,10 @@ class Dispatcher:
             code="no_accounts",
             headers=[*self.extra, (b"retry-after", b"1")],
         )
+
+
+def _payload(request: dict[str, Any], strip_fields: frozenset[str]) -> bytes:
+    return orjson.dumps(sanitize_for_upstream(request, strip_fields))
 
 
 def sticky_value(request: dict[str, Any]) -> str:

@@ -17,6 +17,7 @@ class Exchange:
     __slots__ = (
         "account",
         "attempts",
+        "body_bytes",
         "final",
         "headers",
         "key",
@@ -41,6 +42,7 @@ class Exchange:
         # (status, outcome, usage, response_id, ttfb_ms) once the request is answered.
         self.final: tuple[int, str, dict[str, int | None], str, float | None] | None = None
         self.headers: list[tuple[bytes, bytes]] = []
+        self.body_bytes = 0  # size of the request body
 
     @property
     def tenant_id(self) -> int:

@@ -1,6 +1,8 @@
 """``POST /v1/responses``: admit -> dispatch -> settle.
 
-authenticate -> read the body (size limit) -> parse -> validate (seed 004) -> key policy
+authenticate -> read the body (size limit) -> parse -> nesting depth (at most 64 levels,
+gateway/contract/nesting.py) -> validate (seed 004) -> key policy
+(a large body's parsing and validation in a worker thread: gateway/dataplane/offload.py)
 -> model access and attempt plan -> admission (every limit and budget in one atomic step:
 the single choke point) -> dispatch with failover (:mod:`gateway.dataplane.dispatch`) ->
 settle the reservation with what was really used. The caller (the app) meters the
@@ -18,6 +20,7 @@ from django.conf import settings
 from accounts.routing.stickiness import sticky_key
 from gateway.config.snapshot import Snapshot
 from gateway.contract.errors import SERVER, GatewayError
+from gateway.contract.nesting import check_nesting
 from gateway.contract.policy import apply_policy
 from gateway.contract.validation import validate_request
 from gateway.dataplane.asgi_io import Receive, Scope, Send, read_body
@@ -43,8 +46,8 @@ async def responses(scope: Scope, receive: Receive, send: Send, runtime: Runtime
             ex.key = authenticate(scope, snapshot)
             if validated is None:
                 raw = await read_body(scope, receive, settings.GATEWAY_MAX_BODY_BYTES)
-                size = len(raw)
-                validated = _parse(raw, ex)
+                size = ex.body_bytes = len(raw)
+                validated = await runtime.offload.run(size, _parse, raw, ex)
             request, plan, decision = await _admit(scope, runtime, ex, snapshot, validated, size)
         except GatewayError as error:
             # With Redis this replica learns of config changes from the admission
@@ -96,6 +99,7 @@ def _usage_backlog() -> GatewayError:
 
 
 def _parse(raw: bytes, ex: Exchange) -> dict[str, Any]:
+    """Parse, check and validate the body (in a worker thread for a large one: Offload)."""
     try:
         body = orjson.loads(raw)
     except orjson.JSONDecodeError:
@@ -106,6 +110,7 @@ def _parse(raw: bytes, ex: Exchange) -> dict[str, Any]:
         ) from None
     if isinstance(body, dict) and isinstance(body.get("model"), str):
         ex.model = body["model"]
+    check_nesting(raw)
     validated = validate_request(body)
     ex.stream = bool(validated.get("stream"))
     return validated

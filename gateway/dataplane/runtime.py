@@ -31,6 +31,7 @@ from gateway.conf.db import drop_broken_connections
 from gateway.config import notify
 from gateway.config.snapshot import ConfigState, Snapshot, load_snapshot
 from gateway.dataplane.keepalive import KeepAlive
+from gateway.dataplane.offload import Offload
 from gateway.dataplane.readiness import Readiness
 from gateway.limits.engine import Decision, LocalLimiter, Scope
 from gateway.limits.persistence import budget_spent_many, record_alert_retrying
@@ -70,6 +71,7 @@ class Runtime:
             max_connections=settings.GATEWAY_UPSTREAM_MAX_CONNECTIONS,
         )
         self.keepalive = KeepAlive(settings.GATEWAY_SSE_KEEPALIVE_SECONDS)
+        self.offload = Offload()  # large bodies' parsing and serializing, off the event loop
         self.transitions = TransitionLog()
         self.health = health_store_from_settings(self.redis, self.transitions.add)
         self.selector = Selector(self.health)

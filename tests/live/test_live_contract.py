@@ -89,6 +89,13 @@ TYPE_CASES: list[tuple[str, dict[str, Any], str]] = [
 ]
 
 
+# (id, request body, code): max_output_tokens outside OpenAI's range (issue 10, item 11).
+RANGE_CASES: list[tuple[str, dict[str, Any], str]] = [
+    ("max_output_tokens_negative", body(max_output_tokens=-5), "integer_below_min_value"),
+    ("max_output_tokens_2_63", body(max_output_tokens=2**63), "integer_above_max_value"),
+]
+
+
 def assert_not_forwarded(live_gw: Live, before: int) -> None:
     assert live_gw.upstream.stats()["requests"] == before, "a rejected request must not reach the upstream"
 
@@ -107,6 +114,47 @@ def test_wrong_json_type_is_invalid_type(live_gw: Live, case: str, payload: dict
     error = assert_error(live_gw.post(payload), 400, INVALID_TYPE, param=param)
     assert param in error["message"]
     assert_not_forwarded(live_gw, before)
+
+
+@pytest.mark.parametrize(("case", "payload", "code"), RANGE_CASES, ids=[c[0] for c in RANGE_CASES])
+def test_max_output_tokens_out_of_range_is_400(live_gw: Live, case: str, payload: dict[str, Any], code: str) -> None:
+    before = live_gw.upstream.stats()["requests"]
+    error = assert_error(live_gw.post(payload), 400, code, param="max_output_tokens")
+    assert error["type"] == INVALID
+    assert_not_forwarded(live_gw, before)
+
+
+def _deep_schema(levels: int) -> bytes:
+    """A request whose function tool's parameters nest ``levels`` levels below the body."""
+    schema = b'{"type": "object", "properties": {"x": ' * levels + b'{"type": "string"}' + b"}}" * levels
+    head = b'{"model": "%s", "input": "hi", "tools": [{"type": "function", "name": "f", "parameters": ' % MODEL.encode()
+    return head + schema + b"}]}"
+
+
+@pytest.mark.parametrize("levels", [40, 150], ids=["84_levels", "304_levels"])
+def test_nesting_over_64_levels_is_400_before_admission(live_gw: Live, levels: int) -> None:
+    """JSON nested 255-1023 levels used to pass validation, then fail serialization (a 500)."""
+    before = live_gw.upstream.stats()["requests"]
+    response = live_gw.post(None, content=_deep_schema(levels), headers={"content-type": "application/json"})
+    assert_error(response, 400, "nesting_too_deep")
+    assert_not_forwarded(live_gw, before)
+    record = live_gw.wait_usage(response.headers["x-request-id"])
+    assert (record.status_code, record.outcome) == (400, "rejected")
+
+
+def test_nesting_of_real_tool_schemas_passes(live_gw: Live) -> None:
+    response = live_gw.post(None, content=_deep_schema(20), headers={"content-type": "application/json"})
+    assert response.status_code == 200, response.text
+
+
+def test_large_bodies_are_parsed_and_validated_off_the_loop_with_the_same_answers(live_gw: Live) -> None:
+    """Over 1 MiB, parsing and validation run in a worker thread (gateway/dataplane/offload.py)."""
+    items: list[dict[str, Any]] = [{"role": "user", "content": "hi"}] * 40_000  # ~1.2 MiB
+    response = live_gw.post(body(input=items))
+    assert response.status_code == 200, response.text
+    assert len(response.request.content) > 1 << 20
+    bad = [*items, {"type": "input_file", "file_id": "file_1"}]
+    assert_error(live_gw.post(body(input=bad)), 400, INVALID, param=f"input[{len(items)}].file_id")
 
 
 def test_streaming_request_rejected_as_plain_json(live_gw: Live) -> None:

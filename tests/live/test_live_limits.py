@@ -347,9 +347,9 @@ def test_max_output_tokens_cap_clamps_where_forwarded(live_gw: Live) -> None:
     from accounts import services as account_services
 
     account_services.pool_set_strip_fields(pool=live_gw.account.pool, fields=[])  # forward max_output_tokens
-    _, key = new_key(live_gw, max_output_tokens=5)
-    for asked, forwarded in ((100, 5), (None, 5), (3, 3)):
-        request: dict[str, Any] = {"model": MODEL, "input": f"cap {asked}"}
+    _, key = new_key(live_gw, max_output_tokens=20)
+    for asked, forwarded in ((100, 20), (None, 20), (16, 16)):
+        request: dict[str, Any] = {"model": MODEL, "input": f"cap {asked}", "metadata": {"fake_tokens": "40"}}
         if asked is not None:
             request["max_output_tokens"] = asked
         response = send(live_gw.url, key, request)

@@ -157,8 +157,8 @@ class Pools:
             upstream.close()
 
 
-@pytest.fixture
-def pools(live_gw: Live) -> Iterator[Pools]:
+@pytest.fixture(name="pools")
+def pools_fixture(live_gw: Live) -> Iterator[Pools]:
     _forget_shared_health([live_gw.account.pk])
     state = Pools(live_gw)
     yield state
@@ -620,7 +620,7 @@ def test_failed_attempts_are_recorded_with_their_usage_and_billed(pools: Pools) 
         "total_tokens": 23,
     }
 
-    def failed_with_usage() -> list[bytes]:
+    def failed_with_usage(_request: Any) -> list[bytes]:
         # An upstream that fails after its prelude but reports what it consumed.
         response: dict[str, Any] = {
             "id": "resp_failed",

@@ -32,7 +32,13 @@ def test_a_killed_celery_worker_is_restarted_and_stopped_with_the_gateway(
     first = celery_child(gateway)
     first.signal(signal.SIGKILL)
     live.poll(lambda: not first.running(), what="the killed worker reaped")
-    second = live.poll(lambda: (child := celery_child(gateway)) != first and child, timeout=15, what="a new worker")
+
+    def replacement() -> live.Child | None:
+        child = celery_child(gateway)
+        return child if child != first else None
+
+    second = live.poll(replacement, timeout=15, what="a new worker")
+    assert second is not None
     assert second.running()
     # uvicorn re-raises the SIGTERM once it has shut down; the worker gets its own SIGTERM.
     assert gateway.stop(signal.SIGTERM) in (0, -signal.SIGTERM)

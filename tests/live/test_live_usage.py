@@ -84,12 +84,13 @@ def test_incomplete_response_is_metered_as_incomplete(live_gw: Live) -> None:
 
     account_services.pool_set_strip_fields(pool=live_gw.account.pool, fields=[])  # let max_output_tokens through
     for stream in (False, True):
-        response = live_gw.post({"model": MODEL, "input": "long", "max_output_tokens": 4, "stream": stream})
+        request = {"model": MODEL, "input": "long", "max_output_tokens": 16, "metadata": {"fake_tokens": "40"}}
+        response = live_gw.post({**request, "stream": stream})
         _, usage = reported_usage(response)
         record = live_gw.wait_usage(response.headers["x-request-id"])
         assert record.outcome == "incomplete"
         assert usage is not None
-        assert record.output_tokens == usage["output_tokens"] == 4
+        assert record.output_tokens == usage["output_tokens"] == 16
 
 
 @pytest.mark.parametrize("stream", [False, True], ids=["json", "stream"])

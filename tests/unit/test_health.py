@@ -465,6 +465,9 @@ def test_event_for_status() -> None:
     assert event_for_status(403, {}) == AuthFailure(403)
     assert event_for_status(503, {}) == ServerError("503")
     assert event_for_status(408, {}) == ServerError("408")
+    # Redirects are never followed: the account's base URL is wrong, like a server error.
+    for status in (301, 302, 307, 308):
+        assert event_for_status(status, {}) == ServerError(str(status))
     for status in (400, 404, 413, 422):
         assert event_for_status(status, {}) is None
 

@@ -793,3 +793,26 @@ def test_codex_request_passes_unchanged() -> None:
         "client_metadata": {"originator": "codex_cli_rs"},
     }
     assert validate_request(request) == request
+
+
+# --- max_output_tokens range ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("value", "code"),
+    [
+        (-5, "integer_below_min_value"),
+        (0, "integer_below_min_value"),
+        (15, "integer_below_min_value"),
+        (2**31, "integer_above_max_value"),
+        (2**63, "integer_above_max_value"),
+    ],
+)
+def test_max_output_tokens_out_of_range_is_rejected(value: int, code: str) -> None:
+    error = assert_rejected(body(max_output_tokens=value), param="max_output_tokens", code=code)
+    assert str(value) in error.message
+
+
+@pytest.mark.parametrize("value", [16, 4096, 2**31 - 1])
+def test_max_output_tokens_in_range_is_kept(value: int) -> None:
+    assert validate_request(body(max_output_tokens=value))["max_output_tokens"] == value
