@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import socket
 import subprocess
 import sys
 import uuid
@@ -661,6 +662,31 @@ def test_redis_concurrent_admits_share_one_script_call(redis_prefix: str) -> Non
         assert limiter.pending() == 0
         await limiter.aclose()
         await client.client.aclose()
+
+    asyncio.run(main())
+
+
+def test_redis_errors_reach_every_admission_of_the_batch_as_redis_exceptions() -> None:
+    """Redis down: each admission sharing the failed call raises redis-py's own error (the data plane
+    maps it to a 503); the settlements and writes it carried stay queued for a later call."""
+
+    async def main() -> None:
+        import redis.exceptions
+
+        from gateway.limits.redis_backend import RedisLimiter, redis_client
+
+        with socket.socket() as probe:  # a port nothing listens on
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+        client = redis_client(f"redis://127.0.0.1:{port}/0", timeout=1.0)
+        limiter = RedisLimiter(client, linger=3600)
+        limiter.carry("gwtest:sticky", "1", 60)
+        results = await asyncio.gather(
+            *(limiter.admit([Scope("key", 1, rpm=10)], tokens=1, now=NOW) for _ in range(3)), return_exceptions=True
+        )
+        assert all(isinstance(result, redis.exceptions.ConnectionError) for result in results), results
+        assert limiter.pending() == 1
+        await client.aclose()
 
     asyncio.run(main())
 
