@@ -1,5 +1,5 @@
 """The hot-path budget that is not about time (docs/performance.md): for a key already in the snapshot,
-a request makes no database query, and at most one Redis round trip when Redis is configured.
+a request makes no database query, and exactly one Redis round trip when Redis is configured.
 
 The gateway runs in this process (``gateway.conf.asgi.application`` driven by a minimal ASGI harness, so
 anything later mounted in front of the data plane is covered too) against the real fake upstream.
