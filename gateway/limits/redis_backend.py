@@ -97,10 +97,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -238,9 +239,15 @@ class RedisLimiter:
         ]
         specs = [_spec(scope, seed) for scope in scopes]
         started = time.monotonic()
-        status, counts, fails, alerts, token, values = await self._call(orjson.dumps([head, specs, reads]), len(reads))
         attempts = 0
         unenforced: set[int] = set()
+
+        def ticket() -> Ticket:
+            budgeted = tuple(scope.has_budget and i not in unenforced for i, scope in enumerate(scopes))
+            return Ticket(tuple(scopes), tokens, micros, minute, lease, budgeted)
+
+        call = orjson.dumps([head, specs, reads])
+        status, counts, fails, alerts, token, values = await self._call(call, len(reads), ticket)
         while status == 2:
             # Some budget counters are missing: seed them (off the common path), then
             # ask again with the seeds, which the script uses only if still missing.
@@ -252,7 +259,7 @@ class RedisLimiter:
                     specs[index] = _spec(replace(scopes[index], budget_tokens=None, budget_micros=None), seed)
                 else:
                     specs[index] = _spec(scopes[index], seeded)
-            status, counts, fails, alerts, token, _ = await self._call(orjson.dumps([head, specs, ()]), 0)
+            status, counts, fails, alerts, token, _ = await self._call(orjson.dumps([head, specs, ()]), 0, ticket)
         used_r = counts[0::2]
         used_t = counts[1::2]
         for j in range(0, len(alerts), 4):
@@ -262,25 +269,37 @@ class RedisLimiter:
             pairs = [(fails[j], fails[j + 1]) for j in range(0, len(fails), 2)]
             exceeded, retry, message = refusal(scopes, pairs, used_r, used_t, tokens, now)
             return Decision(False, exceeded, retry, headers, None, token, message, values)
-        budgeted = tuple(scope.has_budget and i not in unenforced for i, scope in enumerate(scopes))
-        ticket = Ticket(tuple(scopes), tokens, micros, minute, lease, budgeted)
-        return Decision(True, None, None, headers, ticket, token, reads=values)
+        return Decision(True, None, None, headers, ticket(), token, reads=values)
 
     async def _call(
-        self, admission: bytes, reads: int
+        self, admission: bytes, reads: int, ticket: Callable[[], Ticket]
     ) -> tuple[int, list[int], list[int], list[int], object, tuple[object, ...]]:
         """One admission (as JSON, with its ``reads`` keys to read), sent in its batch's script call.
 
-        Returns (status, counts, fails, alerts, config token, values of the keys read).
+        Returns (status, counts, fails, alerts, config token, values of the keys read). If the
+        caller is cancelled meanwhile (its client left), the admission still goes with its
+        batch; when it turns out admitted, ``ticket()`` is cancelled (``cancel``), so its
+        lease, reservation and request are given back.
         """
         loop = asyncio.get_running_loop()
         waiter: asyncio.Future[tuple[object, object, list[object]]] = loop.create_future()
         self._batch.append((admission, reads, waiter))
         if len(self._batch) == 1:
             loop.call_soon(self._send_batch)
-        token, reply, values = await waiter
+        try:
+            token, reply, values = await asyncio.shield(waiter)
+        except asyncio.CancelledError:
+            waiter.add_done_callback(functools.partial(self._give_back, ticket))
+            raise
         status, counts, fails, alerts = _admit_reply(reply)
         return status, counts, fails, alerts, token, tuple(values)
+
+    def _give_back(self, ticket: Callable[[], Ticket], waiter: asyncio.Future[tuple[object, object, object]]) -> None:
+        """The answer of an admission whose caller is gone: cancel it if it was admitted."""
+        if waiter.cancelled() or waiter.exception() is not None:
+            return
+        if _admit_reply(waiter.result()[1])[0] == 1:
+            self.cancel(ticket())
 
     def _send_batch(self) -> None:
         batch, self._batch = self._batch, []

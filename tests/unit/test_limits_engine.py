@@ -691,6 +691,37 @@ def test_redis_errors_reach_every_admission_of_the_batch_as_redis_exceptions() -
     asyncio.run(main())
 
 
+def test_redis_admission_of_a_cancelled_request_is_given_back(redis_prefix: str) -> None:
+    """A request cancelled while its admission is on its way (its client left): the admission is
+    applied with its batch, then cancelled, so its concurrency slot and request come back."""
+
+    async def main() -> None:
+        from gateway.limits.redis_backend import RedisLimiter, redis_client
+
+        client = redis_client(REDIS_URL)
+        limiter = RedisLimiter(client, prefix=redis_prefix, config_key=redis_prefix + "gen", linger=3600)
+        scope = Scope("key", 1, rpm=2, concurrency=1)
+        gone = asyncio.ensure_future(limiter.admit([scope], tokens=1, now=NOW))
+        await asyncio.sleep(0)  # queued in a batch
+        gone.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await gone
+        for _ in range(100):  # the batch's answer arrives, then the admission is cancelled
+            if limiter.pending():
+                break
+            await asyncio.sleep(0.01)
+        assert limiter.pending() == 1
+        decision = await limiter.admit([scope], tokens=1, now=NOW)
+        assert decision.allowed  # the slot came back
+        assert decision.ticket is not None
+        limiter.settle(decision.ticket, tokens=1, micros=0)
+        assert (await limiter.admit([scope], tokens=1, now=NOW)).allowed  # and the request (rpm 2)
+        await limiter.aclose()
+        await client.aclose()
+
+    asyncio.run(main())
+
+
 CHILD = """
 import asyncio, sys
 from gateway.limits.engine import Scope
