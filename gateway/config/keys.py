@@ -99,10 +99,14 @@ class KeyDirectory:
         *,
         size: int,
         ttl: float = KEY_CACHE_SECONDS,
+        timeout: float | None = None,
+        on_state: Callable[[str | None], None] = lambda reason: None,
         run: Callable[[Callable[[str], Any], str], Awaitable[Any]] | None = None,
     ) -> None:
         self._load = load
         self._run = run or asyncio.to_thread
+        self._on_state = on_state  # a read's failure (its error's class) or success: readiness
+        self._timeout = timeout  # a read not answered by then raises TimeoutError (a silent database)
         self._known: TTLCache[str, KeyInfo] = TTLCache(maxsize=size, ttl=ttl)
         self._unknown: TTLCache[str, bool] = TTLCache(maxsize=size, ttl=ttl)
         self._pending: dict[str, asyncio.Future[KeyInfo | None]] = {}
@@ -141,7 +145,12 @@ class KeyDirectory:
         me = asyncio.current_task()
         try:
             self.reads += 1
-            row = await self._run(self._load, prefix)
+            try:
+                row = await asyncio.wait_for(self._run(self._load, prefix), self._timeout)
+            except Exception as exc:
+                self._on_state(f"API key read failed: {type(exc).__name__}")
+                raise
+            self._on_state(None)
             info = key_info(row, {}) if row is not None else None
         finally:
             current = self._pending.get(prefix)
