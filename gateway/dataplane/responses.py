@@ -44,7 +44,7 @@ async def responses(scope: Scope, receive: Receive, send: Send, runtime: Runtime
     for retry in (False, True):
         snapshot = await runtime.config.current()
         try:
-            ex.key = authenticate(scope, snapshot)
+            ex.key = await authenticate(scope, runtime.config.keys)
             if validated is None:
                 raw = await read_body(scope, receive, settings.GATEWAY_MAX_BODY_BYTES)
                 size = ex.body_bytes = len(raw)

@@ -30,7 +30,8 @@ from accounts.routing.stickiness import LocalStickyStore, RedisStickyStore
 from accounts.upstream.client import UpstreamClient
 from gateway.conf.db import drop_broken_connections
 from gateway.config import notify
-from gateway.config.snapshot import ConfigState, Snapshot, load_snapshot
+from gateway.config.snapshot import Snapshot
+from gateway.config.state import ConfigState, DatabaseSource
 from gateway.dataplane.keepalive import KeepAlive
 from gateway.dataplane.offload import Offload
 from gateway.dataplane.outages import REDIS_ERRORS, reason
@@ -59,12 +60,6 @@ USAGE_CACHE_ENTRIES = 10_000
 
 # While Redis is down, how often it is pinged (and how long a ping may take) to see it back.
 REDIS_CHECK_SECONDS = 1.0
-
-
-def _load_snapshot(token: object) -> Snapshot:
-    """``load_snapshot`` in a worker thread, after dropping that thread's broken connection."""
-    drop_broken_connections()
-    return load_snapshot(token)
 
 
 class Runtime:
@@ -127,7 +122,13 @@ class Runtime:
 
             token_source = file_token
         self.config = ConfigState(
-            token_source, _load_snapshot, on_reload=self._on_reload, max_age=settings.GATEWAY_SNAPSHOT_MAX_AGE
+            token_source,
+            # Each worker thread first drops its connection if a database restart broke it.
+            DatabaseSource(before=drop_broken_connections),
+            max_age=settings.GATEWAY_SNAPSHOT_MAX_AGE,
+            key_cache_size=settings.GATEWAY_KEY_CACHE_SIZE,
+            on_reload=self._on_reload,
+            on_state=self._state_reporter("database"),
         )
 
     async def _last_token(self) -> object:

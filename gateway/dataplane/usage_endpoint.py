@@ -50,8 +50,8 @@ def _requests_only(scopes: Sequence[LimitScope]) -> list[LimitScope]:
 
 async def usage(scope: Scope, send: Send, runtime: Runtime, ex: Exchange) -> None:
     await runtime.fresh_token()
-    snapshot = await runtime.config.current()
-    key = authenticate(scope, snapshot)
+    await runtime.config.current()  # applies the changes announced since the last request
+    key = await authenticate(scope, runtime.config.keys)
     now = time.time()
     decision = await runtime.limiter.admit(_requests_only(key.scopes(now)), tokens=0, now=now)
     if not decision.allowed or decision.ticket is None:
