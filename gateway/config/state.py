@@ -41,6 +41,9 @@ RELOAD_BACKOFF_MAX = 30.0
 # plus statement timeouts) is abandoned: its thread may be stuck on a connection that a
 # silent database never answers. The next request after the backoff starts another.
 RELOAD_ABANDON = 35.0
+# The membership set is loaded this long after the first snapshot, so that reading every
+# prefix (a million: a second or two of a worker thread) does not slow the first requests.
+MEMBERS_DELAY = 1.0
 # Changes read at most per reload; more than that and every cached key is dropped instead.
 FEED_LIMIT = 1000
 
@@ -170,7 +173,7 @@ class ConfigState:
                 snapshot = await asyncio.to_thread(self._source.snapshot, token)
                 self._last_change = last
                 self._install(snapshot)
-                self._spawn(self._load_members())
+                self._spawn(self._load_members(delay=MEMBERS_DELAY))
             assert self._snapshot is not None
             return self._snapshot
 
@@ -238,10 +241,11 @@ class ConfigState:
         if rebuilt and self._on_reload is not None:
             self._on_reload(snapshot)
 
-    async def _load_members(self) -> None:
+    async def _load_members(self, delay: float = 0.0) -> None:
         """Every stored prefix, read once in the background (a million: a second or two)."""
         self._loading_members = True
         try:
+            await asyncio.sleep(delay)
             members = await asyncio.to_thread(lambda: PrefixSet(self._source.prefixes()))
         finally:
             self._loading_members = False
