@@ -13,7 +13,10 @@ that have every limit set) sequentially through:
 interleaved round by round, and reports the client's CPU per call (``time.process_time``,
 the gateway's bottleneck) and the wall time per call, medians over the rounds. Then it
 flushes the script cache and counts the commands each sends for its next call
-(``INFO commandstats``): the only path where they differ in round trips.
+(``INFO commandstats``): the only path where they differ in round trips. Last, the
+Redis side: the server's CPU per call (``INFO commandstats`` ``usec_per_call``) of the
+admit script with one and with five admissions, and of the settle script with one
+ticket (a key and a tenant scope: two operations).
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+import orjson
 import uvloop
 from redis.asyncio import Redis
 from redis.exceptions import NoScriptError
@@ -41,17 +45,18 @@ class BareScript:
         self.source = source
         self.sha = hashlib.sha1(source.encode()).hexdigest()
 
-    async def __call__(self, redis: Redis, keys: tuple[str, ...], args: tuple[str, ...]) -> Any:
+    async def __call__(self, redis: Redis, keys: tuple[str, ...], args: tuple[Any, ...]) -> Any:
         try:
             return await redis.execute_command("EVALSHA", self.sha, len(keys), *keys, *args)
         except NoScriptError:
             return await redis.execute_command("EVAL", self.source, len(keys), *keys, *args)
 
 
-def admit_args(prefix: str) -> tuple[str, str]:
+def admit_args(prefix: str) -> tuple[bytes, str, bytes]:
+    """The admit script's arguments for one admission of a key and a tenant scope (nothing riding along)."""
     now = time.time()
-    head = f"{prefix},{int(now // 60)},{int(now * 1000)},500,1000,-,600000,120,86400"
-    return ";".join((head, *(_spec(scope, "0,0") for scope in scopes(1)))), ""
+    head = [prefix, int(now // 60), int(now * 1000), 500, 1000, "-", 600000, 120, 86400]
+    return b"", "", orjson.dumps([[head, [_spec(scope, (0, 0)) for scope in scopes(1)], []]])
 
 
 async def timed(call: Callable[[], Awaitable[Any]], calls: int) -> tuple[float, float]:
@@ -79,6 +84,36 @@ async def commands_after_flush(redis: Redis, call: Callable[[], Awaitable[Any]])
     return {name.removeprefix("cmdstat_"): after[name] - before[name] for name in _SCRIPT_COMMANDS}
 
 
+async def server_usec(redis: Redis, call: Callable[[], Awaitable[Any]], calls: int = 3000) -> float:
+    """Redis' own CPU per script call (``usec_per_call`` of EVALSHA)."""
+    await call()
+    await redis.config_resetstat()
+    for _ in range(calls):
+        await call()
+    stats = (await redis.info("commandstats"))["cmdstat_evalsha"]
+    return float(stats["usec"]) / float(stats["calls"])
+
+
+async def redis_side(redis: Redis, prefix: str, keys: tuple[str, ...], argv: tuple[bytes, str, bytes]) -> None:
+    from gateway.limits.redis_backend import SETTLE_LUA, RedisLimiter
+
+    admit = redis.register_script(ADMIT_LUA)
+    one = argv[2][1:-1]
+    five = b"[" + b",".join([one] * 5) + b"]"
+    limiter = RedisLimiter(redis, prefix=prefix, config_key=keys[0], linger=3600)
+    decision = await limiter.admit(scopes(1), tokens=500, micros=1000)
+    assert decision.ticket is not None
+    limiter.settle(decision.ticket, tokens=400, micros=900)
+    settle_arg = limiter._take(100)[2]
+    settle = redis.register_script(SETTLE_LUA)
+    for name, call in (
+        ("admit, 1 admission", lambda: admit(keys, argv)),
+        ("admit, 5 admissions", lambda: admit(keys, (b"", "", five))),
+        ("settle, 1 ticket", lambda: settle((), (settle_arg, ""))),
+    ):
+        print(f"Redis CPU {name:22} {await server_usec(redis, call):6.1f} us/call")
+
+
 async def main(args: argparse.Namespace) -> None:
     redis = Redis.from_url(args.redis)
     prefix = f"bench:scripts:{time.time_ns()}:"
@@ -102,6 +137,7 @@ async def main(args: argparse.Namespace) -> None:
         print(f"{name:16} client CPU {cpu:6.1f} us/call   wall {wall:6.1f} us/call  ({args.rounds} x {args.calls})")
     for name, call in variants.items():
         print(f"{name:16} commands for the first call after SCRIPT FLUSH: {await commands_after_flush(redis, call)}")
+    await redis_side(redis, prefix, keys, argv)
     keys_left = [k async for k in redis.scan_iter(prefix + "*")]
     if keys_left:
         await redis.delete(*keys_left)

@@ -628,7 +628,7 @@ def env_pairs(text: str, source: str) -> dict[str, str]:
     return pairs
 
 
-SCENARIOS = ("latency", "throughput", "streaming", "ttfb", "keymix", "memory")
+SCENARIOS = ("latency", "throughput", "streaming", "ttfb", "keymix", "memory", "scale")
 
 
 def selected_scenarios() -> set[str] | None:
@@ -1339,6 +1339,11 @@ def main() -> int:
     if os.environ.get("BENCH_MEMORY_REQUESTS"):
         plan = replace(plan, memory_requests=int(os.environ["BENCH_MEMORY_REQUESTS"]))
     started = datetime.now(UTC)
+    only = selected_scenarios()
+    if only == {"scale"}:
+        from bench import scale
+
+        return scale.run()
     mach = machine()  # now, for the load average at the start
     bench = Bench(plan)
     log(f"{'quick' if plan.quick else 'full'} run: {plan}")
@@ -1347,7 +1352,6 @@ def main() -> int:
             try:
                 bench.setup(data_dir)
                 bench.warm_up()
-                only = selected_scenarios()
                 scenarios: list[tuple[str, Callable[[], None]]] = [
                     ("latency", bench.latency),
                     ("throughput", bench.throughputs),
@@ -1421,9 +1425,12 @@ def main() -> int:
     tmp.write_text(json.dumps(document, indent=1, default=str) + "\n", encoding="utf-8")
     tmp.replace(path)
     print(f"written {path.relative_to(ROOT)}")
-    if failed and os.environ.get("BENCH_STRICT") == "1":
-        return 1
-    return 0
+    code = 1 if failed and os.environ.get("BENCH_STRICT") == "1" else 0
+    if only is None or "scale" in only:
+        from bench import scale
+
+        code = max(code, scale.run())
+    return code
 
 
 if __name__ == "__main__":

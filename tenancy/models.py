@@ -264,3 +264,27 @@ class UsageRecord(models.Model):
 
     def __str__(self) -> str:
         return self.request_id
+
+
+class ConfigChange(models.Model):
+    """One configuration write, in commit order: the change feed every gateway replica reads.
+
+    ``kind``: ``key`` (an API key created, changed, revoked or deleted: ``prefix``),
+    ``tenant`` (a tenant changed or deleted: ``tenant_id``, its keys' limits and activity) or
+    ``config`` (prices, pools, accounts, routes: the small rest of the snapshot). A replica
+    remembers the last ``id`` it applied and, when the change token moves, reads the rows
+    after it (primary-key range) and drops only those keys from its cache. Rows older than
+    a day are pruned (tenancy.services.changes).
+    """
+
+    KEY = "key"
+    TENANT = "tenant"
+    CONFIG = "config"
+
+    kind = models.CharField(max_length=8)
+    prefix = models.CharField(max_length=32, blank=True)
+    tenant_id = models.BigIntegerField(null=True)
+    created_at = models.DateTimeField(auto_now_add=True, db_index=True)
+
+    def __str__(self) -> str:
+        return f"{self.kind} change {self.pk}"

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from datetime import datetime
 from decimal import Decimal
 from typing import Any
@@ -11,7 +11,16 @@ from django.db.models import Count, DecimalField, F, Q, Sum, Value
 from django.db.models.functions import Coalesce
 
 from tenancy.keys import key_prefix
-from tenancy.models import COST_MAX_DIGITS, COST_PLACES, ApiKey, BudgetScope, PriceVersion, Tenant, UsageRecord
+from tenancy.models import (
+    COST_MAX_DIGITS,
+    COST_PLACES,
+    ApiKey,
+    BudgetScope,
+    ConfigChange,
+    PriceVersion,
+    Tenant,
+    UsageRecord,
+)
 from tenancy.pricing import TOKEN_FIELDS
 
 # The limit columns shared by keys and tenants (tenancy.models.LimitFields).
@@ -58,24 +67,51 @@ def apikeys_for_snapshot() -> list[dict[str, Any]]:
     with ``expires_at`` (aware datetime or None): the gateway checks expiry per
     request, since a snapshot outlives the moment a key expires.
     """
+    return [dict(row) for row in _usable_keys().order_by("id")]
+
+
+def _usable_keys() -> Any:
+    """The non-revoked keys of active tenants, as the snapshot's dicts (a lazy values() queryset)."""
     tenant_limits = {f"tenant_{name}": F(f"tenant__{name}") for name in LIMIT_FIELDS}
-    rows = (
-        ApiKey.objects.filter(revoked_at__isnull=True, tenant__is_active=True)
-        .order_by("id")
-        .values(
-            "id",
-            "tenant_id",
-            "prefix",
-            "digest",
-            "allowed_models",
-            "expires_at",
-            *LIMIT_FIELDS,
-            *KEY_POLICY_FIELDS,
-            tenant_slug=F("tenant__slug"),
-            **tenant_limits,
-        )
+    return ApiKey.objects.filter(revoked_at__isnull=True, tenant__is_active=True).values(
+        "id",
+        "tenant_id",
+        "prefix",
+        "digest",
+        "allowed_models",
+        "expires_at",
+        *LIMIT_FIELDS,
+        *KEY_POLICY_FIELDS,
+        tenant_slug=F("tenant__slug"),
+        **tenant_limits,
     )
-    return [dict(row) for row in rows]
+
+
+def apikey_for_snapshot(prefix: str) -> dict[str, Any] | None:
+    """The key with ``prefix`` as :func:`apikeys_for_snapshot` gives it, or None (unknown,
+    revoked, or of an inactive tenant): one query through the unique index on the prefix."""
+    rows = list(_usable_keys().filter(prefix=prefix)[:1])
+    return dict(rows[0]) if rows else None
+
+
+def apikey_prefixes(chunk: int = 10_000) -> Iterator[str]:
+    """Every stored key prefix (revoked ones included), streamed: one query, read in chunks."""
+    return ApiKey.objects.values_list("prefix", flat=True).order_by().iterator(chunk_size=chunk)
+
+
+def config_change_last() -> int:
+    """The id of the newest change in the feed (0 when it is empty)."""
+    last = ConfigChange.objects.order_by("-id").values_list("id", flat=True).first()
+    return int(last or 0)
+
+
+def config_changes_since(after: int, limit: int) -> list[dict[str, Any]]:
+    """Up to ``limit`` changes with an id above ``after``, oldest first (a primary-key range).
+
+    Keys: ``id, kind, prefix, tenant_id`` (see tenancy.models.ConfigChange).
+    """
+    rows = ConfigChange.objects.filter(id__gt=after).order_by("id").values("id", "kind", "prefix", "tenant_id")
+    return [dict(row) for row in rows[:limit]]
 
 
 def prices_for_snapshot() -> list[dict[str, Any]]:

@@ -194,6 +194,71 @@ def fill(path: Path) -> None:
                 return
 
 
+# --- a dependency that can be cut off ----------------------------------------------------------
+
+
+class TcpRelay:
+    """A TCP relay on a fixed loopback port in front of a dependency (a database, Redis).
+
+    :meth:`cut` closes every relayed connection and the listening socket, so new connections
+    are refused, as when the dependency is down; :meth:`restore` listens on the same port again.
+    """
+
+    def __init__(self, host: str, port: int) -> None:
+        self.target = (host, port)
+        self.port = free_port()
+        self._listener: socket.socket | None = None
+        self._sockets: list[socket.socket] = []
+        self._lock = threading.Lock()
+
+    def restore(self) -> TcpRelay:
+        listener = socket.socket()
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind(("127.0.0.1", self.port))
+        listener.listen(64)
+        self._listener = listener
+        threading.Thread(target=self._accept, args=(listener,), daemon=True).start()
+        return self
+
+    def cut(self) -> None:
+        listener, self._listener = self._listener, None
+        if listener is not None:
+            with contextlib.suppress(OSError):
+                listener.shutdown(socket.SHUT_RDWR)
+            listener.close()
+        with self._lock:
+            sockets, self._sockets = self._sockets, []
+        for sock in sockets:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+            sock.close()
+
+    def _accept(self, listener: socket.socket) -> None:
+        while True:
+            try:
+                client, _ = listener.accept()
+            except OSError:
+                return  # cut
+            try:
+                server = socket.create_connection(self.target, timeout=5)
+            except OSError:
+                client.close()
+                continue
+            server.settimeout(None)
+            with self._lock:
+                self._sockets += [client, server]
+            for source, sink in ((client, server), (server, client)):
+                threading.Thread(target=self._pump, args=(source, sink), daemon=True).start()
+
+    @staticmethod
+    def _pump(source: socket.socket, sink: socket.socket) -> None:
+        with contextlib.suppress(OSError):
+            while data := source.recv(65536):
+                sink.sendall(data)
+        with contextlib.suppress(OSError):
+            sink.shutdown(socket.SHUT_WR)
+
+
 # --- wire helpers ---------------------------------------------------------------------------
 
 T = TypeVar("T")
@@ -348,6 +413,44 @@ class SseProbe:
         self._thread.join(10)
 
 
+class SilentProbe:
+    """An upstream that reads each request and never answers; ``closed`` holds the monotonic
+    times at which the gateway hung up on it (one per connection)."""
+
+    def __init__(self) -> None:
+        self.opened: list[float] = []
+        self.closed: list[float] = []
+        self._server = socket.socket()
+        self._server.bind(("127.0.0.1", 0))
+        self._server.listen(16)
+        self.base_url = f"http://127.0.0.1:{self._server.getsockname()[1]}/v1"
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self._server.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._handle, args=(conn,), daemon=True).start()
+
+    def _handle(self, conn: socket.socket) -> None:
+        with conn:
+            received = b""
+            while b"\r\n\r\n" not in received and (data := conn.recv(65536)):
+                received += data
+            self.opened.append(time.monotonic())
+            with contextlib.suppress(OSError):
+                while conn.recv(65536):  # the body, then nothing until the gateway hangs up
+                    pass
+            self.closed.append(time.monotonic())
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self._server.shutdown(socket.SHUT_RDWR)
+        self._server.close()
+
+
 # --- the fake upstream with server-wide fault knobs ------------------------------------------
 
 
@@ -374,7 +477,7 @@ class KnobbedFake:
         self._fake = fake
         self.state = fake.State(fake.make_config(**config))
         self.knobs: tuple[tuple[bytes, bytes], ...] = ()
-        self.script: Callable[[Any], list[bytes]] | None = None
+        self.script: Callable[[Any], list[Any]] | None = None  # bytes, or a float: a pause (s)
         self.received = 0  # POSTs to /responses so far, the gateway's probes left out
         self.probes = 0  # the gateway's account probes (accounts/health/probing.py)
         owner = self

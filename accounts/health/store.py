@@ -344,7 +344,8 @@ class RedisHealthStore(LocalHealthStore):
             except asyncio.CancelledError:
                 raise
             except Exception:
-                logger.warning("writing account health to Redis failed; will retry", exc_info=True)
+                if delay == 0.05:  # the first failure of an outage; the retries are not logged
+                    logger.warning("writing account health to Redis failed; will retry", exc_info=True)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 10.0)
                 self._wake.set()
@@ -465,7 +466,8 @@ class RedisHealthStore(LocalHealthStore):
             except asyncio.CancelledError:
                 raise
             except Exception:
-                logger.warning("account health subscription lost; reconnecting in %.1fs", delay, exc_info=True)
+                if delay == 0.5:  # the first failure of an outage; the retries are not logged
+                    logger.warning("account health subscription lost; reconnecting in %.1fs", delay, exc_info=True)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 10.0)
             finally:

@@ -41,6 +41,10 @@ logger = logging.getLogger(__name__)
 DEFAULT_PREFIX = "gw:sticky"
 Usable = Callable[[int], bool]
 Carry = Callable[[str, str, int], None]  # (Redis key, value, ttl seconds): send without waiting
+# How long "Redis has no binding for this key" is trusted: long enough for the request that
+# read it along with its admission to be dispatched without asking again, short enough that
+# a binding another replica makes meanwhile is seen by this replica's next request.
+ABSENT_TTL = 2.0
 
 
 class _Binding:
@@ -146,8 +150,8 @@ class RedisStickyStore(LocalStickyStore):
         self._carry = carry
         self._local_ttl = local_ttl
         self.prefix = prefix
-        # Keys Redis had no binding for, and when it said so: a new prompt_cache_key read with
-        # the admission is not asked again by dispatch (at most max_entries, oldest dropped).
+        # Keys Redis had no binding for, and when it said so (trusted ABSENT_TTL): a new
+        # prompt_cache_key read with the admission is not asked again by dispatch.
         self._absent: OrderedDict[str, float] = OrderedDict()
 
     def redis_key(self, key: str) -> str:
@@ -163,7 +167,7 @@ class RedisStickyStore(LocalStickyStore):
         entry = self._entries.get(key)
         if entry is None:
             checked = self._absent.get(key)
-            return checked is not None and now - checked < self._local_ttl
+            return checked is not None and now - checked < ABSENT_TTL
         return now - entry.checked_at < self._local_ttl and entry.expires_at > now
 
     async def lookup(self, key: str) -> int | None:

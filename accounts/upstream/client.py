@@ -15,6 +15,7 @@ Failures surface as the exception tree below, never as httpx exceptions:
     ├── UpstreamConnectError   nothing was sent: DNS, refused, connect timeout
     ├── UpstreamTimeout        sent, but the upstream stayed silent too long
     └── UpstreamProtocolError  the connection broke or the answer was malformed
+        └── UpstreamTooLarge   the answer (a body, or one SSE frame) is over the size taken
 """
 
 from __future__ import annotations
@@ -40,6 +41,10 @@ class UpstreamTimeout(UpstreamError):
 
 class UpstreamProtocolError(UpstreamError):
     pass
+
+
+class UpstreamTooLarge(UpstreamProtocolError):
+    """The answer (a body, or one SSE frame) is over the size the gateway takes."""
 
 
 def _translate(exc: httpx.HTTPError) -> UpstreamError:
@@ -79,11 +84,27 @@ class UpstreamStream:
         except httpx.HTTPError as exc:
             raise _translate(exc) from None
 
-    async def read(self) -> bytes:
+    async def read(self, limit: int | None = None) -> bytes:
+        """The whole body; UpstreamTooLarge as soon as it is known to be over ``limit`` bytes."""
+        if limit is None:
+            try:
+                return await self._response.aread()
+            except httpx.HTTPError as exc:
+                raise _translate(exc) from None
+        declared = self.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > limit:
+            raise UpstreamTooLarge(f"the upstream's answer is over {limit} bytes")
+        parts: list[bytes] = []
+        size = 0
         try:
-            return await self._response.aread()
+            async for part in self._response.aiter_bytes():
+                size += len(part)
+                if size > limit:
+                    raise UpstreamTooLarge(f"the upstream's answer is over {limit} bytes")
+                parts.append(part)
         except httpx.HTTPError as exc:
             raise _translate(exc) from None
+        return b"".join(parts)
 
     async def aclose(self) -> None:
         # Closing a broken connection must not mask the outcome already decided.
@@ -152,11 +173,13 @@ class UpstreamClient:
         response.request = request
         return UpstreamStream(response)
 
-    async def post(self, url: str, headers: httpx.Headers | Mapping[str, str], body: bytes) -> UpstreamReply:
-        """POST and read the whole answer."""
+    async def post(
+        self, url: str, headers: httpx.Headers | Mapping[str, str], body: bytes, limit: int | None = None
+    ) -> UpstreamReply:
+        """POST and read the whole answer (at most ``limit`` bytes of it: UpstreamTooLarge)."""
         stream = await self.open(url, headers, body)
         try:
-            content = await stream.read()
+            content = await stream.read(limit)
         finally:
             await stream.aclose()
         return UpstreamReply(stream.status, stream.headers, content)

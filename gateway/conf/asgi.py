@@ -1,4 +1,4 @@
-"""ASGI entry point: /v1/* goes to the data plane, everything else to Django.
+"""ASGI entry point: /v1/* and /readyz go to the data plane, everything else to Django.
 
 Served by uvicorn (``manage.py serve``, the measured default) or by Daphne
 (``manage.py serve --server daphne`` or ``daphne gateway.conf.asgi:application``).
@@ -22,8 +22,13 @@ from gateway.dataplane.app import gateway_app  # noqa: E402
 application = ProtocolTypeRouter(
     {
         # channels routes ASGI apps with django.urls patterns, whose stubs expect views.
+        # /readyz is the data plane's readiness (its dependencies); /healthz (Django) is liveness.
         "http": URLRouter(
-            [re_path(r"^v1/", gateway_app), re_path(r"", django_application)]  # type: ignore[arg-type]
+            [
+                re_path(r"^v1/", gateway_app),  # type: ignore[arg-type]
+                re_path(r"^readyz$", gateway_app),  # type: ignore[arg-type]
+                re_path(r"", django_application),  # type: ignore[arg-type]
+            ]
         ),
         "lifespan": gateway_app,
     }

@@ -18,6 +18,11 @@ any number of header lines, and waits forever for a head or a body that trickles
   its head. The application then reads ``http.disconnect``.
   Both are answered ``408`` (a connection that never sent a byte is just closed) and closed.
 
+It also tells a running request that its client left when that request was not the last one
+the connection sent: uvicorn marks only the newest request (a pipelined one, still queued)
+disconnected, so the one being served kept waiting for its upstream and then failed writing
+to the closed transport (``RuntimeError``).
+
 Answers are the OpenAI error envelope, as everywhere else. The timers cost nothing on the
 common path: one per connection, cancelled when its first head is read; after that a timer
 is armed only when a read ends inside a head or a body, so a request that arrives in one read
@@ -94,6 +99,7 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         self._head_bytes = 0  # bytes of reads made wholly inside the current head
         self._deadline: asyncio.TimerHandle | None = None
         self._refusal: bytes | None = None
+        self._serving: RequestResponseCycle | None = None  # the request whose application runs
 
     # -- connection ---------------------------------------------------------------------------
 
@@ -104,6 +110,14 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self._disarm()
         super().connection_lost(exc)
+        serving = self._serving
+        if serving is not None and not serving.response_complete and not serving.disconnected:
+            serving.disconnected = True  # its receive() now answers http.disconnect
+            serving.message_event.set()
+
+    def _start_asgi_task(self, cycle: RequestResponseCycle, app: Any) -> None:
+        self._serving = cycle
+        super()._start_asgi_task(cycle, app)
 
     def data_received(self, data: bytes) -> None:
         self._begun_in_this_read = False

@@ -198,6 +198,13 @@ GATEWAY_MAX_BODY_BYTES = env_int("GATEWAY_MAX_BODY_BYTES", 16 * 1024 * 1024, min
 # Upstream timeouts (seconds): connecting, and the longest silence while reading.
 GATEWAY_UPSTREAM_CONNECT_TIMEOUT = env_float("GATEWAY_UPSTREAM_CONNECT_TIMEOUT", 10.0, minimum=0.01)
 GATEWAY_UPSTREAM_READ_TIMEOUT = env_float("GATEWAY_UPSTREAM_READ_TIMEOUT", 600.0, minimum=0.01)
+# Deadlines of one upstream answer (seconds): the whole of it, and the longest a stream may
+# go without an event (keep-alive comments do not count) once it started.
+GATEWAY_UPSTREAM_TOTAL_TIMEOUT = env_float("GATEWAY_UPSTREAM_TOTAL_TIMEOUT", 1800.0, minimum=0.1)
+GATEWAY_UPSTREAM_IDLE_TIMEOUT = env_float("GATEWAY_UPSTREAM_IDLE_TIMEOUT", 300.0, minimum=0.1)
+# Largest upstream answers taken: one SSE frame, and a whole non-streamed body (bytes).
+GATEWAY_UPSTREAM_MAX_FRAME_BYTES = env_int("GATEWAY_UPSTREAM_MAX_FRAME_BYTES", 16 * 1024 * 1024, minimum=64 * 1024)
+GATEWAY_UPSTREAM_MAX_BODY_BYTES = env_int("GATEWAY_UPSTREAM_MAX_BODY_BYTES", 64 * 1024 * 1024, minimum=64 * 1024)
 # httpx transport for upstream calls: "fast" (accounts/upstream/transport.py; fastest, measured) or "httpx".
 GATEWAY_UPSTREAM_TRANSPORT = env_str("GATEWAY_UPSTREAM_TRANSPORT", "fast")
 GATEWAY_UPSTREAM_MAX_CONNECTIONS = env_int("GATEWAY_UPSTREAM_MAX_CONNECTIONS", 1000, minimum=1)
@@ -219,8 +226,9 @@ GATEWAY_DEFAULT_OUTPUT_RESERVE = env_int("GATEWAY_DEFAULT_OUTPUT_RESERVE", 4096,
 # The config snapshot is rebuilt this often (seconds) even without a change token, so edits
 # made outside the services (raw SQL) arrive eventually.
 GATEWAY_SNAPSHOT_MAX_AGE = env_float("GATEWAY_SNAPSHOT_MAX_AGE", 60.0, minimum=1.0)
-# Freeze what is alive after each config snapshot load out of the cyclic GC's sight (short pauses).
-GATEWAY_GC_FREEZE = env_bool("GATEWAY_GC_FREEZE", True)
+# API keys are loaded on first use and kept in a bounded cache (least recently used go first):
+# at most this many known keys, and as many unknown prefixes (gateway/config/keys.py).
+GATEWAY_KEY_CACHE_SIZE = env_int("GATEWAY_KEY_CACHE_SIZE", 100_000, minimum=1)
 # Each gateway process also writes usage to the database (else run `manage.py usage_drain`).
 GATEWAY_USAGE_DRAINER = env_bool("GATEWAY_USAGE_DRAINER", True)
 

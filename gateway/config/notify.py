@@ -15,8 +15,10 @@ Every gateway replica keeps an in-memory snapshot of keys, tenants and accounts
 every save/delete of a Tenant, ApiKey, PriceVersion, Pool, UpstreamAccount, ModelRoute or
 ModelRouteTarget announce a change
 once its transaction commits, whether it came from a service, a command or the
-admin. Queryset ``.update()`` fires no signal; usage_records_write relies on that for
-``ApiKey.last_used_at``, which must not cause reloads. AccountTransition rows (health
+admin, and appends a row to the change feed (tenancy.models.ConfigChange) in the same
+transaction, so replicas can drop just the keys that changed. Queryset ``.update()`` fires
+no signal; usage_records_write relies on that for ``ApiKey.last_used_at``, which must not
+cause reloads. AccountTransition rows (health
 history) are not configuration and announce nothing.
 """
 
@@ -138,7 +140,21 @@ def _announce_after_commit(using: str | None) -> None:
 def _on_config_write(sender: type[Any], **kwargs: Any) -> None:
     if kwargs.get("raw"):  # loaddata: fixtures are not live configuration edits
         return
+    _record_change(sender, kwargs["instance"])
     _announce_after_commit(kwargs.get("using"))
+
+
+def _record_change(sender: type[Any], instance: Any) -> None:
+    """Append the write to the change feed, in the writer's transaction (committed with it)."""
+    from tenancy.models import ApiKey, ConfigChange, Tenant
+    from tenancy.services.changes import config_change_record
+
+    if sender is ApiKey:
+        config_change_record(kind=ConfigChange.KEY, prefix=instance.prefix, tenant_id=instance.tenant_id)
+    elif sender is Tenant:
+        config_change_record(kind=ConfigChange.TENANT, tenant_id=instance.pk)
+    else:
+        config_change_record(kind=ConfigChange.CONFIG)
 
 
 def connect_signals() -> None:

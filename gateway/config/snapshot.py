@@ -1,36 +1,24 @@
-"""The in-memory view of keys, tenants, accounts, routes and prices that the hot path reads.
+"""The in-memory view of accounts, routes and prices that the hot path reads, and the
+shape of a key (:class:`KeyInfo`, loaded on demand by gateway/config/keys.py).
 
 A :class:`Snapshot` is immutable and built off the request path from the selectors
-(``tenancy.selectors.apikeys_for_snapshot``/``prices_for_snapshot`` and
-``accounts.selectors.accounts_for_snapshot``/``routes_for_snapshot``).
-:class:`ConfigState` hands out the current snapshot and rebuilds it when the change
-token of ``gateway.config.notify`` moves, so a change made on any replica (or by an operator
-command) is seen by the very next request here, with no database query per request.
+(``tenancy.selectors.prices_for_snapshot`` and
+``accounts.selectors.accounts_for_snapshot``/``routes_for_snapshot``): it is small whatever
+the number of keys. gateway/config/state.py hands it out and follows the change feed.
 """
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import ipaddress
-import logging
 import time
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from asgiref.sync import sync_to_async
-
 from accounts.routing.routes import Target, accounts_by_pool_model, route_table, routes_from_rows
 from gateway.limits.engine import Scope
 from tenancy.pricing import PriceTable, budget_window, usd_to_micros
-
-logger = logging.getLogger(__name__)
-
-# A snapshot older than this is rebuilt in the background even without a change
-# token, so edits made outside the services (raw SQL) still arrive eventually.
-MAX_SNAPSHOT_AGE = 60.0
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -166,7 +154,6 @@ class ModelEntry:
 @dataclass(slots=True)
 class Snapshot:
     token: object
-    keys: dict[str, KeyInfo]
     # (pool_id, upstream model) -> the pool's enabled accounts listing it.
     targets: dict[Target, list[AccountInfo]]
     # public model -> ordered (pool_id, upstream model) targets that can serve it now.
@@ -180,7 +167,7 @@ class Snapshot:
     built_at: float = field(default_factory=time.monotonic)
 
 
-def _key_info(row: Mapping[str, Any], tenants: dict[int, Limits | None]) -> KeyInfo:
+def key_info(row: Mapping[str, Any], tenants: dict[int, Limits | None]) -> KeyInfo:
     """``tenants``: the tenants' limits built so far, shared by their keys (one object per tenant)."""
     expires = row.get("expires_at")
     allowed = row.get("allowed_models") or None
@@ -211,14 +198,11 @@ def _key_info(row: Mapping[str, Any], tenants: dict[int, Limits | None]) -> KeyI
 
 def build_snapshot(
     token: object,
-    key_rows: Sequence[Mapping[str, Any]],
     account_rows: Sequence[Mapping[str, Any]],
     route_rows: Sequence[Mapping[str, Any]] = (),
     price_rows: Sequence[Mapping[str, Any]] = (),
 ) -> Snapshot:
-    """Turn selector rows into a snapshot (pure; no I/O)."""
-    tenants: dict[int, Limits | None] = {}
-    keys = {row["prefix"]: _key_info(row, tenants) for row in key_rows}
+    """Turn selector rows into a snapshot (pure; no I/O). Keys are not in it: gateway/config/keys.py."""
     accounts: list[AccountInfo] = []
     known: set[str] = set()
     strategies: dict[int, str] = {}
@@ -259,7 +243,6 @@ def build_snapshot(
     listed = {name: models.get(name, ModelEntry(0, "gateway")) for name in routes}
     return Snapshot(
         token=token,
-        keys=keys,
         targets=targets,
         routes=routes,
         known_models=frozenset(known),
@@ -268,88 +251,3 @@ def build_snapshot(
         prices=PriceTable.from_rows(price_rows),
         health_resets=resets,
     )
-
-
-def load_snapshot(token: object) -> Snapshot:
-    """Read the configuration from the database (blocking; call from a worker thread)."""
-    from accounts.selectors import accounts_for_snapshot, routes_for_snapshot
-    from tenancy.selectors import apikeys_for_snapshot, prices_for_snapshot
-
-    return build_snapshot(
-        token, apikeys_for_snapshot(), accounts_for_snapshot(), routes_for_snapshot(), prices_for_snapshot()
-    )
-
-
-class ConfigState:
-    """Hands out the current snapshot; rebuilds it when the change token moves.
-
-    ``token_source`` is awaited once per request: an ``os.stat`` in embedded mode; with
-    Redis it returns the last token seen (the limiter's admission script reads the real
-    one in the same round trip, and the caller reports a newer one with :meth:`seen`).
-    ``on_reload`` runs after every rebuild (e.g. to apply operator health resets).
-    """
-
-    def __init__(
-        self,
-        token_source: Callable[[], Awaitable[object]],
-        loader: Callable[[object], Snapshot] = load_snapshot,
-        on_reload: Callable[[Snapshot], None] | None = None,
-        max_age: float = MAX_SNAPSHOT_AGE,
-    ) -> None:
-        self._token_source = token_source
-        self._max_age = max_age
-        self._loader = loader
-        self._on_reload = on_reload
-        self._snapshot: Snapshot | None = None
-        self._lock: asyncio.Lock | None = None
-        self._refreshing = False
-        self._refresh_task: asyncio.Task[None] | None = None
-
-    async def current(self) -> Snapshot:
-        token = await self._token_source()
-        snapshot = self._snapshot
-        if snapshot is not None and snapshot.token == token:
-            if time.monotonic() - snapshot.built_at > self._max_age and not self._refreshing:
-                self._refreshing = True
-                self._refresh_task = asyncio.get_running_loop().create_task(self._refresh(token))
-            return snapshot
-        return await self._reload(token)
-
-    async def reload(self, token: object) -> Snapshot:
-        """The snapshot for ``token``, rebuilt unless it already is the current one."""
-        return await self._reload(token)
-
-    async def _reload(self, token: object, *, force: bool = False) -> Snapshot:
-        if self._lock is None:
-            self._lock = asyncio.Lock()
-        async with self._lock:
-            snapshot = self._snapshot
-            if not force and snapshot is not None and snapshot.token == token:
-                return snapshot
-            try:
-                # The token is read before loading, so a change racing the load
-                # leaves a stale token behind and triggers one more reload.
-                snapshot = await sync_to_async(self._loader, thread_sensitive=False)(token)
-            except Exception:
-                if self._snapshot is None:
-                    raise
-                logger.exception("configuration reload failed; serving the previous snapshot")
-                return self._snapshot
-            self._snapshot = snapshot
-            if self._on_reload is not None:
-                self._on_reload(snapshot)
-            return snapshot
-
-    async def aclose(self) -> None:
-        """Stop a background refresh in progress (at shutdown)."""
-        task, self._refresh_task = self._refresh_task, None
-        if task is not None and not task.done():
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-
-    async def _refresh(self, token: object) -> None:
-        try:
-            await self._reload(token, force=True)
-        finally:
-            self._refreshing = False

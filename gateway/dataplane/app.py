@@ -10,6 +10,12 @@ The app is the one error boundary of the data plane: a :class:`GatewayError` is
 answered with its OpenAI envelope; any other exception is logged (with the request id)
 and answered ``500 server_error`` in the same envelope, never a bare 500, and never
 after the response started (then the stream's own failure path has already answered).
+A dependency outage is not a bug: Redis unreachable (any request that needs it) or the
+database unreachable (``/v1/usage``) is answered ``503 service_unavailable`` with
+``Retry-After`` and reported to readiness, logged once per outage
+(gateway/dataplane/outages.py). ``GET /readyz`` answers the readiness report: ``503`` while
+no request can be served (Redis down, or usage cannot be recorded), else ``200`` with what
+is degraded.
 It also owns the process state (:class:`Runtime`): started at the ASGI lifespan's
 start-up and closed at its shutdown, after the requests still running have recorded
 their usage (up to ``SHUTDOWN_WAIT_SECONDS``). Daphne (4.2, the version installed) sends
@@ -27,10 +33,13 @@ import sys
 import time
 from collections.abc import Awaitable, Callable
 
+import orjson
+
 from gateway.contract.errors import SERVER, GatewayError
-from gateway.dataplane.asgi_io import ClientGone, Receive, Scope, Send, send_error
+from gateway.dataplane.asgi_io import ClientGone, Receive, Scope, Send, send_error, send_json
 from gateway.dataplane.exchange import Exchange
 from gateway.dataplane.models_endpoint import models
+from gateway.dataplane.outages import REDIS_ERRORS, database_errors, reason, unavailable
 from gateway.dataplane.responses import responses
 from gateway.dataplane.runtime import Runtime
 from gateway.dataplane.usage_endpoint import usage
@@ -80,46 +89,71 @@ class GatewayApp:
             nonlocal started
             if message["type"] == "http.response.start":
                 started = True
-            await send(message)
+            try:
+                await send(message)
+            except (OSError, RuntimeError) as exc:
+                # The connection is closed under the server's feet: uvicorn does not tell a
+                # pipelined request that its client left, and its transport then refuses
+                # writes with a RuntimeError (uvloop: "... the handler is closed").
+                if isinstance(exc, RuntimeError) and "closed" not in str(exc):
+                    raise
+                ex.client_gone = True
+                raise ClientGone from None
 
         try:
-            if path == "/v1/responses":
-                _allow(method, "POST", path)
-                await responses(scope, receive, tracked, runtime, ex)
-            elif path == "/v1/models" or path.startswith("/v1/models/"):
-                _allow(method, "GET", path)
-                await models(scope, tracked, runtime, ex, path[len("/v1/models/") :])
-            elif path == "/v1/usage":
-                _allow(method, "GET", path)
-                await usage(scope, tracked, runtime, ex)
-            elif path.startswith(("/v1/responses/", "/v1/conversations")):
-                raise GatewayError(
-                    501,
-                    "Stored responses and conversations are not available on this gateway yet.",
-                    code="not_implemented",
-                )
-            else:
-                raise GatewayError(404, f"Invalid URL ({method} {path})", code="not_found")
+            try:
+                await self._route(scope, receive, tracked, runtime, ex)
+            except REDIS_ERRORS as exc:
+                runtime.dependency_failed("redis", reason(exc))
+                raise unavailable("redis") from None
+            except database_errors() as exc:
+                runtime.dependency_failed("database", reason(exc))
+                raise unavailable("database") from None
         except GatewayError as error:
             if ex.final is None:
                 outcome = "rejected"
                 if ex.attempts:
                     outcome = "rate_limited" if error.status == 429 else "upstream_error"
                 ex.finish(error.status, outcome)
-            if not started:
-                await send_error(send, error, ex.rid)
+            if ex.client_gone:
+                ex.client_left()
+            elif not started:
+                await _answer(tracked, error, ex)
         except ClientGone:
-            if ex.final is None:
-                ex.finish(499, "client_disconnected")
+            ex.client_left()
         except Exception:
             logger.exception("unhandled error in %s %s (%s)", method, path, ex.request_id)
             if ex.final is None:
                 ex.finish(500, "failed")
             if not started:
-                await send_error(send, _internal_error(), ex.rid)
+                await _answer(tracked, _internal_error(), ex)
         finally:
             if ex.key is not None and path == "/v1/responses":
                 runtime.meter.record(ex.event(ex.billed()[1]))
+
+    async def _route(self, scope: Scope, receive: Receive, send: Send, runtime: Runtime, ex: Exchange) -> None:
+        path = scope["path"]
+        method = scope["method"]
+        if path == "/v1/responses":
+            _allow(method, "POST", path)
+            await responses(scope, receive, send, runtime, ex)
+        elif path == "/v1/models" or path.startswith("/v1/models/"):
+            _allow(method, "GET", path)
+            await models(scope, send, runtime, ex, path[len("/v1/models/") :])
+        elif path == "/v1/usage":
+            _allow(method, "GET", path)
+            await usage(scope, send, runtime, ex)
+        elif path == "/readyz":
+            _allow(method, "GET", path)
+            await readyz(send, runtime, ex)
+        elif path.startswith(("/v1/responses/", "/v1/conversations")):
+            raise GatewayError(
+                501,
+                "Stored responses and conversations are not available on this gateway yet.",
+                code="not_implemented",
+            )
+        else:
+            raise GatewayError(404, f"Invalid URL ({method} {path})", code="not_found")
 
     async def _open(self) -> Runtime:
         """A started runtime; one that fails to start is closed again (the error propagates)."""
@@ -189,6 +223,23 @@ def _close_at_reactor_shutdown(close: Callable[[], Awaitable[None]]) -> None:
         return Deferred.fromFuture(asyncio.ensure_future(close()))
 
     reactor.addSystemEventTrigger("before", "shutdown", before_shutdown)
+
+
+async def readyz(send: Send, runtime: Runtime, ex: Exchange) -> None:
+    """The readiness report; 503 while no request can be served (see the module doc)."""
+    await runtime.check_redis()
+    report = runtime.readiness.report()
+    serving = not runtime.readiness.is_down("redis") and not runtime.meter.saturated
+    report["serving"] = serving
+    await send_json(send, 200 if serving else 503, orjson.dumps(report), ex.rid)
+
+
+async def _answer(send: Send, error: GatewayError, ex: Exchange) -> None:
+    """Send ``error``'s envelope; a client already gone is recorded as such."""
+    try:
+        await send_error(send, error, ex.rid)
+    except ClientGone:
+        ex.client_left()
 
 
 def _internal_error() -> GatewayError:

@@ -1,17 +1,21 @@
 """Who is calling and what they may reach: the bearer key and the attempt plan.
 
-Both read only the configuration snapshot (no I/O): :func:`authenticate` resolves the key
-or raises a 401; :func:`plan_request` turns the requested model (and its ``fallbacks``)
-into the ordered (public model, pool, upstream model) attempts, or raises 403, 404 or 503.
+:func:`authenticate` resolves the key from the key directory (a cold key: one indexed
+database read off the event loop, gateway/config/keys.py) or raises a 401 (a 503 when
+the database cannot say); :func:`plan_request` reads only the snapshot (no I/O) and turns
+the requested model (and its ``fallbacks``) into the ordered (public model, pool, upstream
+model) attempts, or raises 403, 404 or 503.
 """
 
 from __future__ import annotations
 
 import hmac
+import logging
 import time
 from typing import Any
 
 from accounts.routing.routes import FallbackNotAllowed, attempt_plan, fallback_models
+from gateway.config.keys import KeyDirectory
 from gateway.config.snapshot import KeyInfo, Snapshot
 from gateway.contract.errors import INVALID_REQUEST, SERVER, GatewayError
 from gateway.dataplane.asgi_io import Scope, header
@@ -19,13 +23,15 @@ from tenancy.keys import key_digest, key_prefix
 
 Plan = list[tuple[str, int, str]]
 
+logger = logging.getLogger(__name__)
+
 
 def _unauthorized(message: str) -> GatewayError:
     return GatewayError(401, message, type=INVALID_REQUEST, code="invalid_api_key")
 
 
-def authenticate(scope: Scope, snapshot: Snapshot) -> KeyInfo:
-    """Resolve the bearer key of a request against the snapshot, or raise a 401."""
+async def authenticate(scope: Scope, keys: KeyDirectory) -> KeyInfo:
+    """Resolve the bearer key of a request, or raise a 401 (a 503 if its read failed)."""
     value = header(scope, b"authorization")
     if value is None:
         raise _unauthorized("You didn't provide an API key. Send it as 'Authorization: Bearer YOUR_KEY'.")
@@ -33,7 +39,13 @@ def authenticate(scope: Scope, snapshot: Snapshot) -> KeyInfo:
         raise _unauthorized("The Authorization header must be 'Bearer YOUR_KEY'.")
     token = value[7:].strip().decode("latin-1")
     prefix = key_prefix(token)
-    info = snapshot.keys.get(prefix) if prefix else None
+    try:
+        info = await keys.get(prefix) if prefix else None
+    except Exception as exc:  # the database is down or silent: the key cannot be checked
+        logger.warning("API key lookup failed: %s", type(exc).__name__)
+        raise GatewayError(
+            503, "The gateway cannot check API keys right now; retry shortly.", type=SERVER, code="database_unavailable"
+        ) from None
     if info is None or not hmac.compare_digest(key_digest(token), info.digest):
         # Never echo the key: not even a part of it.
         raise _unauthorized("Incorrect API key provided.")

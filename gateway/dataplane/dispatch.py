@@ -36,12 +36,12 @@ from accounts.health.machine import (
     event_for_status,
 )
 from accounts.routing.stickiness import sticky_key
-from accounts.upstream.client import UpstreamError, UpstreamStream
+from accounts.upstream.client import UpstreamError, UpstreamStream, UpstreamTimeout
 from gateway.config.snapshot import AccountInfo, Snapshot
 from gateway.contract.errors import RATE_LIMIT, SERVER, GatewayError
 from gateway.contract.sanitize import sanitize_for_upstream
 from gateway.contract.upstream_errors import upstream_error_body
-from gateway.dataplane.asgi_io import Receive, Send, send_json
+from gateway.dataplane.asgi_io import ClientGone, Receive, Send, send_json
 from gateway.dataplane.relay import COMMIT, SseRelay
 from tenancy.pricing import usage_fields
 
@@ -88,6 +88,63 @@ class Failed(Exception):
         self.error = error
 
 
+class Deadline:
+    """Cancels the task serving an attempt when its upstream answer overruns.
+
+    ``total`` seconds for the whole answer; once a stream started (:meth:`stream`), also
+    ``idle`` seconds without an event (:meth:`event`, called by the relay for every chunk
+    with an event in it; the upstream's keep-alive comments do not count). One timer per
+    attempt, re-armed only when it fires early, so an event costs one clock read. ``expired`` says which ran out
+    ("total" or "idle"; "" while none has): the caller turns the cancellation into
+    UpstreamTimeout with :meth:`check`.
+    """
+
+    __slots__ = ("_handle", "_idle", "_last", "_loop", "_task", "_total_at", "expired")
+
+    def __init__(self, total: float) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._task = asyncio.current_task()
+        now = self._loop.time()
+        self._total_at = now + total
+        self._idle = total
+        self._last = now
+        self.expired = ""
+        self._handle = self._loop.call_at(self._total_at, self._fire)
+
+    def stream(self, idle: float) -> None:
+        """A stream started: from now on it also fails after ``idle`` seconds without an event."""
+        self._idle = idle
+        self._last = now = self._loop.time()
+        if now + idle < self._handle.when():
+            self._handle.cancel()
+            self._handle = self._loop.call_at(now + idle, self._fire)
+
+    def event(self) -> None:
+        self._last = self._loop.time()
+
+    def _fire(self) -> None:
+        now = self._loop.time()
+        due = min(self._total_at, self._last + self._idle)
+        if now < due:
+            self._handle = self._loop.call_at(due, self._fire)
+            return
+        self.expired = "total" if now >= self._total_at else "idle"
+        if self._task is not None:
+            self._task.cancel()
+
+    def check(self) -> UpstreamTimeout:
+        """After a CancelledError: the UpstreamTimeout it stands for, or re-raise it (not ours)."""
+        if not self.expired or self._task is None:
+            raise asyncio.CancelledError
+        self._task.uncancel()
+        if self.expired == "total":
+            return UpstreamTimeout(f"the upstream's answer took over {settings.GATEWAY_UPSTREAM_TOTAL_TIMEOUT:g}s")
+        return UpstreamTimeout(f"the upstream sent nothing for {settings.GATEWAY_UPSTREAM_IDLE_TIMEOUT:g}s")
+
+    def close(self) -> None:
+        self._handle.cancel()
+
+
 class Dispatcher:
     """One request's attempts. ``run`` answers the client or raises ``Failed``/GatewayError."""
 
@@ -132,7 +189,17 @@ class Dispatcher:
                         await self.rt.health.try_acquire_probe(account.account_id)
                     ):
                         continue
-                    if await self._attempt(account, public_model, upstream_model, key, receive, send):
+                    overrun = Deadline(settings.GATEWAY_UPSTREAM_TOTAL_TIMEOUT)
+                    try:
+                        served = await self._attempt(account, public_model, upstream_model, key, receive, send, overrun)
+                    except asyncio.CancelledError:
+                        # The deadline ran out where no step of the attempt expected it.
+                        exc = overrun.check()
+                        await self._failed(account, event_for_exception(exc), "upstream_error", 502, str(exc))
+                        served = False
+                    finally:
+                        overrun.close()
+                    if served:
                         return
                 finally:
                     lease.release()
@@ -146,6 +213,7 @@ class Dispatcher:
         sticky: str,
         receive: Receive,
         send: Send,
+        deadline: Deadline,
     ) -> bool:
         """One try on ``account``: True when the client got its answer, False to go on."""
         ex = self.ex
@@ -154,23 +222,29 @@ class Dispatcher:
         request = self.request if upstream_model == self.request["model"] else {**self.request, "model": upstream_model}
         payload = await self.rt.offload.run(ex.body_bytes, _payload, request, account.strip_fields)
         try:
-            upstream = await self.rt.upstream.open(account.responses_url, upstream_headers(account, ex.stream), payload)
+            try:
+                upstream = await self.rt.upstream.open(
+                    account.responses_url, upstream_headers(account, ex.stream), payload
+                )
+            except asyncio.CancelledError:
+                raise deadline.check() from None
         except UpstreamError as exc:
             await self._failed(account, event_for_exception(exc), "upstream_error", 502, str(exc))
             return False
-        if (
-            ex.stream
-            and upstream.status == 200
-            and upstream.headers.get("content-type", "").startswith("text/event-stream")
-        ):
-            return await self._stream(account, upstream_model, upstream, sticky, receive, send)
+        is_sse = upstream.headers.get("content-type", "").startswith("text/event-stream")
+        if ex.stream and upstream.status == 200 and is_sse:
+            return await self._stream(account, upstream_model, upstream, sticky, receive, send, deadline)
         try:
-            content = await upstream.read()
+            try:
+                content = await upstream.read(settings.GATEWAY_UPSTREAM_MAX_BODY_BYTES)
+            except asyncio.CancelledError:
+                raise deadline.check() from None
         except UpstreamError as exc:
             await self._failed(account, event_for_exception(exc), "upstream_error", 502, str(exc))
             return False
         finally:
             await upstream.aclose()
+        deadline.close()
         status = upstream.status
         event = event_for_status(status, upstream.headers, content)
         if status >= 500 or status < 200 or 300 <= status < 400 or status in _RETRY_STATUSES:
@@ -193,14 +267,29 @@ class Dispatcher:
             body = upstream_error_body(status, content, (account.credential,))
             await send_json(send, status, body, ex.rid, [*self.extra, *extra])
             return True
-        try:
-            parsed = orjson.loads(content)
-        except orjson.JSONDecodeError:
-            await self._failed(account, None, "upstream_error", 502, "the upstream answered malformed JSON")
+        if ex.stream or is_sse:
+            # A stream where JSON was asked for, or JSON where a stream was: the client's
+            # parser would choke on it. The account misbehaves: the next one is tried.
+            what = "a stream" if is_sse else "a JSON answer"
+            await self._failed(
+                account, ServerError("protocol"), "upstream_error", 502, f"the upstream answered {what} to this request"
+            )
             return False
-        response = parsed if isinstance(parsed, dict) else {}
+        try:
+            response = orjson.loads(content)
+        except orjson.JSONDecodeError:
+            response = None
+        if not isinstance(response, dict) or response.get("object") != "response":
+            await self._failed(
+                account,
+                ServerError("protocol"),
+                "upstream_error",
+                502,
+                "the upstream's answer is not a Response object",
+            )
+            return False
         self._bind(sticky, account, upstream_model)
-        await send_json(send, status, content, ex.rid, self.extra)
+        # Noted before sending: a client gone meanwhile is recorded with this answer's usage.
         ex.finish(
             status,
             str(response.get("status") or "completed"),
@@ -208,6 +297,7 @@ class Dispatcher:
             response_id=str(response.get("id") or ""),
             ttfb_ms=(time.monotonic() - ex.started) * 1000,
         )
+        await send_json(send, status, content, ex.rid, self.extra)
         return True
 
     async def _stream(
@@ -218,12 +308,18 @@ class Dispatcher:
         sticky: str,
         receive: Receive,
         send: Send,
+        deadline: Deadline,
     ) -> bool:
         ex = self.ex
-        relay = SseRelay(send, ex.started)
+        relay = SseRelay(send, ex.started, settings.GATEWAY_UPSTREAM_MAX_FRAME_BYTES)
+        relay.on_event = deadline.event
+        deadline.stream(settings.GATEWAY_UPSTREAM_IDLE_TIMEOUT)
         chunks = upstream.chunks()
         try:
-            verdict = await relay.hold(chunks, settings.GATEWAY_STREAM_HOLD_SECONDS)
+            try:
+                verdict = await relay.hold(chunks, settings.GATEWAY_STREAM_HOLD_SECONDS)
+            except asyncio.CancelledError:
+                raise deadline.check() from None
         except UpstreamError as exc:
             relay.discard()
             await upstream.aclose()
@@ -251,9 +347,6 @@ class Dispatcher:
             }
         )
         self.rt.keepalive.register(relay.entry)
-        task = asyncio.current_task()
-        gone = asyncio.Event()
-        watcher = asyncio.get_running_loop().create_task(_watch_disconnect(receive, task, gone))
         tail = b""
         try:
             await relay.run(chunks)
@@ -273,12 +366,25 @@ class Dispatcher:
                 "upstream_error", f"The upstream stream failed: {exc}.", model=ex.model, request_id=ex.request_id
             )
         except asyncio.CancelledError:
-            if not gone.is_set() or task is None:
-                raise
-            task.uncancel()
+            # The client left (gateway/dataplane/disconnect.py cancelled this task): keep the
+            # usage seen. Else the deadline ran out (or the cancellation is not ours: re-raised).
+            task = asyncio.current_task()
+            if ex.client_gone and task is not None:
+                task.uncancel()
+                outcome = "client_disconnected"
+            else:
+                timeout = deadline.check()
+                outcome = "upstream_error"
+                tail = relay.failure_frames(
+                    "upstream_timeout",
+                    f"The upstream stream failed: {timeout}.",
+                    model=ex.model,
+                    request_id=ex.request_id,
+                )
+        except ClientGone:  # a relayed frame could not be sent
             outcome = "client_disconnected"
         finally:
-            watcher.cancel()
+            deadline.close()
             relay.discard()
             self.rt.keepalive.unregister(relay.entry)
             await upstream.aclose()
@@ -377,14 +483,3 @@ def _conversation_id(value: object) -> str:
     if isinstance(value, dict):
         return str(value.get("id") or "")
     return value if isinstance(value, str) else ""
-
-
-async def _watch_disconnect(receive: Receive, task: asyncio.Task[Any] | None, gone: asyncio.Event) -> None:
-    """Cancel the relaying task as soon as the client goes away."""
-    while True:
-        message = await receive()
-        if message["type"] == "http.disconnect":
-            gone.set()
-            if task is not None:
-                task.cancel()
-            return

@@ -18,6 +18,7 @@ class Exchange:
         "account",
         "attempts",
         "body_bytes",
+        "client_gone",
         "final",
         "headers",
         "key",
@@ -43,6 +44,7 @@ class Exchange:
         self.final: tuple[int, str, dict[str, int | None], str, float | None] | None = None
         self.headers: list[tuple[bytes, bytes]] = []
         self.body_bytes = 0  # size of the request body
+        self.client_gone = False  # the client disconnected before its answer was complete
 
     @property
     def tenant_id(self) -> int:
@@ -62,6 +64,16 @@ class Exchange:
         ttfb_ms: float | None = None,
     ) -> None:
         self.final = (status, outcome, usage if usage is not None else unknown_usage(), response_id, ttfb_ms)
+
+    def client_left(self) -> None:
+        """The client went away: the record says ``client_disconnected``, with the status and
+        usage of the answer it was being sent if there was one (billed: the upstream served it)."""
+        self.client_gone = True
+        if self.final is None:
+            self.finish(499, "client_disconnected")
+        else:
+            status, _, usage, response_id, ttfb_ms = self.final
+            self.final = (status, "client_disconnected", usage, response_id, ttfb_ms)
 
     def billed(self) -> tuple[int | None, Decimal | None]:
         """Tokens and cost of the final answer plus failed attempts; None when unknown."""

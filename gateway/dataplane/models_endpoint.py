@@ -13,7 +13,7 @@ from gateway.dataplane.runtime import Runtime
 async def models(scope: Scope, send: Send, runtime: Runtime, ex: Exchange, model_id: str) -> None:
     await runtime.fresh_token()
     snapshot = await runtime.config.current()
-    key = authenticate(scope, snapshot)
+    key = await authenticate(scope, runtime.config.keys)
     visible = [
         {"id": model, "object": "model", "created": entry.created, "owned_by": entry.owned_by}
         for model, entry in sorted(snapshot.models.items())

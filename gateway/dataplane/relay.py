@@ -16,6 +16,7 @@ from typing import Any
 
 import orjson
 
+from accounts.upstream.client import UpstreamProtocolError, UpstreamTooLarge
 from tenancy.pricing import unknown_usage, usage_fields
 
 Send = Callable[[dict[str, Any]], Awaitable[None]]
@@ -51,6 +52,9 @@ def _frame_json(frame: bytes) -> Any:
         return None
 
 
+# The largest partial frame kept while waiting for its end (GATEWAY_UPSTREAM_MAX_FRAME_BYTES).
+DEFAULT_MAX_FRAME = 16 * 1024 * 1024
+
 HOLD = "hold"
 COMMIT = "commit"
 RETRY = "retry"
@@ -73,7 +77,7 @@ class SseRelay:
     ``response_id`` the upstream response id.
     """
 
-    def __init__(self, send: Send, started: float) -> None:
+    def __init__(self, send: Send, started: float, max_frame: int = DEFAULT_MAX_FRAME) -> None:
         self._send = send
         self._started = started
         self.entry: list[Any] = [send, time.monotonic()]
@@ -82,24 +86,58 @@ class SseRelay:
         self.usage: dict[str, int | None] = unknown_usage()
         self.response_id = ""
         self.failure_code = ""
+        self.bad_frame = -1
         self._created: dict[str, Any] | None = None
         self._last_frame = b""
-        self._buffer = b""
+        self._buffer = bytearray()
+        self._cr = False  # the last chunk ended with a CR (its LF may start the next one)
+        self._max_frame = max_frame
+        self.on_event: Callable[[], object] | None = None  # called when an event (not a comment) arrives
         self._held: list[bytes] = []
         self._pending: asyncio.Future[bytes] | None = None
 
     def _split(self, chunk: bytes) -> bytes | None:
-        """Add ``chunk``; return the complete frames it finished, if any."""
-        buffer = self._buffer + chunk if self._buffer else chunk
-        if b"\r" in buffer:
-            buffer = buffer.replace(b"\r\n", b"\n")
-        cut = buffer.rfind(b"\n\n")
+        """Add ``chunk``; return the complete frames it finished, if any.
+
+        Linear in the bytes received: each byte is copied into the buffer once and searched
+        for a frame boundary once (the search starts where the last one stopped), however
+        the upstream cuts its chunks. A partial frame over ``max_frame`` bytes raises
+        UpstreamTooLarge. CRLF line ends are turned into LF, also across chunks.
+        """
+        if self._cr:
+            chunk = b"\r" + chunk
+            self._cr = False
+        if b"\r" in chunk:
+            if chunk.endswith(b"\r"):
+                chunk = chunk[:-1]
+                self._cr = True
+            chunk = chunk.replace(b"\r\n", b"\n")
+        buffer = self._buffer
+        if not buffer:
+            cut = chunk.rfind(b"\n\n")
+            if cut < 0:
+                buffer += chunk
+                self._check_frame_size()
+                return None
+            cut += 2
+            buffer += chunk[cut:]
+            self._check_frame_size()
+            return chunk[:cut]
+        start = len(buffer) - 1  # a boundary may straddle the old and the new bytes
+        buffer += chunk
+        cut = buffer.rfind(b"\n\n", start)
         if cut < 0:
-            self._buffer = buffer
+            self._check_frame_size()
             return None
         cut += 2
-        self._buffer = buffer[cut:]
-        return buffer[:cut]
+        out = bytes(buffer[:cut])
+        del buffer[:cut]
+        self._check_frame_size()
+        return out
+
+    def _check_frame_size(self) -> None:
+        if len(self._buffer) > self._max_frame:
+            raise UpstreamTooLarge(f"the upstream sent an event over {self._max_frame} bytes")
 
     async def hold(self, chunks: AsyncIterator[bytes], seconds: float) -> str:
         """Read frames without sending them until the stream proves itself.
@@ -156,7 +194,12 @@ class SseRelay:
     async def _relay_chunk(self, chunk: bytes) -> None:
         out = self._split(chunk)
         if out is not None:
-            self._inspect(out)
+            try:
+                self._inspect(out)
+            except UpstreamProtocolError:
+                if self.bad_frame > 0:  # the frames before the malformed one are fine
+                    await self._forward(out[: self.bad_frame])
+                raise
             await self._forward(out)
 
     async def _forward(self, out: bytes) -> None:
@@ -166,13 +209,27 @@ class SseRelay:
             self.ttfb_ms = (now - self._started) * 1000
 
     def _inspect(self, out: bytes, *, holding: bool = False) -> str:
-        """Note the frames of ``out``; while holding, say whether the stream proved itself."""
+        """Note the frames of ``out``; while holding, say whether the stream proved itself.
+
+        A terminal event whose data is not a JSON object with a ``response`` object breaks
+        the contract clients rely on: UpstreamProtocolError (``bad_frame`` is then the
+        offset of that frame in ``out``: what comes before it may still be relayed).
+        """
         verdict = HOLD
+        offset = 0
+        events = False
         for frame in out.split(b"\n\n"):
+            at, offset = offset, offset + len(frame) + 2
             if not frame or frame.startswith(b":"):
                 continue
-            self._last_frame = frame
+            events = True
             kind = _frame_type(frame)
+            if kind in _TERMINAL:
+                data = _frame_json(frame)
+                if not isinstance(data, dict) or not isinstance(data.get("response"), dict):
+                    self.bad_frame = at
+                    raise UpstreamProtocolError(f"the upstream sent a malformed {kind.decode()} event")
+            self._last_frame = frame
             if kind == _CREATED and self._created is None:
                 data = _frame_json(frame)
                 response = data.get("response") if isinstance(data, dict) else None
@@ -195,6 +252,8 @@ class SseRelay:
             if holding and verdict == HOLD and kind not in _PRELUDE:
                 retryable = kind in _FAILURES and self.failure_code in _RETRYABLE_CODES
                 verdict = RETRY if retryable else COMMIT
+        if events and self.on_event is not None:
+            self.on_event()
         return verdict
 
     def failure_frames(self, code: str, message: str, *, model: str, request_id: str) -> bytes:

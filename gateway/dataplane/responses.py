@@ -25,6 +25,7 @@ from gateway.contract.policy import apply_policy
 from gateway.contract.validation import validate_request
 from gateway.dataplane.asgi_io import Receive, Scope, Send, read_body
 from gateway.dataplane.auth import Plan, authenticate, plan_request
+from gateway.dataplane.disconnect import ClientWatch
 from gateway.dataplane.dispatch import Dispatcher, Failed, sticky_value
 from gateway.dataplane.exchange import Exchange
 from gateway.dataplane.runtime import Runtime
@@ -43,7 +44,7 @@ async def responses(scope: Scope, receive: Receive, send: Send, runtime: Runtime
     for retry in (False, True):
         snapshot = await runtime.config.current()
         try:
-            ex.key = authenticate(scope, snapshot)
+            ex.key = await authenticate(scope, runtime.config.keys)
             if validated is None:
                 raw = await read_body(scope, receive, settings.GATEWAY_MAX_BODY_BYTES)
                 size = ex.body_bytes = len(raw)
@@ -74,7 +75,8 @@ async def responses(scope: Scope, receive: Receive, send: Send, runtime: Runtime
         raise rejection_error(decision)
     ticket = decision.ticket
     try:
-        await Dispatcher(runtime, ex, request, plan, snapshot, decision.headers).run(receive, send)
+        async with ClientWatch(receive, send, ex) as watch:  # a client leaving cancels the dispatch
+            await Dispatcher(runtime, ex, request, plan, snapshot, decision.headers).run(receive, watch.send)
     except Failed as failed:
         raise failed.error from None
     finally:

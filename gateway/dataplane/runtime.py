@@ -20,6 +20,7 @@ import sys
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
+from cachetools import TTLCache
 from django.conf import settings
 
 from accounts.health.machine import Event
@@ -31,9 +32,11 @@ from accounts.routing.stickiness import LocalStickyStore, RedisStickyStore
 from accounts.upstream.client import UpstreamClient
 from gateway.conf.db import drop_broken_connections
 from gateway.config import notify
-from gateway.config.snapshot import AccountInfo, ConfigState, Snapshot, load_snapshot
+from gateway.config.snapshot import AccountInfo, Snapshot
+from gateway.config.state import ConfigState, DatabaseSource
 from gateway.dataplane.keepalive import KeepAlive
 from gateway.dataplane.offload import Offload
+from gateway.dataplane.outages import REDIS_ERRORS, reason
 from gateway.dataplane.readiness import Readiness
 from gateway.limits.engine import Decision, LocalLimiter, Scope
 from gateway.limits.persistence import budget_spent_many, record_alert_retrying
@@ -55,11 +58,13 @@ GIL_SWITCH_INTERVAL = 0.001
 PROBE_CONNECT_TIMEOUT = 5.0
 PROBE_READ_TIMEOUT = 20.0
 
+# GET /v1/usage: how long a key's figures (two aggregate queries) are served from memory,
+# and for how many keys and windows at most (the oldest go first past it).
+USAGE_CACHE_SECONDS = 5.0
+USAGE_CACHE_ENTRIES = 10_000
 
-def _load_snapshot(token: object) -> Snapshot:
-    """``load_snapshot`` in a worker thread, after dropping that thread's broken connection."""
-    drop_broken_connections()
-    return load_snapshot(token)
+# While Redis is down, how often it is pinged (and how long a ping may take) to see it back.
+REDIS_CHECK_SECONDS = 1.0
 
 
 class Runtime:
@@ -76,6 +81,9 @@ class Runtime:
             max_connections=settings.GATEWAY_UPSTREAM_MAX_CONNECTIONS,
         )
         self.keepalive = KeepAlive(settings.GATEWAY_SSE_KEEPALIVE_SECONDS)
+        self.usage_cache: TTLCache[tuple[int, int], tuple[dict[str, Any], dict[str, Any]]] = TTLCache(
+            maxsize=USAGE_CACHE_ENTRIES, ttl=USAGE_CACHE_SECONDS
+        )
         self.offload = Offload()  # large bodies' parsing and serializing, off the event loop
         self.transitions = TransitionLog()
         self.health = health_store_from_settings(self.redis, self.transitions.add)
@@ -93,6 +101,7 @@ class Runtime:
         self._tasks: set[asyncio.Task[Any]] = set()
         self._started = False
         self._closed = False
+        self._watching_redis = False
         # The change token this process last saw; with Redis, every admission refreshes it.
         self.token: object = None
         seed = BatchSeed(budget_spent_many)
@@ -126,7 +135,13 @@ class Runtime:
 
             token_source = file_token
         self.config = ConfigState(
-            token_source, _load_snapshot, on_reload=self._on_reload, max_age=settings.GATEWAY_SNAPSHOT_MAX_AGE
+            token_source,
+            # Each worker thread first drops its connection if a database restart broke it.
+            DatabaseSource(before=drop_broken_connections),
+            max_age=settings.GATEWAY_SNAPSHOT_MAX_AGE,
+            key_cache_size=settings.GATEWAY_KEY_CACHE_SIZE,
+            on_reload=self._on_reload,
+            on_state=self._state_reporter("database"),
         )
 
     async def _last_token(self) -> object:
@@ -182,6 +197,39 @@ class Runtime:
                 self.readiness.down(name, reason)
 
         return report
+
+    def dependency_failed(self, name: str, why: str) -> None:
+        """A request found ``name`` unavailable: readiness reports it (logged once).
+
+        For Redis, one background task pings it until it answers, then reports it back up.
+        (The database's state is reported by the parts that use it: ``/v1/usage``.)
+        """
+        self.readiness.down(name, why)
+        if name == "redis" and self.redis is not None and not self._watching_redis and not self._closed:
+            self._watching_redis = True
+            self.spawn(self._watch_redis())
+
+    async def _watch_redis(self) -> None:
+        try:
+            while not await self.check_redis():
+                await asyncio.sleep(REDIS_CHECK_SECONDS)
+        finally:
+            self._watching_redis = False
+
+    async def check_redis(self) -> bool:
+        """Ping Redis (if this process uses it) and report the answer to readiness."""
+        if self.redis is None:
+            return True
+        try:
+            await asyncio.wait_for(self.redis.ping(), REDIS_CHECK_SECONDS)
+        except REDIS_ERRORS as exc:
+            self.readiness.down("redis", reason(exc))
+            return False
+        except TimeoutError:  # no answer within REDIS_CHECK_SECONDS
+            self.readiness.down("redis", "TimeoutError")
+            return False
+        self.readiness.up("redis")
+        return True
 
     def _on_alert(self, scope: Scope, kind: str, spent_tokens: int, spent_micros: int, window_start: int) -> None:
         # Runs on the event loop: the database work goes to a task (and a thread).

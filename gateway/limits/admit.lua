@@ -1,7 +1,6 @@
 -- Admissions, with what rides along (gateway/limits/redis_backend.py documents the formats).
 -- KEYS[1]: the config change token. ARGV[1]: settlements to apply first; ARGV[2]: SETs to apply
--- ("key value ttl" lines); ARGV[3]: admissions, one a line: "head;spec;spec...", optionally
--- followed by "|key key ..." (keys to GET for the caller).
+-- ("key value ttl" lines); ARGV[3]: admissions, JSON [[head, [spec, spec...], [key to GET...]], ...].
 -- Returns {token or nil, settle alerts, then per admission: its reply, then its reads' values}.
 local settled = settle(ARGV[1])
 write(ARGV[2])
@@ -9,36 +8,28 @@ local function ints(list)
   for k, v in ipairs(list) do list[k] = string.format('%d', v) end
   return table.concat(list, ',')
 end
-local function split(text, sep)
-  local out = {}
-  for v in string.gmatch(text, sep) do out[#out + 1] = v end
-  return out
-end
 
-local function admit(text)
-  local parts = split(text, '[^;]+')
-  local h = split(parts[1], '[^,]+')
-  local prefix, minute, now = h[1], h[2], tonumber(h[3])
-  local est_t, est_m = tonumber(h[4]), tonumber(h[5])
-  local lease, lease_ttl = h[6], tonumber(h[7])
-  local minute_ttl, grace = tonumber(h[8]), tonumber(h[9])
-  local n = #parts - 1
+local function admit(h, specs)
+  local prefix, minute, now = h[1], h[2], h[3]
+  local est_t, est_m = h[4], h[5]
+  local lease, lease_ttl = h[6], h[7]
+  local minute_ttl, grace = h[8], h[9]
+  local n = #specs
   local scopes, missing = {}, {}
   for i = 1, n do
-    local f = split(parts[1 + i], '[^,]+')
-    local s = {base = prefix .. f[1] .. ':', rpm = tonumber(f[2]), tpm = tonumber(f[3]), conc = tonumber(f[4]),
-               bt = tonumber(f[5]), bm = tonumber(f[6])}
+    local f = specs[i]
+    local s = {base = prefix .. f[1] .. ':', rpm = f[2], tpm = f[3], conc = f[4], bt = f[5], bm = f[6]}
     scopes[i] = s
     if s.bt >= 0 or s.bm >= 0 then
       s.bk = s.base .. 'b:' .. f[7]
       local row = redis.call('HMGET', s.bk, 'st', 'sm', 'rt', 'rm')
       if not row[1] then
-        local seed_t, seed_m = tonumber(f[9]), tonumber(f[10])
+        local seed_t, seed_m = f[9], f[10]
         if seed_t < 0 then
           missing[#missing + 1] = i - 1
         else
           redis.call('HSET', s.bk, 'st', seed_t, 'sm', seed_m, 'rt', 0, 'rm', 0)
-          redis.call('EXPIRE', s.bk, math.max(tonumber(f[8]) - math.floor(now / 1000), 0) + grace)
+          redis.call('EXPIRE', s.bk, math.max(f[8] - math.floor(now / 1000), 0) + grace)
           row = {seed_t, seed_m, 0, 0}
         end
       end
@@ -102,11 +93,8 @@ local function admit(text)
 end
 
 local out = {redis.call('GET', KEYS[1]), settled}
-for line in string.gmatch(ARGV[3], '[^\n]+') do
-  local bar = string.find(line, '|', 1, true)
-  out[#out + 1] = admit(bar and string.sub(line, 1, bar - 1) or line)
-  if bar then
-    for key in string.gmatch(string.sub(line, bar + 1), '%S+') do out[#out + 1] = redis.call('GET', key) end
-  end
+for _, a in ipairs(cjson.decode(ARGV[3])) do
+  out[#out + 1] = admit(a[1], a[2])
+  for _, key in ipairs(a[3]) do out[#out + 1] = redis.call('GET', key) end
 end
 return out

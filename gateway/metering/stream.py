@@ -3,7 +3,7 @@
 With Redis configured, usage leaves a gateway process through :class:`RedisUsageSink`
 (the interface of the embedded :class:`gateway.metering.journal.JournalWriter`:
 ``record``, ``saturated``, ``aclose``). Here ``record`` is a list append and a background
-task sends batches as pipelined ``XADD gw:usage * e <json>`` every ``interval``, so a
+task sends batches (``XADD gw:usage * e <json>`` per event, in one script call) every ``interval``, so a
 SIGKILL of the gateway loses what the last interval held. The stream is never trimmed by
 length: an entry leaves it only after the database has it.
 
@@ -54,6 +54,7 @@ from gateway.metering.spool import Spool
 if TYPE_CHECKING:
     import redis as redis_sync
     from redis.asyncio import Redis
+    from redis.commands.core import AsyncScript
 
 logger = logging.getLogger(__name__)
 
@@ -61,6 +62,9 @@ STREAM = "gw:usage"
 GROUP = "gw-writers"
 FIELD = b"e"
 
+
+# A batch of events in one script call (xadd.lua; run through redis-py's register_script).
+XADD_LUA = (Path(__file__).parent / "xadd.lua").read_text()
 
 # Consumers idle this long with nothing pending are removed from the group.
 CONSUMER_MAX_IDLE_MS = 86_400_000
@@ -89,6 +93,7 @@ class RedisUsageSink:
         if spool_dir is not None and url is None:
             raise ValueError("spooling needs url= (spooled events are replayed with a synchronous client)")
         self._redis = redis
+        self._xadd: AsyncScript | None = None
         self._max_buffer = max_buffer
         self._stream = stream
         self._interval = interval
@@ -133,8 +138,10 @@ class RedisUsageSink:
             try:
                 await self.flush()
             except Exception:
+                # Logged once per outage (the data plane's readiness reports Redis too).
+                if backoff == self._interval:
+                    logger.warning("usage XADD failed; %d events kept for retry", len(self._buffer), exc_info=True)
                 backoff = min(backoff * 2, 5.0)
-                logger.warning("usage XADD failed; %d events kept for retry", len(self._buffer), exc_info=True)
                 if self._spill is not None and len(self._buffer) >= self._max_buffer:
                     batch, self._buffer = self._buffer, []  # taken here, on the loop: record() may run meanwhile
                     # Shielded and kept: aclose() waits for a spill that its cancel interrupted.
@@ -145,6 +152,8 @@ class RedisUsageSink:
                     self._spilling = None
                     replay = True
                 continue
+            if backoff != self._interval:
+                logger.warning("usage XADD works again")
             backoff = self._interval
 
     async def flush(self) -> None:
@@ -153,10 +162,9 @@ class RedisUsageSink:
             batch = self._buffer[: self._max_batch]
             del self._buffer[: self._max_batch]
             try:
-                pipe = self._redis.pipeline(transaction=False)
-                for event in batch:
-                    pipe.xadd(self._stream, {FIELD: encode_event(event)})
-                await pipe.execute()
+                if self._xadd is None:
+                    self._xadd = self._redis.register_script(XADD_LUA)
+                await self._xadd((self._stream,), (FIELD, _lines(batch)))
             except BaseException:
                 # A partly sent batch is sent again: the writer is idempotent on request_id.
                 self._buffer[:0] = batch
@@ -225,10 +233,12 @@ class RedisUsageSink:
             import redis as redis_sync
 
             self._sync = redis_sync.Redis.from_url(self._url)
-        pipe = self._sync.pipeline(transaction=False)
-        for event in events:
-            pipe.xadd(self._stream, {FIELD: encode_event(event)})
-        pipe.execute()
+        self._sync.register_script(XADD_LUA)((self._stream,), (FIELD, _lines(events)))
+
+
+def _lines(events: Sequence[dict[str, Any]]) -> bytes:
+    """The events as xadd.lua takes them: their JSON, one a line."""
+    return b"\n".join(encode_event(event) for event in events)
 
 
 Entry = tuple[bytes, dict[bytes, bytes] | None]

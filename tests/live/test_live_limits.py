@@ -17,6 +17,7 @@ their counts.
 
 from __future__ import annotations
 
+import collections
 import functools
 import os
 import re
@@ -131,9 +132,14 @@ def send(url: str, key: str, body: dict[str, Any], timeout: float = 30) -> httpx
     return httpx.post(url + "/v1/responses", content=body_bytes(body), headers=headers, timeout=timeout)
 
 
+# Calls of GET /v1/usage answered per key: each counts against the key's (and tenant's) rpm.
+USAGE_CALLS: collections.Counter[str] = collections.Counter()
+
+
 def usage_of(url: str, key: str) -> dict[str, Any]:
     response = httpx.get(url + "/v1/usage", headers={"authorization": f"Bearer {key}"}, timeout=30)
     assert response.status_code == 200, response.text
+    USAGE_CALLS[key] += 1
     return dict(response.json())
 
 
@@ -684,7 +690,7 @@ def test_usage_endpoint_reports_own_usage_and_limits(live_gw: Live) -> None:
     assert report["period"]["requests"] == 2
     key_scope = scope_report(report, "key")
     assert key_scope["requests_per_minute"]["limit"] == 10
-    assert key_scope["requests_per_minute"]["remaining"] == 8
+    assert key_scope["requests_per_minute"]["remaining"] == 10 - 2 - USAGE_CALLS[key]  # this call included
     assert key_scope["tokens_per_minute"] == {
         "limit": 50_000,
         "remaining": 50_000 - own_tokens,
@@ -702,7 +708,8 @@ def test_usage_endpoint_reports_own_usage_and_limits(live_gw: Live) -> None:
     assert budget_reset % 86400 == 0
     tenant_scope = scope_report(report, "tenant")
     assert tenant_scope["requests_per_minute"]["limit"] == 50
-    assert tenant_scope["requests_per_minute"]["remaining"] == 47  # the sibling's request counts here
+    # The sibling's request counts here, and so does each usage call of the key.
+    assert tenant_scope["requests_per_minute"]["remaining"] == 50 - 3 - USAGE_CALLS[key]
     sibling_tokens = poll(lambda: tokens_of_tenant(tenant) - own_tokens, what="sibling usage recorded")
     poll(
         lambda: budget_spent(live_gw.url, key, scope="tenant") == own_tokens + sibling_tokens,
@@ -716,6 +723,38 @@ def test_usage_endpoint_reports_own_usage_and_limits(live_gw: Live) -> None:
     assert outsider_report["limits"] == []
     assert usage_of(live_gw.url, key)["total"] == report["total"]
     assert report["total"]["total_tokens"] < live_gw.upstream.stats()["total_tokens"]
+
+
+def test_usage_endpoint_counts_against_the_key_rpm(live_gw: Live) -> None:
+    """Polling /v1/usage costs two aggregate queries a call: it is rate limited like any request."""
+    _, key = new_key(live_gw, rpm=2)
+    minute_room(15)
+    calls = [httpx.get(live_gw.url + "/v1/usage", headers={"authorization": f"Bearer {key}"}) for _ in range(3)]
+    assert [r.status_code for r in calls[:2]] == [200, 200], calls[0].text
+    assert calls[1].headers["x-ratelimit-remaining-requests"] == "0"
+    error = assert_error(calls[2], 429, "rate_limit_exceeded", type="rate_limit_error", param="key.rpm")
+    assert "key.rpm" in error["message"]
+    assert_retry_after(calls[2], 60)
+    # The same budget of requests as /v1/responses.
+    assert_error(
+        send(live_gw.url, key, {"model": MODEL, "input": "hi"}),
+        429,
+        "rate_limit_exceeded",
+        type="rate_limit_error",
+        param="key.rpm",
+    )
+
+
+def test_usage_endpoint_serves_its_figures_from_a_short_cache(live_gw: Live) -> None:
+    _, key = new_key(live_gw)
+    assert usage_of(live_gw.url, key)["total"]["requests"] == 0
+    response = send(live_gw.url, key, {"model": MODEL, "input": "hi"})
+    assert response.status_code == 200
+    live_gw.wait_usage(response.headers["x-request-id"])
+    # Recorded, and still not shown: the figures are the cached ones (USAGE_CACHE_SECONDS, 5 s)...
+    assert usage_of(live_gw.url, key)["total"]["requests"] == 0
+    # ...until the cache entry expires.
+    poll(lambda: usage_of(live_gw.url, key)["total"]["requests"] == 1, interval=0.5, what="fresh figures")
 
 
 def test_usage_endpoint_after_a_restart_reports_the_budget_spent(

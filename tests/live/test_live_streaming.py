@@ -6,15 +6,19 @@ No speed thresholds: timing assertions only compare arrival times with each othe
 
 from __future__ import annotations
 
+import json
 import re
+import socket
 import time
+from collections.abc import Callable
 from typing import Any
 
 import httpx
 import pytest
 
+from tests import harness as live
 from tests.conftest import MODEL, Live
-from tests.harness import SseProbe, assert_error, poll, sse_events, sse_frames
+from tests.harness import SilentProbe, SseProbe, assert_error, poll, sse_events, sse_frames
 
 pytestmark = pytest.mark.live
 
@@ -229,3 +233,79 @@ def test_sdk_can_stop_reading_early(live_gw: Live) -> None:
             if event.type == "response.output_text.delta":
                 break
     assert client.responses.create(model=MODEL, input="again").status == "completed"
+
+
+# --- a client that leaves before any answer (issue 10, item 6) ----------------------------------
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["json", "stream"])
+def test_client_leaving_before_the_answer_cancels_the_upstream_call_and_frees_its_slot(
+    live_gw: Live, stream: bool
+) -> None:
+    """Non-streamed, or a stream whose upstream has not answered yet: the upstream call is
+    closed as soon as the client leaves and the key's only concurrency slot is free at once."""
+    probe = SilentProbe()
+    try:
+        model = "gpt-silent-stream" if stream else "gpt-silent"
+        live_gw.add_account([model], base_url=probe.base_url)
+        api_key, key = live_gw.new_key(concurrency=1)
+        body = {"model": model, "input": "hi", "stream": stream}
+        with live_gw.http(key) as client, pytest.raises(httpx.ReadTimeout):  # the client gives up and leaves
+            client.post("/v1/responses", json=body, timeout=httpx.Timeout(30, read=0.5))
+        left_at = time.monotonic()
+        # The gateway hung up on the upstream at once, not at its read timeout (5 s here).
+        poll(lambda: probe.closed, timeout=3, what="the upstream connection closed")
+        assert probe.closed[0] - left_at < 2.0
+        # The slot is free: the next request of the concurrency-1 key is served at once.
+        assert live_gw.post({"model": MODEL, "input": "next"}, key=key).status_code == 200
+        from tenancy.models import UsageRecord
+
+        record = poll(lambda: UsageRecord.objects.filter(api_key_id=api_key.id, model=model).first(), what="the record")
+        assert record is not None
+        assert (record.status_code, record.outcome, record.stream) == (499, "client_disconnected", stream)
+        assert record.account_id is not None
+        assert record.input_tokens is None
+    finally:
+        probe.close()
+
+
+# --- pipelined requests whose connection closes early (issue 10, item 10) -----------------------
+
+
+def test_pipelined_requests_closed_early_are_recorded_as_client_disconnects_with_their_usage(
+    live_gw: Live, start_gateway: Callable[..., live.LiveProcess]
+) -> None:
+    """uvicorn told only the newest (queued) request of a connection that its client left: the
+    one being served waited for its upstream, then failed writing its answer to the closed
+    transport (a RuntimeError traceback and a record of 500 failed). Now it is a client
+    disconnect, noticed at once, with the usage the upstream reported if it had answered."""
+    from tenancy.models import UsageRecord
+
+    gateway = start_gateway()
+    api_key, key = live_gw.new_key()
+    body = json.dumps({"model": MODEL, "input": "hi", "metadata": {"fake_latency_ms": "300"}}).encode()
+    head = (
+        b"POST /v1/responses HTTP/1.1\r\nHost: gateway\r\nAuthorization: Bearer %s\r\n"
+        b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n" % (key.encode(), len(body))
+    )
+    port = int(gateway.url.rsplit(":", 1)[1])
+    with socket.create_connection(("127.0.0.1", port)) as sock:
+        sock.sendall((head + body) * 3)
+        time.sleep(0.1)  # read by the gateway, answered by nobody yet
+    poll(lambda: UsageRecord.objects.filter(api_key_id=api_key.id).exists(), what="the first record")
+    time.sleep(1.0)  # and those of the pipelined requests after it
+    records = list(UsageRecord.objects.filter(api_key_id=api_key.id).order_by("created_at"))
+    assert records, "no record"
+    assert {record.outcome for record in records} == {"client_disconnected"}, [
+        (r.status_code, r.outcome) for r in records
+    ]
+    for record in records:
+        if record.status_code == 200:  # the upstream had answered: its usage is recorded and billed
+            assert record.input_tokens is not None
+            assert record.output_tokens is not None
+        else:  # left before the upstream answered: the upstream call was cancelled
+            assert record.status_code == 499
+    log = gateway.log.read_text(errors="replace")
+    assert "RuntimeError" not in log, log[-3000:]
+    assert "unhandled error" not in log, log[-3000:]
+    assert "ASGI callable returned without completing response" not in log, log[-3000:]

@@ -473,6 +473,40 @@ def test_sticky_binding_is_shared_through_redis() -> None:
 
 
 @needs_redis
+def test_sticky_absent_answer_is_trusted_briefly() -> None:
+    """A new key read as unbound with the admission is not asked again by dispatch, but a binding
+    another replica makes meanwhile is seen once ABSENT_TTL has passed."""
+    import redis.asyncio as aioredis
+
+    from accounts.routing.stickiness import ABSENT_TTL
+    from gateway.limits.redis_backend import RedisLimiter
+
+    async def scenario() -> None:
+        prefix = f"gwtest:{uuid.uuid4().hex}:sticky"
+        now = [1000.0]
+        client = aioredis.Redis.from_url(REDIS_URL)
+        carrier = RedisLimiter(client, prefix=prefix + ":rl:", config_key=prefix + ":gen")
+        a = RedisStickyStore(client, carry=carrier.carry, prefix=prefix, ttl=60, clock=lambda: now[0])
+        b = RedisStickyStore(client, carry=carrier.carry, prefix=prefix, ttl=60, clock=lambda: now[0])
+        try:
+            assert a.stale(["k"]) == ["k"]
+            assert a.learn("k", None) is None  # what the admission read
+            assert a.stale(["k"]) == []
+            assert await a.lookup("k") is None  # answered locally: no GET
+            assert b.bind("k", 7, usable=lambda _: True)
+            await carrier.flush()
+            now[0] += ABSENT_TTL
+            assert a.stale(["k"]) == ["k"]
+            assert await a.lookup("k") == 7
+        finally:
+            await carrier.aclose()
+            await client.delete(f"{prefix}:k")
+            await client.aclose()
+
+    asyncio.run(scenario())
+
+
+@needs_redis
 def test_one_probe_per_account_across_replicas() -> None:
     """The prober's lock (try_lock_probe) is shared: while replica A probes an account,
     replica B's prober leaves it alone; once A's report released it, B may probe."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import socket
 import subprocess
 import sys
 import uuid
@@ -17,6 +18,7 @@ from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
+import orjson
 import pytest
 
 from gateway.limits.engine import (
@@ -616,6 +618,104 @@ def test_redis_admit_carries_writes_and_reads_in_its_one_call(redis_prefix: str)
         limiter.carry(redis_prefix + "idle", "5", 60)
         await limiter.flush()
         assert await client.get(redis_prefix + "idle") == b"5"
+        await limiter.aclose()
+        await client.aclose()
+
+    asyncio.run(main())
+
+
+class CountingRedis:
+    """A real client whose scripts count their calls (passed to the limiter like any client)."""
+
+    def __init__(self, client: Any) -> None:
+        self.client = client
+        self.calls: list[int] = []  # per script call: how many admissions its last argument carries
+
+    def register_script(self, source: str) -> Any:
+        script = self.client.register_script(source)
+
+        async def call(keys: Any, args: Any) -> Any:
+            self.calls.append(len(orjson.loads(args[-1])) if len(args) == 3 else 0)
+            return await script(keys, args)
+
+        return call
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.client, name)
+
+
+def test_redis_concurrent_admits_share_one_script_call(redis_prefix: str) -> None:
+    async def main() -> None:
+        from gateway.limits.redis_backend import RedisLimiter, redis_client
+
+        client = CountingRedis(redis_client(REDIS_URL))
+        limiter = RedisLimiter(client, prefix=redis_prefix, config_key=redis_prefix + "gen", linger=3600)  # type: ignore[arg-type]
+        scope = Scope("key", 1, rpm=5, concurrency=10)
+        decisions = await asyncio.gather(*(limiter.admit([scope], tokens=1, now=NOW) for _ in range(8)))
+        assert client.calls == [8]  # one round trip for the eight
+        assert [d.allowed for d in decisions] == [True] * 5 + [False] * 3  # in order, each atomically
+        for decision in decisions[:5]:
+            assert decision.ticket is not None
+            limiter.settle(decision.ticket, tokens=1, micros=0)
+        assert not (await limiter.admit([scope], tokens=1, now=NOW)).allowed  # the minute is used up
+        assert client.calls == [8, 1]  # the settlements rode along
+        assert limiter.pending() == 0
+        await limiter.aclose()
+        await client.client.aclose()
+
+    asyncio.run(main())
+
+
+def test_redis_errors_reach_every_admission_of_the_batch_as_redis_exceptions() -> None:
+    """Redis down: each admission sharing the failed call raises redis-py's own error (the data plane
+    maps it to a 503); the settlements and writes it carried stay queued for a later call."""
+
+    async def main() -> None:
+        import redis.exceptions
+
+        from gateway.limits.redis_backend import RedisLimiter, redis_client
+
+        with socket.socket() as probe:  # a port nothing listens on
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+        client = redis_client(f"redis://127.0.0.1:{port}/0", timeout=1.0)
+        limiter = RedisLimiter(client, linger=3600)
+        limiter.carry("gwtest:sticky", "1", 60)
+        results = await asyncio.gather(
+            *(limiter.admit([Scope("key", 1, rpm=10)], tokens=1, now=NOW) for _ in range(3)), return_exceptions=True
+        )
+        assert all(isinstance(result, redis.exceptions.ConnectionError) for result in results), results
+        assert limiter.pending() == 1
+        await client.aclose()
+
+    asyncio.run(main())
+
+
+def test_redis_admission_of_a_cancelled_request_is_given_back(redis_prefix: str) -> None:
+    """A request cancelled while its admission is on its way (its client left): the admission is
+    applied with its batch, then cancelled, so its concurrency slot and request come back."""
+
+    async def main() -> None:
+        from gateway.limits.redis_backend import RedisLimiter, redis_client
+
+        client = redis_client(REDIS_URL)
+        limiter = RedisLimiter(client, prefix=redis_prefix, config_key=redis_prefix + "gen", linger=3600)
+        scope = Scope("key", 1, rpm=2, concurrency=1)
+        gone = asyncio.ensure_future(limiter.admit([scope], tokens=1, now=NOW))
+        await asyncio.sleep(0)  # queued in a batch
+        gone.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await gone
+        for _ in range(100):  # the batch's answer arrives, then the admission is cancelled
+            if limiter.pending():
+                break
+            await asyncio.sleep(0.01)
+        assert limiter.pending() == 1
+        decision = await limiter.admit([scope], tokens=1, now=NOW)
+        assert decision.allowed  # the slot came back
+        assert decision.ticket is not None
+        limiter.settle(decision.ticket, tokens=1, micros=0)
+        assert (await limiter.admit([scope], tokens=1, now=NOW)).allowed  # and the request (rpm 2)
         await limiter.aclose()
         await client.aclose()
 

@@ -1,0 +1,181 @@
+"""API keys on demand: loaded on first use, cached within a bound, invalidated one by one.
+
+A serving process holds no copy of the key table. :class:`KeyDirectory` answers "which key
+has this prefix":
+
+- from its cache (``cachetools.TTLCache``: at most ``size`` keys, least recently used
+  evicted first, each entry re-read after :data:`KEY_CACHE_SECONDS` so that edits made with
+  raw SQL, which announce nothing, still arrive);
+- else, for a prefix that is not in the membership set (:class:`PrefixSet`: every stored
+  prefix as 8 bytes in one sorted array, loaded once in the background at start and kept
+  current by the change feed) or that was found unknown lately (the negative cache, as
+  large), with None at once: an unknown-prefix flood never reaches the database;
+- else with one indexed read of that key (``load``, in a worker thread, off the event loop);
+  concurrent misses of one prefix share that read.
+
+:meth:`KeyDirectory.invalidate` applies the change feed: a changed key is dropped (and its
+prefix becomes a member), a changed tenant drops its cached keys and the negative cache.
+A read that was running when its key changed is not cached, and later callers start a new
+one, so a revoked key is refused on the very next request after the change is applied.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from array import array
+from bisect import bisect_left
+from collections.abc import Awaitable, Callable, Iterable, Mapping
+from typing import Any
+
+from cachetools import TTLCache
+
+from gateway.config.snapshot import KeyInfo, key_info
+from tenancy.keys import KEY_MARKER, PREFIX_LENGTH
+
+logger = logging.getLogger(__name__)
+
+# A cached key (or unknown prefix) is read again after this many seconds.
+KEY_CACHE_SECONDS = 600.0
+
+# base62 digits in ASCII order, so a prefix's number sorts as its text does.
+_DIGITS = {c: i for i, c in enumerate("0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz")}
+
+
+def prefix_number(prefix: str) -> int | None:
+    """The 10 random base62 chars of a key prefix as one integer below 2**60, or None if
+    ``prefix`` does not have a gateway key prefix's shape."""
+    if len(prefix) != PREFIX_LENGTH or not prefix.startswith(KEY_MARKER):
+        return None
+    value = 0
+    for char in prefix[len(KEY_MARKER) :]:
+        digit = _DIGITS.get(char)
+        if digit is None:
+            return None
+        value = value * 62 + digit
+    return value
+
+
+class PrefixSet:
+    """Every stored key prefix, compactly: a sorted ``array('Q')`` (8 bytes a prefix, 8 MB
+    for a million) plus the few added since it was built. Membership is a binary search."""
+
+    __slots__ = ("_added", "_sorted")
+
+    def __init__(self, prefixes: Iterable[str] = ()) -> None:
+        numbers = (prefix_number(prefix) for prefix in prefixes)
+        self._sorted = array("Q", sorted(n for n in numbers if n is not None))
+        self._added: set[int] = set()
+
+    def __len__(self) -> int:
+        return len(self._sorted) + len(self._added)
+
+    def add(self, prefix: str) -> None:
+        number = prefix_number(prefix)
+        if number is not None and number not in self:
+            self._added.add(number)
+
+    def __contains__(self, number: object) -> bool:
+        if number in self._added:
+            return True
+        index = bisect_left(self._sorted, number)  # type: ignore[call-overload]
+        return index < len(self._sorted) and self._sorted[index] == number
+
+    def has(self, prefix: str) -> bool:
+        number = prefix_number(prefix)
+        return number is not None and number in self
+
+
+class KeyDirectory:
+    """The keys this process has seen (see the module docstring).
+
+    ``load(prefix)``: the key's snapshot row (``tenancy.selectors.apikey_for_snapshot``) or
+    None; blocking, run in a worker thread. ``size``: the bound of each cache.
+    """
+
+    def __init__(
+        self,
+        load: Callable[[str], Mapping[str, Any] | None],
+        *,
+        size: int,
+        ttl: float = KEY_CACHE_SECONDS,
+        run: Callable[[Callable[[str], Any], str], Awaitable[Any]] | None = None,
+    ) -> None:
+        self._load = load
+        self._run = run or asyncio.to_thread
+        self._known: TTLCache[str, KeyInfo] = TTLCache(maxsize=size, ttl=ttl)
+        self._unknown: TTLCache[str, bool] = TTLCache(maxsize=size, ttl=ttl)
+        self._pending: dict[str, asyncio.Future[KeyInfo | None]] = {}
+        self.members: PrefixSet | None = None
+        # Prefixes changed while the membership set was loading: added to it once loaded.
+        self._changed_early: set[str] = set()
+        self.reads = 0  # database reads made (for the scale benchmark's log line and tests)
+
+    def __len__(self) -> int:
+        return len(self._known)
+
+    def set_members(self, members: PrefixSet) -> None:
+        """Install the membership set (loaded in the background); until then, only the
+        negative cache keeps unknown prefixes from the database."""
+        for prefix in self._changed_early:
+            members.add(prefix)
+        self._changed_early.clear()
+        self.members = members
+
+    async def get(self, prefix: str) -> KeyInfo | None:
+        """The usable key with ``prefix`` (maybe expired: checked per request), or None."""
+        info = self._known.get(prefix)
+        if info is not None:
+            return info
+        members = self.members
+        if (members is not None and not members.has(prefix)) or prefix in self._unknown:
+            return None
+        pending = self._pending.get(prefix)
+        if pending is None:
+            pending = asyncio.ensure_future(self._fetch(prefix))
+            self._pending[prefix] = pending
+        # shield: a caller cancelled (its client left) does not cancel the others' read.
+        return await asyncio.shield(pending)
+
+    async def _fetch(self, prefix: str) -> KeyInfo | None:
+        me = asyncio.current_task()
+        try:
+            self.reads += 1
+            row = await self._run(self._load, prefix)
+            info = key_info(row, {}) if row is not None else None
+        finally:
+            current = self._pending.get(prefix)
+            stale = current is None or current is not me
+            if not stale:
+                del self._pending[prefix]
+        if not stale:  # invalidated while reading: the next caller reads again
+            if info is None:
+                self._unknown[prefix] = True
+            else:
+                self._known[prefix] = info
+        return info
+
+    def invalidate(self, prefixes: Iterable[str] = (), tenants: Iterable[int] = ()) -> None:
+        """Apply changes: drop these keys (their prefixes become members) and the keys of these
+        tenants (and every unknown prefix: a reactivated tenant's keys are usable again)."""
+        for prefix in prefixes:
+            self._known.pop(prefix, None)
+            self._unknown.pop(prefix, None)
+            self._pending.pop(prefix, None)
+            if self.members is not None:
+                self.members.add(prefix)
+            else:
+                self._changed_early.add(prefix)
+        tenant_ids = set(tenants)
+        if tenant_ids:
+            for prefix, info in list(self._known.items()):
+                if info.tenant_id in tenant_ids:
+                    del self._known[prefix]
+            self._unknown.clear()
+            self._pending.clear()
+
+    def clear(self) -> None:
+        """Forget every cached key (the change feed could not be followed)."""
+        self._known.clear()
+        self._unknown.clear()
+        self._pending.clear()
