@@ -202,6 +202,8 @@ class TcpRelay:
 
     :meth:`cut` closes every relayed connection and the listening socket, so new connections
     are refused, as when the dependency is down; :meth:`restore` listens on the same port again.
+    :meth:`silence` makes it a dependency that accepts and never answers (what is sent to it is
+    swallowed, new connections are accepted and left alone) until :meth:`cut`.
     """
 
     def __init__(self, host: str, port: int) -> None:
@@ -210,6 +212,10 @@ class TcpRelay:
         self._listener: socket.socket | None = None
         self._sockets: list[socket.socket] = []
         self._lock = threading.Lock()
+        self.silent = False
+
+    def silence(self) -> None:
+        self.silent = True
 
     def restore(self) -> TcpRelay:
         listener = socket.socket()
@@ -221,6 +227,7 @@ class TcpRelay:
         return self
 
     def cut(self) -> None:
+        self.silent = False
         listener, self._listener = self._listener, None
         if listener is not None:
             with contextlib.suppress(OSError):
@@ -239,6 +246,10 @@ class TcpRelay:
                 client, _ = listener.accept()
             except OSError:
                 return  # cut
+            if self.silent:
+                with self._lock:
+                    self._sockets.append(client)  # held open, never read
+                continue
             try:
                 server = socket.create_connection(self.target, timeout=5)
             except OSError:
@@ -250,11 +261,11 @@ class TcpRelay:
             for source, sink in ((client, server), (server, client)):
                 threading.Thread(target=self._pump, args=(source, sink), daemon=True).start()
 
-    @staticmethod
-    def _pump(source: socket.socket, sink: socket.socket) -> None:
+    def _pump(self, source: socket.socket, sink: socket.socket) -> None:
         with contextlib.suppress(OSError):
             while data := source.recv(65536):
-                sink.sendall(data)
+                if not self.silent:
+                    sink.sendall(data)
         with contextlib.suppress(OSError):
             sink.shutdown(socket.SHUT_WR)
 

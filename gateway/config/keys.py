@@ -38,27 +38,23 @@ logger = logging.getLogger(__name__)
 # A cached key (or unknown prefix) is read again after this many seconds.
 KEY_CACHE_SECONDS = 600.0
 
-# base62 digits in ASCII order, so a prefix's number sorts as its text does.
-_DIGITS = {c: i for i, c in enumerate("0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz")}
+_MASK = (1 << 64) - 1
 
 
 def prefix_number(prefix: str) -> int | None:
-    """The 10 random base62 chars of a key prefix as one integer below 2**60, or None if
-    ``prefix`` does not have a gateway key prefix's shape."""
+    """The 64-bit number that stands for ``prefix`` in a :class:`PrefixSet` (its string hash,
+    fixed for the life of the process), or None if it lacks a gateway key prefix's shape. Two
+    prefixes may share a number (about one random prefix in 10**13 against a million stored):
+    such a false hit costs one database read, never a wrong answer."""
     if len(prefix) != PREFIX_LENGTH or not prefix.startswith(KEY_MARKER):
         return None
-    value = 0
-    for char in prefix[len(KEY_MARKER) :]:
-        digit = _DIGITS.get(char)
-        if digit is None:
-            return None
-        value = value * 62 + digit
-    return value
+    return hash(prefix) & _MASK
 
 
 class PrefixSet:
-    """Every stored key prefix, compactly: a sorted ``array('Q')`` (8 bytes a prefix, 8 MB
-    for a million) plus the few added since it was built. Membership is a binary search."""
+    """Every stored key prefix, compactly: their numbers (:func:`prefix_number`) in a sorted
+    ``array('Q')`` (8 bytes a prefix, 8 MB for a million) plus the few added since it was
+    built. Membership is a binary search; a number, not the prefix, so a hit is "maybe"."""
 
     __slots__ = ("_added", "_sorted")
 
@@ -99,10 +95,14 @@ class KeyDirectory:
         *,
         size: int,
         ttl: float = KEY_CACHE_SECONDS,
+        timeout: float | None = None,
+        on_state: Callable[[str | None], None] = lambda reason: None,
         run: Callable[[Callable[[str], Any], str], Awaitable[Any]] | None = None,
     ) -> None:
         self._load = load
         self._run = run or asyncio.to_thread
+        self._on_state = on_state  # a read's failure (its error's class) or success: readiness
+        self._timeout = timeout  # a read not answered by then raises TimeoutError (a silent database)
         self._known: TTLCache[str, KeyInfo] = TTLCache(maxsize=size, ttl=ttl)
         self._unknown: TTLCache[str, bool] = TTLCache(maxsize=size, ttl=ttl)
         self._pending: dict[str, asyncio.Future[KeyInfo | None]] = {}
@@ -141,7 +141,12 @@ class KeyDirectory:
         me = asyncio.current_task()
         try:
             self.reads += 1
-            row = await self._run(self._load, prefix)
+            try:
+                row = await asyncio.wait_for(self._run(self._load, prefix), self._timeout)
+            except Exception as exc:
+                self._on_state(f"API key read failed: {type(exc).__name__}")
+                raise
+            self._on_state(None)
             info = key_info(row, {}) if row is not None else None
         finally:
             current = self._pending.get(prefix)

@@ -19,8 +19,10 @@ are bounded by ``GATEWAY_DB_CONNECT_TIMEOUT`` and ``GATEWAY_DB_STATEMENT_TIMEOUT
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import logging
+import threading
 import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from typing import Any
@@ -35,6 +37,13 @@ RELOAD_WAIT = 1.0
 # A failed reload is retried after this long, doubling up to RELOAD_BACKOFF_MAX.
 RELOAD_BACKOFF = 0.5
 RELOAD_BACKOFF_MAX = 30.0
+# A reload still running after this long (default; the runtime passes the database's connect
+# plus statement timeouts) is abandoned: its thread may be stuck on a connection that a
+# silent database never answers. The next request after the backoff starts another.
+RELOAD_ABANDON = 35.0
+# The membership set is loaded this long after the first snapshot, so that reading every
+# prefix (a million: a second or two of a worker thread) does not slow the first requests.
+MEMBERS_DELAY = 1.0
 # Changes read at most per reload; more than that and every cached key is dropped instead.
 FEED_LIMIT = 1000
 
@@ -42,8 +51,9 @@ FEED_LIMIT = 1000
 class DatabaseSource:
     """The configuration as the selectors read it (each method blocking: a worker thread)."""
 
-    def __init__(self, before: Callable[[], None] = lambda: None) -> None:
+    def __init__(self, before: Callable[[], None] = lambda: None, after: Callable[[], None] = lambda: None) -> None:
         self._before = before  # e.g. drop this thread's broken connection first
+        self.after_reload = after  # run at the end of a reload's own thread (close its connections)
 
     def snapshot(self, token: object) -> Snapshot:
         from accounts.selectors import accounts_for_snapshot, routes_for_snapshot
@@ -96,13 +106,15 @@ class ConfigState:
         key_cache_size: int,
         on_reload: Callable[[Snapshot], None] | None = None,
         on_state: Callable[[str | None], None] | None = None,
+        abandon_after: float = RELOAD_ABANDON,
     ) -> None:
         self._token_source = token_source
         self._source = source if source is not None else DatabaseSource()
         self._max_age = max_age
+        self._abandon_after = abandon_after
         self._on_reload = on_reload
         self._on_state = on_state or (lambda reason: None)
-        self.keys = KeyDirectory(self._source.key, size=key_cache_size)
+        self.keys = KeyDirectory(self._source.key, size=key_cache_size, timeout=abandon_after, on_state=self._on_state)
         self._snapshot: Snapshot | None = None
         self._last_change = 0
         self._first: asyncio.Lock | None = None
@@ -141,6 +153,11 @@ class ConfigState:
         return self._snapshot
 
     def _start(self, token: object, *, force: bool) -> asyncio.Task[None] | None:
+        running = self._reload
+        if running is not None and time.monotonic() - self._reload_started > self._abandon_after:
+            logger.warning("configuration reload abandoned after %.0fs without an answer", self._abandon_after)
+            self._reload = None
+            self._fail(TimeoutError())
         if self._reload is None and time.monotonic() >= self._retry_at:
             self._reload_started = time.monotonic()
             self._reload = self._spawn(self._follow(token, force=force))
@@ -156,23 +173,39 @@ class ConfigState:
                 snapshot = await asyncio.to_thread(self._source.snapshot, token)
                 self._last_change = last
                 self._install(snapshot)
-                self._spawn(self._load_members())
+                self._spawn(self._load_members(delay=MEMBERS_DELAY))
             assert self._snapshot is not None
             return self._snapshot
 
-    async def _follow(self, token: object, *, force: bool) -> None:
+    def _read(self, token: object, after: int, force: bool) -> tuple[list[dict[str, Any]], Snapshot | None]:
+        """The feed after ``after``, and the rebuilt snapshot if something other than keys changed."""
         try:
-            changes = await asyncio.to_thread(self._source.changes, self._last_change, FEED_LIMIT + 1)
+            changes = self._source.changes(after, FEED_LIMIT + 1)
             rebuild = force or any(change["kind"] == "config" for change in changes)
-            snapshot = await asyncio.to_thread(self._source.snapshot, token) if rebuild else None
-        except Exception as exc:
-            self._retry_at = time.monotonic() + self._backoff
-            self._backoff = min(self._backoff * 2, RELOAD_BACKOFF_MAX)
-            self._on_state(f"configuration reload failed: {type(exc).__name__}")
-            logger.warning("configuration reload failed; serving the previous snapshot", exc_info=True)
-            return
+            return changes, self._source.snapshot(token) if rebuild else None
         finally:
-            self._reload = None
+            getattr(self._source, "after_reload", lambda: None)()
+
+    def _fail(self, exc: BaseException) -> None:
+        self._retry_at = time.monotonic() + self._backoff
+        self._backoff = min(self._backoff * 2, RELOAD_BACKOFF_MAX)
+        self._on_state(f"configuration reload failed: {type(exc).__name__}")
+
+    async def _follow(self, token: object, *, force: bool) -> None:
+        me = asyncio.current_task()
+        try:
+            # A thread of its own, not the shared pool: one stuck on a silent database is
+            # abandoned (see RELOAD_ABANDON) without taking a pool thread with it.
+            changes, snapshot = await _in_own_thread(self._read, token, self._last_change, force)
+        except Exception as exc:
+            if self._reload is me:
+                self._reload = None
+                self._fail(exc)
+                logger.warning("configuration reload failed; serving the previous snapshot: %s", type(exc).__name__)
+            return
+        if self._reload is not me:  # abandoned meanwhile: a later reload applies the feed
+            return
+        self._reload = None
         self._backoff = RELOAD_BACKOFF
         self._on_state(None)
         if self.keys.members is None and not self._loading_members:  # it failed at start
@@ -208,10 +241,11 @@ class ConfigState:
         if rebuilt and self._on_reload is not None:
             self._on_reload(snapshot)
 
-    async def _load_members(self) -> None:
+    async def _load_members(self, delay: float = 0.0) -> None:
         """Every stored prefix, read once in the background (a million: a second or two)."""
         self._loading_members = True
         try:
+            await asyncio.sleep(delay)
             members = await asyncio.to_thread(lambda: PrefixSet(self._source.prefixes()))
         finally:
             self._loading_members = False
@@ -235,3 +269,30 @@ class ConfigState:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+
+
+async def _in_own_thread(function: Callable[..., Any], *args: Any) -> Any:
+    """``function(*args)`` in a new daemon thread; its result (or error) awaited here."""
+    loop = asyncio.get_running_loop()
+    future: asyncio.Future[Any] = loop.create_future()
+
+    def settle(result: Any, error: BaseException | None) -> None:
+        if future.done():
+            return
+        if error is not None:
+            future.set_exception(error)
+        else:
+            future.set_result(result)
+
+    def run() -> None:
+        try:
+            result = function(*args)
+        except BaseException as exc:
+            with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits
+                loop.call_soon_threadsafe(settle, None, exc)
+            return
+        with contextlib.suppress(RuntimeError):
+            loop.call_soon_threadsafe(settle, result, None)
+
+    threading.Thread(target=run, name="config-reload", daemon=True).start()
+    return await future

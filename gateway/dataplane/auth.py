@@ -10,7 +10,6 @@ model) attempts, or raises 403, 404 or 503.
 from __future__ import annotations
 
 import hmac
-import logging
 import time
 from typing import Any
 
@@ -19,11 +18,13 @@ from gateway.config.keys import KeyDirectory
 from gateway.config.snapshot import KeyInfo, Snapshot
 from gateway.contract.errors import INVALID_REQUEST, SERVER, GatewayError
 from gateway.dataplane.asgi_io import Scope, header
+from gateway.dataplane.outages import database_errors, unavailable
 from tenancy.keys import key_digest, key_prefix
 
 Plan = list[tuple[str, int, str]]
 
-logger = logging.getLogger(__name__)
+# A cold key's read failed (the database refused) or got no answer in time (TimeoutError).
+_KEY_READ_ERRORS: tuple[type[BaseException], ...] = (*database_errors(), TimeoutError)
 
 
 def _unauthorized(message: str) -> GatewayError:
@@ -41,11 +42,8 @@ async def authenticate(scope: Scope, keys: KeyDirectory) -> KeyInfo:
     prefix = key_prefix(token)
     try:
         info = await keys.get(prefix) if prefix else None
-    except Exception as exc:  # the database is down or silent: the key cannot be checked
-        logger.warning("API key lookup failed: %s", type(exc).__name__)
-        raise GatewayError(
-            503, "The gateway cannot check API keys right now; retry shortly.", type=SERVER, code="database_unavailable"
-        ) from None
+    except _KEY_READ_ERRORS:  # the database is down or silent: no answer for the key
+        raise unavailable("database") from None
     if info is None or not hmac.compare_digest(key_digest(token), info.digest):
         # Never echo the key: not even a part of it.
         raise _unauthorized("Incorrect API key provided.")

@@ -67,6 +67,13 @@ USAGE_CACHE_ENTRIES = 10_000
 REDIS_CHECK_SECONDS = 1.0
 
 
+def close_connections() -> None:
+    """Close this thread's database connections (a reload's own thread, as it ends)."""
+    from django.db import connections
+
+    connections.close_all()
+
+
 class Runtime:
     """Everything a serving process holds between requests (see the module docstring)."""
 
@@ -137,11 +144,13 @@ class Runtime:
         self.config = ConfigState(
             token_source,
             # Each worker thread first drops its connection if a database restart broke it.
-            DatabaseSource(before=drop_broken_connections),
+            DatabaseSource(before=drop_broken_connections, after=close_connections),
             max_age=settings.GATEWAY_SNAPSHOT_MAX_AGE,
             key_cache_size=settings.GATEWAY_KEY_CACHE_SIZE,
             on_reload=self._on_reload,
             on_state=self._state_reporter("database"),
+            # No answer within the connect plus statement timeouts: a silent database.
+            abandon_after=settings.GATEWAY_DB_CONNECT_TIMEOUT + (settings.GATEWAY_DB_STATEMENT_TIMEOUT or 30.0),
         )
 
     async def _last_token(self) -> object:

@@ -73,10 +73,11 @@ CONSUMER_MAX_IDLE_MS = 86_400_000
 class RedisUsageSink:
     """Buffers usage events and XADDs them in batches off the request path.
 
-    ``url`` (the Redis URL) enables the synchronous paths: :meth:`flush_sync` for
-    ``atexit`` and, with ``spool_dir``, spooling to disk what Redis refused at shutdown,
-    or beyond ``max_buffer`` events while Redis is unreachable (replayed into the stream
-    by the next flush that finds the spool directory).
+    ``url`` (the Redis URL) enables the synchronous paths: :meth:`flush_sync` for a last
+    flush with no event loop left (no ``atexit`` hook: the runtime closes the sink) and, with
+    ``spool_dir``, spooling to disk what Redis refused at shutdown, or beyond ``max_buffer``
+    events while Redis is unreachable (replayed into the stream by the next flush that finds
+    the spool directory).
     """
 
     def __init__(
@@ -191,7 +192,7 @@ class RedisUsageSink:
                 logger.error("%d usage events lost: Redis unreachable and nowhere to spool them", len(lost))
 
     def flush_sync(self) -> None:
-        """Blocking flush for ``atexit`` (no event loop left): XADD, else spool, else log."""
+        """Blocking flush with no event loop left: XADD, else spool, else log."""
         if not self._buffer:
             return
         batch, self._buffer = self._buffer, []

@@ -122,3 +122,29 @@ def test_the_lifespan_starts_the_runtime_and_closes_it_with_its_writer(embedded_
         assert others() == set()
 
     asyncio.run(scenario())
+
+
+@pytest.mark.django_db(transaction=True)
+def test_closing_a_runtime_closes_its_configuration_tasks_and_logs_failures(
+    settings: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The snapshot's background work (the key membership load, a reload) is closed with the
+    runtime, and a background task's failure is logged, not swallowed (issue 10 item 22)."""
+    settings.GATEWAY_USAGE_DRAINER = False
+
+    async def fail() -> None:
+        raise RuntimeError("a background failure")
+
+    async def scenario() -> None:
+        runtime = Runtime()
+        await runtime.start()
+        await runtime.config.current()  # starts the membership load in the background
+        runtime.spawn(fail())
+        runtime.spawn(asyncio.sleep(3600))
+        await asyncio.sleep(0)
+        await runtime.aclose()
+        assert others() == set(), "every task the runtime started is closed"
+
+    asyncio.run(scenario())
+    assert "background task failed" in caplog.text
+    assert "a background failure" in caplog.text
