@@ -35,12 +35,6 @@ def accounts_for_snapshot() -> list[dict[str, Any]]:
     return _rows(UpstreamAccount.objects.select_related("pool").order_by("id"))
 
 
-def accounts_for_probe(account_ids: Iterable[int]) -> list[dict[str, Any]]:
-    """The :func:`accounts_for_snapshot` rows of the enabled accounts among ``account_ids``."""
-    queryset = UpstreamAccount.objects.select_related("pool").filter(pk__in=list(account_ids), enabled=True)
-    return [row for row in _rows(queryset.order_by("id")) if row["enabled"]]
-
-
 def _rows(queryset: QuerySet[UpstreamAccount]) -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = []
     for account in queryset:

@@ -465,6 +465,10 @@ class SilentProbe:
 # --- the fake upstream with server-wide fault knobs ------------------------------------------
 
 
+# What tells a gateway's account probe (accounts.health.probing.probe_body) from a request.
+PROBE_MARK = b'"input":"ping","max_output_tokens":16'
+
+
 class KnobbedFake:
     """The fake upstream (gateway.devtools.fake_upstream.server) served from a thread of the test process, with
     server-wide fault knobs, so that ONE account can fail while another, on a second upstream,
@@ -485,13 +489,16 @@ class KnobbedFake:
         self.state = fake.State(fake.make_config(**config))
         self.knobs: tuple[tuple[bytes, bytes], ...] = ()
         self.script: Callable[[Any], list[Any]] | None = None  # bytes, or a float: a pause (s)
-        self.received = 0  # POSTs to /responses so far
+        self.received = 0  # POSTs to /responses so far, the gateway's probes left out
+        self.probes = 0  # the gateway's account probes (accounts/health/probing.py)
         owner = self
 
         class Connection(fake.Connection):
             def respond(self, req: Any) -> None:
                 is_post = req.method == b"POST" and req.url.partition(b"?")[0].endswith(b"/responses")
-                owner.received += is_post
+                is_probe = is_post and PROBE_MARK in req.body
+                owner.received += is_post and not is_probe
+                owner.probes += is_probe
                 if owner.script is not None and is_post:
                     self.state.history.append((time.time(), req.method, req.url, req.headers, req.body))
                     self.play(owner.script(req), req.keep_alive)

@@ -27,6 +27,14 @@ cooling, a 5xx while disabled) change nothing: results of requests in flight whe
 state changed are stale evidence. The half-open "exactly one trial" is enforced by the
 store (a lock, see accounts/health/store.py); this module only says a trial is due.
 
+A tenant's request is evidence, not a verdict (one tenant's odd requests must not take an
+account away from every tenant): its 401/403 changes nothing here, and server errors that
+reach the threshold open the circuit only when they came from requests of at least two
+tenants. Otherwise :meth:`HealthMachine.wants_probe` says a probe should confirm
+(accounts/health/probing.py): the probe's 401/403 disables the account, its server error
+opens the circuit, its success clears the count. Events without a tenant (probes) are
+verdicts.
+
 Operator-disabled accounts (``UpstreamAccount.enabled = False``) never reach this
 machine: they are not in the config snapshot at all.
 """
@@ -77,17 +85,27 @@ class RateLimited:
 
 @dataclass(frozen=True, slots=True)
 class AuthFailure:
-    """A 401 or 403: the upstream refused the credential. ``code``: the upstream's error code."""
+    """A 401 or 403: the upstream refused the credential. ``code``: the upstream's error code.
+
+    ``tenant``: the tenant whose request got it, None for a probe's answer (a verdict). A
+    tenant's request is only evidence: it changes nothing here, and the caller asks for a
+    probe (:meth:`HealthMachine.wants_probe`), whose own 401/403 disables the account.
+    """
 
     status: int
     code: str = ""
+    tenant: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
 class ServerError:
-    """A 5xx (``kind`` = the status), ``timeout``, ``connect`` or ``protocol`` failure."""
+    """A 5xx (``kind`` = the status), ``timeout``, ``connect`` or ``protocol`` failure.
+
+    ``tenant``: the tenant whose request failed, None for a probe (see :class:`Health.blamed`).
+    """
 
     kind: str
+    tenant: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -116,6 +134,9 @@ class Health:
     failures: int = 0  # consecutive server errors in the current window
     window_start: float = 0.0  # time of the first of those failures
     opens: int = 0  # consecutive circuit openings since the last success
+    # The tenant whose requests caused every failure of the window; -1: several tenants or
+    # a probe. Failures of one tenant alone never open the circuit (a probe must confirm).
+    blamed: int = 0
     version: int = 0  # ordering of shared writes (accounts/health/store.py); the machine keeps it
 
     def admission(self, now: float) -> Admission:
@@ -154,6 +175,7 @@ class Health:
             "failures": self.failures,
             "window_start": self.window_start,
             "opens": self.opens,
+            "blamed": self.blamed,
             "version": self.version,
         }
 
@@ -181,6 +203,7 @@ class Health:
             failures=int(number("failures") or 0),
             window_start=number("window_start") or 0.0,
             opens=int(number("opens") or 0),
+            blamed=int(number("blamed") or 0),
             version=int(number("version") or 0),
         )
 
@@ -249,10 +272,22 @@ class HealthMachine:
                 health, now, event.retry_after, event.reset_hint, quota_exhausted=event.quota_exhausted
             )
         if isinstance(event, AuthFailure):
+            if event.tenant is not None:
+                return Step(health, None)  # evidence only: a probe decides (wants_probe)
             return self.on_auth_failure(health, now, event.status, event.code)
         if isinstance(event, ServerError):
-            return self.on_server_error(health, now, event.kind)
+            return self.on_server_error(health, now, event.kind, event.tenant)
         return self.reset(health, now, event.reason)
+
+    def wants_probe(self, health: Health, event: Event) -> bool:
+        """True when ``event`` (a tenant request's, already applied to ``health``) needs a
+        probe's confirmation: a 401/403, or server errors that reached the threshold but all
+        came from one tenant's requests. A probe's own answer (``tenant`` None) never does."""
+        if isinstance(event, AuthFailure):
+            return event.tenant is not None and health.state is not State.DISABLED
+        if isinstance(event, ServerError) and event.tenant is not None:
+            return health.state is not State.CIRCUIT_OPEN and health.failures >= self.policy.failure_threshold
+        return False
 
     def backoff(self, streak: int) -> float:
         """The jittered cooldown of the ``streak``-th consecutive burst 429 without a hint."""
@@ -270,7 +305,7 @@ class HealthMachine:
         admission = health.admission(now)
         if admission is Admission.DENY:
             return Step(health, None)  # stale: sent before the account was taken out
-        cleared = replace(health, rate_limits=0, failures=0, window_start=0.0, opens=0)
+        cleared = replace(health, rate_limits=0, failures=0, window_start=0.0, opens=0, blamed=0)
         if health.state is State.HEALTHY:
             return Step(cleared, None)
         reason = "trial request succeeded" if health.state is State.CIRCUIT_OPEN else "request succeeded after cooldown"
@@ -312,7 +347,7 @@ class HealthMachine:
         else:
             seconds = self.backoff(streak)
             why = f"no hint, backoff {_fmt(seconds)} (429 #{streak} in a row)"
-        cooled = replace(health, rate_limits=streak, opens=0, failures=0, window_start=0.0)
+        cooled = replace(health, rate_limits=streak, opens=0, failures=0, window_start=0.0, blamed=0)
         return _move(cooled, State.COOLING, now + seconds, f"rate limited (429): {why}", now)
 
     def on_auth_failure(self, health: Health, now: float, status: int, code: str = "") -> Step:
@@ -324,7 +359,7 @@ class HealthMachine:
         reason = f"upstream answered {status}{detail}: {what}"
         return _move(health, State.DISABLED, None, reason, now)
 
-    def on_server_error(self, health: Health, now: float, kind: str) -> Step:
+    def on_server_error(self, health: Health, now: float, kind: str, tenant: int | None = None) -> Step:
         p = self.policy
         admission = health.admission(now)
         if admission is Admission.DENY:
@@ -334,16 +369,20 @@ class HealthMachine:
             seconds = self.open_interval(opens)
             reason = f"trial request failed ({kind}): circuit open for {_fmt(seconds)}"
             return _move(replace(health, opens=opens), State.CIRCUIT_OPEN, now + seconds, reason, now)
+        source = -1 if tenant is None else tenant
         if health.failures and now - health.window_start <= p.failure_window:
             failures, window_start = health.failures + 1, health.window_start
+            blamed = health.blamed if health.blamed == source else -1
         else:
-            failures, window_start = 1, now
-        if failures < p.failure_threshold:
-            return Step(replace(health, failures=failures, window_start=window_start), None)
+            failures, window_start, blamed = 1, now, source
+        if failures < p.failure_threshold or blamed != -1:
+            # Below the threshold, or every failure came from one tenant's requests: that
+            # tenant's requests may be what fails (the caller asks a probe to confirm).
+            return Step(replace(health, failures=failures, window_start=window_start, blamed=blamed), None)
         opens = health.opens + 1
         seconds = self.open_interval(opens)
         reason = f"{failures} failures in {_fmt(now - window_start)} (last: {kind}): circuit open for {_fmt(seconds)}"
-        opened = replace(health, failures=0, window_start=0.0, opens=opens)
+        opened = replace(health, failures=0, window_start=0.0, opens=opens, blamed=0)
         return _move(opened, State.CIRCUIT_OPEN, now + seconds, reason, now)
 
     def reset(self, health: Health, now: float, reason: str) -> Step:

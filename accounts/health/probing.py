@@ -1,213 +1,217 @@
-"""Probing accounts the data plane stopped using, and re-admitting those that recovered.
+"""The prober: tests accounts the data plane stopped using, or suspects, and re-admits them.
 
-Which accounts: enabled ones that are DISABLED by an upstream auth failure, or whose
-circuit is open and due a trial (operator-disabled accounts are never probed). Their
-state comes from Redis when configured, else from the latest recorded transitions.
+One :class:`Prober` runs inside each serving process (the data plane's Runtime starts
+and closes it), so re-admission needs nothing else running. Every ``PROBE_TICK``
+seconds it looks at the health store's records (a dict, no I/O) and probes:
+
+- an open circuit whose trial is due: the prober *is* the half-open trial, so no
+  tenant request is one (the store reads a due trial as DENY while a prober runs);
+- a DISABLED account, ``DISABLED_PROBE_INTERVAL`` seconds after it was disabled, then
+  again every ``DISABLED_PROBE_INTERVAL`` seconds (per replica) while it stays disabled;
+- at once, an account a tenant's request made suspect (``HealthMachine.wants_probe``: a
+  401/403, or server errors from one tenant's requests that reached the threshold).
+
+Each probe first takes the store's per-account probe lock (``try_lock_probe``; with Redis
+a ``SET NX`` shared by every replica), so one probe per account runs at a time
+whichever replica starts it. The lock is released by the probe's report.
 
 The probe is a real, minimal ``POST {base_url}/responses`` (``input: "ping"``,
 ``max_output_tokens: 16``, ``store: false``; 16 is the smallest the OpenAI API
 accepts) through ``accounts.upstream.client.UpstreamClient``, with the account's credential and
-its first listed model. Not ``GET /models``: on several OpenAI-compatible services
+its first model (by name). Not ``GET /models``: on several OpenAI-compatible services
 that route is public or served by another component, so it would re-admit a revoked
 key or a broken ``/responses``. A probe costs a few tokens, and only accounts that
-already failed are probed.
+failed are probed.
 
-How an answer is read (``probe_verdict``):
+How an answer is read (a probe's answer is a verdict: its events carry no tenant):
 
-=====================  ====================================  ==============================
-answer                 DISABLED                              CIRCUIT_OPEN (half-open)
-=====================  ====================================  ==============================
-2xx, other 4xx         re-admit (the credential is accepted) re-admit (the upstream answers)
-429                    re-admit, then cool down              cool down
-401 / 403              stays disabled                        disabled
-5xx, 408, no answer    stays disabled (inconclusive)         open again, longer
-=====================  ====================================  ==============================
-
-Re-admission goes through ``accounts.services.account_health_reset`` (Redis record +
-``health_reset_at`` in the snapshot, so embedded replicas see it too). Other outcomes
-are applied to the shared Redis record; in embedded mode the gateway process owns the
-state, so only re-admissions reach it (its own half-open trials handle the rest).
+=====================  ==========================  ==============================  ==========================
+answer                 DISABLED                    CIRCUIT_OPEN (the trial)        HEALTHY (suspect)
+=====================  ==========================  ==============================  ==========================
+2xx, other 4xx         re-admitted                 healthy                         counters cleared
+429                    re-admitted, cooling        cooling                         cooling
+401 / 403              stays disabled              disabled                        disabled
+5xx, 408, no answer    stays disabled              open again, longer              circuit open
+=====================  ==========================  ==============================  ==========================
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import orjson
 
 from accounts.health.machine import (
-    AuthFailure,
     Event,
-    HealthMachine,
-    HealthPolicy,
     RateLimited,
+    Reset,
     ServerError,
     State,
+    Success,
     event_for_exception,
     event_for_status,
 )
+
+if TYPE_CHECKING:
+    from accounts.health.store import LocalHealthStore
 
 logger = logging.getLogger(__name__)
 
 PROBE_MAX_OUTPUT_TOKENS = 16
 PROBE_CONCURRENCY = 10
-PROBE_CONNECT_TIMEOUT = 5.0
-PROBE_READ_TIMEOUT = 20.0
+PROBE_TICK = 1.0  # how often the store's records are looked at (a due trial waits at most this)
+DISABLED_PROBE_INTERVAL = 5.0  # a DISABLED account is probed at most this often (per replica)
 
 
-@dataclass(frozen=True, slots=True)
-class ProbeResult:
-    account_id: int
-    status: int | None  # None: no HTTP answer
-    event: Event | None  # the answer read as a health event (accounts.health.machine.event_for_*)
-    detail: str
+class ProbeTarget(Protocol):
+    """What a probe needs of an account (gateway.config.snapshot.AccountInfo provides it)."""
+
+    @property
+    def account_id(self) -> int: ...
+
+    @property
+    def responses_url(self) -> str: ...
+
+    @property
+    def credential(self) -> str | None: ...
+
+    @property
+    def models(self) -> frozenset[str]: ...
+
+
+Targets = Callable[[], Awaitable[Iterable[ProbeTarget]]]
 
 
 @dataclass(frozen=True, slots=True)
 class ProbeOutcome:
     account_id: int
     before: State
-    verdict: str  # readmitted | cooling | disabled | reopened | unchanged | skipped
-    detail: str
-
-
-def probe_verdict(before: State, result: ProbeResult) -> tuple[str, list[Event]]:
-    """What a probe answer means for an account in ``before`` (the module's table).
-
-    Returns the verdict and the events to apply to the shared record after any
-    re-admission (``readmitted`` and ``cooling`` from DISABLED both re-admit first).
-    """
-    event = result.event
-    if before is State.DISABLED:
-        if isinstance(event, AuthFailure):
-            return "unchanged", []
-        if isinstance(event, RateLimited):
-            return "cooling", [event]
-        if isinstance(event, ServerError):
-            return "unchanged", []
-        return "readmitted", []
-    if isinstance(event, ServerError):
-        return "reopened", [event]
-    if isinstance(event, AuthFailure):
-        return "disabled", [event]
-    if isinstance(event, RateLimited):
-        return "cooling", [event]
-    return "readmitted", []
-
-
-def probe_candidates(now: float | None = None) -> dict[int, State]:
-    """Enabled accounts to probe now, with their state (see the module docstring)."""
-    from accounts.models import UpstreamAccount
-    from accounts.selectors import account_health_states
-
-    now = time.time() if now is None else now
-    ids = list(UpstreamAccount.objects.filter(enabled=True).values_list("pk", flat=True))
-    candidates: dict[int, State] = {}
-    for account_id, health in account_health_states(ids).items():
-        if health.state is State.DISABLED or (
-            health.state is State.CIRCUIT_OPEN and (health.until is None or health.until <= now)
-        ):
-            candidates[account_id] = health.state
-    return candidates
+    status: int | None  # None: no HTTP answer
+    after: State
 
 
 def probe_body(model: str) -> bytes:
     return orjson.dumps({"model": model, "input": "ping", "max_output_tokens": PROBE_MAX_OUTPUT_TOKENS, "store": False})
 
 
-async def probe_rows(rows: Sequence[dict[str, Any]], client: Any = None) -> list[ProbeResult]:
-    """Send one probe per account row (``accounts_for_probe`` shape), a few at a time.
+async def probe_one(client: Any, target: ProbeTarget) -> tuple[int | None, Event, str]:
+    """Send one probe through ``client`` (an ``UpstreamClient``, or a stub with its ``post``).
 
-    ``client``: a ``accounts.upstream.client.UpstreamClient`` (or a stub with its ``post``);
-    one is created, and closed, when None.
+    Returns the HTTP status (None: no answer), the answer read as a health event (an
+    answer that says nothing about the account, as a 400, reads as success) and a detail.
     """
-    from django.conf import settings
+    headers = {"content-type": "application/json", "accept": "application/json"}
+    if target.credential:
+        headers["authorization"] = f"Bearer {target.credential}"
+    try:
+        reply = await client.post(target.responses_url, headers, probe_body(min(target.models)))
+    except Exception as exc:
+        return None, event_for_exception(exc) or ServerError("error"), str(exc)
+    event = event_for_status(reply.status, reply.headers, reply.content, time.time())
+    return reply.status, event or Success(), f"HTTP {reply.status}"
 
-    from accounts.upstream.client import UpstreamClient
 
-    own = client is None
-    if client is None:
-        client = UpstreamClient(
-            transport=settings.GATEWAY_UPSTREAM_TRANSPORT,
-            connect_timeout=PROBE_CONNECT_TIMEOUT,
-            read_timeout=PROBE_READ_TIMEOUT,
-            max_connections=PROBE_CONCURRENCY,
-        )
-    gate = asyncio.Semaphore(PROBE_CONCURRENCY)
+class Prober:
+    """Probes due, disabled and suspect accounts of ``store`` in the background (module docstring).
 
-    async def one(row: dict[str, Any]) -> ProbeResult:
-        headers = {"content-type": "application/json", "accept": "application/json"}
-        if row.get("credential"):
-            headers["authorization"] = f"Bearer {row['credential']}"
-        url = row["base_url"].rstrip("/") + "/responses"
-        async with gate:
+    ``targets`` returns the accounts the process serves (the config snapshot's); ``client``
+    is the process's ``UpstreamClient``. :meth:`start` and :meth:`aclose` bracket it;
+    :meth:`run_once` is one round (tests call it directly).
+    """
+
+    def __init__(
+        self,
+        store: LocalHealthStore,
+        client: Any,
+        targets: Targets,
+        *,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.store = store
+        self._client = client
+        self._targets = targets
+        self._clock = clock
+        self._suspects: set[int] = set()
+        self._next_disabled: dict[int, float] = {}  # account id -> earliest next probe
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._gate = asyncio.Semaphore(PROBE_CONCURRENCY)
+
+    def start(self) -> None:
+        """Start probing in the running loop; from now on no tenant request is a half-open trial."""
+        if self._task is None:
+            self.store.trials_by_prober = True
+            self._task = asyncio.get_running_loop().create_task(self._run())
+
+    async def aclose(self) -> None:
+        self.store.trials_by_prober = False
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+
+    def consider(self, account_id: int, event: Event) -> None:
+        """After a tenant request's ``event`` was reported: probe the account now if it asks for it."""
+        if self.store.machine.wants_probe(self.store.health(account_id), event):
+            self._suspects.add(account_id)
+            self._wake.set()
+
+    def due(self, now: float) -> set[int]:
+        """The accounts to probe now (suspects included)."""
+        due = set(self._suspects)
+        for account_id, health in self.store.states().items():
+            if health.state is State.CIRCUIT_OPEN:
+                wanted = health.until is None or health.until <= now  # the trial is due
+            else:  # disabled: first probed DISABLED_PROBE_INTERVAL after the transition
+                wanted = health.state is State.DISABLED and now >= max(
+                    health.since + DISABLED_PROBE_INTERVAL, self._next_disabled.get(account_id, 0.0)
+                )
+            if wanted:
+                due.add(account_id)
+        return due
+
+    async def run_once(self) -> list[ProbeOutcome]:
+        """One round: probe every due account whose probe lock this process gets."""
+        now = self._clock()
+        due = self.due(now)
+        self._suspects.clear()
+        if not due:
+            return []
+        targets = {target.account_id: target for target in await self._targets() if target.account_id in due}
+        locked = [target for account_id, target in targets.items() if await self.store.try_lock_probe(account_id, now)]
+        return list(await asyncio.gather(*(self._probe(target) for target in locked)))
+
+    async def _probe(self, target: ProbeTarget) -> ProbeOutcome:
+        account_id = target.account_id
+        before = self.store.health(account_id).state
+        async with self._gate:  # cancelled (shutdown): the lock expires after policy.trial_ttl
+            status, event, detail = await probe_one(self._client, target)
+        if before is State.DISABLED and isinstance(event, Success | RateLimited):
+            await self.store.report(account_id, Reset(f"probe succeeded ({detail})"))
+        await self.store.report(account_id, event)  # also releases the probe lock
+        after = self.store.health(account_id).state
+        if after is State.DISABLED:
+            self._next_disabled[account_id] = self._clock() + DISABLED_PROBE_INTERVAL
+        else:
+            self._next_disabled.pop(account_id, None)
+        logger.info("probe of account %s (%s): %s, now %s", account_id, before.value, detail, after.value)
+        return ProbeOutcome(account_id, before, status, after)
+
+    async def _run(self) -> None:
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), PROBE_TICK)
+            self._wake.clear()
             try:
-                reply = await client.post(url, headers, probe_body(row["models"][0]))
-            except Exception as exc:
-                return ProbeResult(row["id"], None, event_for_exception(exc) or ServerError("error"), str(exc))
-        event = event_for_status(reply.status, reply.headers, reply.content, time.time())
-        return ProbeResult(row["id"], reply.status, event, f"HTTP {reply.status}")
-
-    try:
-        return list(await asyncio.gather(*(one(row) for row in rows)))
-    finally:
-        if own:
-            await client.aclose()
-
-
-def accounts_probe_run(account_ids: Iterable[int] | None = None, *, client: Any = None) -> list[ProbeOutcome]:
-    """Probe the candidates (or those of ``account_ids`` that are candidates) and apply the verdicts.
-
-    Synchronous: for the Celery task and commands. In Redis mode an account whose
-    half-open trial a gateway already holds is skipped this round.
-    """
-    from accounts.health import store as health_store
-    from accounts.models import UpstreamAccount
-    from accounts.selectors import accounts_for_probe
-    from accounts.services import account_health_reset, account_transitions_write
-
-    candidates = probe_candidates()
-    if account_ids is not None:
-        wanted = set(account_ids)
-        candidates = {k: v for k, v in candidates.items() if k in wanted}
-    if not candidates:
-        return []
-    policy = HealthPolicy.from_settings()
-    redis = health_store.sync_client()
-    tokens: dict[int, str] = {}
-    outcomes: list[ProbeOutcome] = []
-    if redis is not None:
-        for account_id, state in list(candidates.items()):
-            if state is not State.CIRCUIT_OPEN:
-                continue
-            token = health_store.try_acquire_probe_sync(redis, account_id, policy.trial_ttl)
-            if token is None:
-                del candidates[account_id]
-                outcomes.append(ProbeOutcome(account_id, state, "skipped", "a gateway holds the trial"))
-            else:
-                tokens[account_id] = token
-    rows = accounts_for_probe(candidates)
-    try:
-        results = asyncio.run(probe_rows(rows, client))
-        machine = HealthMachine(policy)
-        for result in results:
-            before = candidates[result.account_id]
-            verdict, events = probe_verdict(before, result)
-            if verdict == "readmitted" or (verdict == "cooling" and before is State.DISABLED):
-                account = UpstreamAccount.objects.get(pk=result.account_id)
-                account_health_reset(account=account, reason=f"probe succeeded ({result.detail})")
-            if events and redis is not None:
-                _, transitions = health_store.apply_sync(redis, result.account_id, events, time.time(), machine=machine)
-                account_transitions_write(transitions)
-            outcomes.append(ProbeOutcome(result.account_id, before, verdict, result.detail))
-            logger.info("probe of account %s (%s): %s, %s", result.account_id, before, verdict, result.detail)
-    finally:
-        if redis is not None:
-            for account_id, token in tokens.items():
-                health_store.release_probe_sync(redis, account_id, token)
-    return outcomes
+                await self.run_once()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                logger.exception("probing accounts failed; next round in %.0fs", PROBE_TICK)

@@ -105,8 +105,11 @@ class LocalHealthStore:
         self._sink = sink
         self._clock = clock
         self._states: dict[int, Health] = {}
-        # Half-open trials this process holds: account id -> lock expiry.
+        # Half-open trials and probes this process holds: account id -> lock expiry.
         self._trials: dict[int, float] = {}
+        # True while an in-process prober runs (accounts/health/probing.py): it makes every
+        # half-open trial, so no tenant request is one (a due trial reads as DENY).
+        self.trials_by_prober = False
 
     # --- reads (hot path: dict lookups only) ----------------------------------------------
 
@@ -114,13 +117,14 @@ class LocalHealthStore:
         return self._states.get(account_id) or Health(account_id)
 
     def admission(self, account_id: int, now: float | None = None) -> Admission:
-        """ADMIT, DENY, or TRIAL when a half-open trial is due and nobody here holds it."""
+        """ADMIT, DENY, or TRIAL when a half-open trial is due and nobody here holds it
+        (DENY instead while a prober makes the trials)."""
         health = self._states.get(account_id)
         if health is None:
             return Admission.ADMIT
         now = self._clock() if now is None else now
         admission = health.admission(now)
-        if admission is Admission.TRIAL and self._trials.get(account_id, 0.0) > now:
+        if admission is Admission.TRIAL and (self.trials_by_prober or self._trials.get(account_id, 0.0) > now):
             return Admission.DENY
         return admission
 
@@ -151,14 +155,15 @@ class LocalHealthStore:
         cooling = opened = disabled = 0
         for account_id in account_ids:
             health = self._states.get(account_id)
-            if health is None or health.admission(now) is not Admission.DENY:
+            if health is None or self.admission(account_id, now) is not Admission.DENY:
                 continue
             if health.state is State.COOLING and health.until is not None:
                 cooling += 1
                 cooling_until = health.until if cooling_until is None else min(cooling_until, health.until)
             elif health.state is State.CIRCUIT_OPEN and health.until is not None:
-                opened += 1
-                open_until = health.until if open_until is None else min(open_until, health.until)
+                opened += 1  # a due trial being made: "retry shortly" (Retry-After 1)
+                until = max(health.until, now)
+                open_until = until if open_until is None else min(open_until, until)
             elif health.state is State.DISABLED:
                 disabled += 1
         return Blocked(cooling_until, open_until, cooling, opened, disabled)
@@ -186,6 +191,15 @@ class LocalHealthStore:
         """
         now = self._clock() if now is None else now
         if self.admission(account_id, now) is not Admission.TRIAL:
+            return False
+        return await self.try_lock_probe(account_id, now)
+
+    async def try_lock_probe(self, account_id: int, now: float | None = None) -> bool:
+        """Take the account's probe lock whatever its state (the prober's; one probe per
+        account at a time); False if held. Released by the next ``report`` for the account,
+        or after ``policy.trial_ttl``."""
+        now = self._clock() if now is None else now
+        if self._trials.get(account_id, 0.0) > now:
             return False
         self._trials[account_id] = now + self.machine.policy.trial_ttl
         return True
@@ -293,11 +307,10 @@ class RedisHealthStore(LocalHealthStore):
             self._kick()
         return transition
 
-    async def try_acquire_probe(self, account_id: int, now: float | None = None) -> bool:
-        """Take the half-open trial across replicas (``SET NX PX``): one Redis round trip,
-        made only when a trial is due. If Redis fails, the local lock alone decides."""
+    async def try_lock_probe(self, account_id: int, now: float | None = None) -> bool:
+        """The probe lock across replicas (``SET NX PX``; see LocalHealthStore.try_lock_probe)."""
         now = self._clock() if now is None else now
-        if self.admission(account_id, now) is not Admission.TRIAL:
+        if self._trials.get(account_id, 0.0) > now:
             return False
         ttl = self.machine.policy.trial_ttl
         try:
@@ -476,7 +489,7 @@ class RedisHealthStore(LocalHealthStore):
         return probe_key(self.prefix, account_id)
 
 
-# --- shared pieces (also used from sync code: services, commands, Celery) -----------------
+# --- shared pieces (also used from sync code: services, commands) -----------------
 
 
 def settings_prefix() -> str:
@@ -560,7 +573,7 @@ def apply_sync(
 ) -> tuple[Health, list[Transition]]:
     """Apply ``events`` to the shared record and publish it (the sync twin of the writer).
 
-    For operator resets and the prober. Returns the new record and the transitions,
+    For operator resets. Returns the new record and the transitions,
     which the caller logs (nothing here writes to the database).
     """
     from redis.exceptions import WatchError
@@ -585,20 +598,6 @@ def apply_sync(
                 return new, transitions
             except WatchError:
                 continue
-
-
-def try_acquire_probe_sync(
-    client: redis_sync.Redis, account_id: int, ttl: float, prefix: str | None = None
-) -> str | None:
-    """Take the trial lock of ``account_id`` for the prober; returns the owner token or None."""
-    token = f"probe-{os.getpid()}-{os.urandom(6).hex()}"
-    key = probe_key(prefix or settings_prefix(), account_id)
-    won = client.set(key, token, nx=True, px=max(1, int(ttl * 1000)))
-    return token if won else None
-
-
-def release_probe_sync(client: redis_sync.Redis, account_id: int, token: str, prefix: str | None = None) -> None:
-    client.register_script(RELEASE_PROBE_LUA)((probe_key(prefix or settings_prefix(), account_id),), (token,))
 
 
 def health_store_from_settings(redis: redis_async.Redis | None, sink: Sink) -> LocalHealthStore:

@@ -16,6 +16,7 @@ Every attempt is noted on the exchange (account, outcome, status, usage) for met
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import functools
 import math
 import time
@@ -25,7 +26,15 @@ import httpx
 import orjson
 from django.conf import settings
 
-from accounts.health.machine import Admission, ServerError, Success, event_for_exception, event_for_status
+from accounts.health.machine import (
+    Admission,
+    AuthFailure,
+    Event,
+    ServerError,
+    Success,
+    event_for_exception,
+    event_for_status,
+)
 from accounts.routing.stickiness import sticky_key
 from accounts.upstream.client import UpstreamError, UpstreamStream, UpstreamTimeout
 from gateway.config.snapshot import AccountInfo, Snapshot
@@ -245,7 +254,7 @@ class Dispatcher:
             await self._failed(account, event, outcome, status, f"the upstream answered {status}")
             return False
         if event is not None:
-            await self.rt.health.report(account.account_id, event)
+            await self.rt.report_health(account.account_id, _blame(event, self.ex.tenant_id))
         if status >= 400:
             # The request's own fault: the client gets the upstream's status and what its
             # envelope says, rebuilt (never HTML, an empty body or the account's credential).
@@ -328,7 +337,7 @@ class Dispatcher:
                 account, event_for_exception(UpstreamError(code)), "upstream_error", 200, code, relay.usage
             )
             return False
-        await self.rt.health.report(account.account_id, Success())
+        await self.rt.report_health(account.account_id, Success())
         self._bind(sticky, account, upstream_model)
         await send(
             {
@@ -397,7 +406,7 @@ class Dispatcher:
         usage: dict[str, int | None] | None = None,
     ) -> None:
         if event is not None:
-            await self.rt.health.report(account.account_id, event)
+            await self.rt.report_health(account.account_id, _blame(event, self.ex.tenant_id))
         # Every attempt carries the token fields (None: the upstream reported nothing).
         self.ex.note_attempt(account.account_id, outcome, status, usage if usage is not None else usage_fields(None))
         self.last_error = GatewayError(
@@ -450,6 +459,14 @@ class Dispatcher:
             code="no_accounts",
             headers=[*self.extra, (b"retry-after", b"1")],
         )
+
+
+def _blame(event: Event, tenant_id: int) -> Event:
+    """``event`` as the evidence of ``tenant_id``'s request (accounts/health/machine.py: a
+    tenant's 401/403 or server errors are confirmed by a probe before they take the account)."""
+    if isinstance(event, AuthFailure | ServerError):
+        return dataclasses.replace(event, tenant=tenant_id)
+    return event
 
 
 def _payload(request: dict[str, Any], strip_fields: frozenset[str]) -> bytes:

@@ -526,7 +526,7 @@ def test_429_cools_the_account_until_its_deadline(
     assert logged.startswith(reason)
 
 
-def test_three_5xx_open_the_circuit_and_a_half_open_trial_readmits(pools: Pools) -> None:
+def test_three_5xx_open_the_circuit_and_the_in_process_prober_readmits(pools: Pools) -> None:
     flaky, healthy = pools.fake(), pools.fake()
     flaky.set(status="503")
     bad = pools.account(flaky, priority=0)
@@ -536,7 +536,9 @@ def test_three_5xx_open_the_circuit_and_a_half_open_trial_readmits(pools: Pools)
     for _ in range(3):
         pools.served(body())
     assert received(flaky, healthy) == (3, 3)
-    opened = wait_state(bad, State.CIRCUIT_OPEN, "3 failures in")
+    # Three failures of one tenant's requests: a probe confirms (its own 503) and opens the circuit.
+    opened = wait_state(bad, State.CIRCUIT_OPEN, "4 failures in")
+    assert flaky.probes == 1
     assert opened.until is not None
     assert opened.reason.endswith("circuit open for 5s")
     pools.served(body())
@@ -549,15 +551,43 @@ def test_three_5xx_open_the_circuit_and_a_half_open_trial_readmits(pools: Pools)
     assert 1 <= int(response.headers["retry-after"]) <= math.ceil(opened.until - opened.since)
     assert flaky.received == 3
 
-    # The upstream recovers; once the trial is due, one request tests the account and re-admits it.
+    # The upstream recovers: once the trial is due the gateway's own prober makes it and
+    # re-admits the account, with no Celery running and no client request as the trial.
     flaky.set()
-    poll(lambda: pools.post(body()).status_code == 200, timeout=15, interval=0.25, what="the trial")
-    assert flaky.received == 4
     wait_state(bad, State.HEALTHY, "trial request succeeded")
+    assert (flaky.received, flaky.probes) == (3, 2)
+    pools.served(body())
+    assert flaky.received == 4
     assert [(before, after) for before, after, _ in wait_transitions(bad, 2)] == [
         ("healthy", "circuit_open"),
         ("circuit_open", "healthy"),
     ]
+
+
+def test_one_tenants_401_is_confirmed_by_a_probe_before_the_account_is_disabled(pools: Pools) -> None:
+    upstream = pools.fake()
+    account = pools.account(upstream)
+    other = pools.key(actor=pools.live.outsider)
+    # One tenant's request gets a 401 (a per-request knob): evidence, so the gateway probes.
+    response = pools.post(body(metadata={"fake_status": "401"}))
+    assert response.status_code == 502
+    poll(lambda: upstream.probes == 1, what="the confirming probe")
+    assert health(account) is None or health(account).state is State.HEALTHY  # type: ignore[union-attr]
+    pools.served(body(), key=other)  # every tenant is still served by the account
+    assert upstream.received == 2
+
+
+def test_one_tenants_server_errors_do_not_open_the_circuit_for_the_others(pools: Pools) -> None:
+    upstream = pools.fake()
+    account = pools.account(upstream)
+    other = pools.key(actor=pools.live.outsider)
+    for _ in range(3):
+        assert pools.post(body(metadata={"fake_status": "500"})).status_code == 502
+    poll(lambda: upstream.probes == 1, what="the confirming probe")
+    pools.served(body(), key=other)
+    assert upstream.received == 4
+    current = health(account)
+    assert current is None or (current.state is State.HEALTHY and current.failures == 0)
 
 
 def test_every_account_cooling_answers_429_with_the_earliest_deadline(pools: Pools) -> None:
@@ -682,23 +712,18 @@ def test_failed_attempts_are_recorded_with_their_usage_and_billed(pools: Pools) 
 
 
 def test_probe_readmits_an_account_once_the_upstream_accepts_its_key_again(pools: Pools) -> None:
-    from accounts.health.probing import accounts_probe_run
-    from accounts.tasks import accounts_probe
-
     rotated, healthy = pools.fake(require_key="sk-rotated"), pools.fake()
     bad = pools.account(rotated, priority=0)
     pools.account(healthy, priority=1)
     pools.strategy("fill_first")
 
     pools.served(body())
+    # The request's 401 is confirmed by a probe (its own 401): disabled.
     wait_state(bad, State.DISABLED, "upstream answered 401 (invalid_api_key): credential rejected")
-    # Still refused: the probe leaves it disabled.
-    [outcome] = accounts_probe_run([bad.pk])
-    assert (outcome.before, outcome.verdict, outcome.detail) == (State.DISABLED, "unchanged", "HTTP 401")
     assert rotated.requests()[-1]["headers"]["authorization"] == "Bearer sk-upstream-secret"
 
     rotated.configure(require_key="sk-upstream-secret")  # the key is valid again
-    assert accounts_probe.apply().get() == {"readmitted": 1}
+    # The gateway's own prober (no Celery) re-admits it within seconds.
     wait_state(bad, State.HEALTHY, "probe succeeded (HTTP 200)")
     # The gateway uses it again (fill-first: it is the first account).
     before = rotated.received

@@ -6,15 +6,12 @@ prefix of its own, removed afterwards): the services pick the backend from setti
 
 from __future__ import annotations
 
-import asyncio
 import time
 import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from io import StringIO
 from typing import Any
 
-import httpx
 import pytest
 from django.core.exceptions import ValidationError
 from django.core.management import call_command
@@ -27,11 +24,9 @@ from accounts.health.machine import (
     Health,
     HealthMachine,
     HealthPolicy,
-    ServerError,
     State,
     Transition,
 )
-from accounts.health.probing import ProbeResult, accounts_probe_run, probe_body, probe_rows, probe_verdict
 from accounts.models import AccountTransition, Pool, UpstreamAccount
 from accounts.selectors import account_health_states, accounts_for_snapshot
 from accounts.services import (
@@ -43,7 +38,6 @@ from accounts.services import (
     upstream_account_set_enabled,
     upstream_account_update,
 )
-from accounts.upstream.client import UpstreamConnectError, UpstreamReply
 
 pytestmark = pytest.mark.django_db
 
@@ -268,133 +262,3 @@ def test_transition_writes_skip_deleted_accounts(account: UpstreamAccount) -> No
 def test_health_reset_of_a_healthy_account_records_nothing(account: UpstreamAccount) -> None:
     assert account_health_reset(account=account) is None
     assert not AccountTransition.objects.exists()
-
-
-# --- probing --------------------------------------------------------------------------------
-
-
-@dataclass
-class StubClient:
-    """Answers probes with a fixed status (or raises), recording what it was sent."""
-
-    status: int = 200
-    body: bytes = b"{}"
-    headers: dict[str, str] = field(default_factory=dict)
-    error: Exception | None = None
-    sent: list[tuple[str, dict[str, str], bytes]] = field(default_factory=list)
-
-    async def post(self, url: str, headers: dict[str, str], body: bytes) -> UpstreamReply:
-        self.sent.append((url, headers, body))
-        if self.error is not None:
-            raise self.error
-        return UpstreamReply(self.status, httpx.Headers(self.headers), self.body)
-
-    async def aclose(self) -> None:
-        pass
-
-
-@pytest.mark.parametrize(
-    ("before", "event", "verdict"),
-    [
-        (State.DISABLED, None, "readmitted"),
-        (State.DISABLED, AuthFailure(401), "unchanged"),
-        (State.DISABLED, ServerError("503"), "unchanged"),
-        (State.CIRCUIT_OPEN, None, "readmitted"),
-        (State.CIRCUIT_OPEN, ServerError("timeout"), "reopened"),
-        (State.CIRCUIT_OPEN, AuthFailure(403), "disabled"),
-    ],
-)
-def test_probe_verdicts(before: State, event: Event | None, verdict: str) -> None:
-    assert probe_verdict(before, ProbeResult(1, 200, event, ""))[0] == verdict
-
-
-def test_probe_readmits_an_account_that_answers(account: UpstreamAccount) -> None:
-    make_unhealthy(account.pk, AuthFailure(401))
-    client = StubClient(status=200)
-    outcomes = accounts_probe_run(client=client)
-    assert [(o.account_id, o.before, o.verdict) for o in outcomes] == [(account.pk, State.DISABLED, "readmitted")]
-    url, headers, body = client.sent[0]
-    assert url == "http://127.0.0.1:9/v1/responses"
-    assert headers["authorization"] == "Bearer sk-upstream-secret"
-    assert body == probe_body("gpt-a")
-    assert account_health_states([account.pk])[account.pk].state is State.HEALTHY
-    assert "probe succeeded (HTTP 200)" in run("account_health")
-    assert accounts_probe_run(client=StubClient()) == []  # nothing left to probe
-
-
-def test_probe_leaves_a_rejected_key_disabled(account: UpstreamAccount) -> None:
-    make_unhealthy(account.pk, AuthFailure(401))
-    outcomes = accounts_probe_run(client=StubClient(status=401, body=b'{"error":{"code":"invalid_api_key"}}'))
-    assert [o.verdict for o in outcomes] == ["unchanged"]
-    assert account_health_states([account.pk])[account.pk].state is State.DISABLED
-
-
-def test_probe_skips_operator_disabled_and_not_yet_due(account: UpstreamAccount) -> None:
-    make_unhealthy(account.pk, *[ServerError("502")] * 3)  # circuit open, trial due in 5 s
-    assert accounts_probe_run(client=StubClient()) == []
-    upstream_account_set_enabled(account=account, enabled=False)
-    assert accounts_probe_run(client=StubClient()) == []
-
-
-def test_probe_of_an_open_circuit(account: UpstreamAccount, settings: Any) -> None:
-    settings.GATEWAY_HEALTH_OPEN_BASE = 0.01
-    make_unhealthy(account.pk, *[ServerError("502")] * 3)
-    time.sleep(0.02)
-    outcomes = accounts_probe_run(client=StubClient(error=UpstreamConnectError("could not connect")))
-    assert [(o.before, o.verdict) for o in outcomes] == [(State.CIRCUIT_OPEN, "reopened")]
-    if health_store.sync_client() is not None:  # shared record: reopened for longer, logged
-        health = account_health_states([account.pk])[account.pk]
-        assert health.state is State.CIRCUIT_OPEN
-        assert health.opens == 2
-        assert AccountTransition.objects.filter(reason__startswith="trial request failed").exists()
-    time.sleep(0.05)
-    outcomes = accounts_probe_run(client=StubClient(status=200))
-    assert [o.verdict for o in outcomes] == ["readmitted"]
-    assert account_health_states([account.pk])[account.pk].state is State.HEALTHY
-
-
-def test_probe_tasks_count_verdicts(account: UpstreamAccount) -> None:
-    """The tasks probe through the real client: the account's address (port 9 of the loopback)
-    refuses connections, so a disabled account stays disabled. Re-admission through the tasks:
-    test_probe_against_the_fake_upstream."""
-    from accounts import tasks
-
-    assert tasks.account_probe(account.pk) == "not_a_candidate"  # healthy
-    make_unhealthy(account.pk, AuthFailure(403))
-    assert tasks.account_probe(account.pk) == "unchanged"
-    assert tasks.accounts_probe() == {"unchanged": 1}
-    assert account_health_states([account.pk])[account.pk].state is State.DISABLED
-
-
-@pytest.mark.live
-def test_probe_against_the_fake_upstream(transactional_db: None, fake_upstream: Any) -> None:
-    """The real client and wire, through the Celery tasks: a revoked key stays disabled, a valid
-    one is re-admitted."""
-    from accounts import tasks
-
-    pool = pool_get_or_create(name="live")
-    account = upstream_account_create(
-        pool=pool, base_url=fake_upstream.base_url, api_key="sk-live-probe", models=["gpt-live"]
-    )
-    make_unhealthy(account.pk, AuthFailure(401))
-    control = fake_upstream.base_url.removesuffix("/v1") + "/_fake/config"
-    before = httpx.get(control).json()
-    httpx.post(control, json={"require_key": "sk-something-else"})
-    try:
-        assert tasks.accounts_probe() == {"unchanged": 1}
-    finally:
-        httpx.post(control, json={"require_key": before["require_key"]})
-    assert tasks.account_probe(account.pk) == "readmitted"
-    assert tasks.account_probe(account.pk) == "not_a_candidate"
-    sent = fake_upstream.last_request()
-    assert sent["path"].endswith("/responses")
-    assert sent["body"]["max_output_tokens"] == 16
-    assert sent["body"]["store"] is False
-    assert sent["headers"]["authorization"] == "Bearer sk-live-probe"
-
-
-def test_probe_rows_run_concurrently_and_survive_errors() -> None:
-    rows = [{"id": i, "base_url": "http://x/v1", "models": ["m"], "credential": None} for i in range(1, 4)]
-    results = asyncio.run(probe_rows(rows, StubClient(error=UpstreamConnectError("down"))))
-    assert [r.event for r in results] == [ServerError("connect")] * 3
-    assert all(r.status is None for r in results)

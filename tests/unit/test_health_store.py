@@ -504,3 +504,36 @@ def test_sticky_absent_answer_is_trusted_briefly() -> None:
             await client.aclose()
 
     asyncio.run(scenario())
+
+
+@needs_redis
+def test_one_probe_per_account_across_replicas() -> None:
+    """The prober's lock (try_lock_probe) is shared: while replica A probes an account,
+    replica B's prober leaves it alone; once A's report released it, B may probe."""
+    from accounts.health.probing import DISABLED_PROBE_INTERVAL, Prober
+    from tests.unit.test_prober import StubClient, Target
+
+    async def scenario() -> None:
+        async with replicas() as ((a, b), _, prefix, redis):
+            stub = StubClient()
+
+            async def targets() -> list[Target]:
+                return [Target(1)]
+
+            prober = Prober(b, stub, targets, clock=lambda: time.time() + DISABLED_PROBE_INTERVAL)
+            await a.report(1, AuthFailure(401))
+            await eventually(lambda: b.health(1).state is State.DISABLED)
+            assert await a.try_lock_probe(1)
+            assert await prober.run_once() == []
+            assert stub.sent == []
+            await a.report(1, AuthFailure(401))  # A's probe answered: the lock is released
+            await eventually(lambda: _gone(redis, f"{prefix}:probe:1"))
+            [outcome] = await prober.run_once()
+            assert (outcome.before, outcome.after) == (State.DISABLED, State.HEALTHY)
+            await eventually(lambda: a.health(1).state is State.HEALTHY)
+
+    asyncio.run(scenario())
+
+
+async def _gone(redis: Any, key: str) -> bool:
+    return not await redis.exists(key)
