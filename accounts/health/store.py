@@ -50,6 +50,7 @@ from typing import TYPE_CHECKING, Any
 import orjson
 
 from accounts.health.machine import Admission, Event, Health, HealthMachine, HealthPolicy, State, Transition
+from accounts.infra.batching import BackgroundFlush
 
 if TYPE_CHECKING:
     import redis as redis_sync
@@ -253,8 +254,12 @@ class RedisHealthStore(LocalHealthStore):
         self._release_probe = redis.register_script(RELEASE_PROBE_LUA)
         self._pending: dict[int, list[tuple[Event, float]]] = {}
         self._releases: set[int] = set()
-        self._wake: asyncio.Event | None = None
-        self._writer: asyncio.Task[None] | None = None
+        self._flusher = BackgroundFlush(
+            self._flush,
+            pending=lambda: bool(self._pending or self._releases),
+            what="account health to Redis",
+            log=logger,
+        )
         self._listener: asyncio.Task[None] | None = None
         self._synced: asyncio.Event | None = None
         self.writes = 0  # successful shared writes (tests and metrics)
@@ -272,12 +277,12 @@ class RedisHealthStore(LocalHealthStore):
 
     async def aclose(self, timeout: float = 2.0) -> None:
         """Stop the background tasks, then write what is still queued (up to ``timeout``)."""
-        for task in (self._listener, self._writer):
-            if task is not None:
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
-        self._listener = self._writer = None
+        await self._flusher.stop()
+        if self._listener is not None:
+            self._listener.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._listener
+        self._listener = None
         if self._pending or self._releases:
             try:
                 await asyncio.wait_for(self._flush(), timeout)
@@ -323,34 +328,10 @@ class RedisHealthStore(LocalHealthStore):
         return bool(won)
 
     def _kick(self) -> None:
-        if self._wake is None:
-            self._wake = asyncio.Event()
-        self._wake.set()
-        if self._writer is None or self._writer.done():
-            loop = asyncio.get_running_loop()
-            self._writer = loop.create_task(self._write_loop())
-            if self._listener is None:
-                self._synced = asyncio.Event()
-                self._listener = loop.create_task(self._listen())
-
-    async def _write_loop(self) -> None:
-        delay = 0.05
-        while True:
-            assert self._wake is not None
-            await self._wake.wait()
-            self._wake.clear()
-            try:
-                await self._flush()
-            except asyncio.CancelledError:
-                raise
-            except Exception:
-                if delay == 0.05:  # the first failure of an outage; the retries are not logged
-                    logger.warning("writing account health to Redis failed; will retry", exc_info=True)
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 10.0)
-                self._wake.set()
-                continue
-            delay = 0.05
+        self._flusher.kick()
+        if self._listener is None:
+            self._synced = asyncio.Event()
+            self._listener = asyncio.get_running_loop().create_task(self._listen())
 
     async def _flush(self) -> None:
         """Write every queued event and lock release; what fails stays queued."""

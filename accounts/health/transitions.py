@@ -1,7 +1,8 @@
 """Health transitions leave the request path here, in batches.
 
-The health stores call :meth:`TransitionLog.add` (a list append); a background task
-writes what accumulated every ``interval`` seconds through
+The health stores call :meth:`TransitionLog.add` (a list append); the background writer
+(:class:`accounts.infra.batching.BackgroundFlush`) writes what accumulated ``interval``
+seconds after the first of them through
 ``accounts.services.account_transitions_write``. Transitions are diagnostics, not
 money: unlike usage (gateway/metering/journal.py) nothing is spooled to disk. A failed write
 is retried with a growing delay, the buffer is bounded (the oldest rows are dropped
@@ -10,14 +11,13 @@ first, with a warning), and what is left at shutdown gets one last synchronous t
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import logging
 from collections.abc import Callable, Sequence
 
 from asgiref.sync import sync_to_async
 
 from accounts.health.machine import Transition
+from accounts.infra.batching import BackgroundFlush
 
 logger = logging.getLogger(__name__)
 
@@ -35,10 +35,17 @@ class TransitionLog:
 
     def __init__(self, *, interval: float = 1.0, writer: Writer = _default_writer, max_pending: int = 10_000) -> None:
         self._buffer: list[Transition] = []
-        self._interval = interval
         self._writer = writer
         self._max_pending = max_pending
-        self._task: asyncio.Task[None] | None = None
+        self._flusher = BackgroundFlush(
+            self._write,
+            pending=lambda: bool(self._buffer),
+            what="health transitions",
+            linger=interval,
+            min_backoff=interval,
+            max_backoff=30.0,
+            log=logger,
+        )
         self.written = 0
         self.dropped = 0
 
@@ -50,40 +57,25 @@ class TransitionLog:
             del self._buffer[:excess]
             self.dropped += excess
             logger.warning("transition log full: dropped the %d oldest transitions", excess)
-        if self._task is None:
-            with contextlib.suppress(RuntimeError):  # no running loop: flush_sync() writes it
-                self._task = asyncio.get_running_loop().create_task(self._run())
+        self._flusher.kick()
 
     def pending(self) -> int:
         return len(self._buffer)
 
-    async def _run(self) -> None:
-        delay = self._interval
-        while True:
-            await asyncio.sleep(delay)
-            if not self._buffer:
-                continue
-            batch, self._buffer = self._buffer, []
-            try:
-                await sync_to_async(self._writer, thread_sensitive=False)(batch)
-            except asyncio.CancelledError:
-                self._buffer[:0] = batch
-                raise
-            except Exception:
-                self._buffer[:0] = batch
-                delay = min(delay * 2, 30.0)
-                logger.warning("writing %d health transitions failed; will retry", len(self._buffer), exc_info=True)
-                continue
-            self.written += len(batch)
-            delay = self._interval
+    async def _write(self) -> None:
+        batch, self._buffer = self._buffer, []
+        if not batch:
+            return
+        try:
+            await sync_to_async(self._writer, thread_sensitive=False)(batch)
+        except BaseException:
+            self._buffer[:0] = batch
+            raise
+        self.written += len(batch)
 
     async def aclose(self) -> None:
         """Stop the background task and write what is left (one try)."""
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await self._flusher.stop()
         if self._buffer:
             await sync_to_async(self.flush_sync, thread_sensitive=False)()
 

@@ -96,7 +96,6 @@ errors to the caller.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import functools
 import logging
 import time
@@ -108,6 +107,7 @@ from typing import TYPE_CHECKING
 
 import orjson
 
+from accounts.infra.batching import BackgroundFlush
 from gateway.limits.engine import (
     BUDGET_GRACE,
     LEASE_TTL,
@@ -208,9 +208,15 @@ class RedisLimiter:
         self._writes: dict[str, tuple[str, int]] = {}
         self._batch: list[_Admission] = []
         self._batches: set[asyncio.Task[None]] = set()
-        self._wake = asyncio.Event()
         self._lock = asyncio.Lock()
-        self._task: asyncio.Task[None] | None = None
+        self._flusher = BackgroundFlush(
+            self._flush_batch,
+            pending=lambda: bool(self._queue or self._writes),
+            what="rate-limit settlements to Redis",
+            linger=linger,
+            max_backoff=5.0,
+            log=logger,
+        )
 
     async def admit(
         self,
@@ -418,28 +424,7 @@ class RedisLimiter:
 
     def _kick(self) -> None:
         """Make sure the background task will send what is queued."""
-        if self._task is None:
-            try:
-                self._task = asyncio.get_running_loop().create_task(self._run())
-            except RuntimeError:
-                return  # no event loop here: flush() or aclose() applies it
-        self._wake.set()
-
-    async def _run(self) -> None:
-        backoff = 0.0
-        while True:
-            if not self._queue and not self._writes:
-                self._wake.clear()
-                await self._wake.wait()
-            if self._linger:
-                await asyncio.sleep(self._linger)
-            try:
-                await self._flush_batch()
-                backoff = 0.0
-            except Exception:
-                backoff = min(max(backoff * 2, 0.05), 5.0)
-                logger.warning("applying %d settlements failed; retrying in %.2fs", len(self._queue), backoff)
-                await asyncio.sleep(backoff)
+        self._flusher.kick()  # no event loop here: flush() or aclose() applies it
 
     def _take(self, max_ops: int) -> tuple[list[_Pending], list[Scope], bytes]:
         """Dequeue settlements worth up to ``max_ops`` operations: (items, op scopes, script argument)."""
@@ -509,12 +494,8 @@ class RedisLimiter:
 
     async def aclose(self) -> None:
         """Stop the background task and apply what is queued (failures are logged)."""
-        if self._task is not None:
-            async with self._lock:  # let a batch in flight finish: cancelled, it could be applied twice
-                self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        async with self._lock:  # let a batch in flight finish: cancelled, it could be applied twice
+            await self._flusher.stop()
         try:
             await self.flush()
         except Exception:

@@ -35,7 +35,6 @@ embedded meter) and replays it into the stream on the next start.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
 import socket
@@ -47,6 +46,7 @@ from typing import TYPE_CHECKING, Any
 from asgiref.sync import sync_to_async
 from redis.exceptions import ResponseError
 
+from accounts.infra.batching import BackgroundFlush
 from gateway.metering.codec import decode_event, encode_event
 from gateway.metering.database import UsageWriteFailed, Writer, django_writer, write_batch
 from gateway.metering.spool import Spool
@@ -105,17 +105,24 @@ class RedisUsageSink:
         if spool_dir is not None:
             self._spill = Spool(spool_dir)
         self._buffer: list[dict[str, Any]] = []
-        self._task: asyncio.Task[None] | None = None
         self._spilling: asyncio.Future[list[dict[str, Any]]] | None = None
+        self._replay = self._spill is not None and self._spill.has_files()
+        self._flusher = BackgroundFlush(
+            self._step,
+            pending=lambda: bool(self._buffer) or self._replay,
+            what="usage to the Redis stream",
+            linger=interval,
+            min_backoff=interval,
+            max_backoff=5.0,
+            on_failure=self._spill_excess,
+            log=logger,
+        )
         self.written = 0
 
     def record(self, event: dict[str, Any]) -> None:
         """Queue one usage event. Never blocks, never raises."""
         self._buffer.append(event)
-        if self._task is None:
-            # Without a running loop, aclose() or flush_sync() sends it.
-            with contextlib.suppress(RuntimeError):
-                self._task = asyncio.get_running_loop().create_task(self._run())
+        self._flusher.kick()  # without a running loop, aclose() or flush_sync() sends it
 
     def pending(self) -> int:
         return len(self._buffer)
@@ -125,37 +132,23 @@ class RedisUsageSink:
         """``max_buffer`` events wait that neither Redis nor the spool took: take no new work."""
         return len(self._buffer) >= self._max_buffer
 
-    async def _run(self) -> None:
-        backoff = self._interval
-        replay = self._spill is not None and self._spill.has_files()
-        while True:
-            await asyncio.sleep(backoff)
-            if replay and self._spill is not None:
-                try:
-                    await sync_to_async(self._spill.replay, thread_sensitive=False)(self._xadd_sync)
-                    replay = False
-                except Exception:
-                    logger.warning("replaying spooled usage into Redis failed; will retry", exc_info=True)
-            try:
-                await self.flush()
-            except Exception:
-                # Logged once per outage (the data plane's readiness reports Redis too).
-                if backoff == self._interval:
-                    logger.warning("usage XADD failed; %d events kept for retry", len(self._buffer), exc_info=True)
-                backoff = min(backoff * 2, 5.0)
-                if self._spill is not None and len(self._buffer) >= self._max_buffer:
-                    batch, self._buffer = self._buffer, []  # taken here, on the loop: record() may run meanwhile
-                    # Shielded and kept: aclose() waits for a spill that its cancel interrupted.
-                    self._spilling = asyncio.ensure_future(
-                        sync_to_async(self._spill_batch, thread_sensitive=False)(batch)
-                    )
-                    self._buffer[:0] = await asyncio.shield(self._spilling)  # what could not be spooled
-                    self._spilling = None
-                    replay = True
-                continue
-            if backoff != self._interval:
-                logger.warning("usage XADD works again")
-            backoff = self._interval
+    async def _step(self) -> None:
+        """One pass of the background writer: replay the spool if it has files, then flush."""
+        if self._replay and self._spill is not None:
+            await sync_to_async(self._spill.replay, thread_sensitive=False)(self._xadd_sync)
+            self._replay = False
+        await self.flush()
+
+    async def _spill_excess(self) -> None:
+        """After a failed pass: past ``max_buffer`` events, spool them to disk (replayed later)."""
+        if self._spill is None or len(self._buffer) < self._max_buffer:
+            return
+        batch, self._buffer = self._buffer, []  # taken here, on the loop: record() may run meanwhile
+        # Shielded and kept: aclose() waits for a spill that its cancel interrupted.
+        self._spilling = asyncio.ensure_future(sync_to_async(self._spill_batch, thread_sensitive=False)(batch))
+        self._buffer[:0] = await asyncio.shield(self._spilling)  # what could not be spooled
+        self._spilling = None
+        self._replay = True
 
     async def flush(self) -> None:
         """Send everything buffered now; what fails stays buffered (and the error propagates)."""
@@ -174,11 +167,7 @@ class RedisUsageSink:
 
     async def aclose(self) -> None:
         """Stop the background task and send what is left; spool it if Redis refuses."""
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await self._flusher.stop()
         if self._spilling is not None:  # interrupted by the cancel: it still runs in its thread
             self._buffer[:0] = await self._spilling
             self._spilling = None

@@ -1,0 +1,107 @@
+"""One background writer loop for everything written in batches off the request path.
+
+Health records and probe-lock releases (accounts/health/store.py), account transitions
+(accounts/health/transitions.py), usage events (gateway/metering/stream.py) and rate-limit
+settlements (gateway/limits/redis_backend.py) are queued by their owners on the request path
+and written by a :class:`BackgroundFlush`. The owner keeps its own queue (each has its own
+shape) and gives the loop two callables: ``flush`` writes what is queued (and raises when it
+could not: what failed stays queued, by the owner), ``pending`` says whether anything is.
+
+Contract:
+
+- :meth:`BackgroundFlush.kick` is O(1), never blocks and never raises: it starts the task on
+  the running loop (none running: nothing happens; the owner's close path writes what is
+  left) and wakes it.
+- After a kick the loop waits ``linger`` seconds (to batch what arrives meanwhile), then
+  flushes; it goes on while ``pending()`` is true and sleeps until the next kick otherwise.
+- A failed flush is retried after ``min_backoff`` seconds, doubling up to ``max_backoff``.
+  An outage is logged once, when it starts (WARNING, with its traceback), and once when a
+  flush succeeds again; ``on_failure`` (async) runs after each failure (e.g. spill to disk).
+- :meth:`stop` cancels the task and waits for it; the owner then writes what is left its own way.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Awaitable, Callable
+
+logger = logging.getLogger(__name__)
+
+
+class BackgroundFlush:
+    """The background task that writes an owner's queue in batches (see the module doc)."""
+
+    def __init__(
+        self,
+        flush: Callable[[], Awaitable[object]],
+        *,
+        pending: Callable[[], bool],
+        what: str,
+        linger: float = 0.0,
+        min_backoff: float = 0.05,
+        max_backoff: float = 10.0,
+        on_failure: Callable[[], Awaitable[object]] | None = None,
+        log: logging.Logger = logger,
+    ) -> None:
+        self._flush = flush
+        self._pending = pending
+        self._what = what
+        self._linger = linger
+        self._min_backoff = min_backoff
+        self._max_backoff = max_backoff
+        self._on_failure = on_failure
+        self._log = log
+        self._wake: asyncio.Event | None = None
+        self._task: asyncio.Task[None] | None = None
+        self.failing = False  # in an outage: the last flush failed
+        self.failures = 0  # failed flushes so far
+
+    def kick(self) -> None:
+        """Make sure what is queued will be written (starts the task on the running loop)."""
+        if self._task is None:
+            try:
+                loop = asyncio.get_running_loop()
+            except RuntimeError:
+                return
+            self._wake = asyncio.Event()
+            self._task = loop.create_task(self._run())
+        assert self._wake is not None
+        self._wake.set()
+
+    @property
+    def running(self) -> bool:
+        return self._task is not None and not self._task.done()
+
+    async def _run(self) -> None:
+        assert self._wake is not None
+        backoff = 0.0
+        while True:
+            if not backoff and not self._pending():
+                self._wake.clear()
+                await self._wake.wait()
+            await asyncio.sleep(backoff or self._linger)
+            try:
+                await self._flush()
+            except Exception:
+                self.failures += 1
+                if not self.failing:
+                    self.failing = True
+                    self._log.warning("writing %s failed; retrying with a growing backoff", self._what, exc_info=True)
+                backoff = min(max(backoff * 2, self._min_backoff), self._max_backoff)
+                if self._on_failure is not None:
+                    await self._on_failure()
+                continue
+            if self.failing:
+                self.failing = False
+                self._log.warning("writing %s works again", self._what)
+            backoff = 0.0
+
+    async def stop(self) -> None:
+        """Cancel the task and wait for it (what is queued stays with the owner)."""
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
