@@ -59,7 +59,7 @@ from bench.run import (
 
 MODEL = "gpt-4.1"
 BODY = json.dumps({"model": MODEL, "input": "Say hello to the scale benchmark."}, separators=(",", ":"))
-LUA = Path(__file__).resolve().parent / "wrk_keys.lua"
+LUA = Path(__file__).resolve().parent / "wrk_bench.lua"
 ALPHABET = string.ascii_letters + string.digits
 ROUND_SECONDS = 10
 DISTINCT_KEYS = 100_000
@@ -234,9 +234,9 @@ def first_answer(service: Service, key: str) -> float:
 
 
 def wrk(url: str, *, key: str | None = None, keys_file: Path | None = None, expect: int = 200) -> dict[str, Any]:
-    env = dict(os.environ, WRK_BODY=BODY, WRK_EXPECT=str(expect))
+    env = dict(os.environ, WRK_BODY=BODY, WRK_EXPECT=str(expect), WRK_THREADS="2")
     if keys_file is not None:
-        env["WRK_KEYS_FILE"] = str(keys_file)
+        env.update(WRK_KEYS_FILE=str(keys_file), WRK_KEYS_ORDER="turn")
     else:
         assert key is not None
         env["WRK_AUTH"] = key

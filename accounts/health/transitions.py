@@ -17,7 +17,7 @@ from collections.abc import Callable, Sequence
 from asgiref.sync import sync_to_async
 
 from accounts.health.machine import Transition
-from accounts.infra.batching import BackgroundFlush
+from accounts.infra.batching import BackgroundFlush, write_or_requeue
 
 logger = logging.getLogger(__name__)
 
@@ -66,12 +66,7 @@ class TransitionLog:
         batch, self._buffer = self._buffer, []
         if not batch:
             return
-        try:
-            await sync_to_async(self._writer, thread_sensitive=False)(batch)
-        except BaseException:
-            self._buffer[:0] = batch
-            raise
-        self.written += len(batch)
+        self.written += await write_or_requeue(self._buffer, batch, sync_to_async(self._writer, thread_sensitive=False))
 
     async def aclose(self) -> None:
         """Stop the background task and write what is left (one try)."""

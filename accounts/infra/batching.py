@@ -26,8 +26,11 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Awaitable, Callable
+from typing import TypeVar
 
 logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 
 class BackgroundFlush:
@@ -105,3 +108,14 @@ class BackgroundFlush:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+
+
+async def write_or_requeue(buffer: list[T], batch: list[T], write: Callable[[list[T]], Awaitable[object]]) -> int:
+    """Write ``batch`` (taken from the head of ``buffer``); on any failure or cancellation put
+    it back at the head, order kept, and re-raise. Returns how many were written."""
+    try:
+        await write(batch)
+    except BaseException:
+        buffer[:0] = batch
+        raise
+    return len(batch)

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import math
 import os
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 import dj_database_url
@@ -38,32 +39,31 @@ def env_bool(name: str, default: bool = False) -> bool:
 
 
 def env_int(name: str, default: int, *, minimum: int = 0, maximum: int | None = None) -> int:
-    raw = os.environ.get(name)
-    if raw is None or raw == "":
-        return default
-    try:
-        value = int(raw)
-    except ValueError:
-        _error("gateway.E011", f"{name}={raw!r} is not an integer: set it to a whole number.")
-        return default
-    if value < minimum or (maximum is not None and value > maximum):
-        upper = f" and {maximum}" if maximum is not None else ""
-        _error("gateway.E011", f"{name}={value} is out of range: set it between {minimum}{upper}.")
-        return default
-    return value
+    return _env_number(name, default, int, "gateway.E011", "an integer: set it to a whole number", minimum, maximum)
 
 
 def env_float(name: str, default: float, *, minimum: float = 0.0) -> float:
+    return _env_number(name, default, float, "gateway.E012", "a number: set it to a number of seconds", minimum, None)
+
+
+N = TypeVar("N", int, float)
+
+
+def _env_number(
+    name: str, default: N, parse: Callable[[str], N], code: str, what: str, minimum: N, maximum: N | None
+) -> N:
+    """``name`` parsed as a number in range, else ``default`` with the error ``code`` recorded."""
     raw = os.environ.get(name)
     if raw is None or raw == "":
         return default
     try:
-        value = float(raw)
+        value = parse(raw)
     except ValueError:
-        _error("gateway.E012", f"{name}={raw!r} is not a number: set it to a number of seconds.")
+        _error(code, f"{name}={raw!r} is not {what}.")
         return default
-    if value < minimum:
-        _error("gateway.E012", f"{name}={value} is below {minimum}: set a larger value.")
+    if value < minimum or (maximum is not None and value > maximum):
+        bound = f"set it between {minimum} and {maximum}" if maximum is not None else f"set it to {minimum} or more"
+        _error(code, f"{name}={value} is out of range: {bound}.")
         return default
     return value
 

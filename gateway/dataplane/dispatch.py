@@ -233,7 +233,7 @@ class Dispatcher:
             return False
         is_sse = upstream.headers.get("content-type", "").startswith("text/event-stream")
         if ex.stream and upstream.status == 200 and is_sse:
-            return await self._stream(account, upstream_model, upstream, sticky, receive, send, deadline)
+            return await self._stream(upstream, (account, upstream_model, sticky, deadline), receive, send)
         try:
             try:
                 content = await upstream.read(settings.GATEWAY_UPSTREAM_MAX_BODY_BYTES)
@@ -301,15 +301,10 @@ class Dispatcher:
         return True
 
     async def _stream(
-        self,
-        account: AccountInfo,
-        upstream_model: str,
-        upstream: UpstreamStream,
-        sticky: str,
-        receive: Receive,
-        send: Send,
-        deadline: Deadline,
+        self, upstream: UpstreamStream, attempt: tuple[AccountInfo, str, str, Deadline], receive: Receive, send: Send
     ) -> bool:
+        """Relay a stream that answered 200 (``attempt``: account, upstream model, sticky key, deadline)."""
+        account, upstream_model, sticky, deadline = attempt
         ex = self.ex
         relay = SseRelay(send, ex.started, settings.GATEWAY_UPSTREAM_MAX_FRAME_BYTES)
         relay.on_event = deadline.event

@@ -46,7 +46,7 @@ from typing import TYPE_CHECKING, Any
 from asgiref.sync import sync_to_async
 from redis.exceptions import ResponseError
 
-from accounts.infra.batching import BackgroundFlush
+from accounts.infra.batching import BackgroundFlush, write_or_requeue
 from gateway.metering.codec import decode_event, encode_event
 from gateway.metering.database import UsageWriteFailed, Writer, django_writer, write_batch
 from gateway.metering.spool import Spool
@@ -155,15 +155,13 @@ class RedisUsageSink:
         while self._buffer:
             batch = self._buffer[: self._max_batch]
             del self._buffer[: self._max_batch]
-            try:
-                if self._xadd is None:
-                    self._xadd = self._redis.register_script(XADD_LUA)
-                await self._xadd((self._stream,), (FIELD, _lines(batch)))
-            except BaseException:
-                # A partly sent batch is sent again: the writer is idempotent on request_id.
-                self._buffer[:0] = batch
-                raise
-            self.written += len(batch)
+            # A partly sent batch is sent again: the writer is idempotent on request_id.
+            self.written += await write_or_requeue(self._buffer, batch, self._xadd_batch)
+
+    async def _xadd_batch(self, batch: list[dict[str, Any]]) -> None:
+        if self._xadd is None:
+            self._xadd = self._redis.register_script(XADD_LUA)
+        await self._xadd((self._stream,), (FIELD, _lines(batch)))
 
     async def aclose(self) -> None:
         """Stop the background task and send what is left; spool it if Redis refuses."""
