@@ -51,6 +51,7 @@ import orjson
 
 from accounts.health.machine import Admission, Event, Health, HealthMachine, HealthPolicy, State, Transition
 from accounts.infra.batching import BackgroundFlush
+from accounts.infra.redis import sync_client as redis_client_for
 
 if TYPE_CHECKING:
     import redis as redis_sync
@@ -507,24 +508,12 @@ def fold(
     return old, health, transitions
 
 
-_sync_client: tuple[str, redis_sync.Redis] | None = None
-
-
 def sync_client() -> redis_sync.Redis | None:
-    """A synchronous client for ``settings.REDIS_URL`` (cached per URL); None in embedded mode."""
-    global _sync_client
+    """The synchronous client of ``settings.REDIS_URL``; None in embedded mode."""
     from django.conf import settings
 
     url: str = settings.REDIS_URL
-    if not url:
-        return None
-    if _sync_client is not None and _sync_client[0] == url:
-        return _sync_client[1]
-    import redis as redis_sync
-
-    client = redis_sync.Redis.from_url(url)
-    _sync_client = (url, client)
-    return client
+    return redis_client_for(url) if url else None
 
 
 def read_states_sync(

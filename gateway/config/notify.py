@@ -36,6 +36,8 @@ from django.conf import settings
 from django.db import transaction
 from django.db.models.signals import post_delete, post_save
 
+from accounts.infra.redis import sync_client
+
 if TYPE_CHECKING:
     import redis as redis_sync
     import redis.asyncio as redis_async
@@ -46,10 +48,8 @@ CONFIG_GEN_KEY = "gw:config:gen"
 CONFIG_CHANNEL = "gw:config"
 CONFIG_GEN_FILENAME = "config.gen"
 
+
 # (REDIS_URL, client): created on first use, rebuilt if the URL changes (tests).
-_sync_client: tuple[str, redis_sync.Redis] | None = None
-
-
 def config_gen_path() -> Path:
     return Path(settings.DATA_DIR) / CONFIG_GEN_FILENAME
 
@@ -64,16 +64,7 @@ def file_token(path: str | None = None) -> object:
 
 
 def _redis() -> redis_sync.Redis:
-    global _sync_client
-    url: str = settings.REDIS_URL
-    cached = _sync_client
-    if cached is not None and cached[0] == url:
-        return cached[1]
-    import redis as redis_sync
-
-    client = redis_sync.Redis.from_url(url)
-    _sync_client = (url, client)
-    return client
+    return sync_client(settings.REDIS_URL)
 
 
 def config_token() -> object:

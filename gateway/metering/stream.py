@@ -47,12 +47,12 @@ from asgiref.sync import sync_to_async
 from redis.exceptions import ResponseError
 
 from accounts.infra.batching import BackgroundFlush, write_or_requeue
+from accounts.infra.redis import sync_client
 from gateway.metering.codec import decode_event, encode_event
 from gateway.metering.database import UsageWriteFailed, Writer, django_writer, write_batch
 from gateway.metering.spool import Spool
 
 if TYPE_CHECKING:
-    import redis as redis_sync
     from redis.asyncio import Redis
     from redis.commands.core import AsyncScript
 
@@ -100,7 +100,6 @@ class RedisUsageSink:
         self._interval = interval
         self._max_batch = max_batch
         self._url = url
-        self._sync: redis_sync.Redis | None = None
         self._spill: Spool | None = None
         if spool_dir is not None:
             self._spill = Spool(spool_dir)
@@ -217,11 +216,7 @@ class RedisUsageSink:
     def _xadd_sync(self, events: Sequence[dict[str, Any]]) -> None:
         if self._url is None:
             raise RuntimeError("RedisUsageSink needs url= for synchronous writes")
-        if self._sync is None:
-            import redis as redis_sync
-
-            self._sync = redis_sync.Redis.from_url(self._url)
-        self._sync.register_script(XADD_LUA)((self._stream,), (FIELD, _lines(events)))
+        sync_client(self._url).register_script(XADD_LUA)((self._stream,), (FIELD, _lines(events)))
 
 
 def _lines(events: Sequence[dict[str, Any]]) -> bytes:

@@ -1,0 +1,24 @@
+"""The process's synchronous Redis clients: one per URL, made on first use.
+
+For the code that talks to Redis outside the event loop (services announcing a change,
+operator commands reading health, a last flush at shutdown). Each client has its own
+connection pool, which redis-py resets in a forked child, so one per process and URL is
+enough: this is the one place that makes them. The data plane's asyncio clients are made by
+the runtime (gateway/limits/redis_backend.py ``redis_client``).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import redis as redis_sync
+
+
+@functools.cache
+def sync_client(url: str) -> redis_sync.Redis:
+    """The synchronous client of ``url`` (the same object on every call with that URL)."""
+    import redis as redis_sync
+
+    return redis_sync.Redis.from_url(url)
