@@ -29,9 +29,10 @@ from __future__ import annotations
 import hashlib
 import logging
 import time
-from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING
+
+from cachetools import LRUCache, TTLCache
 
 if TYPE_CHECKING:
     import redis.asyncio as redis_async
@@ -73,9 +74,9 @@ class LocalStickyStore:
         self, *, ttl: float = 3600.0, max_entries: int = 100_000, clock: Callable[[], float] = time.monotonic
     ) -> None:
         self.ttl = ttl
-        self._max = max_entries
         self._clock = clock
-        self._entries: OrderedDict[str, _Binding] = OrderedDict()
+        # Least recently used dropped first (a read counts as a use); each entry has its own expiry.
+        self._entries: LRUCache[str, _Binding] = LRUCache(maxsize=max_entries)
 
     def get(self, key: str) -> int | None:
         """The bound account, or None (missing or expired). Local only, never I/O."""
@@ -85,7 +86,6 @@ class LocalStickyStore:
         if entry.expires_at <= self._clock():
             del self._entries[key]
             return None
-        self._entries.move_to_end(key)
         return entry.account_id
 
     async def lookup(self, key: str) -> int | None:
@@ -112,13 +112,10 @@ class LocalStickyStore:
             self._put(key, _Binding(account_id, now + self.ttl, now, float("-inf")))
         else:
             entry.expires_at = now + self.ttl
-            self._entries.move_to_end(key)
+            self._entries[key] = entry  # a use: the most recent
 
     def _put(self, key: str, binding: _Binding) -> None:
         self._entries[key] = binding
-        self._entries.move_to_end(key)
-        while len(self._entries) > self._max:
-            self._entries.popitem(last=False)
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -152,7 +149,7 @@ class RedisStickyStore(LocalStickyStore):
         self.prefix = prefix
         # Keys Redis had no binding for, and when it said so (trusted ABSENT_TTL): a new
         # prompt_cache_key read with the admission is not asked again by dispatch.
-        self._absent: OrderedDict[str, float] = OrderedDict()
+        self._absent: TTLCache[str, bool] = TTLCache(maxsize=max_entries, ttl=ABSENT_TTL, timer=clock)
 
     def redis_key(self, key: str) -> str:
         """Where the binding of ``key`` lives in Redis."""
@@ -166,8 +163,7 @@ class RedisStickyStore(LocalStickyStore):
     def _fresh(self, key: str, now: float) -> bool:
         entry = self._entries.get(key)
         if entry is None:
-            checked = self._absent.get(key)
-            return checked is not None and now - checked < ABSENT_TTL
+            return key in self._absent
         return now - entry.checked_at < self._local_ttl and entry.expires_at > now
 
     async def lookup(self, key: str) -> int | None:
@@ -184,10 +180,7 @@ class RedisStickyStore(LocalStickyStore):
         """Take the binding of ``key`` as read from Redis (``raw``: its value, None if missing)."""
         if raw is None:
             self._entries.pop(key, None)
-            self._absent[key] = self._clock()
-            self._absent.move_to_end(key)
-            while len(self._absent) > self._max:
-                self._absent.popitem(last=False)
+            self._absent[key] = True
             return None
         try:
             account_id = int(raw) if isinstance(raw, bytes | str) else int(str(raw))
