@@ -82,7 +82,7 @@ class UpstreamAccount(models.Model):
     # The operator's switch. Health (cooldowns, circuit breaker, auth failures) is kept
     # apart, in accounts.health.store, and never flips this field.
     enabled = models.BooleanField(default=True)
-    # Why the operator disabled the account (shown in the console); empty when enabled.
+    # Why the operator disabled the account (shown in the admin); empty when enabled.
     disabled_reason = models.CharField(max_length=500, blank=True)
     # Set when an operator or the prober re-admits the account. It travels in the config
     # snapshot, so every replica drops older health state even without Redis.

@@ -136,7 +136,7 @@ def account_health_overview(*, pool_name: str | None = None, limit: int = 5) -> 
     Keys: ``id, name, pool_name, enabled, disabled_reason, state`` (effective now: an
     expired cooldown reads healthy), ``until`` (epoch s or None), ``reason``,
     ``transitions`` (newest first: AccountTransition objects). For the operator command
-    and the console; one query per account for the transitions.
+    and the admin; one query per account for the transitions.
     """
     accounts = UpstreamAccount.objects.select_related("pool").order_by("pool__name", "id")
     if pool_name is not None:

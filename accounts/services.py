@@ -149,7 +149,7 @@ def _clean_priority(value: object) -> int:
 def upstream_account_set_enabled(*, account: UpstreamAccount, enabled: bool, reason: str = "") -> UpstreamAccount:
     """Enable or disable ``account`` as an operator (no write if unchanged).
 
-    Disabling records ``reason`` (shown in the console) and a transition to DISABLED.
+    Disabling records ``reason`` (shown in the admin and by `manage.py account_health`) and a transition to DISABLED.
     Enabling clears the reason and re-admits the account (:func:`account_health_reset`),
     so an account disabled by an upstream auth failure can be turned back on in one step.
     """

@@ -2,7 +2,7 @@
 
 A key looks like ``sk-gw-`` + 10 base62 chars + 40 base62 chars (56 chars in all).
 The first 16 chars are the *prefix*: unique, stored in clear and shown in the
-console, used to find the key row. The whole key is never stored; only
+admin, used to find the key row. The whole key is never stored; only
 ``key_digest(key)``, an HMAC-SHA256 under a pepper derived from SECRET_KEY, so a
 leaked database does not yield usable keys (and, unlike a bcrypt-style hash,
 checking it costs microseconds on every request).

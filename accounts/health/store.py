@@ -171,7 +171,7 @@ class LocalHealthStore:
         return Blocked(cooling_until, open_until, cooling, opened, disabled)
 
     def states(self) -> dict[int, Health]:
-        """A copy of every non-default record (for the console and tests)."""
+        """A copy of every non-default record (for operator commands and tests)."""
         return dict(self._states)
 
     # --- writes ---------------------------------------------------------------------------

@@ -2,7 +2,7 @@
 
 Upstream prompt caches live per account, so a conversation that keeps hitting one
 account keeps its cache warm. A binding maps a :func:`sticky_key` (tenant, pool and
-the request's ``prompt_cache_key`` or conversation id, hashed) to an account id and
+the request's ``prompt_cache_key``, hashed) to an account id and
 expires ``ttl`` seconds after its last use.
 
 The rule that keeps bindings stable: :meth:`LocalStickyStore.bind` replaces a binding
@@ -59,7 +59,7 @@ class _Binding:
 
 
 def sticky_key(tenant_id: int, pool_id: int, value: str) -> str:
-    """The binding key of ``value`` (a prompt_cache_key or conversation id) for a tenant and pool.
+    """The binding key of ``value`` (a prompt_cache_key) for a tenant and pool.
 
     Hashed: tenants' keys never meet, the length is bounded, and Redis never sees the raw value.
     """

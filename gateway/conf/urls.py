@@ -1,4 +1,4 @@
-"""URLs served by Django's own stack: the console and the admin (not /v1/*)."""
+"""URLs served by Django's own stack: the admin and /healthz (not /v1/* or /readyz)."""
 
 from django.contrib import admin
 from django.http import HttpRequest, JsonResponse

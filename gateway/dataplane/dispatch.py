@@ -469,12 +469,9 @@ def _payload(request: dict[str, Any], strip_fields: frozenset[str]) -> bytes:
 
 
 def sticky_value(request: dict[str, Any]) -> str:
-    """What binds a request to an account's prompt cache: its prompt_cache_key (or conversation id); "" none."""
-    sticky = request.get("prompt_cache_key") or _conversation_id(request.get("conversation"))
+    """What binds a request to an account's prompt cache: its ``prompt_cache_key``; "" none.
+
+    (A ``conversation`` never gets here: requests with one are answered 501 before dispatch.)
+    """
+    sticky = request.get("prompt_cache_key")
     return str(sticky) if sticky else ""
-
-
-def _conversation_id(value: object) -> str:
-    if isinstance(value, dict):
-        return str(value.get("id") or "")
-    return value if isinstance(value, str) else ""
