@@ -8,4 +8,9 @@ class TenancyConfig(AppConfig):
     def ready(self) -> None:
         # Registers the Celery tasks in every process: services queue them by name, and
         # with CELERY_TASK_ALWAYS_EAGER an unregistered name would go to the broker instead.
+        # Every change a service announces (either side) is stored in the audit log.
+        from accounts.infra.audit import changed
         from tenancy import tasks  # noqa: F401
+        from tenancy.audit import audit_entry_store
+
+        changed.connect(audit_entry_store, dispatch_uid="tenancy.audit")

@@ -1,4 +1,4 @@
-"""Tenant API key material: generation, prefix extraction and the stored digest.
+"""Key material: tenant API keys and personal access tokens (generation, prefix, digest).
 
 A key looks like ``sk-gw-`` + 10 base62 chars + 40 base62 chars (56 chars in all).
 The first 16 chars are the *prefix*: unique, stored in clear and shown in the
@@ -21,6 +21,7 @@ from django.conf import settings
 from django.core.exceptions import ImproperlyConfigured
 
 KEY_MARKER = "sk-gw-"
+TOKEN_MARKER = "gwt-"
 PREFIX_RANDOM_LENGTH = 10
 SECRET_LENGTH = 40
 PREFIX_LENGTH = len(KEY_MARKER) + PREFIX_RANDOM_LENGTH  # 16
@@ -38,6 +39,21 @@ def _random_base62(length: int) -> str:
     return "".join(secrets.choice(_ALPHABET) for _ in range(length))
 
 
+def _generate(marker: str) -> tuple[str, str]:
+    prefix = marker + _random_base62(PREFIX_RANDOM_LENGTH)
+    return prefix + _random_base62(SECRET_LENGTH), prefix
+
+
+def _prefix_of(token: str, marker: str) -> str | None:
+    if len(token) != len(marker) + PREFIX_RANDOM_LENGTH + SECRET_LENGTH or not token.startswith(marker):
+        return None
+    body = token[len(marker) :]
+    # isascii() first: str.isalnum() also accepts non-ASCII letters and digits.
+    if not (body.isascii() and body.isalnum()):
+        return None
+    return token[: len(marker) + PREFIX_RANDOM_LENGTH]
+
+
 def generate_api_key() -> tuple[str, str]:
     """Return ``(full_key, prefix)`` for a new key.
 
@@ -45,8 +61,7 @@ def generate_api_key() -> tuple[str, str]:
     collision is unlikely but possible: the caller relies on the unique constraint
     and retries. The 40-char secret part carries ~238 bits.
     """
-    prefix = KEY_MARKER + _random_base62(PREFIX_RANDOM_LENGTH)
-    return prefix + _random_base62(SECRET_LENGTH), prefix
+    return _generate(KEY_MARKER)
 
 
 def key_prefix(token: str) -> str | None:
@@ -54,13 +69,19 @@ def key_prefix(token: str) -> str | None:
 
     Shape only (length, marker, ASCII alphanumerics); says nothing about validity.
     """
-    if len(token) != KEY_LENGTH or not token.startswith(KEY_MARKER):
-        return None
-    body = token[len(KEY_MARKER) :]
-    # isascii() first: str.isalnum() also accepts non-ASCII letters and digits.
-    if not (body.isascii() and body.isalnum()):
-        return None
-    return token[:PREFIX_LENGTH]
+    return _prefix_of(token, KEY_MARKER)
+
+
+def generate_access_token() -> tuple[str, str]:
+    """Return ``(full_token, prefix)`` for a new personal access token (``gwt-`` + 10 + 40
+    base62 chars; the prefix is the first 14). Its marker differs from a key's, so a token
+    never has the shape of a data-plane key and the reverse."""
+    return _generate(TOKEN_MARKER)
+
+
+def access_token_prefix(token: str) -> str | None:
+    """The prefix of ``token`` if it has the shape of a personal access token, else None."""
+    return _prefix_of(token, TOKEN_MARKER)
 
 
 def _primed_hmac() -> hmac.HMAC:
@@ -80,7 +101,7 @@ def _primed_hmac() -> hmac.HMAC:
 
 
 def key_digest(token: str) -> str:
-    """Hex HMAC-SHA256 of the full key (64 chars). Compare with ``hmac.compare_digest``.
+    """Hex HMAC-SHA256 of the full key or token (64 chars). Compare with ``hmac.compare_digest``.
 
     Depends on SECRET_KEY: changing SECRET_KEY invalidates every stored key.
     """

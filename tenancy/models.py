@@ -6,6 +6,7 @@ import ipaddress
 from decimal import Decimal
 from typing import Any
 
+from django.conf import settings
 from django.core.exceptions import ValidationError
 from django.core.validators import MaxValueValidator, MinValueValidator
 from django.db import models
@@ -288,3 +289,100 @@ class ConfigChange(models.Model):
 
     def __str__(self) -> str:
         return f"{self.kind} change {self.pk}"
+
+
+class Role(models.TextChoices):
+    """A member's role in a tenant: owners and admins manage it, viewers only read."""
+
+    OWNER = "owner", "owner"
+    ADMIN = "admin", "admin"
+    VIEWER = "viewer", "viewer"
+
+
+class Membership(models.Model):
+    """A person's role in one tenant (a person may belong to several).
+
+    Platform operators (``User.is_staff``) need no membership: they see every tenant.
+    """
+
+    user = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="memberships")
+    tenant = models.ForeignKey(Tenant, on_delete=models.CASCADE, related_name="memberships")
+    role = models.CharField(max_length=8, choices=Role.choices)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        constraints = [models.UniqueConstraint(fields=["user", "tenant"], name="membership_user_tenant")]
+
+    def __str__(self) -> str:
+        return f"{self.user_id} in {self.tenant_id} as {self.role}"
+
+
+class AccessToken(models.Model):
+    """A personal access token for the management API (never for /v1/*).
+
+    Stored like API keys (tenancy.keys): a visible prefix and an HMAC digest; the token is
+    shown once, at creation. It acts as its user, with the user's roles, until it expires or
+    is revoked.
+    """
+
+    user = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="access_tokens")
+    name = models.CharField(max_length=200, blank=True)
+    prefix = models.CharField(max_length=32, unique=True)
+    digest = models.CharField(max_length=64)
+    created_at = models.DateTimeField(auto_now_add=True)
+    expires_at = models.DateTimeField(null=True, blank=True)
+    revoked_at = models.DateTimeField(null=True, blank=True)
+    last_used_at = models.DateTimeField(null=True, blank=True)
+
+    def __str__(self) -> str:
+        return f"{self.prefix}… ({self.user_id})"
+
+
+class AuditEntryQuerySet(models.QuerySet["AuditEntry"]):
+    """Append-only: bulk updates and deletes are refused."""
+
+    def update(self, **kwargs: Any) -> int:
+        raise PermissionError("the audit log is append-only")
+
+    def delete(self) -> tuple[int, dict[str, int]]:
+        raise PermissionError("the audit log is append-only")
+
+
+class AuditEntry(models.Model):
+    """One change made through a service: who, what, when, before and after (never a secret).
+
+    Append-only: an existing row is never saved again or deleted (the model and its queryset
+    refuse). Targets and tenants are recorded by id, not by foreign key, so the entry outlives
+    what it describes. A key appears by its id and visible prefix only.
+    """
+
+    created_at = models.DateTimeField(auto_now_add=True, db_index=True)
+    actor_id = models.BigIntegerField(null=True)  # the user; null: the system
+    actor_label = models.CharField(max_length=200)
+    token_prefix = models.CharField(max_length=32, blank=True)
+    source = models.CharField(max_length=16)  # api, console, command, system
+    ip = models.GenericIPAddressField(null=True)
+    request_id = models.CharField(max_length=64, blank=True)
+    tenant_id = models.BigIntegerField(null=True, db_index=True)
+    action = models.CharField(max_length=64)
+    target_type = models.CharField(max_length=64)
+    target_id = models.CharField(max_length=64)
+    target_label = models.CharField(max_length=200, blank=True)
+    before = models.JSONField(null=True)
+    after = models.JSONField(null=True)
+
+    objects = AuditEntryQuerySet.as_manager()
+
+    class Meta:
+        indexes = [models.Index(fields=["tenant_id", "id"])]
+
+    def __str__(self) -> str:
+        return f"{self.action} {self.target_type}:{self.target_id} by {self.actor_label}"
+
+    def save(self, *args: Any, **kwargs: Any) -> None:
+        if self.pk is not None:
+            raise PermissionError("the audit log is append-only")
+        super().save(*args, **kwargs)
+
+    def delete(self, *args: Any, **kwargs: Any) -> tuple[int, dict[str, int]]:
+        raise PermissionError("the audit log is append-only")

@@ -8,20 +8,34 @@ of every room use them (tenancy's too: imports run down to accounts).
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 from django.core.exceptions import ValidationError
 from django.core.management.base import CommandError
 
+from accounts.infra.audit import Actor, acting_as
 from accounts.models import Pool, UpstreamAccount
+
+
+def _command_name() -> str:
+    """The command being run (``manage.py NAME``), for the audit log."""
+    argv = sys.argv
+    if len(argv) > 1 and Path(argv[0]).name in ("manage.py", "django-admin"):
+        return argv[1]
+    return "command"
 
 
 @contextmanager
 def exit_on_refusal() -> Iterator[None]:
-    """Turn a ValidationError raised inside the block into a one-line CommandError."""
+    """Run the block as the command's actor (the audit log records changes made inside it as
+    made by the OS user through this command), and turn a ValidationError raised inside it
+    into a one-line CommandError."""
     try:
-        yield
+        with acting_as(Actor.command(_command_name())):
+            yield
     except ValidationError as exc:
         raise CommandError(" ".join(exc.messages)) from None
 

@@ -13,6 +13,7 @@ operators refer to them.
     gateway.E010  a boolean variable is malformed    (from gateway.conf.env)
     gateway.E011  an integer variable is malformed   (from gateway.conf.env)
     gateway.E012  a number variable is malformed     (from gateway.conf.env)
+    gateway.E013  a rate variable is malformed       (from gateway.conf.env)
     gateway.W001  .env, the data directory or the SQLite database is open to other users
 
 No message ever contains a secret value.
@@ -54,6 +55,7 @@ ENV_HINTS = {
     "gateway.E010": "Set the variable named above to true or false, or unset it to use the default.",
     "gateway.E011": "Set the variable named above to a whole number in range, or unset it to use the default.",
     "gateway.E012": "Set the variable named above to a number in range, or unset it to use the default.",
+    "gateway.E013": "Set the variable named above to a rate such as 60/min, or unset it to use the default.",
 }
 DEFAULT_ENV_HINT = "Fix the environment variable named above, or unset it to use the default."
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from collections.abc import Callable
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
@@ -44,6 +45,20 @@ def env_int(name: str, default: int, *, minimum: int = 0, maximum: int | None = 
 
 def env_float(name: str, default: float, *, minimum: float = 0.0) -> float:
     return _env_number(name, default, float, "gateway.E012", "a number: set it to a number of seconds", minimum, None)
+
+
+_RATE = re.compile(r"[1-9][0-9]*/(s|sec|second|m|min|minute|h|hour|d|day)")
+
+
+def env_rate(name: str, default: str) -> str:
+    """A request rate as DRF's throttles take it (``N/sec``, ``N/min``, ``N/hour``, ``N/day``)."""
+    raw = os.environ.get(name)
+    if raw is None or raw == "":
+        return default
+    if not _RATE.fullmatch(raw.strip()):
+        _error("gateway.E013", f"{name}={raw!r} is not a rate: set it like 60/min (per sec, min, hour or day).")
+        return default
+    return raw.strip()
 
 
 N = TypeVar("N", int, float)

@@ -17,6 +17,7 @@ from gateway.conf.env import (
     env_float,
     env_int,
     env_list,
+    env_rate,
     env_str,
     load_dotenv,
     redis_url,
@@ -93,6 +94,8 @@ INSTALLED_APPS = [
     "django.contrib.staticfiles",
     "axes",
     "rest_framework",
+    "drf_spectacular",
+    "drf_spectacular_sidecar",
     "channels",
     "gateway",
     "tenancy",
@@ -188,8 +191,42 @@ warnings.filterwarnings(
     "ignore", "StreamingHttpResponse must consume synchronous iterators", Warning, "django.core.handlers.asgi"
 )
 
+# --- The management API (/api/v1/; docs/api.md) ------------------------------------------
+# Failed token authentications from one address within the window, before it gets 429.
+GATEWAY_API_AUTH_FAILURES = env_int("GATEWAY_API_AUTH_FAILURES", 20, minimum=1)
+GATEWAY_API_AUTH_WINDOW = env_int("GATEWAY_API_AUTH_WINDOW", 300, minimum=1)
 REST_FRAMEWORK = {
     "DEFAULT_RENDERER_CLASSES": ["rest_framework.renderers.JSONRenderer"],
+    "DEFAULT_PARSER_CLASSES": ["rest_framework.parsers.JSONParser"],
+    "DEFAULT_AUTHENTICATION_CLASSES": [
+        "tenancy.api.authentication.AccessTokenAuthentication",
+        "rest_framework.authentication.SessionAuthentication",
+    ],
+    "DEFAULT_PERMISSION_CLASSES": ["rest_framework.permissions.IsAuthenticated"],
+    "DEFAULT_PAGINATION_CLASS": "accounts.infra.api.IdCursorPagination",
+    "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
+    "EXCEPTION_HANDLER": "accounts.infra.api.api_exception_handler",
+    "DEFAULT_THROTTLE_CLASSES": [
+        "rest_framework.throttling.AnonRateThrottle",
+        "rest_framework.throttling.UserRateThrottle",
+    ],
+    "DEFAULT_THROTTLE_RATES": {
+        "anon": env_rate("GATEWAY_API_ANON_RATE", "60/min"),
+        "user": env_rate("GATEWAY_API_USER_RATE", "1200/min"),
+    },
+    "UNAUTHENTICATED_USER": "django.contrib.auth.models.AnonymousUser",
+}
+SPECTACULAR_SETTINGS = {
+    "TITLE": "Responses Gateway management API",
+    "DESCRIPTION": "Tenants, members, tokens, API keys, limits, pools, upstream accounts, usage and audit.",
+    "VERSION": "1",
+    "SERVE_INCLUDE_SCHEMA": False,
+    "SCHEMA_PATH_PREFIX": "/api/v1",
+    "COMPONENT_SPLIT_REQUEST": True,
+    # Swagger UI from drf-spectacular-sidecar: served by the gateway itself, no CDN.
+    "SWAGGER_UI_DIST": "SIDECAR",
+    "SWAGGER_UI_FAVICON_HREF": "SIDECAR",
+    "REDOC_DIST": "SIDECAR",
 }
 
 # --- The data plane -------------------------------------------------------
