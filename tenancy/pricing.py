@@ -25,7 +25,10 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from decimal import ROUND_CEILING, ROUND_HALF_UP, Decimal
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, TypeAlias
+
+if TYPE_CHECKING:
+    from tenancy.models import PriceVersion
 
 # Cost precision: 9 decimal places (a nano-dollar). One token at $0.01 per million
 # costs 1e-8 USD, so coarser rounding would lose cheap requests entirely.
@@ -75,24 +78,6 @@ def usage_fields(usage: object) -> dict[str, int | None]:
     }
 
 
-class PriceRow(Protocol):
-    """One price version of a model (``tenancy.models.PriceVersion`` or :class:`Price`).
-
-    USD per million tokens. ``reasoning`` None: reasoning tokens cost the output price.
-    """
-
-    @property
-    def input(self) -> Decimal: ...
-    @property
-    def cached_input(self) -> Decimal: ...
-    @property
-    def cache_write(self) -> Decimal: ...
-    @property
-    def output(self) -> Decimal: ...
-    @property
-    def reasoning(self) -> Decimal | None: ...
-
-
 @dataclass(frozen=True, slots=True)
 class Price:
     """An immutable price version, as the data plane keeps it in its snapshot."""
@@ -120,6 +105,11 @@ class Price:
             reasoning=Decimal(reasoning) if reasoning is not None else None,
             effective_from=row["effective_from"],
         )
+
+
+# One price version of a model: the stored row, or the snapshot's immutable copy. USD per
+# million tokens; ``reasoning`` None: reasoning tokens cost the output price.
+PriceRow: TypeAlias = "Price | PriceVersion"
 
 
 def _tokens(usage: Mapping[str, int | None], name: str) -> int | None:

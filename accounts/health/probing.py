@@ -43,7 +43,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any
 
 import orjson
 
@@ -57,6 +57,7 @@ from accounts.health.machine import (
     event_for_exception,
     event_for_status,
 )
+from accounts.upstream.account import AccountInfo
 
 if TYPE_CHECKING:
     from accounts.health.store import LocalHealthStore
@@ -69,23 +70,7 @@ PROBE_TICK = 1.0  # how often the store's records are looked at (a due trial wai
 DISABLED_PROBE_INTERVAL = 5.0  # a DISABLED account is probed at most this often (per replica)
 
 
-class ProbeTarget(Protocol):
-    """What a probe needs of an account (gateway.config.snapshot.AccountInfo provides it)."""
-
-    @property
-    def account_id(self) -> int: ...
-
-    @property
-    def responses_url(self) -> str: ...
-
-    @property
-    def credential(self) -> str | None: ...
-
-    @property
-    def models(self) -> frozenset[str]: ...
-
-
-Targets = Callable[[], Awaitable[Iterable[ProbeTarget]]]
+Targets = Callable[[], Awaitable[Iterable[AccountInfo]]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,7 +85,7 @@ def probe_body(model: str) -> bytes:
     return orjson.dumps({"model": model, "input": "ping", "max_output_tokens": PROBE_MAX_OUTPUT_TOKENS, "store": False})
 
 
-async def probe_one(client: Any, target: ProbeTarget) -> tuple[int | None, Event, str]:
+async def probe_one(client: Any, target: AccountInfo) -> tuple[int | None, Event, str]:
     """Send one probe through ``client`` (an ``UpstreamClient``, or a stub with its ``post``).
 
     Returns the HTTP status (None: no answer), the answer read as a health event (an
@@ -188,7 +173,7 @@ class Prober:
         locked = [target for account_id, target in targets.items() if await self.store.try_lock_probe(account_id, now)]
         return list(await asyncio.gather(*(self._probe(target) for target in locked)))
 
-    async def _probe(self, target: ProbeTarget) -> ProbeOutcome:
+    async def _probe(self, target: AccountInfo) -> ProbeOutcome:
         account_id = target.account_id
         before = self.store.health(account_id).state
         async with self._gate:  # cancelled (shutdown): the lock expires after policy.trial_ttl

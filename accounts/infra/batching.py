@@ -26,6 +26,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Awaitable, Callable
+from dataclasses import KW_ONLY, dataclass, field
 from typing import TypeVar
 
 logger = logging.getLogger(__name__)
@@ -33,33 +34,23 @@ logger = logging.getLogger(__name__)
 T = TypeVar("T")
 
 
+@dataclass(eq=False)
 class BackgroundFlush:
     """The background task that writes an owner's queue in batches (see the module doc)."""
 
-    def __init__(
-        self,
-        flush: Callable[[], Awaitable[object]],
-        *,
-        pending: Callable[[], bool],
-        what: str,
-        linger: float = 0.0,
-        min_backoff: float = 0.05,
-        max_backoff: float = 10.0,
-        on_failure: Callable[[], Awaitable[object]] | None = None,
-        log: logging.Logger = logger,
-    ) -> None:
-        self._flush = flush
-        self._pending = pending
-        self._what = what
-        self._linger = linger
-        self._min_backoff = min_backoff
-        self._max_backoff = max_backoff
-        self._on_failure = on_failure
-        self._log = log
-        self._wake: asyncio.Event | None = None
-        self._task: asyncio.Task[None] | None = None
-        self.failing = False  # in an outage: the last flush failed
-        self.failures = 0  # failed flushes so far
+    flush: Callable[[], Awaitable[object]]
+    _: KW_ONLY
+    pending: Callable[[], bool]
+    what: str
+    linger: float = 0.0
+    min_backoff: float = 0.05
+    max_backoff: float = 10.0
+    on_failure: Callable[[], Awaitable[object]] | None = None
+    log: logging.Logger = logger
+    failing: bool = field(default=False, init=False)  # in an outage: the last flush failed
+    failures: int = field(default=0, init=False)  # failed flushes so far
+    _wake: asyncio.Event | None = field(default=None, init=False, repr=False)
+    _task: asyncio.Task[None] | None = field(default=None, init=False, repr=False)
 
     def kick(self) -> None:
         """Make sure what is queued will be written (starts the task on the running loop)."""
@@ -81,24 +72,24 @@ class BackgroundFlush:
         assert self._wake is not None
         backoff = 0.0
         while True:
-            if not backoff and not self._pending():
+            if not backoff and not self.pending():
                 self._wake.clear()
                 await self._wake.wait()
-            await asyncio.sleep(backoff or self._linger)
+            await asyncio.sleep(backoff or self.linger)
             try:
-                await self._flush()
+                await self.flush()
             except Exception:
                 self.failures += 1
                 if not self.failing:
                     self.failing = True
-                    self._log.warning("writing %s failed; retrying with a growing backoff", self._what, exc_info=True)
-                backoff = min(max(backoff * 2, self._min_backoff), self._max_backoff)
-                if self._on_failure is not None:
-                    await self._on_failure()
+                    self.log.warning("writing %s failed; retrying with a growing backoff", self.what, exc_info=True)
+                backoff = min(max(backoff * 2, self.min_backoff), self.max_backoff)
+                if self.on_failure is not None:
+                    await self.on_failure()
                 continue
             if self.failing:
                 self.failing = False
-                self._log.warning("writing %s works again", self._what)
+                self.log.warning("writing %s works again", self.what)
             backoff = 0.0
 
     async def stop(self) -> None:

@@ -28,30 +28,15 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Collection, Sequence
 from types import TracebackType
-from typing import Protocol, TypeVar
+from typing import Protocol
 
 from accounts.health.machine import Admission
+from accounts.upstream.account import AccountInfo
 
 WEIGHTED_ROUND_ROBIN = "weighted_round_robin"
 LEAST_IN_FLIGHT = "least_in_flight"
 FILL_FIRST = "fill_first"
 STRATEGIES = (WEIGHTED_ROUND_ROBIN, LEAST_IN_FLIGHT, FILL_FIRST)
-
-
-class Candidate(Protocol):
-    """What selection needs of an account (gateway.config.snapshot.AccountInfo provides it)."""
-
-    @property
-    def account_id(self) -> int: ...
-
-    @property
-    def weight(self) -> int: ...
-
-    @property
-    def max_concurrency(self) -> int | None: ...
-
-    @property
-    def priority(self) -> int: ...
 
 
 class HealthView(Protocol):
@@ -61,9 +46,6 @@ class HealthView(Protocol):
 class _AlwaysAdmit:
     def admission(self, account_id: int, now: float | None = None) -> Admission:
         return Admission.ADMIT
-
-
-C = TypeVar("C", bound=Candidate)
 
 
 class Lease:
@@ -129,13 +111,13 @@ class Selector:
     def pick(
         self,
         pool_id: int,
-        candidates: Sequence[C],
+        candidates: Sequence[AccountInfo],
         *,
         strategy: str = WEIGHTED_ROUND_ROBIN,
         exclude: Collection[int] = (),
         sticky_account: int | None = None,
         now: float | None = None,
-    ) -> C | None:
+    ) -> AccountInfo | None:
         """The account for the next attempt among ``candidates`` (one pool's), or None.
 
         ``sticky_account``: the account bound to the request's prompt cache key; it wins
@@ -144,8 +126,8 @@ class Selector:
         """
         now = self._clock() if now is None else now
         health, counts = self.health, self.inflight
-        admitted: list[C] = []
-        trials: list[C] = []
+        admitted: list[AccountInfo] = []
+        trials: list[AccountInfo] = []
         for candidate in candidates:
             account_id = candidate.account_id
             if account_id in exclude:
@@ -177,7 +159,7 @@ class Selector:
         self._seq += 1
         self._last.setdefault(pool_id, {})[account_id] = self._seq
 
-    def _wrr_step(self, pool_id: int, eligible: Sequence[C]) -> C:
+    def _wrr_step(self, pool_id: int, eligible: Sequence[AccountInfo]) -> AccountInfo:
         current = self._wrr.setdefault(pool_id, {})
         total = 0
         best = eligible[0]
@@ -192,7 +174,7 @@ class Selector:
         current[best.account_id] -= total
         return best
 
-    def _least_in_flight(self, pool_id: int, eligible: Sequence[C]) -> C:
+    def _least_in_flight(self, pool_id: int, eligible: Sequence[AccountInfo]) -> AccountInfo:
         last = self._last.get(pool_id, {})
         count = self.inflight.count
         best = eligible[0]

@@ -50,6 +50,7 @@ import socket
 import ssl
 from collections import deque
 from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass, field
 from typing import cast
 
 import httptools
@@ -74,23 +75,19 @@ def _readable(poller: select.poll) -> bool:
         return True
 
 
+@dataclass(eq=False, slots=True)
 class _Pool:
     """The connections to one (scheme, host, port). ``size`` counts connecting, busy and idle ones."""
 
-    __slots__ = ("conns", "host", "host_line", "idle", "max_size", "port", "size", "ssl", "waiters")
-
-    def __init__(
-        self, host: str, port: int, host_line: bytes, ssl_context: ssl.SSLContext | None, max_size: int
-    ) -> None:
-        self.host = host
-        self.port = port
-        self.host_line = host_line
-        self.ssl = ssl_context
-        self.max_size = max_size
-        self.size = 0
-        self.idle: deque[_Connection] = deque()  # oldest left, most recently used right
-        self.conns: set[_Connection] = set()
-        self.waiters: deque[asyncio.Future[None]] = deque()
+    host: str
+    port: int
+    host_line: bytes
+    ssl: ssl.SSLContext | None
+    max_size: int
+    size: int = 0
+    idle: deque[_Connection] = field(default_factory=deque)  # oldest left, most recently used right
+    conns: set[_Connection] = field(default_factory=set)
+    waiters: deque[asyncio.Future[None]] = field(default_factory=deque)
 
     def wake_one(self) -> None:
         """Tell one waiting request that a connection or a slot is free."""

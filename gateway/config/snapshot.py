@@ -17,6 +17,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from accounts.routing.routes import Target, accounts_by_pool_model, route_table, routes_from_rows
+from accounts.upstream.account import AccountInfo
 from gateway.limits.engine import Scope
 from tenancy.pricing import PriceTable, budget_window, usd_to_micros
 
@@ -124,23 +125,6 @@ class KeyInfo:
     def scopes(self, now: float) -> list[Scope]:
         """The engine scopes of this key's request: the key's then the tenant's."""
         return [limits.scope(now) for limits in (self.key_limits, self.tenant_limits) if limits is not None]
-
-
-@dataclass(frozen=True, slots=True)
-class AccountInfo:
-    account_id: int
-    pool_id: int
-    pool_name: str
-    responses_url: str
-    credential: str | None
-    models: frozenset[str]
-    weight: int
-    strip_fields: frozenset[str]
-    max_concurrency: int | None = None
-    priority: int = 0
-
-    def __repr__(self) -> str:  # never print the credential
-        return f"AccountInfo(id={self.account_id}, pool={self.pool_name!r}, url={self.responses_url!r})"
 
 
 @dataclass(frozen=True, slots=True)

@@ -36,8 +36,9 @@ from accounts.health.machine import (
     event_for_status,
 )
 from accounts.routing.stickiness import sticky_key
+from accounts.upstream.account import AccountInfo
 from accounts.upstream.client import UpstreamError, UpstreamStream, UpstreamTimeout
-from gateway.config.snapshot import AccountInfo, Snapshot
+from gateway.config.snapshot import Snapshot
 from gateway.contract.errors import RATE_LIMIT, SERVER, GatewayError
 from gateway.contract.sanitize import sanitize_for_upstream
 from gateway.contract.upstream_errors import upstream_error_body
@@ -145,27 +146,22 @@ class Deadline:
         self._handle.cancel()
 
 
+@dataclasses.dataclass(eq=False, slots=True)
 class Dispatcher:
     """One request's attempts. ``run`` answers the client or raises ``Failed``/GatewayError."""
 
-    def __init__(
-        self,
-        runtime: Runtime,
-        ex: Exchange,
-        request: dict[str, Any],
-        plan: list[tuple[str, int, str]],
-        snapshot: Snapshot,
-        extra_headers: list[tuple[bytes, bytes]],
-    ) -> None:
-        self.rt = runtime
-        self.ex = ex
-        self.request = request
-        self.plan = plan
-        self.snapshot = snapshot
-        self.extra = extra_headers
-        self.tried: set[int] = set()
-        self.last_error: GatewayError | None = None
-        self.sticky_value = sticky_value(request)
+    rt: Runtime
+    ex: Exchange
+    request: dict[str, Any]
+    plan: list[tuple[str, int, str]]
+    snapshot: Snapshot
+    extra: list[tuple[bytes, bytes]]  # headers added to the answer (the policy's decision)
+    tried: set[int] = dataclasses.field(default_factory=set, init=False)
+    last_error: GatewayError | None = dataclasses.field(default=None, init=False)
+    sticky_value: str = dataclasses.field(default="", init=False)
+
+    def __post_init__(self) -> None:
+        self.sticky_value = sticky_value(self.request)
 
     async def run(self, receive: Receive, send: Send) -> None:
         max_attempts = settings.GATEWAY_MAX_ATTEMPTS

@@ -7,7 +7,8 @@ from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any
 
-from gateway.config.snapshot import AccountInfo, KeyInfo
+from accounts.upstream.account import AccountInfo
+from gateway.config.snapshot import KeyInfo
 from tenancy.pricing import Price, cost_usd, unknown_usage
 
 

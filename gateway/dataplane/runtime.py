@@ -29,10 +29,11 @@ from accounts.health.store import health_store_from_settings
 from accounts.health.transitions import TransitionLog
 from accounts.routing.selection import Selector
 from accounts.routing.stickiness import LocalStickyStore, RedisStickyStore
+from accounts.upstream.account import AccountInfo
 from accounts.upstream.client import UpstreamClient
 from gateway.conf.db import drop_broken_connections
 from gateway.config import notify
-from gateway.config.snapshot import AccountInfo, Snapshot
+from gateway.config.snapshot import Snapshot
 from gateway.config.state import ConfigState, DatabaseSource
 from gateway.dataplane.keepalive import KeepAlive
 from gateway.dataplane.offload import Offload

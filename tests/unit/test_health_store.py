@@ -511,13 +511,14 @@ def test_one_probe_per_account_across_replicas() -> None:
     """The prober's lock (try_lock_probe) is shared: while replica A probes an account,
     replica B's prober leaves it alone; once A's report released it, B may probe."""
     from accounts.health.probing import DISABLED_PROBE_INTERVAL, Prober
+    from accounts.upstream.account import AccountInfo
     from tests.unit.test_prober import StubClient, Target
 
     async def scenario() -> None:
         async with replicas() as ((a, b), _, prefix, redis):
             stub = StubClient()
 
-            async def targets() -> list[Target]:
+            async def targets() -> list[AccountInfo]:
                 return [Target(1)]
 
             prober = Prober(b, stub, targets, clock=lambda: time.time() + DISABLED_PROBE_INTERVAL)

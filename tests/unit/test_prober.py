@@ -26,6 +26,7 @@ from accounts.health.machine import (
 from accounts.health.probing import DISABLED_PROBE_INTERVAL, Prober, probe_body
 from accounts.health.store import LocalHealthStore
 from accounts.routing.selection import FILL_FIRST, Selector
+from accounts.upstream.account import AccountInfo
 from accounts.upstream.client import UpstreamConnectError, UpstreamReply
 
 
@@ -37,15 +38,14 @@ class Clock:
         return self.now
 
 
-@dataclass(frozen=True)
-class Target:
-    account_id: int
-    responses_url: str = "http://upstream.test/v1/responses"
-    credential: str | None = "sk-upstream-secret"
-    models: frozenset[str] = frozenset({"gpt-b", "gpt-a"})
-    weight: int = 1
-    max_concurrency: int | None = None
-    priority: int = 0
+def Target(account_id: int, priority: int = 0) -> AccountInfo:
+    return AccountInfo(
+        account_id,
+        responses_url="http://upstream.test/v1/responses",
+        credential="sk-upstream-secret",
+        models=frozenset({"gpt-b", "gpt-a"}),
+        priority=priority,
+    )
 
 
 @dataclass
@@ -71,7 +71,7 @@ def scenario(body: Callable[[LocalHealthStore, Prober, StubClient, Clock], Await
     async def run() -> None:
         store = LocalHealthStore(clock=clock)
 
-        async def targets() -> list[Target]:
+        async def targets() -> list[AccountInfo]:
             return [Target(1), Target(2)]
 
         prober = Prober(store, client, targets, clock=clock)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 from collections import Counter
-from dataclasses import dataclass
 
 import pytest
 
@@ -12,16 +11,13 @@ from accounts.health.machine import AuthFailure, RateLimited, ServerError
 from accounts.health.store import LocalHealthStore
 from accounts.routing.selection import FILL_FIRST, LEAST_IN_FLIGHT, WEIGHTED_ROUND_ROBIN, InFlight, Selector
 from accounts.routing.stickiness import LocalStickyStore, sticky_key
+from accounts.upstream.account import AccountInfo
 
 POOL = 1
 
 
-@dataclass(frozen=True)
-class Acc:
-    account_id: int
-    weight: int = 1
-    max_concurrency: int | None = None
-    priority: int = 0
+def Acc(account_id: int, weight: int = 1, max_concurrency: int | None = None, priority: int = 0) -> AccountInfo:
+    return AccountInfo(account_id, weight=weight, max_concurrency=max_concurrency, priority=priority)
 
 
 class Clock:
@@ -32,7 +28,7 @@ class Clock:
         return self.now
 
 
-def picks(selector: Selector, accounts: list[Acc], n: int, **options: object) -> list[int]:
+def picks(selector: Selector, accounts: list[AccountInfo], n: int, **options: object) -> list[int]:
     result = []
     for _ in range(n):
         chosen = selector.pick(POOL, accounts, **options)  # type: ignore[arg-type]
