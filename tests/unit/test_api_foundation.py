@@ -256,3 +256,12 @@ def test_the_schema_and_its_docs_are_served_without_a_cdn() -> None:
     assert any(a.endswith("swagger-ui-bundle.js") for a in assets)
     for asset in assets:
         assert client.get(asset).status_code == 200, asset
+
+
+def test_createsuperuser_noinput_makes_an_operator(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("DJANGO_SUPERUSER_USERNAME", "root")
+    monkeypatch.setenv("DJANGO_SUPERUSER_EMAIL", "root@example.com")
+    monkeypatch.setenv("DJANGO_SUPERUSER_PASSWORD", "a-long-enough-password-123")
+    run("createsuperuser", "--noinput")
+    token = run("token_create", "root").strip().splitlines()[-1]
+    assert bearer(token).get("/api/v1/me").json()["is_operator"] is True
