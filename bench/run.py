@@ -11,7 +11,8 @@ Environment:
     BENCH_QUICK=1         ~2-minute smoke run (fewer/shorter rounds, 20k requests for memory)
     BENCH_GATEWAY_ENV     extra ``K=V`` pairs for every gateway process, e.g. "GATEWAY_UPSTREAM_TRANSPORT=fast"
     BENCH_VARIANTS        more gateway columns, "NAME:K=V ...;NAME2:K=V ...", e.g.
-                          "httpx:GATEWAY_UPSTREAM_TRANSPORT=httpx;fast:GATEWAY_UPSTREAM_TRANSPORT=fast"
+                          "httpx:GATEWAY_UPSTREAM_TRANSPORT=httpx;fast:GATEWAY_UPSTREAM_TRANSPORT=fast";
+                          "NAME@PATH:..." serves that column from another checkout (A/B of two commits)
     BENCH_LITELLM=0       skip LiteLLM (otherwise installed on first use into bench/.venv-litellm)
     BENCH_LITELLM_SPEC    what pip installs there (default ``litellm[proxy]``)
     BENCH_DAPHNE=0        skip the Daphne variant
@@ -71,6 +72,7 @@ MODEL_TOKENS = {MODEL: STREAM_SMALL, MODEL_LONG: STREAM_LARGE}
 MEMORY_GROWTH_LIMIT_MIB = 16.0
 # Keys of Bench.raw holding wrk runs (lists of WrkResult dicts per target).
 WRK_SCENARIOS = (
+    "keymix_first_use_c16",
     "latency_c1",
     "throughput_c16",
     "throughput_c64",
@@ -423,13 +425,18 @@ def run_wrk(
     keys_file: Path | None = None,
     *,
     exact: bool = False,
+    keys_from: int | None = None,
 ) -> WrkResult:
-    """One wrk run; ``seconds`` is raised to the target's ``min_seconds`` unless ``exact``."""
+    """One wrk run; ``seconds`` is raised to the target's ``min_seconds`` unless ``exact``.
+    ``keys_file``: each request picks a key by the Zipf law, or, with ``keys_from``, takes the
+    file's keys in turn from that line on."""
     threads = 1 if connections == 1 else 2
     seconds = seconds if exact else max(seconds, target.min_seconds)
-    env = dict(os.environ, WRK_BODY=request_body)
+    env = dict(os.environ, WRK_BODY=request_body, WRK_THREADS=str(threads))
     if keys_file is not None:
         env["WRK_KEYS_FILE"] = str(keys_file)
+        if keys_from is not None:
+            env.update(WRK_KEYS_ORDER="turn", WRK_KEYS_FROM=str(keys_from))
     else:
         env["WRK_AUTH"] = target.auth
     args = ["wrk", f"-t{threads}", f"-c{connections}", f"-d{seconds}s", "--timeout", "30s", "-s", str(LUA), target.url]
@@ -629,16 +636,29 @@ def selected_scenarios() -> set[str] | None:
     return names
 
 
-def extra_variants() -> dict[str, dict[str, str]]:
+@dataclass
+class Variant:
+    """One BENCH_VARIANTS column: extra environment, and the checkout it is served from (None: this one)."""
+
+    env: dict[str, str]
+    checkout: str | None = None
+
+
+def extra_variants() -> dict[str, Variant]:
     """``BENCH_VARIANTS="fast:GATEWAY_UPSTREAM_TRANSPORT=fast;httpx:GATEWAY_UPSTREAM_TRANSPORT=httpx"``:
-    more gateways (uvicorn, embedded mode) measured interleaved with the others, one column each."""
-    variants: dict[str, dict[str, str]] = {}
+    more gateways (uvicorn, embedded mode) measured interleaved with the others, one column each.
+    ``NAME@PATH:...`` serves the column from the checkout at PATH (a ``git worktree`` of another
+    commit, sharing this run's database, so its migrations must match): an A/B of two commits in
+    one run, interleaved, instead of two runs on a machine whose load moved in between."""
+    variants: dict[str, Variant] = {}
     for spec in filter(None, (part.strip() for part in os.environ.get("BENCH_VARIANTS", "").split(";"))):
-        name, sep, pairs = spec.partition(":")
-        name = name.strip()
+        head, sep, pairs = spec.partition(":")
+        name, at, checkout = (part.strip() for part in head.partition("@"))
         if not sep or not name.isidentifier() or name in ("direct", "gateway", "daphne", "redis", "litellm"):
-            raise BenchError(f"BENCH_VARIANTS: {spec!r} is not NAME:K=V ... with a new NAME")
-        variants[name] = env_pairs(pairs, f"BENCH_VARIANTS {name}")
+            raise BenchError(f"BENCH_VARIANTS: {spec!r} is not NAME[@PATH]:K=V ... with a new NAME")
+        if at and not (Path(checkout) / "manage.py").is_file():
+            raise BenchError(f"BENCH_VARIANTS: {spec!r}: {checkout!r} is not a checkout of the gateway")
+        variants[name] = Variant(env_pairs(pairs, f"BENCH_VARIANTS {name}"), checkout if at else None)
     return variants
 
 
@@ -776,12 +796,12 @@ class Bench:
         self.direct_long = Target("direct", 0, "")
         self.redis_url: str | None = None
         self.redis_private = False
-        self.extra: dict[str, dict[str, str]] = {}
+        self.extra: dict[str, Variant] = {}
 
     # -- set-up ------------------------------------------------------------------------------------
 
-    def start(self, service: Service, timeout: float = 60.0) -> Service:
-        return self.launch(service).wait_ready(timeout)
+    def start(self, service: Service, timeout: float = 60.0, cwd: Path = ROOT) -> Service:
+        return self.launch(service, cwd).wait_ready(timeout)
 
     def launch(self, service: Service, cwd: Path = ROOT) -> Service:
         self.services.append(service)
@@ -846,9 +866,9 @@ class Bench:
         log(f"seeded {seed['keys']:,} keys over {seed['tenants']:,} tenants; limits set on every key: {limits}")
         log(f"gateway settings: {self.info['gateway_settings']}; extra env: {extra or 'none'}")
 
-        variants: list[tuple[str, list[str], dict[str, str]]] = [("gateway", [], env)]
+        variants: list[tuple[str, list[str], dict[str, str], Path]] = [("gateway", [], env, ROOT)]
         if os.environ.get("BENCH_DAPHNE", "1") != "0":
-            variants.append(("daphne", ["--server", "daphne"], env))
+            variants.append(("daphne", ["--server", "daphne"], env, ROOT))
         redis_url = self.redis_for_bench(data_dir)
         self.redis_url = redis_url
         if redis_url:
@@ -857,14 +877,15 @@ class Bench:
                 if self.redis_private
                 else f"Redis variant on {redis_url} (shared: its counters include other clients' commands)."
             )
-            variants.append(("redis", [], {**env, "REDIS_URL": redis_url}))
+            variants.append(("redis", [], {**env, "REDIS_URL": redis_url}, ROOT))
         else:
             self.notes.append("Redis variant skipped: BENCH_REDIS_URL=0, or no redis-server and no Redis on :6379.")
         self.extra = extra_variants()
-        for name, pairs in self.extra.items():
-            variants.append((name, [], {**env, **pairs}))
-        self.info["variants"] = self.extra
-        for key, flags, variant_env in variants:
+        for name, variant in self.extra.items():
+            checkout = Path(variant.checkout) if variant.checkout else ROOT
+            variants.append((name, [], {**env, **variant.env}, checkout))
+        self.info["variants"] = {name: asdict(variant) for name, variant in self.extra.items()}
+        for key, flags, variant_env, checkout in variants:
             port = free_port()
             # Started exactly as the README serves it: `manage.py serve` with its defaults, on a free port.
             service = Service(
@@ -874,7 +895,7 @@ class Bench:
                 f"http://127.0.0.1:{port}/healthz",
                 data_dir / f"{key}.log",
             )
-            self.start(service)
+            self.start(service, cwd=checkout)
             self.targets.append(Target(key, port, seed["main_key"], service))
             log(f"{key} serving on port {port} (pid {service.pid})")
 
@@ -1031,6 +1052,21 @@ class Bench:
     def key_mix(self) -> None:
         # LiteLLM has no keys without a database (master key only), so it sits this one out.
         targets = [t for t in self.targets if t.key != "litellm"]
+        # First use: the keys in turn, each one's first request (a database read, then cached), until
+        # every key was used once. The first run's rate is the "first use" line; the measured rounds
+        # that follow see the steady state of a gateway that has served its keys before.
+        first: dict[str, list[WrkResult]] = {}
+        for target in targets:
+            used = 0
+            while used < MIX_KEYS:
+                run = run_wrk(target, 16, 2, body(), self.keys_file, exact=True, keys_from=used)
+                if not run.requests:
+                    raise BenchError(f"{target.key} answered nothing while its keys were first used")
+                first.setdefault(target.key, []).append(run)
+                used += run.requests
+            wait_quiet(target.pids)
+        self.raw["keymix_first_use_c16"] = {k: [asdict(r) for r in v] for k, v in first.items()}
+        log("key mix first use: " + " | ".join(f"{k} {v[0].rps:,.0f} req/s" for k, v in first.items()))
         runs = interleave(
             f"key mix ({MIX_KEYS:,} keys, Zipf 1.1) @16",
             targets,
@@ -1185,6 +1221,11 @@ class Bench:
         }
         # The first-byte client stops the run at the first answer that is not 200: no errors to count.
         rows.append(budget(Row("added first byte p50 @1 (ms)", "ms", added_ttfb), "<= 2", lambda v: v <= 2.0, None))
+        # The first run of the pass only: its every request was a key's first use.
+        first_use: dict[str, float | None] = {
+            k: good_rps(v[0]) for k, v in self.raw.get("keymix_first_use_c16", {}).items() if v
+        }
+        rows.append(Row(f"key mix first use of {MIX_KEYS // 1000}k keys req/s @16", "rps", first_use))
         rows.append(Row(f"key mix {MIX_KEYS // 1000}k keys req/s @16", "rps", self.medians("keymix_c16", "rps")))
         rows.append(Row("key mix p99 @16 (ms)", "ms", self.medians("keymix_c16", "p99_ms")))
         memory = self.raw.get("memory")

@@ -8,6 +8,7 @@
 --   WRK_ZIPF_S     the Zipf exponent (default 1.1)
 --   WRK_KEYS_ORDER "turn": use the keys of WRK_KEYS_FILE in turn instead (thread i starts at line i
 --                  and steps by WRK_THREADS, default 2: every key is used before any is used again)
+--   WRK_KEYS_FROM  with WRK_KEYS_ORDER=turn: skip this many lines first (to go on where a run stopped)
 --   WRK_EXPECT     a status every answer must have: the answers without it are counted and printed
 --                  as "UNEXPECTED {json}" (only then does wrk call Lua for every answer)
 --
@@ -20,6 +21,7 @@ local keys_file = os.getenv("WRK_KEYS_FILE")
 local zipf_s = tonumber(os.getenv("WRK_ZIPF_S") or "1.1")
 local in_turn = os.getenv("WRK_KEYS_ORDER") == "turn"
 local turn_step = tonumber(os.getenv("WRK_THREADS") or "2") -- wrk -t: how many threads share the file
+local keys_from = tonumber(os.getenv("WRK_KEYS_FROM") or "0")
 local expect = tonumber(os.getenv("WRK_EXPECT") or "")
 
 wrk.method = "POST"
@@ -72,7 +74,7 @@ if keys_file then
       cdf[rank] = cdf[rank] / total
     end
     math.randomseed(os.time() * 1000 + (thread_seed or 0))
-    position = (thread_seed or 1) - 1
+    position = (thread_seed or 1) - 1 + keys_from
   end
 
   position = 0

@@ -87,11 +87,11 @@ def _usable_keys() -> Any:
     )
 
 
-def apikey_for_snapshot(prefix: str) -> dict[str, Any] | None:
-    """The key with ``prefix`` as :func:`apikeys_for_snapshot` gives it, or None (unknown,
-    revoked, or of an inactive tenant): one query through the unique index on the prefix."""
-    rows = list(_usable_keys().filter(prefix=prefix)[:1])
-    return dict(rows[0]) if rows else None
+def apikeys_for_snapshot_by_prefix(prefixes: Sequence[str]) -> dict[str, dict[str, Any]]:
+    """The keys with these prefixes as :func:`apikeys_for_snapshot` gives them, by prefix; a
+    prefix that is unknown, revoked, or of an inactive tenant is absent. One query through the
+    unique index on the prefix, however many prefixes."""
+    return {row["prefix"]: dict(row) for row in _usable_keys().filter(prefix__in=list(prefixes))}
 
 
 def apikey_prefixes(chunk: int = 10_000) -> Iterator[str]:

@@ -10,8 +10,15 @@ has this prefix":
   prefix as 8 bytes in one sorted array, loaded once in the background at start and kept
   current by the change feed) or that was found unknown lately (the negative cache, as
   large), with None at once: an unknown-prefix flood never reaches the database;
-- else with one indexed read of that key (``load``, in a worker thread, off the event loop);
-  concurrent misses of one prefix share that read.
+- else by reading it: misses wait in a queue, and one reader reads every prefix queued so
+  far in one indexed query (``load``, in a worker thread, off the event loop), then the ones
+  queued meanwhile, and so on; concurrent misses of one prefix share one read.
+
+One read at a time, of many prefixes, rather than a read per key in parallel threads: a cold
+start with many keys in use (a restart, the benchmark's 10,000 keys) made each of 16 parallel
+one-key reads wait for the event loop's thread to hand over the GIL several times per query
+(about 450 first uses a second on the 2-core machine, ``make bench`` row "key mix first use");
+one query for all of them crosses threads once.
 
 :meth:`KeyDirectory.invalidate` applies the change feed: a changed key is dropped (and its
 prefix becomes a member), a changed tenant drops its cached keys and the negative cache.
@@ -37,6 +44,8 @@ logger = logging.getLogger(__name__)
 
 # A cached key (or unknown prefix) is read again after this many seconds.
 KEY_CACHE_SECONDS = 600.0
+# Prefixes read by one query at most (the rest wait for the next one).
+READ_BATCH = 500
 
 _MASK = (1 << 64) - 1
 
@@ -85,19 +94,20 @@ class PrefixSet:
 class KeyDirectory:
     """The keys this process has seen (see the module docstring).
 
-    ``load(prefix)``: the key's snapshot row (``tenancy.selectors.apikey_for_snapshot``) or
-    None; blocking, run in a worker thread. ``size``: the bound of each cache.
+    ``load(prefixes)``: the snapshot rows of the usable keys among ``prefixes``, by prefix
+    (``tenancy.selectors.apikeys_for_snapshot_by_prefix``); blocking, run in a worker thread.
+    ``size``: the bound of each cache.
     """
 
     def __init__(
         self,
-        load: Callable[[str], Mapping[str, Any] | None],
+        load: Callable[[list[str]], Mapping[str, Mapping[str, Any]]],
         *,
         size: int,
         ttl: float = KEY_CACHE_SECONDS,
         timeout: float | None = None,
         on_state: Callable[[str | None], None] = lambda reason: None,
-        run: Callable[[Callable[[str], Any], str], Awaitable[Any]] | None = None,
+        run: Callable[[Callable[[list[str]], Any], list[str]], Awaitable[Any]] | None = None,
     ) -> None:
         self._load = load
         self._run = run or asyncio.to_thread
@@ -106,6 +116,8 @@ class KeyDirectory:
         self._known: TTLCache[str, KeyInfo] = TTLCache(maxsize=size, ttl=ttl)
         self._unknown: TTLCache[str, bool] = TTLCache(maxsize=size, ttl=ttl)
         self._pending: dict[str, asyncio.Future[KeyInfo | None]] = {}
+        self._queue: list[tuple[str, asyncio.Future[KeyInfo | None]]] = []  # misses not read yet
+        self._reader: asyncio.Task[None] | None = None
         self.members: PrefixSet | None = None
         # Prefixes changed while the membership set was loading: added to it once loaded.
         self._changed_early: set[str] = set()
@@ -132,33 +144,46 @@ class KeyDirectory:
             return None
         pending = self._pending.get(prefix)
         if pending is None:
-            pending = asyncio.ensure_future(self._fetch(prefix))
+            pending = asyncio.get_running_loop().create_future()
             self._pending[prefix] = pending
+            self._queue.append((prefix, pending))
+            if self._reader is None or self._reader.done():
+                self._reader = asyncio.ensure_future(self._read_queued())
         # shield: a caller cancelled (its client left) does not cancel the others' read.
         return await asyncio.shield(pending)
 
-    async def _fetch(self, prefix: str) -> KeyInfo | None:
-        me = asyncio.current_task()
-        try:
+    async def _read_queued(self) -> None:
+        """Read the queued prefixes, :data:`READ_BATCH` at a time, until none is left."""
+        while self._queue:
+            batch, self._queue = self._queue[:READ_BATCH], self._queue[READ_BATCH:]
             self.reads += 1
             try:
-                row = await asyncio.wait_for(self._run(self._load, prefix), self._timeout)
+                rows = await asyncio.wait_for(self._run(self._load, [prefix for prefix, _ in batch]), self._timeout)
             except Exception as exc:
                 self._on_state(f"API key read failed: {type(exc).__name__}")
-                raise
+                for prefix, future in batch:
+                    self._settle(prefix, future)
+                    if not future.done():
+                        future.set_exception(exc)
+                continue
             self._on_state(None)
-            info = key_info(row, {}) if row is not None else None
-        finally:
-            current = self._pending.get(prefix)
-            stale = current is None or current is not me
-            if not stale:
-                del self._pending[prefix]
-        if not stale:  # invalidated while reading: the next caller reads again
-            if info is None:
-                self._unknown[prefix] = True
-            else:
-                self._known[prefix] = info
-        return info
+            for prefix, future in batch:
+                row = rows.get(prefix)
+                info = key_info(row, {}) if row is not None else None
+                if self._settle(prefix, future):  # invalidated while queued or read: not cached
+                    if info is None:
+                        self._unknown[prefix] = True
+                    else:
+                        self._known[prefix] = info
+                if not future.done():
+                    future.set_result(info)
+
+    def _settle(self, prefix: str, future: asyncio.Future[KeyInfo | None]) -> bool:
+        """Forget ``future`` as the pending read of ``prefix``; False if it no longer was."""
+        if self._pending.get(prefix) is not future:
+            return False
+        del self._pending[prefix]
+        return True
 
     def invalidate(self, prefixes: Iterable[str] = (), tenants: Iterable[int] = ()) -> None:
         """Apply changes: drop these keys (their prefixes become members) and the keys of these

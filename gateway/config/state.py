@@ -74,11 +74,11 @@ class DatabaseSource:
         self._before()
         return config_changes_since(after, limit)
 
-    def key(self, prefix: str) -> Mapping[str, Any] | None:
-        from tenancy.selectors import apikey_for_snapshot
+    def keys(self, prefixes: list[str]) -> Mapping[str, Mapping[str, Any]]:
+        from tenancy.selectors import apikeys_for_snapshot_by_prefix
 
         self._before()
-        return apikey_for_snapshot(prefix)
+        return apikeys_for_snapshot_by_prefix(prefixes)
 
     def prefixes(self) -> Iterable[str]:
         from tenancy.selectors import apikey_prefixes
@@ -114,7 +114,7 @@ class ConfigState:
         self._abandon_after = abandon_after
         self._on_reload = on_reload
         self._on_state = on_state or (lambda reason: None)
-        self.keys = KeyDirectory(self._source.key, size=key_cache_size, timeout=abandon_after, on_state=self._on_state)
+        self.keys = KeyDirectory(self._source.keys, size=key_cache_size, timeout=abandon_after, on_state=self._on_state)
         self._snapshot: Snapshot | None = None
         self._last_change = 0
         self._first: asyncio.Lock | None = None

@@ -90,3 +90,18 @@ def test_errors_only_fail_a_line_without_value() -> None:
     result.raw["throughput_c16"] = {"gateway": runs(wrk_stdout(0, connect=16))}  # nothing answered at all
     row = {r.label: r for r in result.rows()}["req/s @16"]
     assert (row.passed, row.errors) == (False, 16)
+
+
+def test_variants_from_another_checkout_are_parsed(tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "manage.py").write_text("")
+    monkeypatch.setenv("BENCH_VARIANTS", f"httpx:GATEWAY_UPSTREAM_TRANSPORT=httpx; base@{tmp_path}:")
+    variants = bench.extra_variants()
+    assert variants["httpx"] == bench.Variant({"GATEWAY_UPSTREAM_TRANSPORT": "httpx"}, None)
+    assert variants["base"] == bench.Variant({}, str(tmp_path))
+
+
+@pytest.mark.parametrize("spec", ["gateway:A=1", "x@/nonexistent-checkout:", "no-colon"])
+def test_bad_variants_are_refused(spec: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("BENCH_VARIANTS", spec)
+    with pytest.raises(bench.BenchError):
+        bench.extra_variants()

@@ -34,6 +34,7 @@ class Source:
         self.rows = {prefix(n): row(n) for n in range(1, keys + 1)}
         self.feed: list[dict[str, Any]] = []
         self.key_reads = 0
+        self.batches: list[list[str]] = []
         self.snapshots = 0
         self.failing: Exception | None = None
         self.gate: threading.Event | None = None  # set: answer; unset: hang until set
@@ -57,10 +58,11 @@ class Source:
         self._io()
         return self.feed[after:][:limit]
 
-    def key(self, key_prefix: str) -> dict[str, Any] | None:
+    def keys(self, prefixes: list[str]) -> dict[str, dict[str, Any]]:
         self._io()
         self.key_reads += 1
-        return self.rows.get(key_prefix)
+        self.batches.append(list(prefixes))
+        return {p: self.rows[p] for p in prefixes if p in self.rows}
 
     def prefixes(self) -> list[str]:
         self._io()
@@ -104,7 +106,7 @@ def test_prefix_set_membership_is_exact() -> None:
 
 def test_a_cold_key_is_read_once_even_by_concurrent_requests() -> None:
     source = Source()
-    keys = KeyDirectory(source.key, size=100)
+    keys = KeyDirectory(source.keys, size=100)
 
     async def scenario() -> None:
         found = await asyncio.gather(*(keys.get(prefix(1)) for _ in range(20)))
@@ -116,9 +118,56 @@ def test_a_cold_key_is_read_once_even_by_concurrent_requests() -> None:
     assert source.key_reads == 1
 
 
+def test_concurrent_misses_of_many_keys_are_read_together() -> None:
+    """Cold keys asked for at once are read by a few queries of many prefixes, not one each."""
+    source = Source(keys=200)
+    keys = KeyDirectory(source.keys, size=1000)
+
+    async def scenario() -> list[int | None]:
+        found = await asyncio.gather(*(keys.get(prefix(n)) for n in (*range(1, 201), 5000)))
+        return [info.key_id if info is not None else None for info in found]
+
+    assert asyncio.run(scenario()) == [*range(1, 201), None]
+    assert source.key_reads <= 2  # the first miss alone, then everything queued meanwhile
+    assert sorted(p for batch in source.batches for p in batch) == sorted([*map(prefix, range(1, 201)), prefix(5000)])
+    assert len(keys) == 200
+
+
+def test_a_failed_read_fails_its_callers_and_the_next_miss_reads_again() -> None:
+    source = Source()
+    keys = KeyDirectory(source.keys, size=100)
+
+    async def scenario() -> None:
+        source.failing = OSError("database down")
+        results = await asyncio.gather(*(keys.get(prefix(n)) for n in (1, 2, 3)), return_exceptions=True)
+        assert all(isinstance(r, OSError) for r in results)
+        source.failing = None
+        info = await keys.get(prefix(2))
+        assert info is not None
+        assert info.key_id == 2
+
+    asyncio.run(scenario())
+
+
+def test_a_key_invalidated_while_queued_is_answered_but_not_cached() -> None:
+    source = Source()
+    keys = KeyDirectory(source.keys, size=100)
+
+    async def scenario() -> None:
+        first = asyncio.ensure_future(keys.get(prefix(1)))
+        await asyncio.sleep(0)  # queued, its read started
+        keys.invalidate([prefix(1)])
+        assert (await first) is not None  # the caller that asked still gets an answer
+        reads = source.key_reads
+        assert await keys.get(prefix(1)) is not None  # but it was not cached: read again
+        assert source.key_reads == reads + 1
+
+    asyncio.run(scenario())
+
+
 def test_unknown_prefixes_never_reach_the_database_once_membership_is_loaded() -> None:
     source = Source()
-    keys = KeyDirectory(source.key, size=100)
+    keys = KeyDirectory(source.keys, size=100)
 
     async def scenario() -> None:
         # Before the membership set: each unknown prefix is read once, then negatively cached.
@@ -135,7 +184,7 @@ def test_unknown_prefixes_never_reach_the_database_once_membership_is_loaded() -
 
 def test_the_cache_is_bounded() -> None:
     source = Source(keys=50)
-    keys = KeyDirectory(source.key, size=10)
+    keys = KeyDirectory(source.keys, size=10)
 
     async def scenario() -> None:
         for n in range(1, 51):

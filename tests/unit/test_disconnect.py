@@ -9,7 +9,7 @@ import pytest
 
 from gateway.dataplane.app import GatewayApp
 from gateway.dataplane.asgi_io import ClientGone
-from gateway.dataplane.disconnect import ClientWatch
+from gateway.dataplane.disconnect import WATCH_AFTER, ClientWatch
 from gateway.dataplane.exchange import Exchange
 
 
@@ -83,6 +83,7 @@ def test_the_disconnect_after_a_complete_answer_is_not_a_client_leaving() -> Non
     async def main() -> None:
         client = Client()
         async with ClientWatch(client.receive, client.send, ex) as watch:
+            await asyncio.sleep(WATCH_AFTER * 2)  # the watcher is reading by now
             await watch.send({"type": "http.response.start", "status": 200, "headers": []})
             await watch.send({"type": "http.response.body", "body": b"{}", "more_body": False})
             client.leave()
@@ -105,6 +106,38 @@ def test_work_that_ends_first_is_untouched() -> None:
 
     assert asyncio.run(main()) == "done"
     assert not ex.client_gone
+
+
+def test_a_quick_answer_starts_no_watcher() -> None:
+    """An answer complete within WATCH_AFTER never reads the client: no task was started."""
+    ex = Exchange("req_1", 0.0)
+
+    async def main() -> tuple[int, int]:
+        client = Client()
+        before = len(asyncio.all_tasks())
+        async with ClientWatch(client.receive, client.send, ex):
+            await asyncio.sleep(0)
+            during = len(asyncio.all_tasks())
+        return before, during
+
+    before, during = asyncio.run(main())
+    assert during == before
+    assert not ex.client_gone
+
+
+def test_a_client_leaving_later_is_still_noticed() -> None:
+    """After WATCH_AFTER the watcher reads: a client leaving then cancels the work at once."""
+    ex = Exchange("req_1", 0.0)
+
+    async def main() -> None:
+        client = Client()
+        async with ClientWatch(client.receive, client.send, ex):
+            asyncio.get_running_loop().call_later(WATCH_AFTER * 3, client.leave)
+            await asyncio.sleep(30)
+
+    with pytest.raises(ClientGone):
+        asyncio.run(main())
+    assert ex.client_gone
 
 
 def test_client_left_keeps_the_usage_of_the_answer_it_was_sent() -> None:

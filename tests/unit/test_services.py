@@ -497,17 +497,22 @@ def test_config_writes_announce_after_commit(embedded: Path, monkeypatch: pytest
 def test_key_writes_enter_the_change_feed_and_a_key_is_read_alone_in_one_query(
     django_assert_num_queries: Any,
 ) -> None:
-    from tenancy.selectors import apikey_for_snapshot, apikey_prefixes, config_change_last, config_changes_since
+    from tenancy.selectors import (
+        apikey_prefixes,
+        apikeys_for_snapshot_by_prefix,
+        config_change_last,
+        config_changes_since,
+    )
 
     start = config_change_last()
     tenant = tenant_create(slug="acme")
     api_key, _ = apikey_create(tenant=tenant)
     with django_assert_num_queries(1):
-        found = apikey_for_snapshot(api_key.prefix)
+        found = apikeys_for_snapshot_by_prefix([api_key.prefix]).get(api_key.prefix)
     assert found is not None
     assert found == next(r for r in apikeys_for_snapshot() if r["id"] == api_key.pk)
     apikey_revoke(api_key=api_key)
-    assert apikey_for_snapshot(api_key.prefix) is None
+    assert apikeys_for_snapshot_by_prefix([api_key.prefix]) == {}
     assert api_key.prefix in set(apikey_prefixes())  # membership keeps revoked prefixes
     changes = config_changes_since(start, 100)
     assert [(c["kind"], c["prefix"]) for c in changes] == [
