@@ -113,6 +113,16 @@ ROWS: dict[tuple[str, str], Row] = {
     ("DELETE", "/api/v1/tokens/{id}/"): Row(everyone(204), own_token),
 }
 
+# The demand side's endpoints (tenancy/api). A row's params/body functions may create the objects
+# it needs (they run inside the cell's rolled-back transaction).
+TENANCY_ROWS: dict[tuple[str, str], Row] = {}
+
+# The supply side's endpoints (accounts/api): operators only.
+ACCOUNTS_ROWS: dict[tuple[str, str], Row] = {}
+
+ROWS.update(TENANCY_ROWS)
+ROWS.update(ACCOUNTS_ROWS)
+
 # Served outside the schema (it does not describe itself): public, yet a bad token is still refused.
 EXTRA_ROWS: dict[tuple[str, str], Row] = {
     ("GET", "/api/schema/"): Row((200, 200, 200, 200, 200, 200, 401, 401)),
