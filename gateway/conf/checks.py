@@ -14,6 +14,7 @@ operators refer to them.
     gateway.E011  an integer variable is malformed   (from gateway.conf.env)
     gateway.E012  a number variable is malformed     (from gateway.conf.env)
     gateway.E013  a rate variable is malformed       (from gateway.conf.env)
+    gateway.E020  OpenID Connect half-configured (some GATEWAY_OIDC_* set, a required one missing)
     gateway.W001  .env, the data directory or the SQLite database is open to other users
 
 No message ever contains a secret value.
@@ -161,4 +162,40 @@ def check_private_files(app_configs: Sequence[AppConfig] | None = None, **kwargs
         )
         for path in paths
         if readable_by_others(path)
+    ]
+
+
+# What OpenID Connect sign-in needs once any GATEWAY_OIDC_* turns it on (tenancy/oidc.py).
+OIDC_REQUIRED = (
+    "GATEWAY_OIDC_ISSUER",
+    "GATEWAY_OIDC_CLIENT_ID",
+    "GATEWAY_OIDC_CLIENT_SECRET",
+    "GATEWAY_OIDC_AUTHORIZATION_ENDPOINT",
+    "GATEWAY_OIDC_TOKEN_ENDPOINT",
+)
+OIDC_SIGN_ALGOS = ("RS256", "RS384", "RS512", "ES256", "ES384", "ES512", "PS256", "PS384", "PS512", "HS256")
+
+
+@register()
+def check_oidc(app_configs: Sequence[AppConfig] | None = None, **kwargs: Any) -> list[CheckMessage]:
+    """Single sign-on is all or nothing: a half-configured provider is an error, not silently off."""
+    if not _setting("GATEWAY_OIDC_ENABLED"):
+        return []
+    problems = [f"{name} is not set" for name in OIDC_REQUIRED if not _setting(name)]
+    algorithm = _setting("GATEWAY_OIDC_SIGN_ALGO")
+    if algorithm not in OIDC_SIGN_ALGOS:
+        problems.append(f"GATEWAY_OIDC_SIGN_ALGO={algorithm!r} is not one of {', '.join(OIDC_SIGN_ALGOS)}")
+    elif algorithm != "HS256" and not _setting("GATEWAY_OIDC_JWKS_ENDPOINT"):
+        problems.append(f"GATEWAY_OIDC_JWKS_ENDPOINT is not set (needed to check {algorithm} signatures)")
+    if bool(_setting("GATEWAY_OIDC_OPERATOR_CLAIM")) != bool(_setting("GATEWAY_OIDC_OPERATOR_VALUE")):
+        problems.append("GATEWAY_OIDC_OPERATOR_CLAIM and GATEWAY_OIDC_OPERATOR_VALUE go together")
+    if not problems:
+        return []
+    return [
+        Error(
+            f"OpenID Connect sign-in is half-configured: {'; '.join(problems)}.",
+            hint="Set every GATEWAY_OIDC_* variable that docs/configuration.md marks required, "
+            "or unset them all to turn single sign-on off.",
+            id="gateway.E020",
+        )
     ]

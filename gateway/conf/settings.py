@@ -229,6 +229,51 @@ SPECTACULAR_SETTINGS = {
     "REDOC_DIST": "SIDECAR",
 }
 
+# --- Single sign-on: OpenID Connect (tenancy/oidc.py; docs/api.md) -------------------------
+# Off unless configured: setting any of these turns it on, and gateway.E020 names what is missing.
+GATEWAY_OIDC_ISSUER = env_str("GATEWAY_OIDC_ISSUER")
+GATEWAY_OIDC_CLIENT_ID = env_str("GATEWAY_OIDC_CLIENT_ID")
+GATEWAY_OIDC_CLIENT_SECRET = env_str("GATEWAY_OIDC_CLIENT_SECRET")
+GATEWAY_OIDC_AUTHORIZATION_ENDPOINT = env_str("GATEWAY_OIDC_AUTHORIZATION_ENDPOINT")
+GATEWAY_OIDC_TOKEN_ENDPOINT = env_str("GATEWAY_OIDC_TOKEN_ENDPOINT")
+GATEWAY_OIDC_JWKS_ENDPOINT = env_str("GATEWAY_OIDC_JWKS_ENDPOINT")
+GATEWAY_OIDC_USERINFO_ENDPOINT = env_str("GATEWAY_OIDC_USERINFO_ENDPOINT")
+GATEWAY_OIDC_ENABLED = any(
+    (
+        GATEWAY_OIDC_ISSUER,
+        GATEWAY_OIDC_CLIENT_ID,
+        GATEWAY_OIDC_CLIENT_SECRET,
+        GATEWAY_OIDC_AUTHORIZATION_ENDPOINT,
+        GATEWAY_OIDC_TOKEN_ENDPOINT,
+        GATEWAY_OIDC_JWKS_ENDPOINT,
+    )
+)
+GATEWAY_OIDC_SIGN_ALGO = env_str("GATEWAY_OIDC_SIGN_ALGO", "RS256")
+# The claim naming the person (their username here), and the one listing "tenant_slug:role" entries.
+GATEWAY_OIDC_USERNAME_CLAIM = env_str("GATEWAY_OIDC_USERNAME_CLAIM", "email")
+GATEWAY_OIDC_TENANTS_CLAIM = env_str("GATEWAY_OIDC_TENANTS_CLAIM", "gateway_tenants")
+# A person is an operator when this claim (a list or a string) holds this value; unset: untouched.
+GATEWAY_OIDC_OPERATOR_CLAIM = env_str("GATEWAY_OIDC_OPERATOR_CLAIM")
+GATEWAY_OIDC_OPERATOR_VALUE = env_str("GATEWAY_OIDC_OPERATOR_VALUE")
+# mozilla-django-oidc reads its own names.
+OIDC_RP_CLIENT_ID = GATEWAY_OIDC_CLIENT_ID
+OIDC_RP_CLIENT_SECRET = GATEWAY_OIDC_CLIENT_SECRET
+OIDC_OP_AUTHORIZATION_ENDPOINT = GATEWAY_OIDC_AUTHORIZATION_ENDPOINT
+OIDC_OP_TOKEN_ENDPOINT = GATEWAY_OIDC_TOKEN_ENDPOINT
+OIDC_OP_JWKS_ENDPOINT = GATEWAY_OIDC_JWKS_ENDPOINT or None
+OIDC_OP_USER_ENDPOINT = GATEWAY_OIDC_USERINFO_ENDPOINT
+OIDC_RP_SIGN_ALGO = GATEWAY_OIDC_SIGN_ALGO
+OIDC_RP_SCOPES = env_str("GATEWAY_OIDC_SCOPES", "openid email profile")
+OIDC_USE_PKCE = True
+OIDC_TIMEOUT = env_float("GATEWAY_OIDC_TIMEOUT", 10.0, minimum=0.1)
+OIDC_REDIRECT_REQUIRE_HTTPS = GATEWAY_HTTPS
+# Where a browser lands after signing in (unless ?next= names a local page) or failing to.
+LOGIN_REDIRECT_URL = env_str("GATEWAY_OIDC_LOGIN_REDIRECT_URL", "/api/docs/")
+LOGIN_REDIRECT_URL_FAILURE = "/oidc/failed/"
+LOGOUT_REDIRECT_URL = "/oidc/authenticate/"
+# Last, after the password backends; it authenticates nobody while OIDC is off.
+AUTHENTICATION_BACKENDS = [*AUTHENTICATION_BACKENDS, "tenancy.oidc.GatewayOidcBackend"]
+
 # --- The data plane -------------------------------------------------------
 # Largest request body accepted by /v1/* (bytes); larger ones are answered 413.
 GATEWAY_MAX_BODY_BYTES = env_int("GATEWAY_MAX_BODY_BYTES", 16 * 1024 * 1024, minimum=1024)

@@ -17,6 +17,8 @@ urlpatterns = [
     path("healthz", health),
     path("api/v1/", include("tenancy.api.urls")),
     path("api/v1/", include("accounts.api.urls")),
+    # OpenID Connect sign-in (tenancy.oidc): 404 unless GATEWAY_OIDC_* configure it.
+    path("oidc/", include("tenancy.oidc")),
     # The schema and its docs are public: they describe the API, never its data.
     path("api/schema/", SpectacularAPIView.as_view(permission_classes=[AllowAny]), name="schema"),
     path(
