@@ -25,7 +25,7 @@ from datetime import date, datetime
 from decimal import Decimal
 from typing import Any
 
-from django.db import models
+from django.db import models, transaction
 from django.dispatch import Signal
 
 SECRET_SET = "[secret]"
@@ -154,3 +154,28 @@ def audit_change(
         after=after,
         actor=current_actor(),
     )
+
+
+def audited_update(
+    obj: models.Model,
+    updates: dict[str, Any],
+    *,
+    action: str,
+    fields: Iterable[str],
+    tenant_id: int | None,
+    label: str,
+) -> list[str]:
+    """Set ``updates`` on ``obj``, save the fields that changed and record the change (before
+    and after of ``fields``), in one transaction; return the changed fields (none: no write)."""
+    changed = [name for name, value in updates.items() if getattr(obj, name) != value]
+    if changed:
+        fields = tuple(fields)
+        with transaction.atomic():
+            before = audit_snapshot(obj, fields)
+            for name in changed:
+                setattr(obj, name, updates[name])
+            obj.save(update_fields=changed)
+            audit_change(
+                action, target=obj, before=before, after=audit_snapshot(obj, fields), tenant_id=tenant_id, label=label
+            )
+    return changed

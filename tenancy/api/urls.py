@@ -5,10 +5,19 @@ from __future__ import annotations
 from django.urls import path
 from rest_framework.routers import SimpleRouter
 
+from tenancy.api.keys import ApiKeyViewSet
+from tenancy.api.logs import AuditViewSet, UsageRecordViewSet
 from tenancy.api.me import MeView
+from tenancy.api.members import MemberViewSet
+from tenancy.api.tenants import TenantViewSet
 from tenancy.api.tokens import TokenViewSet
 
 router = SimpleRouter()
 router.register("tokens", TokenViewSet, basename="token")
+router.register("tenants", TenantViewSet, basename="tenant")
+router.register("keys", ApiKeyViewSet, basename="apikey")
+router.register("members", MemberViewSet, basename="member")
+router.register("audit", AuditViewSet, basename="audit")
+router.register("usage/records", UsageRecordViewSet, basename="usage-record")
 
 urlpatterns = [path("me", MeView.as_view(), name="me"), *router.urls]

@@ -1,4 +1,6 @@
-"""Writes of tenant API keys: create (the secret is returned once), change limits, revoke.
+"""Writes of tenant API keys: create (the secret is returned once), change details and limits, revoke.
+
+Every write is audited; a key appears in the audit log by its id and visible prefix only.
 
 Key material (generation, prefix, digest) lives in tenancy.keys; this module stores it.
 """
@@ -13,9 +15,22 @@ from django.core.exceptions import ValidationError
 from django.db import IntegrityError, transaction
 from django.utils import timezone
 
+from accounts.infra.audit import audit_change, audit_snapshot, audited_update
 from tenancy.keys import generate_api_key, key_digest
 from tenancy.models import ApiKey, Tenant
-from tenancy.services.limits import APIKEY_LIMIT_FIELDS, ApiKeyLimits, limits_apply, limits_clean, limits_update
+from tenancy.services.limits import (
+    APIKEY_LIMIT_FIELDS,
+    ApiKeyLimits,
+    limits_apply,
+    limits_clean,
+    limits_update,
+    limits_within_tenant,
+)
+
+# What the audit log shows of a key (never its digest).
+_AUDITED = ("name", "prefix", "allowed_models", "expires_at", "revoked_at", *sorted(APIKEY_LIMIT_FIELDS))
+# apikey_details_set: a field given as UNCHANGED keeps its value.
+UNCHANGED: object = object()
 
 # Prefix collisions (10 base62 chars) are astronomically rare; a few retries suffice.
 _PREFIX_ATTEMPTS = 5
@@ -36,6 +51,30 @@ def _normalize_models(models: Iterable[str] | None, *, what: str) -> list[str]:
     return result
 
 
+def _check_expiry(expires_at: datetime | None) -> None:
+    if expires_at is not None:
+        if timezone.is_naive(expires_at):
+            raise ValidationError({"expires_at": "expires_at must be timezone-aware."}, code="invalid")
+        if expires_at <= timezone.now():
+            raise ValidationError({"expires_at": "expires_at is in the past."}, code="invalid")
+
+
+def _check_name(name: str) -> None:
+    if len(name) > 200:  # ApiKey.name max_length
+        raise ValidationError({"name": "key name is too long (200 characters at most)."}, code="max_length")
+
+
+def _audit(action: str, api_key: ApiKey, before: dict[str, object] | None) -> None:
+    audit_change(
+        action,
+        target=api_key,
+        before=before,
+        after=audit_snapshot(api_key, _AUDITED),
+        tenant_id=api_key.tenant_id,
+        label=api_key.prefix,
+    )
+
+
 def apikey_create(
     *,
     tenant: Tenant,
@@ -53,21 +92,18 @@ def apikey_create(
     """
     models = _normalize_models(allowed_models, what="allowed models")
     cleaned = limits_clean(limits, allowed=APIKEY_LIMIT_FIELDS)
-    if expires_at is not None:
-        if timezone.is_naive(expires_at):
-            raise ValidationError("expires_at must be timezone-aware.", code="invalid")
-        if expires_at <= timezone.now():
-            raise ValidationError("expires_at is in the past.", code="invalid")
-    if len(name) > 200:  # ApiKey.name max_length
-        raise ValidationError("key name is too long (200 characters at most).", code="max_length")
+    _check_expiry(expires_at)
+    _check_name(name)
     api_key = ApiKey(tenant=tenant, name=name, allowed_models=models, expires_at=expires_at)
     limits_apply(api_key, cleaned)
+    limits_within_tenant(api_key)
     for _ in range(_PREFIX_ATTEMPTS):
         secret, prefix = generate_api_key()
         api_key.prefix, api_key.digest = prefix, key_digest(secret)
         try:
             with transaction.atomic():
                 api_key.save()
+                _audit("apikey.create", api_key, None)
         except IntegrityError:
             if ApiKey.objects.filter(prefix=prefix).exists():
                 continue  # prefix collision: draw another key
@@ -79,8 +115,39 @@ def apikey_create(
 def apikey_revoke(*, api_key: ApiKey) -> ApiKey:
     """Revoke ``api_key`` (idempotent: an already revoked key keeps its revocation time)."""
     if api_key.revoked_at is None:
-        api_key.revoked_at = timezone.now()
-        api_key.save(update_fields=["revoked_at"])
+        with transaction.atomic():
+            before = audit_snapshot(api_key, _AUDITED)
+            api_key.revoked_at = timezone.now()
+            api_key.save(update_fields=["revoked_at"])
+            _audit("apikey.revoke", api_key, before)
+    return api_key
+
+
+def apikey_details_set(
+    *,
+    api_key: ApiKey,
+    name: str | object = UNCHANGED,
+    allowed_models: Sequence[str] | object | None = UNCHANGED,
+    expires_at: datetime | object | None = UNCHANGED,
+) -> ApiKey:
+    """Change a key's name, allowed models (None or empty: every model) or expiry (None: never);
+    a field left :data:`UNCHANGED` keeps its value. A revoked key cannot be changed."""
+    if api_key.revoked_at is not None:
+        raise ValidationError("this key is revoked; it cannot be changed.", code="invalid")
+    updates: dict[str, object] = {}
+    if name is not UNCHANGED:
+        assert isinstance(name, str)
+        _check_name(name)
+        updates["name"] = name
+    if allowed_models is not UNCHANGED:
+        updates["allowed_models"] = _normalize_models(allowed_models, what="allowed models")  # type: ignore[arg-type]
+    if expires_at is not UNCHANGED:
+        _check_expiry(expires_at)  # type: ignore[arg-type]
+        updates["expires_at"] = expires_at
+    # post_save announces a change to every replica
+    audited_update(
+        api_key, updates, action="apikey.update", fields=_AUDITED, tenant_id=api_key.tenant_id, label=api_key.prefix
+    )
     return api_key
 
 

@@ -18,6 +18,7 @@ from django.core.exceptions import ValidationError
 from django.db import transaction
 from django.utils import timezone
 
+from accounts.infra.audit import audit_change, audit_snapshot
 from tenancy.models import BUDGET_USD_MAX_DIGITS, BUDGET_USD_PLACES, ApiKey, BudgetPeriod, Tenant
 
 # Upper bounds of the limit columns (PositiveIntegerField / PositiveBigIntegerField).
@@ -233,6 +234,29 @@ def limits_apply(obj: Tenant | ApiKey, cleaned: Mapping[str, Any]) -> list[str]:
     return changed
 
 
+# A key's own limit may not exceed its tenant's (the tenant's applies to all its keys together).
+CAPPED_BY_TENANT = ("rpm", "tpm", "concurrency", "budget_tokens", "budget_usd")
+
+
+def limits_within_tenant(api_key: ApiKey) -> None:
+    """Refuse (ValidationError per field) a key limit above the same limit of its tenant."""
+    tenant = api_key.tenant
+    errors: dict[str, str] = {}
+    for name in CAPPED_BY_TENANT:
+        mine, cap = getattr(api_key, name), getattr(tenant, name)
+        if mine is not None and cap is not None and mine > cap:
+            errors[name] = f"{name} {mine} is above the tenant's own limit ({cap}); only an operator raises that."
+    if errors:
+        raise ValidationError(errors)
+
+
+def audit_label(obj: Tenant | ApiKey) -> tuple[str, int]:
+    """How the audit log names ``obj`` (a slug, a key's visible prefix: never a secret) and its tenant."""
+    if isinstance(obj, Tenant):
+        return obj.slug, obj.pk
+    return obj.prefix, obj.tenant_id
+
+
 _Limited = TypeVar("_Limited", Tenant, ApiKey)
 
 
@@ -246,9 +270,22 @@ def limits_update(obj: _Limited, cleaned: Mapping[str, Any]) -> _Limited:
     model: type[_Limited] = type(obj)
     with transaction.atomic():
         locked: _Limited = model._default_manager.select_for_update().get(pk=obj.pk)
+        fields = sorted(TENANT_LIMIT_FIELDS if isinstance(locked, Tenant) else APIKEY_LIMIT_FIELDS)
+        before = audit_snapshot(locked, fields)
         changed: list[str] = limits_apply(locked, cleaned)
+        if isinstance(locked, ApiKey):
+            limits_within_tenant(locked)
         if changed:
             locked.save(update_fields=changed)
+            label, tenant_id = audit_label(locked)
+            audit_change(
+                f"{model._meta.model_name}.limits",
+                target=locked,
+                before=before,
+                after=audit_snapshot(locked, fields),
+                tenant_id=tenant_id,
+                label=label,
+            )
     for name in {*changed, *cleaned}:
         setattr(obj, name, getattr(locked, name))
     return obj

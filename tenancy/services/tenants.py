@@ -7,8 +7,11 @@ from typing import Unpack
 from django.core.exceptions import ValidationError
 from django.db import IntegrityError, transaction
 
+from accounts.infra.audit import audit_change, audit_snapshot, audited_update
 from tenancy.models import Tenant
 from tenancy.services.limits import TENANT_LIMIT_FIELDS, TenantLimits, limits_apply, limits_clean, limits_update
+
+_AUDITED = ("slug", "name", "is_active", *sorted(TENANT_LIMIT_FIELDS))
 
 
 def tenant_create(*, slug: str, name: str = "", **limits: Unpack[TenantLimits]) -> Tenant:
@@ -25,6 +28,14 @@ def tenant_create(*, slug: str, name: str = "", **limits: Unpack[TenantLimits]) 
     try:
         with transaction.atomic():
             tenant.save()
+            audit_change(
+                "tenant.create",
+                target=tenant,
+                before=None,
+                after=audit_snapshot(tenant, _AUDITED),
+                tenant_id=tenant.pk,
+                label=tenant.slug,
+            )
     except IntegrityError:
         # Lost a race with a concurrent create of the same slug.
         raise ValidationError(f"tenant {slug!r} already exists.", code="unique") from None
@@ -34,3 +45,19 @@ def tenant_create(*, slug: str, name: str = "", **limits: Unpack[TenantLimits]) 
 def tenant_update(*, tenant: Tenant, **limits: Unpack[TenantLimits]) -> Tenant:
     """Change some limits of ``tenant``, like ``apikey_update`` (tenant-level limits only)."""
     return limits_update(tenant, limits_clean(limits, allowed=TENANT_LIMIT_FIELDS))
+
+
+def tenant_details_set(*, tenant: Tenant, name: str | None = None, is_active: bool | None = None) -> Tenant:
+    """Rename ``tenant`` and/or suspend (``is_active=False``: every key refused on the next
+    request of every replica) or reactivate it; None keeps a value. Audited."""
+    updates: dict[str, object] = {}
+    if name is not None:
+        name = name.strip()
+        if not name or len(name) > 200:
+            raise ValidationError({"name": "a tenant name has 1 to 200 characters."}, code="invalid")
+        updates["name"] = name
+    if is_active is not None:
+        updates["is_active"] = is_active
+    # post_save announces a change to every replica
+    audited_update(tenant, updates, action="tenant.update", fields=_AUDITED, tenant_id=tenant.pk, label=tenant.slug)
+    return tenant

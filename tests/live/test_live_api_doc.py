@@ -49,7 +49,7 @@ def test_the_documented_walk_through_runs_against_a_live_gateway(
     result = subprocess.run(
         ["bash", str(script)],
         cwd=live.ROOT,
-        env={**live_env, "GW": gateway.url},
+        env={**live_env, "GW": gateway.url, "FAKE_PORT": str(live.free_port())},
         capture_output=True,
         text=True,
         timeout=120,

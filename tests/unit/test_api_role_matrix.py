@@ -20,10 +20,11 @@ import pytest
 from django.contrib.auth.models import User
 from django.core.cache import cache
 from django.db import transaction
+from django.utils import timezone
 from drf_spectacular.generators import SchemaGenerator
 from rest_framework.test import APIClient
 
-from tenancy.models import AccessToken, ApiKey, Tenant
+from tenancy.models import AccessToken, ApiKey, AuditEntry, Membership, Tenant, UsageRecord
 from tenancy.services.keys import apikey_create
 from tenancy.services.members import member_add
 from tenancy.services.tokens import access_token_create, access_token_revoke
@@ -113,9 +114,74 @@ ROWS: dict[tuple[str, str], Row] = {
     ("DELETE", "/api/v1/tokens/{id}/"): Row(everyone(204), own_token),
 }
 
+
 # The demand side's endpoints (tenancy/api). A row's params/body functions may create the objects
 # it needs (they run inside the cell's rolled-back transaction).
-TENANCY_ROWS: dict[tuple[str, str], Row] = {}
+def tenant_t(world: World, who: str) -> dict[str, Any]:
+    return {"id": world.tenant.pk}
+
+
+def key_t(world: World, who: str) -> dict[str, Any]:
+    return {"id": world.api_key.pk}
+
+
+def viewer_membership(world: World, who: str) -> dict[str, Any]:
+    return {"id": Membership.objects.get(tenant=world.tenant, user=world.users["viewer"]).pk}
+
+
+def audit_entry_t(world: World, who: str) -> dict[str, Any]:
+    entry = AuditEntry.objects.filter(tenant_id=world.tenant.pk).order_by("id").first()
+    assert entry is not None  # creating the world's key recorded one
+    return {"id": entry.pk}
+
+
+def usage_record_t(world: World, who: str) -> dict[str, Any]:
+    record = UsageRecord.objects.create(
+        request_id="req_matrix",
+        tenant=world.tenant,
+        api_key=world.api_key,
+        model="gpt-4.1",
+        status_code=200,
+        outcome="completed",
+        latency_ms=12.5,
+        created_at=timezone.now(),
+    )
+    return {"id": record.pk}
+
+
+def members_only(status: int) -> tuple[int, ...]:
+    """An object of tenant T: its members (and operators) read it, the outsider gets 404."""
+    return people(status, status, status, status, 404)
+
+
+def managers_write(status: int) -> tuple[int, ...]:
+    """A write on tenant T: owners, admins and operators; the viewer 403; the outsider 404."""
+    return people(status, status, status, 403, 404)
+
+
+TENANCY_ROWS: dict[tuple[str, str], Row] = {
+    ("GET", "/api/v1/tenants/"): Row(everyone(200)),
+    ("POST", "/api/v1/tenants/"): Row(operators_only(201), body=lambda w: {"slug": "newco", "rpm": 600}),
+    ("GET", "/api/v1/tenants/{id}/"): Row(members_only(200), tenant_t),
+    ("PATCH", "/api/v1/tenants/{id}/"): Row(people(200, 403, 403, 403, 404), tenant_t, lambda w: {"rpm": 100}),
+    ("GET", "/api/v1/keys/"): Row(everyone(200)),
+    ("POST", "/api/v1/keys/"): Row(managers_write(201), body=lambda w: {"tenant": "acme", "name": "ci"}),
+    ("GET", "/api/v1/keys/{id}/"): Row(members_only(200), key_t),
+    ("PATCH", "/api/v1/keys/{id}/"): Row(managers_write(200), key_t, lambda w: {"name": "renamed", "rpm": 50}),
+    ("DELETE", "/api/v1/keys/{id}/"): Row(managers_write(204), key_t),
+    ("GET", "/api/v1/members/"): Row(everyone(200)),
+    ("POST", "/api/v1/members/"): Row(
+        managers_write(201), body=lambda w: {"tenant": "acme", "username": "newbie", "role": "viewer"}
+    ),
+    ("GET", "/api/v1/members/{id}/"): Row(members_only(200), viewer_membership),
+    ("PATCH", "/api/v1/members/{id}/"): Row(managers_write(200), viewer_membership, lambda w: {"role": "admin"}),
+    ("DELETE", "/api/v1/members/{id}/"): Row(managers_write(204), viewer_membership),
+    ("GET", "/api/v1/audit/"): Row(everyone(200)),
+    # The audit log of a tenant is for its owners and admins: a viewer does not see it either.
+    ("GET", "/api/v1/audit/{id}/"): Row(people(200, 200, 200, 404, 404), audit_entry_t),
+    ("GET", "/api/v1/usage/records/"): Row(everyone(200)),
+    ("GET", "/api/v1/usage/records/{id}/"): Row(members_only(200), usage_record_t),
+}
 
 # The supply side's endpoints (accounts/api): operators only.
 ACCOUNTS_ROWS: dict[tuple[str, str], Row] = {}

@@ -1,0 +1,100 @@
+"""The base of the demand side's endpoints: authenticated, newest first, scoped to the caller's tenants."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any, TypeVar
+
+from django.db.models import Model, QuerySet
+from django.utils.dateparse import parse_datetime
+from drf_spectacular.utils import OpenApiParameter, extend_schema, extend_schema_view
+from rest_framework import mixins, serializers, viewsets
+from rest_framework.exceptions import ValidationError
+from rest_framework.permissions import IsAuthenticated
+from rest_framework.request import Request
+from rest_framework.response import Response
+
+from accounts.infra.api import ApiViewMixin, IdCursorPagination
+from tenancy.access import tenant_ids_for, tenant_or_404
+
+_M = TypeVar("_M", bound=Model)
+
+TENANT_FILTER = OpenApiParameter("tenant", str, description="Only this tenant (slug or id).")
+TIME_RANGE = [
+    OpenApiParameter("from", str, description="From this time on (ISO 8601 with offset), inclusive."),
+    OpenApiParameter("to", str, description="Before this time (ISO 8601 with offset), exclusive."),
+]
+
+
+def timed_list(*parameters: OpenApiParameter) -> Any:
+    """Describe a list's filters: ``?tenant=``, ``?from=``/``?to=`` and ``parameters``."""
+    return extend_schema_view(list=extend_schema(parameters=[TENANT_FILTER, *TIME_RANGE, *parameters]))
+
+
+def validated(serializer: type[serializers.Serializer[Any]], request: Request) -> dict[str, Any]:
+    """The request body checked by ``serializer`` (a 400 with a message per field otherwise)."""
+    body = serializer(data=request.data)
+    body.is_valid(raise_exception=True)
+    return dict(body.validated_data)
+
+
+def when(params: Any, name: str) -> datetime | None:
+    """The aware datetime of query parameter ``name`` (absent: None; anything else: a 400)."""
+    text = params.get(name)
+    if not text:
+        return None
+    try:
+        value = parse_datetime(text)
+    except ValueError:
+        value = None
+    if value is None or value.tzinfo is None:
+        raise ValidationError({name: "an ISO 8601 date and time with its offset, e.g. 2026-12-01T00:00:00Z."})
+    return value
+
+
+def whole(params: Any, name: str) -> int | None:
+    """The whole number of query parameter ``name`` (absent: None; anything else: a 400)."""
+    text = params.get(name)
+    if not text:
+        return None
+    if not text.isdigit() or len(text) > 18:
+        raise ValidationError({name: "a whole number."})
+    return int(text)
+
+
+def in_time_range(rows: QuerySet[_M], params: Any, field: str = "created_at") -> QuerySet[_M]:
+    """``rows`` with ``field`` in ``[from, to)`` of the query string."""
+    start, end = when(params, "from"), when(params, "to")
+    if start is not None:
+        rows = rows.filter(**{f"{field}__gte": start})
+    if end is not None:
+        rows = rows.filter(**{f"{field}__lt": end})
+    return rows
+
+
+class ScopedViewSet(ApiViewMixin, mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.GenericViewSet):
+    """Read: list and retrieve of the rows of the caller's tenants (an outsider's object: 404)."""
+
+    permission_classes = [IsAuthenticated]
+    pagination_class = IdCursorPagination
+
+    def scoped(self, rows: QuerySet[_M], tenant_field: str = "tenant") -> QuerySet[_M]:
+        """``rows`` of the caller's tenants, and of the ``?tenant=`` one when listing."""
+        user = self.request.user
+        ids = tenant_ids_for(user)
+        if ids is not None:
+            rows = rows.filter(**{f"{tenant_field}_id__in": ids})
+        tenant = self.request.query_params.get("tenant") if self.action == "list" else None
+        if tenant:
+            rows = rows.filter(**{f"{tenant_field}_id": tenant_or_404(user, tenant).pk})
+        return rows
+
+
+class ManagedViewSet(ScopedViewSet, mixins.UpdateModelMixin, mixins.DestroyModelMixin):
+    """Read and write: PATCH (no PUT) and DELETE besides create, list and retrieve."""
+
+    http_method_names = ["get", "post", "patch", "delete", "head", "options"]
+
+    @extend_schema(exclude=True)
+    def update(self, request: Request, *args: Any, **kwargs: Any) -> Response:  # PUT: not offered
+        return self.http_method_not_allowed(request)

@@ -1,0 +1,109 @@
+"""Read-only logs: ``/api/v1/audit/`` (who changed what) and ``/api/v1/usage/records/`` (the
+request log). Newest first, cursor pagination, filters in the query string.
+
+The audit log: operators read all of it; owners and admins their tenants' entries (viewers
+none). Nothing edits or deletes it. The request log: every member reads their tenants'.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from django.db.models import QuerySet
+from drf_spectacular.utils import OpenApiParameter
+from rest_framework import serializers
+
+from tenancy.access import MANAGING_ROLES, is_operator, tenant_or_404
+from tenancy.api.base import ScopedViewSet, in_time_range, timed_list, whole
+from tenancy.models import AuditEntry, Membership, UsageRecord
+from tenancy.pricing import TOKEN_FIELDS
+
+
+class AuditEntrySerializer(serializers.ModelSerializer[AuditEntry]):
+    class Meta:
+        model = AuditEntry
+        fields = "__all__"  # every column: who, from where, what, before and after
+        read_only_fields = [field.name for field in AuditEntry._meta.fields]
+
+
+@timed_list(
+    OpenApiParameter("action", str, description='e.g. "apikey.revoke".'),
+    OpenApiParameter("target_type", str, description='e.g. "apikey", "tenant", "membership".'),
+    OpenApiParameter("actor", int, description="The acting user's id."),
+)
+class AuditViewSet(ScopedViewSet):
+    serializer_class = AuditEntrySerializer
+
+    def get_queryset(self) -> QuerySet[AuditEntry]:
+        user = self.request.user
+        entries = AuditEntry.objects.all()
+        if not is_operator(user):
+            managed = Membership.objects.filter(user_id=user.pk or 0, role__in=MANAGING_ROLES)
+            entries = entries.filter(tenant_id__in=managed.values_list("tenant_id", flat=True))
+        if self.action != "list":
+            return entries
+        params = self.request.query_params
+        if params.get("tenant"):
+            entries = entries.filter(tenant_id=tenant_or_404(user, params["tenant"]).pk)
+        for name, lookup in (("action", "action"), ("target_type", "target_type")):
+            if params.get(name):
+                entries = entries.filter(**{lookup: params[name]})
+        actor = whole(params, "actor")
+        if actor is not None:
+            entries = entries.filter(actor_id=actor)
+        return in_time_range(entries, params)
+
+
+class UsageRecordSerializer(serializers.ModelSerializer[UsageRecord]):
+    tenant: serializers.SlugRelatedField[Any] = serializers.SlugRelatedField(slug_field="slug", read_only=True)
+    key_prefix = serializers.CharField(source="api_key.prefix", read_only=True, allow_null=True, default=None)
+
+    class Meta:
+        model = UsageRecord
+        fields = [
+            "id",
+            "request_id",
+            "created_at",
+            "tenant",
+            "api_key",
+            "key_prefix",
+            "account",
+            "model",
+            "status_code",
+            "outcome",
+            "stream",
+            "response_id",
+            *TOKEN_FIELDS,
+            "cost",
+            "latency_ms",
+            "ttfb_ms",
+            "attempts",
+        ]
+        read_only_fields = fields
+
+
+@timed_list(
+    OpenApiParameter("key", int, description="Only this API key's requests (its id)."),
+    OpenApiParameter("account", int, description="Only requests served by this upstream account (its id)."),
+    OpenApiParameter("model", str, description="Only this public model."),
+    OpenApiParameter("status", int, description="Only answers with this HTTP status."),
+    OpenApiParameter("request_id", str, description="The one request with this x-request-id."),
+)
+class UsageRecordViewSet(ScopedViewSet):
+    """The request log: one record per request, as metered."""
+
+    serializer_class = UsageRecordSerializer
+
+    def get_queryset(self) -> QuerySet[UsageRecord]:
+        records = self.scoped(UsageRecord.objects.select_related("tenant", "api_key"))
+        if self.action != "list":
+            return records
+        params = self.request.query_params
+        for name, field in (("key", "api_key_id"), ("account", "account_id"), ("status", "status_code")):
+            value = whole(params, name)
+            if value is not None:
+                records = records.filter(**{field: value})
+        for name in ("model", "request_id"):
+            if params.get(name):
+                records = records.filter(**{name: params[name]})
+        return in_time_range(records, params)
