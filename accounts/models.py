@@ -131,6 +131,10 @@ class ModelRouteTarget(models.Model):
         return f"{self.route_id}#{self.position}: {self.pool_id}/{self.upstream_model}"
 
 
+# An account's health states as model choices (one list: the API schema names it HealthStateEnum).
+HEALTH_STATES = [(s.value, s.value) for s in State]
+
+
 class AccountTransition(models.Model):
     """The durable log of an account's health transitions (accounts/health/machine.py).
 
@@ -139,8 +143,8 @@ class AccountTransition(models.Model):
     """
 
     account = models.ForeignKey(UpstreamAccount, on_delete=models.CASCADE, related_name="transitions")
-    from_state = models.CharField(max_length=16, choices=[(s.value, s.value) for s in State])
-    to_state = models.CharField(max_length=16, choices=[(s.value, s.value) for s in State])
+    from_state = models.CharField(max_length=16, choices=HEALTH_STATES)
+    to_state = models.CharField(max_length=16, choices=HEALTH_STATES)
     reason = models.CharField(max_length=500)
     at = models.DateTimeField()
     # Cooling deadline or next circuit probe; null for healthy and disabled.

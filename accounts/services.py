@@ -18,6 +18,7 @@ from django.db import IntegrityError, transaction
 
 from accounts.crypto import encrypt_credential
 from accounts.health.machine import Reset, State, Transition
+from accounts.infra.audit import audit_change, audit_snapshot, audited_update
 from accounts.models import (
     DEFAULT_STRIP_FIELDS,
     AccountTransition,
@@ -39,6 +40,25 @@ class Unchanged(enum.Enum):
 # Default of optional update arguments where None is a value ("unlimited").
 UNCHANGED = Unchanged.UNCHANGED
 
+# What the audit log shows of an account: the credential only as set / changed, never a value.
+_ACCOUNT_AUDITED = ("pool", "name", "base_url", "models", "weight", "max_concurrency", "priority", "enabled")
+_POOL_AUDITED = ("name", "strategy", "strip_fields")
+
+
+def _account_audit(action: str, account: UpstreamAccount, before: dict[str, object] | None, **extra: object) -> None:
+    audit_change(
+        action,
+        target=account,
+        before=before,
+        after=audit_snapshot(account, _ACCOUNT_AUDITED),
+        label=account.name or f"account {account.pk}",
+        **extra,  # type: ignore[arg-type]
+    )
+
+
+def _pool_update(pool: Pool, field: str, value: object) -> None:
+    audited_update(pool, {field: value}, action="pool.update", fields=_POOL_AUDITED, tenant_id=None, label=pool.name)
+
 
 def pool_get_or_create(*, name: str) -> Pool:
     """The pool called ``name``, created if missing. ValidationError if ``name`` is not a slug."""
@@ -53,7 +73,11 @@ def pool_get_or_create(*, name: str) -> Pool:
         ) from None
     try:
         with transaction.atomic():
-            pool, _ = Pool.objects.get_or_create(name=name)
+            pool, created = Pool.objects.get_or_create(name=name)
+            if created:
+                audit_change(
+                    "pool.create", target=pool, before=None, after=audit_snapshot(pool, _POOL_AUDITED), label=name
+                )
     except IntegrityError:
         # A concurrent create won the race: the pool exists now.
         pool = Pool.objects.get(name=name)
@@ -122,7 +146,9 @@ def upstream_account_create(
         max_concurrency=max_concurrency,
         priority=priority,
     )
-    account.save()
+    with transaction.atomic():
+        account.save()
+        _account_audit("account.create", account, None, secrets_changed=["credential"] if secret else [])
     return account
 
 
@@ -162,9 +188,11 @@ def upstream_account_set_enabled(*, account: UpstreamAccount, enabled: bool, rea
             account.save(update_fields=["disabled_reason"])
         return account
     with transaction.atomic():
+        before = audit_snapshot(account, _ACCOUNT_AUDITED)
         account.enabled = enabled
         account.disabled_reason = "" if enabled else reason
         account.save(update_fields=["enabled", "disabled_reason"])
+        _account_audit("account.enable" if enabled else "account.disable", account, before)
         if not enabled:
             detail = f": {reason}" if reason else ""
             _record(account.pk, _latest_state(account.pk), State.DISABLED, f"disabled by operator{detail}")
@@ -182,13 +210,27 @@ def upstream_account_update(
     models: Iterable[str] | None = None,
     enabled: bool | None = None,
     disabled_reason: str = "",
+    name: str | None = None,
+    base_url: str | None = None,
+    api_key: str | Unchanged | None = UNCHANGED,
 ) -> UpstreamAccount:
     """Change the given settings of ``account`` (None / UNCHANGED: keep). One save, if any.
 
     ``max_concurrency=None`` means unlimited. ``enabled`` goes through
-    :func:`upstream_account_set_enabled` (``disabled_reason`` with it).
+    :func:`upstream_account_set_enabled` (``disabled_reason`` with it). ``api_key``: the new
+    credential (stored encrypted; None or blank: send none); audited as changed, never shown.
     """
     wanted: dict[str, object] = {}
+    if name is not None:
+        if len(name.strip()) > 200:
+            raise ValidationError("account name is too long (200 characters at most).", code="max_length")
+        wanted["name"] = name.strip()
+    if base_url is not None:
+        wanted["base_url"] = _clean_base_url(base_url)
+    secret_changed = api_key is not UNCHANGED
+    if secret_changed:
+        secret = (api_key or "").strip()  # type: ignore[union-attr]
+        wanted["credential_encrypted"] = encrypt_credential(secret) if secret else ""
     if weight is not None:
         wanted["weight"] = _clean_weight(weight)
     if max_concurrency is not UNCHANGED:
@@ -197,12 +239,15 @@ def upstream_account_update(
         wanted["priority"] = _clean_priority(priority)
     if models is not None:
         wanted["models"] = _clean_models(models)
-    fields = [name for name, value in wanted.items() if getattr(account, name) != value]
-    for name in fields:
-        setattr(account, name, wanted[name])
+    fields = [field for field, value in wanted.items() if getattr(account, field) != value]
+    before = audit_snapshot(account, _ACCOUNT_AUDITED)
+    for field in fields:
+        setattr(account, field, wanted[field])
     with transaction.atomic():
         if fields:
             account.save(update_fields=fields)
+            changed = ["credential"] if secret_changed else []
+            _account_audit("account.update", account, before, secrets_changed=changed)
         if enabled is not None:
             upstream_account_set_enabled(account=account, enabled=enabled, reason=disabled_reason)
     return account
@@ -215,9 +260,7 @@ def pool_set_strategy(*, pool: Pool, strategy: str) -> Pool:
         raise ValidationError(
             f"{strategy!r} is not a strategy: choose from {', '.join(Pool.Strategy.values)}.", code="invalid"
         )
-    if pool.strategy != value:
-        pool.strategy = value
-        pool.save(update_fields=["strategy"])
+    _pool_update(pool, "strategy", value)
     return pool
 
 
@@ -258,12 +301,18 @@ def model_route_set(*, model: str, targets: Sequence[tuple[str, str]]) -> ModelR
             raise ValidationError(f"target {pool_name}:{upstream} is listed twice.", code="invalid")
         cleaned.append((pools[pool_name], upstream))
     with transaction.atomic():
-        route, _ = ModelRoute.objects.select_for_update().get_or_create(model=public)
+        route, created = ModelRoute.objects.select_for_update().get_or_create(model=public)
+        before = None if created else {"targets": _route_targets(route)}
         route.targets.all().delete()
         for position, (pool, upstream) in enumerate(cleaned):
             ModelRouteTarget(route=route, position=position, pool=pool, upstream_model=upstream).save()
         route.save(update_fields=["updated_at"])  # announces the change even if only targets moved
+        audit_change("route.set", target=route, before=before, after={"targets": _route_targets(route)}, label=public)
     return route
+
+
+def _route_targets(route: ModelRoute) -> list[str]:
+    return [f"{t.pool.name}:{t.upstream_model}" for t in route.targets.select_related("pool").order_by("position")]
 
 
 def model_route_delete(*, model: str) -> bool:
@@ -271,7 +320,11 @@ def model_route_delete(*, model: str) -> bool:
     route = ModelRoute.objects.filter(model=model.strip()).first()
     if route is None:
         return False
-    route.delete()
+    with transaction.atomic():
+        audit_change(
+            "route.delete", target=route, before={"targets": _route_targets(route)}, after=None, label=route.model
+        )
+        route.delete()
     return True
 
 
@@ -377,8 +430,5 @@ def pool_set_strip_fields(*, pool: Pool, fields: Iterable[str] | None) -> Pool:
     None restores DEFAULT_STRIP_FIELDS. A list narrows it: every entry must be one of
     DEFAULT_STRIP_FIELDS (the seed contract's list); an empty list strips nothing.
     """
-    value = strip_fields_clean(fields)
-    if pool.strip_fields != value:
-        pool.strip_fields = value
-        pool.save(update_fields=["strip_fields"])
+    _pool_update(pool, "strip_fields", strip_fields_clean(fields))
     return pool

@@ -227,6 +227,7 @@ SPECTACULAR_SETTINGS = {
     "SWAGGER_UI_DIST": "SIDECAR",
     "SWAGGER_UI_FAVICON_HREF": "SIDECAR",
     "REDOC_DIST": "SIDECAR",
+    "ENUM_NAME_OVERRIDES": {"HealthStateEnum": "accounts.models.HEALTH_STATES"},
 }
 
 # --- Single sign-on: OpenID Connect (tenancy/oidc.py; docs/api.md) -------------------------

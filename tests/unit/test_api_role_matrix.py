@@ -24,6 +24,7 @@ from django.utils import timezone
 from drf_spectacular.generators import SchemaGenerator
 from rest_framework.test import APIClient
 
+from accounts.services import model_route_set, pool_get_or_create, upstream_account_create
 from tenancy.models import AccessToken, ApiKey, AuditEntry, Membership, Tenant, UsageRecord
 from tenancy.services.keys import apikey_create
 from tenancy.services.members import member_add
@@ -183,8 +184,47 @@ TENANCY_ROWS: dict[tuple[str, str], Row] = {
     ("GET", "/api/v1/usage/records/{id}/"): Row(members_only(200), usage_record_t),
 }
 
+
 # The supply side's endpoints (accounts/api): operators only.
-ACCOUNTS_ROWS: dict[tuple[str, str], Row] = {}
+def a_pool(world: World, who: str = "") -> dict[str, Any]:
+    return {"id": pool_get_or_create(name="main").pk}
+
+
+def an_account(world: World, who: str) -> dict[str, Any]:
+    account = upstream_account_create(
+        pool=pool_get_or_create(name="main"), base_url="http://127.0.0.1:9/v1", models=["m"], api_key="sk-up"
+    )
+    return {"id": account.pk}
+
+
+def a_route(world: World, who: str) -> dict[str, Any]:
+    a_pool(world)
+    return {"id": model_route_set(model="alias", targets=[("main", "m")]).pk}
+
+
+def route_body(world: World) -> dict[str, Any]:
+    a_pool(world)
+    return {"model": "alias", "targets": [{"pool": "main", "upstream_model": "m"}]}
+
+
+ACCOUNTS_ROWS: dict[tuple[str, str], Row] = {
+    ("GET", "/api/v1/pools/"): Row(operators_only(200)),
+    ("POST", "/api/v1/pools/"): Row(operators_only(201), body=lambda w: {"name": "spare", "strip_fields": []}),
+    ("GET", "/api/v1/pools/{id}/"): Row(operators_only(200), a_pool),
+    ("PATCH", "/api/v1/pools/{id}/"): Row(operators_only(200), a_pool, lambda w: {"strip_fields": None}),
+    ("GET", "/api/v1/accounts/"): Row(operators_only(200)),
+    ("POST", "/api/v1/accounts/"): Row(
+        operators_only(201),
+        body=lambda w: {"pool": "main", "base_url": "http://127.0.0.1:9/v1", "models": ["m"], "api_key": "sk-up"},
+    ),
+    ("GET", "/api/v1/accounts/{id}/"): Row(operators_only(200), an_account),
+    ("PATCH", "/api/v1/accounts/{id}/"): Row(operators_only(200), an_account, lambda w: {"weight": 3}),
+    ("GET", "/api/v1/accounts/{id}/transitions/"): Row(operators_only(200), an_account),
+    ("GET", "/api/v1/routes/"): Row(operators_only(200)),
+    ("POST", "/api/v1/routes/"): Row(operators_only(201), body=route_body),
+    ("GET", "/api/v1/routes/{id}/"): Row(operators_only(200), a_route),
+    ("DELETE", "/api/v1/routes/{id}/"): Row(operators_only(204), a_route),
+}
 
 ROWS.update(TENANCY_ROWS)
 ROWS.update(ACCOUNTS_ROWS)

@@ -1,0 +1,101 @@
+"""The supply side's endpoints: pools, upstream accounts (the credential write-only), routes."""
+
+from __future__ import annotations
+
+import pytest
+from django.contrib.auth.models import User
+from django.core.cache import cache
+from rest_framework.test import APIClient
+
+from accounts.crypto import decrypt_credential
+from accounts.infra.audit import SECRET_CHANGED
+from accounts.models import ModelRoute, UpstreamAccount
+from accounts.services import upstream_account_set_enabled
+from tenancy.models import AuditEntry
+from tenancy.services.tokens import access_token_create
+
+pytestmark = pytest.mark.django_db
+
+SECRET = "sk-upstream-do-not-show-1234567890"
+NEW_SECRET = "sk-upstream-rotated-0987654321"
+
+
+@pytest.fixture
+def operator() -> APIClient:
+    cache.clear()
+    _, token = access_token_create(user=User.objects.create_user("ops", is_staff=True), name="t")
+    client = APIClient()
+    client.credentials(HTTP_AUTHORIZATION=f"Bearer {token}")
+    return client
+
+
+def test_the_credential_is_write_only_and_its_change_audited_without_a_value(operator: APIClient) -> None:
+    body = {"pool": "main", "base_url": "http://127.0.0.1:9/v1", "models": ["gpt-4.1"], "api_key": SECRET}
+    created = operator.post("/api/v1/accounts/", body, format="json")
+    assert created.status_code == 201
+    account_id = created.json()["id"]
+    assert created.json()["credential_set"] is True
+    assert created.json()["health"]["state"] == "healthy"
+    changed = operator.patch(f"/api/v1/accounts/{account_id}/", {"api_key": NEW_SECRET, "weight": 2}, format="json")
+    assert changed.status_code == 200
+    assert decrypt_credential(UpstreamAccount.objects.get(pk=account_id).credential_encrypted) == NEW_SECRET
+    answers = [created, changed, operator.get(f"/api/v1/accounts/{account_id}/"), operator.get("/api/v1/accounts/")]
+    audit = operator.get("/api/v1/audit/?target_type=upstreamaccount")
+    for answer in [*answers, audit]:
+        text = answer.content.decode()
+        assert SECRET not in text
+        assert NEW_SECRET not in text
+        assert "credential_encrypted" not in text
+    update = AuditEntry.objects.get(action="account.update")
+    assert update.after == {"weight": 2, "credential": SECRET_CHANGED}
+    assert update.before == {"weight": 1, "credential": "[secret]"}
+    create = AuditEntry.objects.get(action="account.create")
+    assert create.after is not None
+    assert create.after["credential"] == SECRET_CHANGED
+    assert SECRET not in str(create.after)
+
+
+def test_disabling_shows_in_health_and_transitions(operator: APIClient) -> None:
+    body = {"pool": "main", "base_url": "http://127.0.0.1:9/v1", "models": ["gpt-4.1"]}
+    account_id = operator.post("/api/v1/accounts/", body, format="json").json()["id"]
+    off = operator.patch(
+        f"/api/v1/accounts/{account_id}/", {"enabled": False, "disabled_reason": "maintenance"}, format="json"
+    )
+    assert off.status_code == 200
+    assert off.json()["enabled"] is False
+    assert off.json()["disabled_reason"] == "maintenance"
+    history = operator.get(f"/api/v1/accounts/{account_id}/transitions/").json()["results"]
+    assert history[0]["to_state"] == "disabled"
+    assert "maintenance" in history[0]["reason"]
+    upstream_account_set_enabled(account=UpstreamAccount.objects.get(pk=account_id), enabled=True)
+    listed = operator.get("/api/v1/accounts/?pool=main&enabled=true").json()["results"]
+    assert [a["id"] for a in listed] == [account_id]
+    assert listed[0]["health"]["state"] == "healthy"
+    assert operator.get("/api/v1/accounts/?pool=other").json()["results"] == []
+
+
+def test_bad_input_is_a_400_never_a_500(operator: APIClient) -> None:
+    bad_url = {"pool": "main", "base_url": "ftp://nowhere", "models": ["m"]}
+    assert operator.post("/api/v1/accounts/", bad_url, format="json").status_code == 400
+    assert operator.post("/api/v1/accounts/", {"pool": "main"}, format="json").status_code == 400
+    assert operator.post("/api/v1/pools/", {"name": "not a slug"}, format="json").status_code == 400
+    unknown_pool = {"model": "alias", "targets": [{"pool": "nope", "upstream_model": "m"}]}
+    refused = operator.post("/api/v1/routes/", unknown_pool, format="json")
+    assert refused.status_code == 400
+    assert "unknown pool" in refused.json()["detail"]
+
+
+def test_routes_are_replaced_and_deleted_with_an_audit_trail(operator: APIClient) -> None:
+    operator.post("/api/v1/pools/", {"name": "main"}, format="json")
+    operator.post("/api/v1/pools/", {"name": "backup", "strategy": "fill_first"}, format="json")
+    first = {"model": "smart", "targets": [{"pool": "main", "upstream_model": "gpt-4.1"}]}
+    route_id = operator.post("/api/v1/routes/", first, format="json").json()["id"]
+    both = {"model": "smart", "targets": [*first["targets"], {"pool": "backup", "upstream_model": "gpt-4.1-mini"}]}
+    again = operator.post("/api/v1/routes/", both, format="json").json()
+    assert again["id"] == route_id
+    assert [t["pool"] for t in again["targets"]] == ["main", "backup"]
+    assert operator.delete(f"/api/v1/routes/{route_id}/").status_code == 204
+    assert not ModelRoute.objects.exists()
+    actions = list(AuditEntry.objects.filter(target_type="modelroute").values_list("action", "after"))
+    assert actions[1] == ("route.set", {"targets": ["main:gpt-4.1", "backup:gpt-4.1-mini"]})
+    assert actions[2] == ("route.delete", None)
