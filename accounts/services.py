@@ -10,13 +10,16 @@ from __future__ import annotations
 import enum
 import time
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import Any
 
+from asgiref.sync import async_to_sync
 from django.core.exceptions import ValidationError
 from django.core.validators import validate_slug
 from django.db import IntegrityError, transaction
 
-from accounts.crypto import encrypt_credential
+from accounts.crypto import decrypt_credential, encrypt_credential
 from accounts.health.machine import Reset, State, Transition
 from accounts.infra.audit import audit_change, audit_snapshot, audited_update
 from accounts.models import (
@@ -432,3 +435,72 @@ def pool_set_strip_fields(*, pool: Pool, fields: Iterable[str] | None) -> Pool:
     """
     _pool_update(pool, "strip_fields", strip_fields_clean(fields))
     return pool
+
+
+@dataclass(frozen=True, slots=True)
+class ProbeAnswer:
+    """What probing one account now found: the HTTP status (None: no answer), the health
+    event the answer reads as (``success``, ``rate_limited``, ``auth_failure``, ``server_error``),
+    the time it took and, when it failed, a short error type (never the credential)."""
+
+    status: int | None
+    verdict: str
+    latency_ms: float
+    error: str
+
+
+# The one outbound-HTTP seam of an operator's probe: tests replace it with a stub client.
+def probe_client() -> Any:
+    from accounts.upstream.client import UpstreamClient
+
+    return UpstreamClient(transport="httpx", connect_timeout=5.0, read_timeout=20.0, max_connections=1)
+
+
+def upstream_account_probe(*, account: UpstreamAccount) -> ProbeAnswer:
+    """Send the prober's probe (``accounts.health.probing.probe_one``) to ``account`` now.
+
+    The answer is returned and audited (``account.test``); it does not change the account's
+    health (the serving processes' own prober does that)."""
+    from accounts.health.probing import probe_one
+    from accounts.upstream.account import AccountInfo
+
+    if not account.models:
+        raise ValidationError({"models": "the account serves no model to probe with"})
+    target = AccountInfo(
+        account_id=account.pk,
+        pool_id=account.pool_id,
+        responses_url=account.base_url.rstrip("/") + "/responses",
+        credential=decrypt_credential(account.credential_encrypted) if account.credential_encrypted else None,
+        models=frozenset(account.models),
+    )
+
+    async def run() -> tuple[int | None, object, str]:
+        client = probe_client()
+        try:
+            return await probe_one(client, target)
+        finally:
+            await client.aclose()
+
+    started = time.perf_counter()
+    status, event, _detail = async_to_sync(run)()
+    latency_ms = round((time.perf_counter() - started) * 1000, 1)
+    verdict = _EVENT_NAMES.get(type(event).__name__, type(event).__name__.lower())
+    error = "" if verdict == "success" else (f"http_{status}" if status is not None else "no_answer")
+    answer = ProbeAnswer(status=status, verdict=verdict, latency_ms=latency_ms, error=error)
+    audit_change(
+        "account.test",
+        target=account,
+        before={},
+        after={"status": status, "verdict": verdict, "error": error},
+        label=account.name or str(account.pk),
+    )
+    return answer
+
+
+_EVENT_NAMES = {
+    "Success": "success",
+    "RateLimited": "rate_limited",
+    "AuthFailure": "auth_failure",
+    "ServerError": "server_error",
+    "Reset": "reset",
+}

@@ -31,6 +31,7 @@ from accounts.services import (
     pool_set_strategy,
     pool_set_strip_fields,
     upstream_account_create,
+    upstream_account_probe,
     upstream_account_update,
 )
 
@@ -165,6 +166,13 @@ class AccountCreateSerializer(AccountWriteSerializer):
     models = serializers.ListField(child=serializers.CharField(max_length=200), min_length=1)
 
 
+class ProbeAnswerSerializer(serializers.Serializer[object]):
+    status = serializers.IntegerField(allow_null=True, help_text="the upstream's HTTP status; null: no answer")
+    verdict = serializers.CharField(help_text="success, rate_limited, auth_failure or server_error")
+    latency_ms = serializers.FloatField()
+    error = serializers.CharField(help_text="empty on success, else http_<status> or no_answer")
+
+
 class TransitionSerializer(serializers.ModelSerializer[AccountTransition]):
     class Meta:
         model = AccountTransition
@@ -251,6 +259,13 @@ class AccountViewSet(OperatorViewSet, mixins.UpdateModelMixin):
         rows = AccountTransition.objects.filter(account=account)
         page: Any = self.paginate_queryset(rows)  # type: ignore[arg-type]
         return self.get_paginated_response(TransitionSerializer(page, many=True).data)
+
+    @extend_schema(request=None, responses=ProbeAnswerSerializer)
+    @action(detail=True, methods=["post"], serializer_class=ProbeAnswerSerializer)
+    def test(self, request: Request, pk: str | None = None) -> Response:
+        """Probe the account now (the prober's minimal request) and answer what it found (audited)."""
+        answer = upstream_account_probe(account=self.get_object())
+        return Response(ProbeAnswerSerializer(answer).data)
 
 
 # --- routes -----------------------------------------------------------------------------------

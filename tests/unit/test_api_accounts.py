@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import httpx
 import pytest
 from django.contrib.auth.models import User
 from django.core.cache import cache
@@ -11,6 +12,7 @@ from accounts.crypto import decrypt_credential
 from accounts.infra.audit import SECRET_CHANGED
 from accounts.models import ModelRoute, UpstreamAccount
 from accounts.services import upstream_account_set_enabled
+from accounts.upstream.client import UpstreamReply
 from tenancy.models import AuditEntry
 from tenancy.services.tokens import access_token_create
 
@@ -99,3 +101,62 @@ def test_routes_are_replaced_and_deleted_with_an_audit_trail(operator: APIClient
     actions = list(AuditEntry.objects.filter(target_type="modelroute").values_list("action", "after"))
     assert actions[1] == ("route.set", {"targets": ["main:gpt-4.1", "backup:gpt-4.1-mini"]})
     assert actions[2] == ("route.delete", None)
+
+
+class _StubUpstream:
+    """Stands in for the probe's UpstreamClient (the outbound-HTTP seam): records what was sent."""
+
+    def __init__(self, status: int) -> None:
+        self.status = status
+        self.sent: list[tuple[str, dict[str, str], bytes]] = []
+
+    async def post(self, url: str, headers: dict[str, str], body: bytes) -> UpstreamReply:
+        self.sent.append((url, dict(headers), body))
+        return UpstreamReply(self.status, httpx.Headers({"content-type": "application/json"}), b"{}")
+
+    async def aclose(self) -> None:
+        return None
+
+
+@pytest.mark.parametrize(("status", "verdict", "error"), [(200, "success", ""), (401, "auth_failure", "http_401")])
+def test_the_test_action_probes_the_account_now_and_is_audited(
+    operator: APIClient, monkeypatch: pytest.MonkeyPatch, status: int, verdict: str, error: str
+) -> None:
+    stub = _StubUpstream(status)
+    monkeypatch.setattr("accounts.services.probe_client", lambda: stub)
+    body = {"pool": "main", "base_url": "http://upstream.test/v1", "models": ["gpt-4.1"], "api_key": SECRET}
+    account_id = operator.post("/api/v1/accounts/", body, format="json").json()["id"]
+    answer = operator.post(f"/api/v1/accounts/{account_id}/test/")
+    assert answer.status_code == 200
+    assert answer.json()["status"] == status
+    assert answer.json()["verdict"] == verdict
+    assert answer.json()["error"] == error
+    assert answer.json()["latency_ms"] >= 0
+    assert SECRET not in answer.content.decode()
+    [(url, headers, sent)] = stub.sent
+    assert url == "http://upstream.test/v1/responses"
+    assert headers["authorization"] == f"Bearer {SECRET}"
+    assert b'"model":"gpt-4.1"' in sent
+    entry = AuditEntry.objects.get(action="account.test")
+    assert entry.after == {"status": status, "verdict": verdict, "error": error}
+    assert SECRET not in str(entry.after)
+
+
+def test_the_test_action_without_an_answer_says_so(operator: APIClient) -> None:
+    body = {"pool": "main", "base_url": "http://127.0.0.1:9/v1", "models": ["gpt-4.1"]}
+    account_id = operator.post("/api/v1/accounts/", body, format="json").json()["id"]
+    answer = operator.post(f"/api/v1/accounts/{account_id}/test/")
+    assert answer.status_code == 200
+    assert answer.json()["status"] is None
+    assert answer.json()["error"] == "no_answer"
+
+
+def test_a_tenant_admin_cannot_probe(operator: APIClient) -> None:
+    body = {"pool": "main", "base_url": "http://127.0.0.1:9/v1", "models": ["gpt-4.1"]}
+    account_id = operator.post("/api/v1/accounts/", body, format="json").json()["id"]
+    _, token = access_token_create(user=User.objects.create_user("someone"), name="t")
+    client = APIClient()
+    assert client.post(f"/api/v1/accounts/{account_id}/test/").status_code == 401
+    client.credentials(HTTP_AUTHORIZATION=f"Bearer {token}")
+    assert client.post(f"/api/v1/accounts/{account_id}/test/").status_code == 403
+    assert not AuditEntry.objects.filter(action="account.test").exists()

@@ -220,6 +220,7 @@ ACCOUNTS_ROWS: dict[tuple[str, str], Row] = {
     ("GET", "/api/v1/accounts/{id}/"): Row(operators_only(200), an_account),
     ("PATCH", "/api/v1/accounts/{id}/"): Row(operators_only(200), an_account, lambda w: {"weight": 3}),
     ("GET", "/api/v1/accounts/{id}/transitions/"): Row(operators_only(200), an_account),
+    ("POST", "/api/v1/accounts/{id}/test/"): Row(operators_only(200), an_account),
     ("GET", "/api/v1/routes/"): Row(operators_only(200)),
     ("POST", "/api/v1/routes/"): Row(operators_only(201), body=route_body),
     ("GET", "/api/v1/routes/{id}/"): Row(operators_only(200), a_route),
