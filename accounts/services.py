@@ -331,6 +331,22 @@ def model_route_delete(*, model: str) -> bool:
     return True
 
 
+def pool_delete(*, pool: Pool) -> None:
+    """Delete ``pool`` if nothing uses it; ValidationError naming what does (accounts, routes)."""
+    with transaction.atomic():
+        accounts = UpstreamAccount.objects.filter(pool=pool).count()
+        routes = sorted(set(ModelRouteTarget.objects.filter(pool=pool).values_list("route__model", flat=True)))
+        if accounts or routes:
+            uses = ([f"{accounts} account(s)"] if accounts else []) + (
+                [f"routes {', '.join(routes)}"] if routes else []
+            )
+            raise ValidationError(f"pool {pool.name!r} is in use by {' and '.join(uses)}: move or delete them first.")
+        audit_change(
+            "pool.delete", target=pool, before=audit_snapshot(pool, _POOL_AUDITED), after=None, label=pool.name
+        )
+        pool.delete()
+
+
 # --- health ---------------------------------------------------------------------------------
 
 

@@ -14,6 +14,7 @@ from typing import Any
 
 from django.db import transaction
 from django.db.models import QuerySet
+from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import OpenApiParameter, extend_schema, extend_schema_field, extend_schema_view
 from rest_framework import mixins, serializers, status, viewsets
 from rest_framework.decorators import action
@@ -27,6 +28,7 @@ from accounts.services import (
     UNCHANGED,
     model_route_delete,
     model_route_set,
+    pool_delete,
     pool_get_or_create,
     pool_set_strategy,
     pool_set_strip_fields,
@@ -76,10 +78,16 @@ def _pool_settings(pool: Pool, data: dict[str, Any]) -> None:
         pool_set_strip_fields(pool=pool, fields=data["strip_fields"])
 
 
-class PoolViewSet(OperatorViewSet):
+class PoolViewSet(OperatorViewSet, mixins.DestroyModelMixin):
     serializer_class = PoolSerializer
     queryset = Pool.objects.all()
-    http_method_names = ["get", "post", "patch", "head", "options"]
+    http_method_names = ["get", "post", "patch", "delete", "head", "options"]
+
+    @extend_schema(responses={204: None, 400: OpenApiTypes.OBJECT})
+    def destroy(self, request: Request, *args: Any, **kwargs: Any) -> Response:
+        """Delete an empty pool; 400 naming its accounts or routes otherwise."""
+        pool_delete(pool=self.get_object())
+        return Response(status=status.HTTP_204_NO_CONTENT)
 
     @extend_schema(request=PoolCreateSerializer, responses={201: PoolSerializer})
     def create(self, request: Request, *args: Any, **kwargs: Any) -> Response:

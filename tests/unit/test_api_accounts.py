@@ -160,3 +160,17 @@ def test_a_tenant_admin_cannot_probe(operator: APIClient) -> None:
     client.credentials(HTTP_AUTHORIZATION=f"Bearer {token}")
     assert client.post(f"/api/v1/accounts/{account_id}/test/").status_code == 403
     assert not AuditEntry.objects.filter(action="account.test").exists()
+
+
+def test_a_pool_is_deleted_only_when_empty(operator: APIClient) -> None:
+    body = {"pool": "busy", "base_url": "http://127.0.0.1:9/v1", "models": ["gpt-4.1"]}
+    account_id = operator.post("/api/v1/accounts/", body, format="json").json()["id"]
+    busy = UpstreamAccount.objects.get(pk=account_id).pool_id
+    refused = operator.delete(f"/api/v1/pools/{busy}/")
+    assert refused.status_code == 400
+    assert "1 account(s)" in refused.content.decode()
+    empty = operator.post("/api/v1/pools/", {"name": "empty"}, format="json").json()["id"]
+    assert operator.delete(f"/api/v1/pools/{empty}/").status_code == 204
+    assert operator.get(f"/api/v1/pools/{empty}/").status_code == 404
+    assert AuditEntry.objects.filter(action="pool.delete", target_label="empty").exists()
+    assert operator.get(f"/api/v1/pools/{busy}/").status_code == 200

@@ -212,6 +212,9 @@ ACCOUNTS_ROWS: dict[tuple[str, str], Row] = {
     ("POST", "/api/v1/pools/"): Row(operators_only(201), body=lambda w: {"name": "spare", "strip_fields": []}),
     ("GET", "/api/v1/pools/{id}/"): Row(operators_only(200), a_pool),
     ("PATCH", "/api/v1/pools/{id}/"): Row(operators_only(200), a_pool, lambda w: {"strip_fields": None}),
+    ("DELETE", "/api/v1/pools/{id}/"): Row(
+        operators_only(204), lambda w, who: {"id": pool_get_or_create(name="spare").pk}
+    ),
     ("GET", "/api/v1/accounts/"): Row(operators_only(200)),
     ("POST", "/api/v1/accounts/"): Row(
         operators_only(201),
