@@ -9,6 +9,7 @@ from tenancy.api.keys import ApiKeyViewSet
 from tenancy.api.logs import AuditViewSet, UsageRecordViewSet
 from tenancy.api.me import MeView
 from tenancy.api.members import MemberViewSet
+from tenancy.api.prices import PriceViewSet
 from tenancy.api.tenants import TenantViewSet
 from tenancy.api.tokens import TokenViewSet
 
@@ -17,6 +18,7 @@ router.register("tokens", TokenViewSet, basename="token")
 router.register("tenants", TenantViewSet, basename="tenant")
 router.register("keys", ApiKeyViewSet, basename="apikey")
 router.register("members", MemberViewSet, basename="member")
+router.register("prices", PriceViewSet, basename="price")
 router.register("audit", AuditViewSet, basename="audit")
 router.register("usage/records", UsageRecordViewSet, basename="usage-record")
 

@@ -7,8 +7,10 @@ from decimal import Decimal
 from typing import Any
 
 from django.core.exceptions import ValidationError
+from django.db import transaction
 from django.utils import timezone
 
+from accounts.infra.audit import audit_change, audit_snapshot
 from tenancy.models import PRICE_MAX_DIGITS, PRICE_PLACES, PriceVersion
 from tenancy.services.limits import aware_datetime_require, decimal_clean
 
@@ -53,5 +55,10 @@ def price_set(
         reasoning=money("reasoning", reasoning) if reasoning is not None else None,
         effective_from=effective_from,
     )
-    price.save()
+    with transaction.atomic():
+        price.save()
+        audit_change("price.set", target=price, before=None, after=audit_snapshot(price, _AUDITED), label=model)
     return price
+
+
+_AUDITED = ("model", "input", "cached_input", "cache_write", "output", "reasoning", "effective_from")

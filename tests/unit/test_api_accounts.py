@@ -174,3 +174,21 @@ def test_a_pool_is_deleted_only_when_empty(operator: APIClient) -> None:
     assert operator.get(f"/api/v1/pools/{empty}/").status_code == 404
     assert AuditEntry.objects.filter(action="pool.delete", target_label="empty").exists()
     assert operator.get(f"/api/v1/pools/{busy}/").status_code == 200
+
+
+def test_prices_add_versions_and_read_the_history(operator: APIClient) -> None:
+    first = {"model": "gpt-4.1", "input": "2", "cached_input": "0.5", "cache_write": "2", "output": "8"}
+    later = dict(first, input="3", effective_from="2030-01-01T00:00:00Z")
+    assert operator.post("/api/v1/prices/", first, format="json").status_code == 201
+    added = operator.post("/api/v1/prices/", later, format="json")
+    assert added.status_code == 201
+    assert added.json()["input"] == "3.000000"
+    history = operator.get("/api/v1/prices/?model=gpt-4.1").json()["results"]
+    assert [row["input"] for row in history] == ["3.000000", "2.000000"]
+    assert operator.get("/api/v1/prices/?model=other").json()["results"] == []
+    bad = operator.post("/api/v1/prices/", dict(first, input="-1", output="x"), format="json")
+    assert bad.status_code == 400
+    assert set(bad.json()) >= {"input", "output"}
+    entry = AuditEntry.objects.filter(action="price.set").latest("id")
+    assert entry.after is not None
+    assert entry.after["input"] == "3.000000"

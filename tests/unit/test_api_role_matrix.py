@@ -28,6 +28,7 @@ from accounts.services import model_route_set, pool_get_or_create, upstream_acco
 from tenancy.models import AccessToken, ApiKey, AuditEntry, Membership, Tenant, UsageRecord
 from tenancy.services.keys import apikey_create
 from tenancy.services.members import member_add
+from tenancy.services.prices import price_set
 from tenancy.services.tokens import access_token_create, access_token_revoke
 
 pytestmark = pytest.mark.django_db
@@ -207,6 +208,13 @@ def route_body(world: World) -> dict[str, Any]:
     return {"model": "alias", "targets": [{"pool": "main", "upstream_model": "m"}]}
 
 
+PRICE = {"input": "1", "cached_input": "0.5", "cache_write": "1", "output": "2"}
+
+
+def a_price(world: World, who: str) -> dict[str, Any]:
+    return {"id": price_set(model="m", input="1", cached_input="0.5", cache_write="1", output="2").pk}
+
+
 ACCOUNTS_ROWS: dict[tuple[str, str], Row] = {
     ("GET", "/api/v1/pools/"): Row(operators_only(200)),
     ("POST", "/api/v1/pools/"): Row(operators_only(201), body=lambda w: {"name": "spare", "strip_fields": []}),
@@ -224,6 +232,9 @@ ACCOUNTS_ROWS: dict[tuple[str, str], Row] = {
     ("PATCH", "/api/v1/accounts/{id}/"): Row(operators_only(200), an_account, lambda w: {"weight": 3}),
     ("GET", "/api/v1/accounts/{id}/transitions/"): Row(operators_only(200), an_account),
     ("POST", "/api/v1/accounts/{id}/test/"): Row(operators_only(200), an_account),
+    ("GET", "/api/v1/prices/"): Row(operators_only(200)),
+    ("POST", "/api/v1/prices/"): Row(operators_only(201), body=lambda w: dict(PRICE, model="m")),
+    ("GET", "/api/v1/prices/{id}/"): Row(operators_only(200), a_price),
     ("GET", "/api/v1/routes/"): Row(operators_only(200)),
     ("POST", "/api/v1/routes/"): Row(operators_only(201), body=route_body),
     ("GET", "/api/v1/routes/{id}/"): Row(operators_only(200), a_route),
