@@ -117,6 +117,7 @@ MIDDLEWARE = [
     "django.contrib.auth.middleware.AuthenticationMiddleware",
     "django.contrib.messages.middleware.MessageMiddleware",
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
+    "tenancy.console.security.ConsoleSecurityHeadersMiddleware",
     "axes.middleware.AxesMiddleware",
 ]
 

@@ -62,3 +62,16 @@ def test_repeated_wrong_passwords_are_throttled() -> None:
     assert statuses[0] == 200
     assert statuses[-1] == 429
     assert client.post("/console/login/", {"username": "bob", "password": PASSWORD}).status_code == 429
+
+
+def test_console_pages_send_a_strict_csp_and_the_api_docs_still_load() -> None:
+    client = Client()
+    response = client.get("/console/login/")
+    csp = response["Content-Security-Policy"]
+    assert "script-src 'self'" in csp
+    assert "unsafe-inline" not in csp
+    assert "frame-ancestors 'none'" in csp
+    assert response["X-Content-Type-Options"] == "nosniff"
+    assert response["X-Frame-Options"] == "DENY"
+    assert "<script" not in response.content.decode()
+    assert client.get("/api/docs/").status_code == 200
