@@ -8,7 +8,7 @@ from django.contrib.auth.decorators import login_required
 from django.http import HttpRequest, HttpResponse
 from django.shortcuts import render
 
-from tenancy.access import is_operator, tenants_for
+from tenancy.access import can_manage, is_operator, tenant_or_404, tenants_for
 
 
 def oidc_enabled() -> bool:
@@ -39,4 +39,19 @@ def home(request: HttpRequest) -> HttpResponse:
         request,
         "console/home.html",
         {"operator": is_operator(request.user), "tenants": tenants_for(request.user)},
+    )
+
+
+@login_required(login_url="console:login")
+def tenant_detail(request: HttpRequest, slug: str) -> HttpResponse:
+    """One tenant's page: 404 outside the caller's tenants; write buttons only for managers."""
+    tenant = tenant_or_404(request.user, slug)
+    return render(
+        request,
+        "console/tenant.html",
+        {
+            "tenant": tenant,
+            "can_manage": can_manage(request.user, tenant),
+            "members": tenant.memberships.select_related("user"),
+        },
     )

@@ -75,3 +75,22 @@ def test_console_pages_send_a_strict_csp_and_the_api_docs_still_load() -> None:
     assert response["X-Frame-Options"] == "DENY"
     assert "<script" not in response.content.decode()
     assert client.get("/api/docs/").status_code == 200
+
+
+def test_a_tenant_page_is_404_outside_the_callers_tenants_and_has_no_write_for_a_viewer() -> None:
+    mine = Tenant.objects.create(slug="mine", name="Mine")
+    Tenant.objects.create(slug="theirs", name="Theirs")
+    member_add(tenant=mine, username="vera", role=Role.VIEWER, password=PASSWORD)
+    member_add(tenant=mine, username="adam", role=Role.ADMIN, password=PASSWORD)
+    viewer = Client()
+    viewer.post("/console/login/", {"username": "vera", "password": PASSWORD})
+    page = viewer.get("/console/tenants/mine/")
+    assert page.status_code == 200
+    assert "adam" in page.content.decode()
+    assert 'data-write="1"' not in page.content.decode()
+    assert viewer.get("/console/tenants/theirs/").status_code == 404
+    assert viewer.get("/console/tenants/nope/").status_code == 404
+    admin = Client()
+    admin.post("/console/login/", {"username": "adam", "password": PASSWORD})
+    assert 'data-write="1"' in admin.get("/console/tenants/mine/").content.decode()
+    assert admin.get("/console/tenants/theirs/").status_code == 404
