@@ -21,7 +21,7 @@ from django.db import IntegrityError, transaction
 
 from accounts.crypto import decrypt_credential, encrypt_credential
 from accounts.health.machine import Reset, State, Transition
-from accounts.infra.audit import audit_change, audit_snapshot, audited_update
+from accounts.infra.audit import audit_change, audit_fields, audit_snapshot, audited_update
 from accounts.models import (
     DEFAULT_STRIP_FIELDS,
     AccountTransition,
@@ -49,14 +49,7 @@ _POOL_AUDITED = ("name", "strategy", "strip_fields")
 
 
 def _account_audit(action: str, account: UpstreamAccount, before: dict[str, object] | None, **extra: object) -> None:
-    audit_change(
-        action,
-        target=account,
-        before=before,
-        after=audit_snapshot(account, _ACCOUNT_AUDITED),
-        label=account.name or f"account {account.pk}",
-        **extra,  # type: ignore[arg-type]
-    )
+    audit_fields(action, account, _ACCOUNT_AUDITED, before, label=account.name or f"account {account.pk}", **extra)  # type: ignore[arg-type]
 
 
 def _pool_update(pool: Pool, field: str, value: object) -> None:
@@ -78,9 +71,7 @@ def pool_get_or_create(*, name: str) -> Pool:
         with transaction.atomic():
             pool, created = Pool.objects.get_or_create(name=name)
             if created:
-                audit_change(
-                    "pool.create", target=pool, before=None, after=audit_snapshot(pool, _POOL_AUDITED), label=name
-                )
+                audit_fields("pool.create", pool, _POOL_AUDITED, None, label=name)
     except IntegrityError:
         # A concurrent create won the race: the pool exists now.
         pool = Pool.objects.get(name=name)

@@ -38,7 +38,18 @@ class ApiKeyAdmin(admin.ModelAdmin):
     list_select_related = ("tenant",)
     search_fields = ("prefix", "name", "tenant__slug")
     # The digest is only useful to the gateway; never editable (it would break the key).
-    readonly_fields = ("tenant", "prefix", "digest", "last_used_at", "created_at")
+    readonly_fields = (
+        "tenant",
+        "prefix",
+        "digest",
+        "last_used_at",
+        "created_at",
+        "previous_prefix",
+        "previous_valid_until",
+        "rotated_at",
+    )
+    # Rotation's secrets and bookkeeping: not shown (the previous digest, the replayable answer).
+    exclude = ("previous_digest", "rotation_idempotency_key", "rotation_grace_seconds", "rotation_secret_encrypted")
     actions = (revoke_keys,)
 
     def has_add_permission(self, request: HttpRequest, obj: Any = None) -> bool:

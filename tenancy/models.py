@@ -133,6 +133,16 @@ class ApiKey(LimitFields):
     reasoning_efforts = models.JSONField(null=True, blank=True, validators=[validate_string_list])
     allowed_tools = models.JSONField(null=True, blank=True, validators=[validate_string_list])
     allowed_ips = models.JSONField(null=True, blank=True, validators=[validate_cidr_list])
+    # Rotation (tenancy/services/keys.py apikey_rotate): the secret before the last rotation stays
+    # valid until previous_valid_until (its prefix and digest, like the current ones); the last
+    # rotation's answer is replayable for an Idempotency-Key, its secret kept encrypted for a day.
+    previous_prefix = models.CharField(max_length=32, blank=True, db_index=True)
+    previous_digest = models.CharField(max_length=64, blank=True)
+    previous_valid_until = models.DateTimeField(null=True, blank=True)
+    rotated_at = models.DateTimeField(null=True, blank=True)
+    rotation_idempotency_key = models.CharField(max_length=200, blank=True)
+    rotation_grace_seconds = models.PositiveIntegerField(null=True, blank=True)
+    rotation_secret_encrypted = models.TextField(blank=True)
 
     def __str__(self) -> str:
         return f"{self.prefix}… ({self.tenant_id})"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterator, Sequence
 from datetime import datetime
 from decimal import Decimal
@@ -9,6 +10,7 @@ from typing import Any
 
 from django.db.models import Count, DecimalField, F, Q, Sum, Value
 from django.db.models.functions import Coalesce
+from django.utils import timezone
 
 from tenancy.keys import key_prefix
 from tenancy.models import (
@@ -70,7 +72,7 @@ def apikeys_for_snapshot() -> list[dict[str, Any]]:
     return [dict(row) for row in _usable_keys().order_by("id")]
 
 
-def _usable_keys() -> Any:
+def _usable_keys(*extra: str) -> Any:
     """The non-revoked keys of active tenants, as the snapshot's dicts (a lazy values() queryset)."""
     tenant_limits = {f"tenant_{name}": F(f"tenant__{name}") for name in LIMIT_FIELDS}
     return ApiKey.objects.filter(revoked_at__isnull=True, tenant__is_active=True).values(
@@ -80,6 +82,7 @@ def _usable_keys() -> Any:
         "digest",
         "allowed_models",
         "expires_at",
+        *extra,
         *LIMIT_FIELDS,
         *KEY_POLICY_FIELDS,
         tenant_slug=F("tenant__slug"),
@@ -90,13 +93,35 @@ def _usable_keys() -> Any:
 def apikeys_for_snapshot_by_prefix(prefixes: Sequence[str]) -> dict[str, dict[str, Any]]:
     """The keys with these prefixes as :func:`apikeys_for_snapshot` gives them, by prefix; a
     prefix that is unknown, revoked, or of an inactive tenant is absent. One query through the
-    unique index on the prefix, however many prefixes."""
-    return {row["prefix"]: dict(row) for row in _usable_keys().filter(prefix__in=list(prefixes))}
+    unique index on the prefix (and the index on the previous prefix), however many prefixes.
+
+    A key rotated with a grace period answers for its previous prefix too, until the grace
+    ends: the same key (id, limits) with the previous digest, expiring when the grace does.
+    """
+    wanted = list(prefixes)
+    now = timezone.now()
+    rows = _usable_keys("previous_prefix", "previous_digest", "previous_valid_until").filter(
+        Q(prefix__in=wanted) | Q(previous_prefix__in=wanted, previous_valid_until__gt=now)
+    )
+    found: dict[str, dict[str, Any]] = {}
+    asked = set(wanted)
+    for row in rows:
+        previous = (row.pop("previous_prefix"), row.pop("previous_digest"), row.pop("previous_valid_until"))
+        if row["prefix"] in asked:
+            found[row["prefix"]] = dict(row)
+        prefix, digest, until = previous
+        if prefix in asked and until is not None and until > now:
+            expires = row["expires_at"]
+            found[prefix] = {**row, "prefix": prefix, "digest": digest, "expires_at": min(expires or until, until)}
+    return found
 
 
 def apikey_prefixes(chunk: int = 10_000) -> Iterator[str]:
-    """Every stored key prefix (revoked ones included), streamed: one query, read in chunks."""
-    return ApiKey.objects.values_list("prefix", flat=True).order_by().iterator(chunk_size=chunk)
+    """Every stored key prefix (revoked ones included, and the previous prefix of a rotated key),
+    streamed: read in chunks."""
+    current = ApiKey.objects.values_list("prefix", flat=True).order_by().iterator(chunk_size=chunk)
+    previous = ApiKey.objects.exclude(previous_prefix="").values_list("previous_prefix", flat=True).order_by()
+    return itertools.chain(current, previous.iterator(chunk_size=chunk))
 
 
 def config_change_last() -> int:

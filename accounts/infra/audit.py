@@ -156,6 +156,24 @@ def audit_change(
     )
 
 
+def audit_fields(
+    action: str,
+    obj: models.Model,
+    fields: Iterable[str],
+    before: dict[str, Any] | None,
+    *,
+    tenant_id: int | None = None,
+    label: str = "",
+    secrets_changed: Iterable[str] = (),
+) -> None:
+    """:func:`audit_change` with ``after`` the snapshot of ``fields`` of ``obj`` now (``before``
+    None: created)."""
+    after, secrets = audit_snapshot(obj, fields), secrets_changed
+    audit_change(
+        action, target=obj, before=before, after=after, tenant_id=tenant_id, label=label, secrets_changed=secrets
+    )
+
+
 def audited_update(
     obj: models.Model,
     updates: dict[str, Any],
@@ -175,7 +193,5 @@ def audited_update(
             for name in changed:
                 setattr(obj, name, updates[name])
             obj.save(update_fields=changed)
-            audit_change(
-                action, target=obj, before=before, after=audit_snapshot(obj, fields), tenant_id=tenant_id, label=label
-            )
+            audit_fields(action, obj, fields, before, tenant_id=tenant_id, label=label)
     return changed

@@ -76,6 +76,11 @@ AXES_RESET_ON_SUCCESS = True
 # The client address is the connection's peer (the server rewrites it from X-Forwarded-For only
 # for GATEWAY_FORWARDED_ALLOW_IPS): a header a client sets itself never picks the lockout key.
 AXES_IPWARE_META_PRECEDENCE_ORDER = ["REMOTE_ADDR"]
+# The console's session: it ends this many seconds after sign-in (and when the browser closes
+# is not relied on); sign-in and sign-out pages live under /console/.
+SESSION_COOKIE_AGE = env_int("GATEWAY_CONSOLE_SESSION_SECONDS", 8 * 3600, minimum=60)
+SESSION_COOKIE_HTTPONLY = True
+SESSION_COOKIE_SAMESITE = "Lax"
 AUTHENTICATION_BACKENDS = ["axes.backends.AxesStandaloneBackend", "django.contrib.auth.backends.ModelBackend"]
 AUTH_PASSWORD_VALIDATORS = [
     {"NAME": "django.contrib.auth.password_validation.UserAttributeSimilarityValidator"},
@@ -112,6 +117,7 @@ MIDDLEWARE = [
     "django.contrib.auth.middleware.AuthenticationMiddleware",
     "django.contrib.messages.middleware.MessageMiddleware",
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
+    "tenancy.console.security.ConsoleSecurityHeadersMiddleware",
     "axes.middleware.AxesMiddleware",
 ]
 

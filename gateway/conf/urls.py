@@ -15,6 +15,7 @@ def health(request: HttpRequest) -> JsonResponse:
 urlpatterns = [
     path("admin/", admin.site.urls),
     path("healthz", health),
+    path("console/", include("tenancy.console.urls")),
     path("api/v1/", include("tenancy.api.urls")),
     path("api/v1/", include("accounts.api.urls")),
     # OpenID Connect sign-in (tenancy.oidc): 404 unless GATEWAY_OIDC_* configure it.

@@ -9,10 +9,12 @@ from __future__ import annotations
 
 from typing import Any
 
+from django.core.exceptions import ValidationError as DjangoValidationError
 from django.db import transaction
 from django.db.models import QuerySet
 from drf_spectacular.utils import OpenApiParameter, extend_schema, extend_schema_view
 from rest_framework import serializers, status
+from rest_framework.decorators import action
 from rest_framework.request import Request
 from rest_framework.response import Response
 
@@ -20,7 +22,15 @@ from tenancy.access import require_manage, tenant_or_404
 from tenancy.api.base import TENANT_FILTER, ManagedViewSet, validated
 from tenancy.api.fields import KEY_LIMITS, KeyLimitsSerializer, pick
 from tenancy.models import ApiKey
-from tenancy.services.keys import UNCHANGED, apikey_create, apikey_details_set, apikey_revoke, apikey_update
+from tenancy.services.keys import (
+    ROTATION_GRACE_MAX_SECONDS,
+    UNCHANGED,
+    apikey_create,
+    apikey_details_set,
+    apikey_revoke,
+    apikey_rotate,
+    apikey_update,
+)
 
 
 class ApiKeySerializer(serializers.ModelSerializer[ApiKey]):
@@ -57,6 +67,23 @@ class ApiKeyDetailsSerializer(KeyLimitsSerializer):
         child=serializers.CharField(max_length=200), required=False, allow_null=True, help_text="null or []: all."
     )
     expires_at = serializers.DateTimeField(required=False, allow_null=True)
+
+
+class ApiKeyRotateSerializer(serializers.Serializer[ApiKey]):
+    grace_seconds = serializers.IntegerField(
+        min_value=0,
+        max_value=ROTATION_GRACE_MAX_SECONDS,
+        default=0,
+        help_text="How long the old secret stays valid (0: refused from the next request on).",
+    )
+
+
+class ApiKeyRotatedSerializer(ApiKeyCreatedSerializer):
+    previous_valid_until = serializers.DateTimeField(allow_null=True, help_text="When the old secret stops working.")
+
+    class Meta(ApiKeyCreatedSerializer.Meta):
+        fields = [*ApiKeyCreatedSerializer.Meta.fields, "previous_valid_until"]
+        read_only_fields = fields
 
 
 class ApiKeyCreateSerializer(ApiKeyDetailsSerializer):
@@ -115,6 +142,40 @@ class ApiKeyViewSet(ManagedViewSet):
             )
             apikey_update(api_key=api_key, **pick(data, KEY_LIMITS))
         return Response(ApiKeySerializer(api_key).data)
+
+    @extend_schema(
+        request=ApiKeyRotateSerializer,
+        responses=ApiKeyRotatedSerializer,
+        parameters=[
+            OpenApiParameter(
+                "Idempotency-Key",
+                str,
+                OpenApiParameter.HEADER,
+                description="A retry with the same value (and body) within a day answers the same new secret.",
+            )
+        ],
+    )
+    @action(detail=True, methods=["post"])
+    def rotate(self, request: Request, pk: str | None = None) -> Response:
+        """A new secret for the key (answered once, in ``key``); the key keeps its id, limits and
+        usage, and the old secret works until ``previous_valid_until``."""
+        api_key = self.get_object()
+        require_manage(request.user, api_key.tenant)
+        data = validated(ApiKeyRotateSerializer, request)
+        idempotency = request.headers.get("Idempotency-Key", "").strip()
+        try:
+            api_key, secret = apikey_rotate(
+                api_key=api_key, grace_seconds=data["grace_seconds"], idempotency_key=idempotency
+            )
+        except DjangoValidationError as exc:
+            if getattr(exc, "code", None) == "idempotency_conflict":
+                return Response({"detail": " ".join(exc.messages)}, status=status.HTTP_409_CONFLICT)
+            raise
+        answer = ApiKeySerializer(api_key).data
+        answer["key"] = secret
+        until = api_key.previous_valid_until
+        answer["previous_valid_until"] = serializers.DateTimeField().to_representation(until) if until else None
+        return Response(answer)
 
     @extend_schema(responses={204: None})
     def destroy(self, request: Request, *args: Any, **kwargs: Any) -> Response:

@@ -7,7 +7,7 @@ from typing import Unpack
 from django.core.exceptions import ValidationError
 from django.db import IntegrityError, transaction
 
-from accounts.infra.audit import audit_change, audit_snapshot, audited_update
+from accounts.infra.audit import audit_fields, audited_update
 from tenancy.models import Tenant
 from tenancy.services.limits import TENANT_LIMIT_FIELDS, TenantLimits, limits_apply, limits_clean, limits_update
 
@@ -28,14 +28,7 @@ def tenant_create(*, slug: str, name: str = "", **limits: Unpack[TenantLimits]) 
     try:
         with transaction.atomic():
             tenant.save()
-            audit_change(
-                "tenant.create",
-                target=tenant,
-                before=None,
-                after=audit_snapshot(tenant, _AUDITED),
-                tenant_id=tenant.pk,
-                label=tenant.slug,
-            )
+            audit_fields("tenant.create", tenant, _AUDITED, None, tenant_id=tenant.pk, label=tenant.slug)
     except IntegrityError:
         # Lost a race with a concurrent create of the same slug.
         raise ValidationError(f"tenant {slug!r} already exists.", code="unique") from None

@@ -316,6 +316,28 @@ def test_revoked_key_is_refused_on_the_very_next_request(live_gw: Live) -> None:
     assert live_gw.post(body(), key=live_gw.outsider.key).status_code == 200, "other keys are unaffected"
 
 
+def test_a_rotated_keys_old_secret_works_for_the_grace_period_only(live_gw: Live) -> None:
+    from tenancy.services.keys import apikey_rotate
+
+    api_key, old = live_gw.new_key()
+    assert live_gw.post(body(), key=old).status_code == 200  # cached by the gateway now
+    api_key, new = apikey_rotate(api_key=api_key, grace_seconds=2)
+    assert api_key.previous_valid_until is not None
+    assert live_gw.post(body(), key=new).status_code == 200, "the new secret works at once"
+    assert live_gw.post(body(), key=old).status_code == 200, "the old one during the grace period"
+
+    def refused() -> bool:
+        return live_gw.post(body(), key=old).status_code == 401
+
+    poll(refused, timeout=10, interval=0.1, what="the end of the grace period")
+    assert time.time() >= api_key.previous_valid_until.timestamp()
+    assert live_gw.post(body(), key=new).status_code == 200
+    # Rotating without a grace period: the old secret is refused on the very next request.
+    api_key, newer = apikey_rotate(api_key=api_key)
+    assert_error(live_gw.post(body(), key=new), 401, "invalid_api_key")
+    assert live_gw.post(body(), key=newer).status_code == 200
+
+
 def test_expired_key_is_401(live_gw: Live) -> None:
     expires = datetime.now(UTC) + timedelta(seconds=1.5)
     _, secret = live_gw.new_key(expires_at=expires)

@@ -171,6 +171,7 @@ TENANCY_ROWS: dict[tuple[str, str], Row] = {
     ("GET", "/api/v1/keys/{id}/"): Row(members_only(200), key_t),
     ("PATCH", "/api/v1/keys/{id}/"): Row(managers_write(200), key_t, lambda w: {"name": "renamed", "rpm": 50}),
     ("DELETE", "/api/v1/keys/{id}/"): Row(managers_write(204), key_t),
+    ("POST", "/api/v1/keys/{id}/rotate/"): Row(managers_write(200), key_t, lambda w: {"grace_seconds": 60}),
     ("GET", "/api/v1/members/"): Row(everyone(200)),
     ("POST", "/api/v1/members/"): Row(
         managers_write(201), body=lambda w: {"tenant": "acme", "username": "newbie", "role": "viewer"}

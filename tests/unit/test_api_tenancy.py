@@ -189,3 +189,72 @@ def test_a_viewer_reads_no_audit_log_and_an_outsider_none_of_another_tenant(acme
     seen = {e["tenant_id"] for e in outsider.get("/api/v1/audit/").json()["results"]}
     assert acme.pk not in seen
     assert owner.get("/api/v1/audit/?action=apikey.create").json()["results"][0]["action"] == "apikey.create"
+
+
+def test_rotation_keeps_the_key_and_its_old_secret_for_the_grace_period(acme: Tenant) -> None:
+    from tenancy.selectors import apikeys_for_snapshot_by_prefix
+
+    admin = member(acme, "ann", "admin")
+    created = admin.post("/api/v1/keys/", {"tenant": "acme", "name": "ci", "rpm": 100}, format="json").json()
+    old_prefix = created["prefix"]
+    rotated = admin.post(f"/api/v1/keys/{created['id']}/rotate/", {"grace_seconds": 3600}, format="json")
+    assert rotated.status_code == 200
+    body = rotated.json()
+    assert body["id"] == created["id"]
+    assert body["rpm"] == 100
+    assert body["prefix"] != old_prefix
+    assert body["key"].startswith(body["prefix"])
+    assert body["previous_valid_until"] is not None
+    rows = apikeys_for_snapshot_by_prefix([old_prefix, body["prefix"]])
+    assert rows[old_prefix]["id"] == rows[body["prefix"]]["id"] == created["id"]
+    assert rows[old_prefix]["digest"] == key_digest(created["key"])
+    assert rows[body["prefix"]]["digest"] == key_digest(body["key"])
+    assert rows[old_prefix]["expires_at"] is not None  # the grace's end
+    entry = AuditEntry.objects.get(action="apikey.rotate")
+    assert entry.before == {
+        "prefix": old_prefix,
+        "previous_prefix": "",
+        "previous_valid_until": None,
+        "secret": "[secret]",
+    }
+    assert entry.after is not None
+    assert entry.after["prefix"] == body["prefix"]
+    assert entry.after["secret"] == "[changed]"
+    assert created["key"] not in str(entry.after) + str(entry.before)
+    assert body["key"] not in str(entry.after)
+    # Without a grace period, the old secret is gone at once.
+    again = admin.post(f"/api/v1/keys/{created['id']}/rotate/", {}, format="json").json()
+    rows = apikeys_for_snapshot_by_prefix([old_prefix, body["prefix"], again["prefix"]])
+    assert list(rows) == [again["prefix"]]
+
+
+def test_rotation_is_idempotent_with_an_idempotency_key(acme: Tenant) -> None:
+    admin = member(acme, "ann", "admin")
+    key_id = admin.post("/api/v1/keys/", {"tenant": "acme"}, format="json").json()["id"]
+    url = f"/api/v1/keys/{key_id}/rotate/"
+    first = admin.post(url, {"grace_seconds": 60}, format="json", HTTP_IDEMPOTENCY_KEY="rot-1")
+    retry = admin.post(url, {"grace_seconds": 60}, format="json", HTTP_IDEMPOTENCY_KEY="rot-1")
+    assert first.status_code == retry.status_code == 200
+    assert first.json()["key"] == retry.json()["key"]
+    assert AuditEntry.objects.filter(action="apikey.rotate").count() == 1
+    conflict = admin.post(url, {"grace_seconds": 5}, format="json", HTTP_IDEMPOTENCY_KEY="rot-1")
+    assert conflict.status_code == 409
+    other = admin.post(url, {"grace_seconds": 60}, format="json", HTTP_IDEMPOTENCY_KEY="rot-2")
+    assert other.json()["key"] != first.json()["key"]
+    row = ApiKey.objects.get(pk=key_id)
+    assert first.json()["key"] not in row.rotation_secret_encrypted  # kept encrypted
+    assert admin.post(url, {"grace_seconds": -1}, format="json").status_code == 400
+    assert admin.post(url, {"grace_seconds": 10**9}, format="json").status_code == 400
+
+
+def test_apikey_rotate_command_prints_the_new_secret_last(acme: Tenant) -> None:
+    from tenancy.services.keys import apikey_create
+    from tests.unit.test_commands import run
+
+    api_key, secret = apikey_create(tenant=acme)
+    out = run("apikey_rotate", api_key.prefix, "--grace-seconds", "30")
+    new = out.strip().splitlines()[-1]
+    api_key.refresh_from_db()
+    assert api_key.digest == key_digest(new)
+    assert api_key.previous_digest == key_digest(secret)
+    assert "works until" in out
