@@ -238,11 +238,13 @@ def limits_apply(obj: Tenant | ApiKey, cleaned: Mapping[str, Any]) -> list[str]:
 CAPPED_BY_TENANT = ("rpm", "tpm", "concurrency", "budget_tokens", "budget_usd")
 
 
-def limits_within_tenant(api_key: ApiKey) -> None:
-    """Refuse (ValidationError per field) a key limit above the same limit of its tenant."""
+def limits_within_tenant(api_key: ApiKey, names: Iterable[str] = CAPPED_BY_TENANT) -> None:
+    """Refuse (ValidationError per field) a key limit among ``names`` above the same limit of its
+    tenant. Only the limits being set are checked: a tenant limit an operator lowered later does
+    not block changing a key's other settings (the lower limit applies anyway)."""
     tenant = api_key.tenant
     errors: dict[str, str] = {}
-    for name in CAPPED_BY_TENANT:
+    for name in (n for n in CAPPED_BY_TENANT if n in set(names)):
         mine, cap = getattr(api_key, name), getattr(tenant, name)
         if mine is not None and cap is not None and mine > cap:
             errors[name] = f"{name} {mine} is above the tenant's own limit ({cap}); only an operator raises that."
@@ -274,7 +276,7 @@ def limits_update(obj: _Limited, cleaned: Mapping[str, Any]) -> _Limited:
         before = audit_snapshot(locked, fields)
         changed: list[str] = limits_apply(locked, cleaned)
         if isinstance(locked, ApiKey):
-            limits_within_tenant(locked)
+            limits_within_tenant(locked, cleaned)
         if changed:
             locked.save(update_fields=changed)
             label, tenant_id = audit_label(locked)

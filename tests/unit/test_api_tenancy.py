@@ -258,3 +258,11 @@ def test_apikey_rotate_command_prints_the_new_secret_last(acme: Tenant) -> None:
     assert api_key.digest == key_digest(new)
     assert api_key.previous_digest == key_digest(secret)
     assert "works until" in out
+
+
+def test_a_tenant_limit_lowered_later_does_not_block_a_keys_other_changes(acme: Tenant, operator: APIClient) -> None:
+    admin = member(acme, "ann", "admin")
+    key_id = admin.post("/api/v1/keys/", {"tenant": "acme", "rpm": 900}, format="json").json()["id"]
+    assert operator.patch(f"/api/v1/tenants/{acme.pk}/", {"rpm": 100}, format="json").status_code == 200
+    assert admin.patch(f"/api/v1/keys/{key_id}/", {"tpm": 5000}, format="json").status_code == 200
+    assert admin.patch(f"/api/v1/keys/{key_id}/", {"rpm": 800}, format="json").status_code == 400
