@@ -6,6 +6,7 @@ from datetime import datetime
 from decimal import Decimal
 from typing import Any
 
+from celery import current_app
 from django.core.exceptions import ValidationError
 from django.db import transaction
 from django.utils import timezone
@@ -13,6 +14,7 @@ from django.utils import timezone
 from accounts.infra.audit import audit_change, audit_snapshot
 from tenancy.models import PRICE_MAX_DIGITS, PRICE_PLACES, PriceVersion
 from tenancy.services.limits import aware_datetime_require, decimal_clean
+from tenancy.services.rollups import BILLING_RERATE_TASK
 
 
 def price_set(
@@ -31,7 +33,9 @@ def price_set(
     ``reasoning`` None: reasoning tokens cost the output price. ``effective_from`` (aware;
     default now) is when the version starts to apply: a request is priced with the version
     of greatest ``effective_from <= its time``. Earlier versions are kept (usage records
-    point at the one they were priced with); records already written keep their cost.
+    point at the one they were priced with); records already written keep their cost, and a
+    version effective in the past re-rates the billing rollups of the period it applies to
+    (the task ``billing_rerate``, queued on commit; see ``tenancy.services.rollups``).
     Announced to every replica like a key change.
     """
     model = model.strip() if isinstance(model, str) else ""
@@ -58,6 +62,9 @@ def price_set(
     with transaction.atomic():
         price.save()
         audit_change("price.set", target=price, before=None, after=audit_snapshot(price, _AUDITED), label=model)
+        if effective_from < timezone.now():
+            rerate = current_app.signature(BILLING_RERATE_TASK, args=(price.pk,))
+            transaction.on_commit(rerate.delay, robust=True)
     return price
 
 
