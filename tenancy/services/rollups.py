@@ -26,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import logging
+import threading
 import time
 from collections import defaultdict
 from collections.abc import Iterable, Iterator
@@ -86,23 +87,34 @@ class RollupResult:
         self.buckets += other.buckets
 
 
+_held = threading.local()
+
+
 @contextlib.contextmanager
 def billing_lock() -> Iterator[None]:
-    """One transaction holding the billing lock (see the module docstring)."""
-    if connection.vendor == "postgresql":
-        with transaction.atomic():
-            with connection.cursor() as cursor:
-                cursor.execute("SELECT pg_advisory_xact_lock(%s)", [_ADVISORY_LOCK_ID])
-            yield
-        return
-    path = Path(settings.DATA_DIR) / "billing.lock"
-    with open(path, "a+b") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
+    """One transaction holding the billing lock (see the module docstring); re-entrant."""
+    if getattr(_held, "depth", 0):
+        _held.depth += 1
         try:
             with transaction.atomic():
                 yield
         finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+            _held.depth -= 1
+        return
+    with contextlib.ExitStack() as stack:
+        if connection.vendor != "postgresql":
+            handle = stack.enter_context(open(Path(settings.DATA_DIR) / "billing.lock", "a+b"))
+            fcntl.flock(handle, fcntl.LOCK_EX)
+            stack.callback(fcntl.flock, handle, fcntl.LOCK_UN)
+        stack.enter_context(transaction.atomic())
+        if connection.vendor == "postgresql":
+            with connection.cursor() as cursor:
+                cursor.execute("SELECT pg_advisory_xact_lock(%s)", [_ADVISORY_LOCK_ID])
+        _held.depth = 1
+        try:
+            yield
+        finally:
+            _held.depth = 0
 
 
 def retention_start(now: datetime | None = None) -> datetime | None:
@@ -238,7 +250,7 @@ def _day_rebuild(day: date, zone_name: str, tenant_ids: list[int]) -> int:
             if measures is None:
                 measures = sums[key] = Measures()
             measures.add_row(row)
-        old = UsageRollupDay.objects.filter(tenant_id__in=ids, day=day)
+        old = UsageRollupDay.objects.filter(tenant_id__in=ids, day=day, time_zone=zone_name)
         old._raw_delete(old.db)
         UsageRollupDay.objects.bulk_create(
             (
@@ -255,26 +267,27 @@ def _day_rebuild(day: date, zone_name: str, tenant_ids: list[int]) -> int:
 def rollup_days_rebuild(*, tenant_id: int) -> int:
     """Rebuild every local day of a tenant in its (new) ``time_zone``; return the day rows written.
 
-    Until it is done, reports and statements read the tenant's 15-minute rows (exact, slower).
+    One transaction under the billing lock: readers see the old days (in the old zone, which
+    reports then read from the 15-minute rows) until the new ones are all there.
     """
-    tenant = Tenant.objects.filter(pk=tenant_id).first()
-    if tenant is None:
-        return 0
+    rows = 0
     with billing_lock():
+        tenant = Tenant.objects.filter(pk=tenant_id).first()
+        if tenant is None:
+            return 0
         old = UsageRollupDay.objects.filter(tenant_id=tenant_id)
         old._raw_delete(old.db)
         Tenant.objects.filter(pk=tenant_id).update(rollup_time_zone=tenant.time_zone)
-    span = UsageRollup.objects.filter(tenant_id=tenant_id).order_by()
-    first = span.order_by("bucket_start").values_list("bucket_start", flat=True).first()
-    last = span.order_by("-bucket_start").values_list("bucket_start", flat=True).first()
-    if first is None or last is None:
-        return 0
-    rows = 0
-    tz = zone(tenant.time_zone)
-    day = local_day(first, tz)
-    while day <= local_day(last, tz):
-        rows += _day_rebuild(day, tenant.time_zone, [tenant_id])
-        day += timedelta(days=1)
+        span = UsageRollup.objects.filter(tenant_id=tenant_id).order_by()
+        first = span.order_by("bucket_start").values_list("bucket_start", flat=True).first()
+        last = span.order_by("-bucket_start").values_list("bucket_start", flat=True).first()
+        if first is None or last is None:
+            return 0
+        tz = zone(tenant.time_zone)
+        day = local_day(first, tz)
+        while day <= local_day(last, tz):
+            rows += _day_rebuild(day, tenant.time_zone, [tenant_id])
+            day += timedelta(days=1)
     return rows
 
 
