@@ -10,6 +10,7 @@ from django.conf import settings
 from django.core.exceptions import ValidationError
 from django.core.validators import MaxValueValidator, MinValueValidator
 from django.db import models
+from django.db.models.functions import Coalesce
 
 # Largest budget in USD that budget_usd holds (max_digits=14, decimal_places=6).
 BUDGET_USD_MAX_DIGITS = 14
@@ -463,10 +464,10 @@ class UsageRollup(RollupMeasures):
             models.UniqueConstraint(
                 "bucket_start",
                 "tenant",
-                models.functions.Coalesce("api_key_id", models.Value(0)),
+                Coalesce("api_key_id", models.Value(0)),
                 "model",
-                models.functions.Coalesce("account_id", models.Value(0)),
-                models.functions.Coalesce("price_version", models.Value(0)),
+                Coalesce("account_id", models.Value(0)),
+                Coalesce("price_version", models.Value(0)),
                 name="tenancy_rollup_once",
             )
         ]

@@ -178,7 +178,9 @@ def report_check(query: ReportQuery) -> None:
         raise ReportError("to", f"at most {limit} {query.granularity} buckets per report ({count} asked).")
 
 
-def periods(start: datetime, end: datetime, tz: zoneinfo.ZoneInfo, granularity: str) -> list[tuple[datetime, ...]]:
+def periods(
+    start: datetime, end: datetime, tz: zoneinfo.ZoneInfo, granularity: str
+) -> list[tuple[datetime, datetime, datetime]]:
     """``(local period start, bucket start, bucket end)`` of each period overlapping ``[start, end)``;
     the first and last buckets are clipped to the range."""
     found = []

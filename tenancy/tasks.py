@@ -55,7 +55,7 @@ def budget_alert_deliver(alert_id: int) -> None:
 # an exponential backoff; each failure and retry is logged with the task's arguments.
 
 
-class BillingTask(Task):  # type: ignore[misc]
+class BillingTask(Task):
     autoretry_for = (DatabaseError,)
     retry_backoff = 10
     retry_backoff_max = 600

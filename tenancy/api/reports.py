@@ -34,7 +34,7 @@ from rest_framework.response import Response
 from rest_framework.views import APIView
 
 from accounts.infra.api import ApiViewMixin, IsOperator
-from tenancy.access import is_operator, tenant_ids_for, tenant_or_404, tenants_for
+from tenancy.access import is_operator, tenant_or_404, tenants_for
 from tenancy.api.base import ScopedViewSet, when
 from tenancy.billing import bucket_ceil, time_zone_validate
 from tenancy.models import Statement, Tenant
@@ -182,8 +182,9 @@ class UsageReportView(ApiViewMixin, APIView):
         if tenant is not None:
             tenant_ids: Sequence[int] | None = [tenant.pk]
         else:
-            scope = tenant_ids_for(request.user)
-            tenant_ids = None if scope is None else list(scope)
+            tenant_ids = (
+                None if is_operator(request.user) else list(tenants_for(request.user).values_list("id", flat=True))
+            )
         start, end = _range(request, 7)
         query = ReportQuery(
             tenant_ids=tenant_ids,

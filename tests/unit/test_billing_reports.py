@@ -144,7 +144,7 @@ def test_report_buckets_equal_a_direct_sum_over_the_records(
             local = billing.period_of(e["created_at"], tz, granularity)
             bucket_start = max(billing.local_to_utc(local, tz), start)
             expected[(int(bucket_start.timestamp()), Tenant.objects.get(pk=e["tenant_id"]).slug, e["api_key_id"])] += 1
-    got = Counter()
+    got: Counter[tuple[int, str, int]] = Counter()
     for bucket in report["data"]:
         for result in bucket["results"]:
             got[(bucket["start_time"], result["tenant"], result["api_key_id"])] += result["num_model_requests"]
