@@ -15,13 +15,14 @@ from django.conf import settings
 from django.db import DatabaseError
 
 from tenancy.models import BudgetAlert, PriceVersion
-from tenancy.services import alerts, rollups
+from tenancy.services import alerts, partitions, rollups
 from tenancy.services.rollups import (
     BILLING_DAYS_REBUILD_TASK,
     BILLING_RERATE_TASK,
     BILLING_ROLLUP_PERIOD_TASK,
     BILLING_ROLLUP_RECENT_TASK,
     BILLING_ROLLUP_SWEEP_TASK,
+    USAGE_PARTITIONS_MAINTAIN_TASK,
 )
 
 logger = logging.getLogger(__name__)
@@ -108,3 +109,11 @@ def billing_days_rebuild(tenant_id: int) -> None:
     """Rebuild a tenant's daily rollups in its time zone (after the time zone changed)."""
     rows = rollups.rollup_days_rebuild(tenant_id=tenant_id)
     logger.info("billing days of tenant %s rebuilt: %d rows", tenant_id, rows)
+
+
+@shared_task(base=BillingTask, name=USAGE_PARTITIONS_MAINTAIN_TASK)
+def usage_partitions_maintain() -> None:
+    """Create the coming months' usage partitions and drop those past the retention (PostgreSQL)."""
+    done = partitions.usage_partitions_maintain()
+    if done["created"] or done["dropped"]:
+        logger.info("usage partitions: created %s, dropped %s", done["created"], done["dropped"])

@@ -66,6 +66,7 @@ BILLING_ROLLUP_SWEEP_TASK = "tenancy.tasks.billing_rollup_sweep"
 BILLING_ROLLUP_PERIOD_TASK = "tenancy.tasks.billing_rollup_period"
 BILLING_RERATE_TASK = "tenancy.tasks.billing_rerate"
 BILLING_DAYS_REBUILD_TASK = "tenancy.tasks.billing_days_rebuild"
+USAGE_PARTITIONS_MAINTAIN_TASK = "tenancy.tasks.usage_partitions_maintain"
 # Records are read and rows written in chunks of this much time (one transaction each).
 CHUNK = timedelta(hours=6)
 _ADVISORY_LOCK_ID = 0x6269_6C6C  # "bill"
