@@ -59,6 +59,20 @@ def month_partitions_sql(first: datetime | None, last: datetime | None) -> list[
     ]
 
 
+def _partition_create(month: datetime) -> None:
+    """Create the partition of ``month``, moving in the rows the default partition holds for it
+    (rows that arrived while the partition was missing), then attach it."""
+    name, start, end = partition_name(month), month.isoformat(), _next_month(month).isoformat()
+    with transaction.atomic(), connection.cursor() as cursor:
+        cursor.execute(f"CREATE TABLE {name} (LIKE {TABLE} INCLUDING DEFAULTS INCLUDING CONSTRAINTS)")
+        cursor.execute(
+            f"WITH moved AS (DELETE FROM {TABLE}_default WHERE created_at >= %s AND created_at < %s RETURNING *) "
+            f"INSERT INTO {name} SELECT * FROM moved",
+            [start, end],
+        )
+        cursor.execute(f"ALTER TABLE {TABLE} ATTACH PARTITION {name} FOR VALUES FROM ('{start}') TO ('{end}')")
+
+
 def is_partitioned() -> bool:
     if connection.vendor != "postgresql":
         return False
@@ -77,7 +91,10 @@ def usage_partitions() -> list[str]:
 
 
 def usage_partitions_maintain(now: datetime | None = None, *, dry_run: bool = False) -> dict[str, list[str]]:
-    """Create the coming months' partitions, drop those past the retention; say which."""
+    """Create the coming months' partitions, drop those past the retention; say which.
+
+    ``now`` may be any instant: a partition is created for its month and the next
+    ``PARTITIONS_AHEAD`` months, so this also makes the partition of a past month."""
     done: dict[str, list[str]] = {"created": [], "dropped": [], "failed": []}
     if not is_partitioned():
         return done
@@ -86,15 +103,14 @@ def usage_partitions_maintain(now: datetime | None = None, *, dry_run: bool = Fa
     ahead = _month_start(now)
     for _ in range(PARTITIONS_AHEAD):
         ahead = _next_month(ahead)
-    for month, statement in zip(_months(now, ahead), month_partitions_sql(now, ahead), strict=True):
+    for month in _months(now, ahead):
         name = partition_name(month)
         if name in existing:
             continue
         if not dry_run:
             try:
-                with transaction.atomic(), connection.cursor() as cursor:
-                    cursor.execute(statement)
-            except DatabaseError as exc:  # e.g. rows of that month already sit in the default partition
+                _partition_create(month)
+            except DatabaseError as exc:
                 logger.error("usage partition %s could not be created: %s", name, exc)
                 done["failed"].append(name)
                 continue
@@ -111,6 +127,9 @@ def usage_partitions_maintain(now: datetime | None = None, *, dry_run: bool = Fa
             continue
         if not dry_run:
             with transaction.atomic(), connection.cursor() as cursor:
+                # Deferred foreign-key checks of rows written earlier in this transaction run now:
+                # PostgreSQL drops no table with pending trigger events.
+                cursor.execute("SET CONSTRAINTS ALL IMMEDIATE")
                 cursor.execute(f"ALTER TABLE {TABLE} DETACH PARTITION {name}")
                 cursor.execute(f"DROP TABLE {name}")
         logger.info("usage partition %s dropped (retention)", name)
