@@ -35,10 +35,11 @@ from collections import Counter
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
-from functools import lru_cache
 from typing import Any, NamedTuple
 
 from tenancy.pricing import PriceTable, billed_tokens, cost_pusd, rates_micro
+from tenancy.zones import time_zone_validate as time_zone_validate
+from tenancy.zones import zone as zone
 
 BUCKET_SECONDS = 900
 BUCKET = timedelta(seconds=BUCKET_SECONDS)
@@ -280,24 +281,6 @@ def _json_list(text: str) -> list[Any]:
 
 
 # Local time: a tenant's reporting time zone.
-
-
-def time_zone_validate(name: str) -> str:
-    """``name`` if it is an IANA time zone zoneinfo knows (e.g. "Europe/Paris"), else ValueError."""
-    text = str(name).strip()
-    if not text or text not in _available_zones():
-        raise ValueError(f"{name!r} is not an IANA time zone name such as UTC or Europe/Paris.")
-    return text
-
-
-@lru_cache(maxsize=1)
-def _available_zones() -> frozenset[str]:
-    return frozenset(zoneinfo.available_timezones()) | {"UTC"}
-
-
-@lru_cache(maxsize=512)
-def zone(name: str) -> zoneinfo.ZoneInfo:
-    return zoneinfo.ZoneInfo(name)
 
 
 def local_to_utc(local: datetime, tz: zoneinfo.ZoneInfo) -> datetime:

@@ -101,7 +101,7 @@ class LimitFields(models.Model):
 
 def validate_time_zone(value: Any) -> None:
     """An IANA time zone name zoneinfo knows (tenancy.billing.time_zone_validate)."""
-    from tenancy.billing import time_zone_validate
+    from tenancy.zones import time_zone_validate
 
     try:
         time_zone_validate(value)
