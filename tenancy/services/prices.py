@@ -14,7 +14,7 @@ from django.utils import timezone
 from accounts.infra.audit import audit_change, audit_snapshot
 from tenancy.models import PRICE_MAX_DIGITS, PRICE_PLACES, PriceVersion
 from tenancy.services.limits import aware_datetime_require, decimal_clean
-from tenancy.services.rollups import BILLING_RERATE_TASK
+from tenancy.services.rollups import BILLING_RERATE_TASK, data_as_of
 
 
 def price_set(
@@ -38,6 +38,40 @@ def price_set(
     (the task ``billing_rerate``, queued on commit; see ``tenancy.services.rollups``).
     Announced to every replica like a key change.
     """
+    price = price_validate(
+        model=model,
+        input=input,
+        cached_input=cached_input,
+        cache_write=cache_write,
+        output=output,
+        reasoning=reasoning,
+        effective_from=effective_from,
+    )
+    with transaction.atomic():
+        price.save()
+        audit_change("price.set", target=price, before=None, after=audit_snapshot(price, _AUDITED), label=price.model)
+        # Rollups already made past its start were priced without it: re-rate them.
+        rolled_up_to = data_as_of()
+        if rolled_up_to is not None and price.effective_from < rolled_up_to:
+            rerate = current_app.signature(BILLING_RERATE_TASK, args=(price.pk,))
+            transaction.on_commit(rerate.delay, robust=True)
+    return price
+
+
+_AUDITED = ("model", "input", "cached_input", "cache_write", "output", "reasoning", "effective_from")
+
+
+def price_validate(
+    *,
+    model: str,
+    input: Decimal | int | str,
+    cached_input: Decimal | int | str,
+    cache_write: Decimal | int | str,
+    output: Decimal | int | str,
+    reasoning: Decimal | int | str | None = None,
+    effective_from: datetime | None = None,
+) -> PriceVersion:
+    """The unsaved price version :func:`price_set` would add (ValidationError on bad input)."""
     model = model.strip() if isinstance(model, str) else ""
     if not model:
         raise ValidationError("model must be a non-empty model name.", code="invalid")
@@ -59,13 +93,4 @@ def price_set(
         reasoning=money("reasoning", reasoning) if reasoning is not None else None,
         effective_from=effective_from,
     )
-    with transaction.atomic():
-        price.save()
-        audit_change("price.set", target=price, before=None, after=audit_snapshot(price, _AUDITED), label=model)
-        if effective_from < timezone.now():
-            rerate = current_app.signature(BILLING_RERATE_TASK, args=(price.pk,))
-            transaction.on_commit(rerate.delay, robust=True)
     return price
-
-
-_AUDITED = ("model", "input", "cached_input", "cache_write", "output", "reasoning", "effective_from")

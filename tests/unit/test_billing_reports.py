@@ -14,13 +14,14 @@ from typing import Any
 import pytest
 from django.contrib.auth.models import User
 from django.core.exceptions import ValidationError
+from django.core.management import call_command
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from rest_framework.test import APIClient
 
 from gateway.conf.celery import app as celery_app
 from tenancy import billing
-from tenancy.models import ApiKey, Statement, Tenant, UsageRecord, UsageRollup, UsageRollupDay
+from tenancy.models import ApiKey, PriceVersion, Statement, Tenant, UsageRecord, UsageRollup, UsageRollupDay
 from tenancy.pricing import Price
 from tenancy.reports import ReportQuery, report_rows, usage_report
 from tenancy.services import rollups
@@ -387,6 +388,13 @@ def test_rerating_dry_run_then_recompute(
     assert by_tenant["acme"]["new_price_version_ids"] == ["new"]
     assert by_tenant["acme"]["current_price_version_ids"] == [world["price"].pk]
     assert UsageRollup.objects.filter(price_version=world["price"]).count() == 5  # nothing written
+    # The command's dry run says the same, and saves nothing either.
+    out = io.StringIO()
+    flags = ["--input", "4", "--cached-input", "1", "--cache-write", "3", "--output", "8"]
+    call_command("price_set", "m", *flags, "--effective-from", "2026-03-04", "--dry-run", stdout=out)
+    assert "Dry run: nothing saved" in out.getvalue()
+    assert f"acme: {by_tenant['acme']['current_cost_usd']} -> {by_tenant['acme']['new_cost_usd']} USD" in out.getvalue()
+    assert PriceVersion.objects.filter(model="m").count() == 1
 
     with django_capture_on_commit_callbacks(execute=True):
         new = price_set(
