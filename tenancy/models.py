@@ -10,6 +10,7 @@ from django.conf import settings
 from django.core.exceptions import ValidationError
 from django.core.validators import MaxValueValidator, MinValueValidator
 from django.db import models
+from django.db.models.functions import Coalesce
 
 # Largest budget in USD that budget_usd holds (max_digits=14, decimal_places=6).
 BUDGET_USD_MAX_DIGITS = 14
@@ -98,11 +99,26 @@ class LimitFields(models.Model):
             raise ValidationError("a budget window is only used with the fixed budget period.", code="invalid")
 
 
+def validate_time_zone(value: Any) -> None:
+    """An IANA time zone name zoneinfo knows (tenancy.billing.time_zone_validate)."""
+    from tenancy.zones import time_zone_validate
+
+    try:
+        time_zone_validate(value)
+    except ValueError as exc:
+        raise ValidationError(str(exc), code="invalid") from None
+
+
 class Tenant(LimitFields):
     slug = models.SlugField(max_length=64, unique=True)
     name = models.CharField(max_length=200)
     is_active = models.BooleanField(default=True)
     created_at = models.DateTimeField(auto_now_add=True)
+    # Reporting time zone: the tenant's days, months and statements follow it (tenancy.billing).
+    time_zone = models.CharField(max_length=64, default="UTC", validators=[validate_time_zone])
+    # The time zone its daily rollups (UsageRollupDay) are built in: equal to time_zone except
+    # while a change of time_zone is being rebuilt (tenancy.services.rollups.rollup_days_rebuild).
+    rollup_time_zone = models.CharField(max_length=64, default="UTC")
 
     def __str__(self) -> str:
         return self.slug
@@ -396,3 +412,149 @@ class AuditEntry(models.Model):
 
     def delete(self, *args: Any, **kwargs: Any) -> tuple[int, dict[str, int]]:
         raise PermissionError("the audit log is append-only")
+
+
+class RollupMeasures(models.Model):
+    """What a rollup row sums (tenancy.billing.COUNT_FIELDS, HIST_FIELDS).
+
+    Token counts per billed kind (tenancy.pricing.billed_tokens): ``input_tokens`` of the
+    Responses usage = uncached + cached + cache write, ``output_tokens`` = visible + reasoning.
+    ``cost_pusd``: exact cost in pico-USD (1e-12 USD) at the row's price version.
+    Histograms: sparse log-scale latency and time-to-first-byte bins (tenancy.billing).
+    """
+
+    requests = models.BigIntegerField(default=0)
+    errors = models.BigIntegerField(default=0)
+    failed_attempts = models.BigIntegerField(default=0)
+    unknown_usage = models.BigIntegerField(default=0)
+    input_uncached_tokens = models.BigIntegerField(default=0)
+    input_cached_tokens = models.BigIntegerField(default=0)
+    input_cache_write_tokens = models.BigIntegerField(default=0)
+    output_visible_tokens = models.BigIntegerField(default=0)
+    output_reasoning_tokens = models.BigIntegerField(default=0)
+    cost_pusd = models.BigIntegerField(default=0)
+    latency_hist = models.JSONField(default=dict)
+    ttfb_hist = models.JSONField(default=dict)
+
+    class Meta:
+        abstract = True
+
+
+class UsageRollup(RollupMeasures):
+    """Usage per 15-minute UTC bucket and (tenant, key, model, upstream account, price version).
+
+    Derived from the usage records only, never incremented: tenancy.services.rollups
+    recomputes whole buckets (delete and insert in one transaction). Key and account are plain
+    ids (null: none), so a deleted key or account keeps its history.
+    """
+
+    bucket_start = models.DateTimeField()
+    tenant = models.ForeignKey(Tenant, on_delete=models.CASCADE, related_name="+")
+    api_key_id = models.BigIntegerField(null=True)
+    model = models.CharField(max_length=200)
+    account_id = models.BigIntegerField(null=True)
+    price_version = models.ForeignKey(PriceVersion, on_delete=models.PROTECT, null=True, related_name="+")
+
+    class Meta:
+        indexes = [
+            models.Index(fields=["bucket_start"], name="tenancy_rollup_bucket"),
+            models.Index(fields=["tenant", "bucket_start"], name="tenancy_rollup_tenant_bucket"),
+        ]
+        constraints = [
+            models.UniqueConstraint(
+                "bucket_start",
+                "tenant",
+                Coalesce("api_key_id", models.Value(0)),
+                "model",
+                Coalesce("account_id", models.Value(0)),
+                Coalesce("price_version", models.Value(0)),
+                name="tenancy_rollup_once",
+            )
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.tenant_id} {self.model} at {self.bucket_start.isoformat()}"
+
+
+class UsageRollupDay(RollupMeasures):
+    """The 15-minute rollups of one local day of the tenant (in ``time_zone``), summed: what
+    day and month reports and statements read. Rebuilt from UsageRollup whenever one of the
+    day's buckets is recomputed."""
+
+    day = models.DateField()
+    time_zone = models.CharField(max_length=64)
+    tenant = models.ForeignKey(Tenant, on_delete=models.CASCADE, related_name="+")
+    api_key_id = models.BigIntegerField(null=True)
+    model = models.CharField(max_length=200)
+    account_id = models.BigIntegerField(null=True)
+    price_version = models.ForeignKey(PriceVersion, on_delete=models.PROTECT, null=True, related_name="+")
+
+    class Meta:
+        indexes = [
+            models.Index(fields=["tenant", "day"], name="tenancy_rollupday_tenant_day"),
+            models.Index(fields=["time_zone", "day"], name="tenancy_rollupday_tz_day"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.tenant_id} {self.model} on {self.day.isoformat()}"
+
+
+class BillingState(models.Model):
+    """Named progress markers of the billing jobs, e.g. ``rollup``: the highest usage record id
+    rolled up so far (the watermark) and the start of the last complete run (data as of)."""
+
+    name = models.CharField(max_length=32, unique=True)
+    last_record_id = models.BigIntegerField(default=0)
+    as_of = models.DateTimeField(null=True)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    def __str__(self) -> str:
+        return self.name
+
+
+class StatementQuerySet(models.QuerySet["Statement"]):
+    """Closed statements are immutable: bulk updates and deletes are refused."""
+
+    def update(self, **kwargs: Any) -> int:
+        raise PermissionError("a closed statement is immutable")
+
+    def delete(self) -> tuple[int, dict[str, int]]:
+        raise PermissionError("a closed statement is immutable")
+
+
+class Statement(models.Model):
+    """A tenant's closed monthly statement (tenancy.services.statements.statement_close).
+
+    ``lines``: the line items (model, price version, token kind, tokens, rate, amount);
+    ``adjustments``: corrections of earlier closed statements found when this one was closed;
+    amounts in pico-USD (``*_pusd``). Immutable once written: the model and its queryset
+    refuse any change; a later correction appears as an adjustment on a later statement.
+    """
+
+    tenant = models.ForeignKey(Tenant, on_delete=models.PROTECT, related_name="statements")
+    month = models.CharField(max_length=7)  # YYYY-MM in time_zone
+    time_zone = models.CharField(max_length=64)
+    period_start = models.DateTimeField()
+    period_end = models.DateTimeField()
+    closed_at = models.DateTimeField(auto_now_add=True)
+    data_as_of = models.DateTimeField(null=True)
+    lines = models.JSONField(default=list)
+    adjustments = models.JSONField(default=list)
+    totals = models.JSONField(default=dict)
+    price_version_ids = models.JSONField(default=list)
+
+    objects = StatementQuerySet.as_manager()
+
+    class Meta:
+        constraints = [models.UniqueConstraint(fields=["tenant", "month"], name="tenancy_statement_once")]
+
+    def __str__(self) -> str:
+        return f"{self.tenant_id} {self.month}"
+
+    def save(self, *args: Any, **kwargs: Any) -> None:
+        if self.pk is not None:
+            raise PermissionError("a closed statement is immutable")
+        super().save(*args, **kwargs)
+
+    def delete(self, *args: Any, **kwargs: Any) -> tuple[int, dict[str, int]]:
+        raise PermissionError("a closed statement is immutable")

@@ -145,15 +145,10 @@ def cost_usd(usage: Mapping[str, int | None], price: PriceRow) -> Decimal | None
     are an unknown cost, not zero). A missing *detail* (cached, cache write, reasoning)
     counts as 0, i.e. those tokens are billed at the base input/output rate.
     """
-    input_tokens = _tokens(usage, "input_tokens")
-    output_tokens = _tokens(usage, "output_tokens")
-    if input_tokens is None or output_tokens is None:
+    billed = billed_tokens(usage)
+    if billed is None:
         return None
-    cached = min(_tokens(usage, "cached_tokens") or 0, input_tokens)
-    cache_write = min(_tokens(usage, "cache_write_tokens") or 0, input_tokens - cached)
-    uncached = input_tokens - cached - cache_write
-    reasoning = min(_tokens(usage, "reasoning_tokens") or 0, output_tokens)
-    visible = output_tokens - reasoning
+    uncached, cached, cache_write, visible, reasoning = billed
     reasoning_price = price.reasoning if price.reasoning is not None else price.output
     micro = (
         uncached * price.input
@@ -163,6 +158,45 @@ def cost_usd(usage: Mapping[str, int | None], price: PriceRow) -> Decimal | None
         + reasoning * reasoning_price
     )
     return (micro / _MILLION).quantize(_COST_QUANTUM, rounding=ROUND_HALF_UP)
+
+
+# The token kinds a usage is billed in, each at its own rate (see billed_tokens).
+BILLED_KINDS = ("input", "cached_input", "cache_write", "output", "reasoning")
+
+
+def billed_tokens(usage: Mapping[str, int | None]) -> tuple[int, int, int, int, int] | None:
+    """The tokens of ``usage`` per billed kind, as :func:`cost_usd` carves them, or None when unknown.
+
+    ``(uncached input, cached input, cache write, visible output, reasoning)``: they add up to
+    ``input_tokens + output_tokens`` exactly (a detail larger than its total is clamped to it).
+    """
+    input_tokens = _tokens(usage, "input_tokens")
+    output_tokens = _tokens(usage, "output_tokens")
+    if input_tokens is None or output_tokens is None:
+        return None
+    cached = min(_tokens(usage, "cached_tokens") or 0, input_tokens)
+    cache_write = min(_tokens(usage, "cache_write_tokens") or 0, input_tokens - cached)
+    reasoning = min(_tokens(usage, "reasoning_tokens") or 0, output_tokens)
+    return input_tokens - cached - cache_write, cached, cache_write, output_tokens - reasoning, reasoning
+
+
+def rates_micro(price: PriceRow) -> tuple[int, int, int, int, int]:
+    """The price's rates per :data:`BILLED_KINDS` in micro-USD per million tokens (exact integers:
+    prices have 6 decimals), i.e. pico-USD per token."""
+    reasoning = price.reasoning if price.reasoning is not None else price.output
+    rates = (price.input, price.cached_input, price.cache_write, price.output, reasoning)
+    return tuple(int((Decimal(rate) * _MILLION).to_integral_value()) for rate in rates)  # type: ignore[return-value]
+
+
+def cost_pusd(billed: tuple[int, int, int, int, int], rates: tuple[int, int, int, int, int]) -> int:
+    """The exact cost of ``billed`` tokens (:func:`billed_tokens`) in pico-USD (1e-12 USD), unrounded:
+    :func:`cost_usd` is this rounded half-up to nano-dollars."""
+    return sum(tokens * rate for tokens, rate in zip(billed, rates, strict=True))
+
+
+def pusd_to_usd(pusd: int) -> Decimal:
+    """Pico-USD back to USD (exact)."""
+    return Decimal(pusd).scaleb(-12)
 
 
 def usd_to_micros(amount: Decimal) -> int:
@@ -282,3 +316,7 @@ class PriceTable:
 
     def __len__(self) -> int:
         return sum(len(rows) for _, rows in self._by_model.values())
+
+    def versions(self) -> list[Price]:
+        """Every price version of the table."""
+        return [price for _, rows in self._by_model.values() for price in rows]

@@ -6,11 +6,26 @@ import this module; tenancy/apps.py imports it so every process has the tasks re
 
 from __future__ import annotations
 
-from celery import shared_task
-from django.conf import settings
+import logging
+from datetime import datetime
+from typing import Any
 
-from tenancy.models import BudgetAlert
-from tenancy.services import alerts
+from celery import Task, shared_task
+from django.conf import settings
+from django.db import DatabaseError
+
+from tenancy.models import BudgetAlert, PriceVersion
+from tenancy.services import alerts, partitions, rollups
+from tenancy.services.rollups import (
+    BILLING_DAYS_REBUILD_TASK,
+    BILLING_RERATE_TASK,
+    BILLING_ROLLUP_PERIOD_TASK,
+    BILLING_ROLLUP_RECENT_TASK,
+    BILLING_ROLLUP_SWEEP_TASK,
+    USAGE_PARTITIONS_MAINTAIN_TASK,
+)
+
+logger = logging.getLogger(__name__)
 
 
 @shared_task(
@@ -34,3 +49,71 @@ def budget_alert_deliver(alert_id: int) -> None:
     if alert is None:
         return
     alerts.budget_alert_deliver(alert=alert, url=url)
+
+
+# Billing (tenancy.services.rollups). Every task recomputes from the records, so running one
+# twice (a retry, a duplicate delivery) gives the same rows. Database errors are retried with
+# an exponential backoff; each failure and retry is logged with the task's arguments.
+
+
+class BillingTask(Task):
+    autoretry_for = (DatabaseError,)
+    retry_backoff = 10
+    retry_backoff_max = 600
+    retry_jitter = True
+    max_retries = 6
+    ignore_result = True
+
+    def on_retry(self, exc: BaseException, task_id: str, args: Any, kwargs: Any, einfo: Any) -> None:
+        logger.warning("billing task %s%s will be retried (id %s): %r", self.name, tuple(args), task_id, exc)
+
+    def on_failure(self, exc: BaseException, task_id: str, args: Any, kwargs: Any, einfo: Any) -> None:
+        logger.error("billing task %s%s failed (id %s): %r", self.name, tuple(args), task_id, exc)
+
+
+def _log_result(what: str, result: rollups.RollupResult) -> None:
+    logger.info("%s: %d records, %d bucket rows, %d day rows", what, result.records, result.rows, result.days)
+
+
+@shared_task(base=BillingTask, name=BILLING_ROLLUP_RECENT_TASK)
+def billing_rollup_recent() -> None:
+    """Roll up every record inserted since the last run (the beat schedule runs it every few minutes)."""
+    _log_result("billing rollup", rollups.rollup_recent())
+
+
+@shared_task(base=BillingTask, name=BILLING_ROLLUP_SWEEP_TASK)
+def billing_rollup_sweep() -> None:
+    """Recompute the last GATEWAY_BILLING_SWEEP_HOURS hours (daily)."""
+    _log_result("billing sweep", rollups.rollup_sweep())
+
+
+@shared_task(base=BillingTask, name=BILLING_ROLLUP_PERIOD_TASK)
+def billing_rollup_period(start: str, end: str, model: str | None = None) -> None:
+    """Recompute ``[start, end)`` (ISO instants), only ``model``'s rows if given."""
+    result = rollups.rollup_period(start=datetime.fromisoformat(start), end=datetime.fromisoformat(end), model=model)
+    _log_result(f"billing rollup {start}..{end} {model or ''}", result)
+
+
+@shared_task(base=BillingTask, name=BILLING_RERATE_TASK)
+def billing_rerate(price_version_id: int) -> None:
+    """Re-rate the period price version ``price_version_id`` applies to (added with a past date)."""
+    price = PriceVersion.objects.filter(pk=price_version_id).first()
+    if price is None:
+        return
+    start, end = rollups.rerate_range(price.model, price.effective_from, exclude_id=price.pk)
+    _log_result(f"billing re-rate of {price.model}", rollups.rollup_period(start=start, end=end, model=price.model))
+
+
+@shared_task(base=BillingTask, name=BILLING_DAYS_REBUILD_TASK)
+def billing_days_rebuild(tenant_id: int) -> None:
+    """Rebuild a tenant's daily rollups in its time zone (after the time zone changed)."""
+    rows = rollups.rollup_days_rebuild(tenant_id=tenant_id)
+    logger.info("billing days of tenant %s rebuilt: %d rows", tenant_id, rows)
+
+
+@shared_task(base=BillingTask, name=USAGE_PARTITIONS_MAINTAIN_TASK)
+def usage_partitions_maintain() -> None:
+    """Create the coming months' usage partitions and drop those past the retention (PostgreSQL)."""
+    done = partitions.usage_partitions_maintain()
+    if done["created"] or done["dropped"]:
+        logger.info("usage partitions: created %s, dropped %s", done["created"], done["dropped"])

@@ -329,3 +329,21 @@ LOGGING = {
     "root": {"handlers": ["console"], "level": env_str("LOG_LEVEL", "INFO")},
     "loggers": {"httpx": {"level": "WARNING"}, "daphne": {"level": "WARNING"}, "axes": {"level": "WARNING"}},
 }
+
+# Billing (docs/billing.md). The beat task rolls up recent usage this often (seconds).
+GATEWAY_BILLING_ROLLUP_SECONDS = env_float("GATEWAY_BILLING_ROLLUP_SECONDS", 120.0, minimum=5.0)
+# Record ids re-read below the last run's highest id (batches committed after a higher id was seen).
+GATEWAY_BILLING_ID_OVERLAP = env_int("GATEWAY_BILLING_ID_OVERLAP", 50_000, minimum=0)
+# Hours recomputed once a day by the sweep task, a safety net for records no run saw (0: no sweep).
+GATEWAY_BILLING_SWEEP_HOURS = env_int("GATEWAY_BILLING_SWEEP_HOURS", 48, minimum=0)
+# Days of usage records kept (0: forever). On PostgreSQL older monthly partitions are dropped
+# (never DELETEd); their rollups and statements stay.
+GATEWAY_USAGE_RETENTION_DAYS = env_int("GATEWAY_USAGE_RETENTION_DAYS", 0, minimum=0)
+CELERY_BEAT_SCHEDULE = {
+    "billing-rollup-recent": {
+        "task": "tenancy.tasks.billing_rollup_recent",
+        "schedule": GATEWAY_BILLING_ROLLUP_SECONDS,
+    },
+    "billing-rollup-sweep": {"task": "tenancy.tasks.billing_rollup_sweep", "schedule": 86_400.0},
+    "usage-partitions-maintain": {"task": "tenancy.tasks.usage_partitions_maintain", "schedule": 3_600.0},
+}

@@ -12,14 +12,18 @@ from typing import Any
 
 from django.db import transaction
 from django.db.models import QuerySet
-from drf_spectacular.utils import OpenApiParameter, extend_schema, extend_schema_view
+from django.utils import timezone
+from drf_spectacular.utils import OpenApiParameter, OpenApiResponse, extend_schema, extend_schema_view
 from rest_framework import mixins, serializers, status, viewsets
+from rest_framework.decorators import action
 from rest_framework.request import Request
 from rest_framework.response import Response
 
 from accounts.infra.api import ApiViewMixin, IdCursorPagination, IsOperator
 from tenancy.models import PRICE_MAX_DIGITS, PRICE_PLACES, PriceVersion
+from tenancy.pricing import Price
 from tenancy.services.prices import price_set
+from tenancy.services.rollups import rerate_preview
 
 
 class PriceSerializer(serializers.ModelSerializer[PriceVersion]):
@@ -74,3 +78,25 @@ class PriceViewSet(ApiViewMixin, mixins.ListModelMixin, mixins.RetrieveModelMixi
         with transaction.atomic():
             price = price_set(**body.validated_data)
         return Response(PriceSerializer(price).data, status=status.HTTP_201_CREATED)
+
+    @extend_schema(
+        request=PriceCreateSerializer,
+        responses={200: OpenApiResponse(description="Per tenant: current and new cost of the affected period.")},
+    )
+    @action(detail=False, methods=["post"])
+    def preview(self, request: Request) -> Response:
+        """Dry run of adding this price version: what re-rating would change, per tenant. Saves nothing."""
+        body = PriceCreateSerializer(data=request.data)
+        body.is_valid(raise_exception=True)
+        data = body.validated_data
+        candidate = Price(
+            id=0,
+            model=data["model"].strip(),
+            input=data["input"],
+            cached_input=data["cached_input"],
+            cache_write=data["cache_write"],
+            output=data["output"],
+            reasoning=data.get("reasoning"),
+            effective_from=data.get("effective_from") or timezone.now(),
+        )
+        return Response(rerate_preview(candidate))

@@ -10,6 +10,7 @@ from tenancy.api.logs import AuditViewSet, UsageRecordViewSet
 from tenancy.api.me import MeView
 from tenancy.api.members import MemberViewSet
 from tenancy.api.prices import PriceViewSet
+from tenancy.api.reports import ReconciliationView, StatementViewSet, UsageReportView
 from tenancy.api.tenants import TenantViewSet
 from tenancy.api.tokens import TokenViewSet
 
@@ -21,5 +22,11 @@ router.register("members", MemberViewSet, basename="member")
 router.register("prices", PriceViewSet, basename="price")
 router.register("audit", AuditViewSet, basename="audit")
 router.register("usage/records", UsageRecordViewSet, basename="usage-record")
+router.register("statements", StatementViewSet, basename="statement")
 
-urlpatterns = [path("me", MeView.as_view(), name="me"), *router.urls]
+urlpatterns = [
+    path("me", MeView.as_view(), name="me"),
+    path("reports/usage", UsageReportView.as_view(), name="report-usage"),
+    path("reports/reconciliation", ReconciliationView.as_view(), name="report-reconciliation"),
+    *router.urls,
+]

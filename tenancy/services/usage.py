@@ -162,7 +162,10 @@ def usage_records_write(events: Sequence[Mapping[str, Any]]) -> int:
 
 
 def _usage_insert_sql() -> str:
-    """INSERT ... ON CONFLICT (request_id) DO NOTHING, valid for SQLite and PostgreSQL."""
+    """INSERT ... ON CONFLICT DO NOTHING, valid for SQLite and PostgreSQL.
+
+    No conflict target: on PostgreSQL the usage table is partitioned (migration 0008) and its
+    unique key is ``(request_id, created_at)``; a replayed event carries both unchanged."""
     quote = connection.ops.quote_name
     columns = (
         "request_id",
@@ -184,10 +187,7 @@ def _usage_insert_sql() -> str:
     )
     names = ", ".join(quote(column) for column in columns)
     marks = ", ".join(["%s"] * len(columns))
-    return (
-        f"INSERT INTO {quote(UsageRecord._meta.db_table)} ({names}) VALUES ({marks}) "
-        f"ON CONFLICT ({quote('request_id')}) DO NOTHING"
-    )
+    return f"INSERT INTO {quote(UsageRecord._meta.db_table)} ({names}) VALUES ({marks}) ON CONFLICT DO NOTHING"
 
 
 def _bump_last_used(latest: Mapping[int, datetime]) -> None:

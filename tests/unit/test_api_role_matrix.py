@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
@@ -25,10 +26,11 @@ from drf_spectacular.generators import SchemaGenerator
 from rest_framework.test import APIClient
 
 from accounts.services import model_route_set, pool_get_or_create, upstream_account_create
-from tenancy.models import AccessToken, ApiKey, AuditEntry, Membership, Tenant, UsageRecord
+from tenancy.models import AccessToken, ApiKey, AuditEntry, Membership, Statement, Tenant, UsageRecord
 from tenancy.services.keys import apikey_create
 from tenancy.services.members import member_add
 from tenancy.services.prices import price_set
+from tenancy.services.rollups import rollup_recent
 from tenancy.services.tokens import access_token_create, access_token_revoke
 
 pytestmark = pytest.mark.django_db
@@ -151,6 +153,28 @@ def usage_record_t(world: World, who: str) -> dict[str, Any]:
     return {"id": record.pk}
 
 
+def last_month() -> str:
+    first = timezone.now().replace(day=1)
+    return (first - timedelta(days=1)).strftime("%Y-%m")
+
+
+def closable_month(world: World) -> dict[str, Any]:
+    rollup_recent()  # the rollups are complete up to now: last month can close
+    return {"tenant": "acme", "month": last_month()}
+
+
+def statement_t(world: World, who: str) -> dict[str, Any]:
+    statement = Statement.objects.create(
+        tenant=world.tenant,
+        month="2026-01",
+        time_zone="UTC",
+        period_start=datetime(2026, 1, 1, tzinfo=UTC),
+        period_end=datetime(2026, 2, 1, tzinfo=UTC),
+        totals={"amount_pusd": 0, "amount_usd": "0", "requests": 0, "unknown_usage_requests": 0, "tokens": 0},
+    )
+    return {"id": statement.pk}
+
+
 def members_only(status: int) -> tuple[int, ...]:
     """An object of tenant T: its members (and operators) read it, the outsider gets 404."""
     return people(status, status, status, status, 404)
@@ -184,6 +208,13 @@ TENANCY_ROWS: dict[tuple[str, str], Row] = {
     ("GET", "/api/v1/audit/{id}/"): Row(people(200, 200, 200, 404, 404), audit_entry_t),
     ("GET", "/api/v1/usage/records/"): Row(everyone(200)),
     ("GET", "/api/v1/usage/records/{id}/"): Row(members_only(200), usage_record_t),
+    # Billing (docs/billing.md): reports and statements of the caller's tenants.
+    ("GET", "/api/v1/reports/usage"): Row(everyone(200)),
+    ("GET", "/api/v1/reports/reconciliation"): Row(operators_only(200)),
+    ("GET", "/api/v1/statements/"): Row(everyone(200)),
+    ("POST", "/api/v1/statements/"): Row(operators_only(201), body=closable_month),
+    ("GET", "/api/v1/statements/{id}/"): Row(members_only(200), statement_t),
+    ("GET", "/api/v1/tenants/{id}/statement/"): Row(members_only(200), tenant_t),
 }
 
 
@@ -236,6 +267,7 @@ ACCOUNTS_ROWS: dict[tuple[str, str], Row] = {
     ("GET", "/api/v1/prices/"): Row(operators_only(200)),
     ("POST", "/api/v1/prices/"): Row(operators_only(201), body=lambda w: dict(PRICE, model="m")),
     ("GET", "/api/v1/prices/{id}/"): Row(operators_only(200), a_price),
+    ("POST", "/api/v1/prices/preview/"): Row(operators_only(200), body=lambda w: dict(PRICE, model="m")),
     ("GET", "/api/v1/routes/"): Row(operators_only(200)),
     ("POST", "/api/v1/routes/"): Row(operators_only(201), body=route_body),
     ("GET", "/api/v1/routes/{id}/"): Row(operators_only(200), a_route),

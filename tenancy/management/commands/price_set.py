@@ -1,8 +1,10 @@
 """python manage.py price_set MODEL --input X --cached-input X --cache-write X --output X
-[--reasoning X] [--effective-from ISO-DATE]
+[--reasoning X] [--effective-from ISO-DATE] [--dry-run]
 
 Adds a price version (USD per million tokens); earlier versions are kept. Requests are
-priced with the version of greatest effective-from <= their time (tenancy.pricing).
+priced with the version of greatest effective-from <= their time (tenancy.pricing). A version
+effective in the past re-rates the billing rollups of its period (docs/billing.md);
+--dry-run saves nothing and shows what that re-rating would change, per tenant.
 """
 
 from __future__ import annotations
@@ -13,7 +15,9 @@ from typing import Any
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
 from accounts.management.refusals import exit_on_refusal
-from tenancy.services.prices import price_set
+from tenancy.pricing import Price
+from tenancy.services.prices import price_set, price_validate
+from tenancy.services.rollups import rerate_preview
 
 _REQUIRED = (
     ("input", "--input"),
@@ -50,6 +54,9 @@ class Command(BaseCommand):
             metavar="ISO-DATE",
             help="When the price starts to apply, e.g. 2026-02-01 (no offset: UTC; default: now).",
         )
+        parser.add_argument(
+            "--dry-run", action="store_true", help="Save nothing; show the re-rating it would cause, per tenant."
+        )
 
     def handle(self, *args: Any, **options: Any) -> None:
         for dest, flag in _REQUIRED:
@@ -66,6 +73,9 @@ class Command(BaseCommand):
                 ) from None
             if effective_from.tzinfo is None:
                 effective_from = effective_from.replace(tzinfo=UTC)
+        if options["dry_run"]:
+            self._dry_run(options, effective_from)
+            return
         with exit_on_refusal():
             price = price_set(
                 model=options["model"],
@@ -82,3 +92,38 @@ class Command(BaseCommand):
             f"input {price.input:f}, cached input {price.cached_input:f}, cache write {price.cache_write:f}, "
             f"output {price.output:f}, reasoning {reasoning}."
         )
+
+    def _dry_run(self, options: dict[str, Any], effective_from: datetime | None) -> None:
+        with exit_on_refusal():
+            row = price_validate(
+                model=options["model"],
+                input=str(options["input"]),
+                cached_input=str(options["cached_input"]),
+                cache_write=str(options["cache_write"]),
+                output=str(options["output"]),
+                reasoning=str(options["reasoning"]) if options["reasoning"] is not None else None,
+                effective_from=effective_from,
+            )
+        candidate = Price(
+            id=0,
+            model=row.model,
+            input=row.input,
+            cached_input=row.cached_input,
+            cache_write=row.cache_write,
+            output=row.output,
+            reasoning=row.reasoning,
+            effective_from=row.effective_from,
+        )
+        preview = rerate_preview(candidate)
+        self.stdout.write(
+            f"Dry run: nothing saved. Re-rating {preview['model']} from {preview['from']} to {preview['to']} "
+            f"(data as of {preview['data_as_of'] or 'never'}):"
+        )
+        for tenant in preview["tenants"]:
+            self.stdout.write(
+                f"  {tenant['tenant']}: {tenant['current_cost_usd']} -> {tenant['new_cost_usd']} USD "
+                f"({tenant['difference_usd']}), price versions {tenant['current_price_version_ids']} -> "
+                f"{tenant['new_price_version_ids']}"
+            )
+        if not preview["tenants"]:
+            self.stdout.write("  no usage of that model in that period.")
