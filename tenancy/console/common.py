@@ -93,7 +93,14 @@ def confirm(
     return render(
         request,
         "console/confirm.html",
-        {"title": title, "message": message, "button": button, "cancel_url": cancel_url, "form": form, "danger": danger},
+        {
+            "title": title,
+            "message": message,
+            "button": button,
+            "cancel_url": cancel_url,
+            "form": form,
+            "danger": danger,
+        },
     )
 
 
