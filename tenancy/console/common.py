@@ -15,7 +15,7 @@ from django.contrib import messages
 from django.core.exceptions import ValidationError
 from django.core.paginator import Page, Paginator
 from django.db.models import Model, QuerySet
-from django.http import Http404, HttpRequest, HttpResponse
+from django.http import Http404, HttpRequest, HttpResponse, HttpResponseNotAllowed
 from django.shortcuts import redirect, render
 
 from accounts.infra.api import request_id_of
@@ -79,6 +79,11 @@ def operator_view(view: View) -> View:
     return wrapper
 
 
+def only_post(request: HttpRequest) -> HttpResponse | None:
+    """405 unless a POST: called after the lookups, so an outsider gets 404 whatever the method."""
+    return None if request.method == "POST" else HttpResponseNotAllowed(["POST"])
+
+
 def confirm(
     request: HttpRequest,
     *,
@@ -114,8 +119,9 @@ def service_errors(form: forms.BaseForm, error: ValidationError, field_of: Mappi
             form.add_error(field if field in form.fields else None, errors)
         return
     text = " ".join(error.messages)
+    lowered = text.lower()
     for name, field in field_of.items():
-        if name.replace("_", " ") in text.lower() and field in form.fields:
+        if (name in lowered or name.replace("_", " ") in lowered) and field in form.fields:
             form.add_error(field, text)
             return
     form.add_error(None, text)

@@ -19,7 +19,12 @@ from tenancy.selectors import usage_summary
 from tenancy.services.keys import apikey_create, apikey_details_set, apikey_revoke, apikey_rotate, apikey_update
 
 # A service's field names that the key form shows under another field.
-_FIELDS = {"budget window": "budget_window_start", "allowed models": "allowed_models", "expires_at": "expires_at"}
+_FIELDS = {
+    "budget_window": "budget_window_start",
+    "budget window": "budget_window_start",
+    "allowed models": "allowed_models",
+    "expires_at": "expires_at",
+}
 
 
 def _key(request: HttpRequest, slug: str, key_id: int) -> tuple[Tenant, ApiKey]:

@@ -9,10 +9,9 @@ from django.db import transaction
 from django.db.models import Count, Q
 from django.http import HttpRequest, HttpResponse
 from django.shortcuts import get_object_or_404, redirect, render
-from django.views.decorators.http import require_POST
 
 from tenancy.access import can_manage, is_operator, require_manage, role_for, tenant_or_404, tenants_for
-from tenancy.console.common import confirm, console_view, done, service_errors, table
+from tenancy.console.common import confirm, only_post, console_view, done, service_errors, table
 from tenancy.console.forms import LimitsForm, MemberAddForm, MemberRoleForm, TenantCreateForm, TenantEditForm
 from tenancy.models import Membership, Role, Tenant
 from tenancy.services.members import member_add, member_remove, member_role_set
@@ -99,7 +98,15 @@ def tenant_edit(request: HttpRequest, slug: str) -> HttpResponse:
                 tenant_update(tenant=tenant, **form.limits())  # type: ignore[misc]
         except ValidationError as error:
             tenant.refresh_from_db()
-            service_errors(form, error, {"budget window": "budget_window_start", "budget_usd": "budget_usd"})
+            service_errors(
+                form,
+                error,
+                {
+                    "budget_window": "budget_window_start",
+                    "budget window": "budget_window_start",
+                    "budget_usd": "budget_usd",
+                },
+            )
         else:
             return done(request, "Limits and budget saved.", "console:tenant", tenant.slug)
     context = {"title": f"Limits and budget of {tenant.name}", "form": form, "submit": "Save", "tenant": tenant}
@@ -124,9 +131,10 @@ def tenant_suspend(request: HttpRequest, slug: str) -> HttpResponse:
 
 
 @console_view
-@require_POST
 def tenant_resume(request: HttpRequest, slug: str) -> HttpResponse:
     tenant = tenant_or_404(request.user, slug)
+    if (refused := only_post(request)) is not None:
+        return refused
     _operator_only(request)
     tenant_details_set(tenant=tenant, is_active=True)
     return done(request, f"Tenant {tenant.slug} resumed.", "console:tenant", tenant.slug)
@@ -140,9 +148,10 @@ def _check_owner_rights(request: HttpRequest, tenant: Tenant, *roles: str) -> No
 
 
 @console_view
-@require_POST
 def member_new(request: HttpRequest, slug: str) -> HttpResponse:
     tenant = tenant_or_404(request.user, slug)
+    if (refused := only_post(request)) is not None:
+        return refused
     require_manage(request.user, tenant)
     form = MemberAddForm(request.POST)
     if form.is_valid():
@@ -171,9 +180,10 @@ def _membership(request: HttpRequest, slug: str, member_id: int) -> Membership:
 
 
 @console_view
-@require_POST
 def member_role(request: HttpRequest, slug: str, member_id: int) -> HttpResponse:
     membership = _membership(request, slug, member_id)
+    if (refused := only_post(request)) is not None:
+        return refused
     form = MemberRoleForm(request.POST)
     if not form.is_valid():
         require_manage(request.user, membership.tenant)

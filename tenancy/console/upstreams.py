@@ -15,7 +15,6 @@ from django.db import transaction
 from django.db.models import Count, Q
 from django.http import HttpRequest, HttpResponse
 from django.shortcuts import get_object_or_404, redirect, render
-from django.views.decorators.http import require_POST
 
 from accounts.health.machine import Health, State
 from accounts.models import AccountTransition, ModelRoute, Pool, UpstreamAccount
@@ -32,7 +31,7 @@ from accounts.services import (
     upstream_account_set_enabled,
     upstream_account_update,
 )
-from tenancy.console.common import confirm, done, operator_view, service_errors, table
+from tenancy.console.common import confirm, only_post, done, operator_view, service_errors, table
 from tenancy.console.forms import (
     AccountEditForm,
     AccountForm,
@@ -201,9 +200,10 @@ def account_detail(request: HttpRequest, account_id: int) -> HttpResponse:
 
 
 @operator_view
-@require_POST
 def account_enable(request: HttpRequest, account_id: int) -> HttpResponse:
     account = get_object_or_404(UpstreamAccount, pk=account_id)
+    if (refused := only_post(request)) is not None:
+        return refused
     upstream_account_set_enabled(account=account, enabled=True)
     return done(request, f"{account} enabled: it takes traffic again.", "console:account", account.pk)
 
@@ -226,10 +226,11 @@ def account_disable(request: HttpRequest, account_id: int) -> HttpResponse:
 
 
 @operator_view
-@require_POST
 def account_test(request: HttpRequest, account_id: int) -> HttpResponse:
     """The same probe as POST /api/v1/accounts/{id}/test/; an htmx request gets the answer alone."""
     account = get_object_or_404(UpstreamAccount, pk=account_id)
+    if (refused := only_post(request)) is not None:
+        return refused
     try:
         answer: Any = upstream_account_probe(account=account)
     except ValidationError as error:
