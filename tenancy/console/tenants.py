@@ -11,7 +11,7 @@ from django.http import HttpRequest, HttpResponse
 from django.shortcuts import get_object_or_404, redirect, render
 
 from tenancy.access import can_manage, is_operator, require_manage, role_for, tenant_or_404, tenants_for
-from tenancy.console.common import confirm, only_post, console_view, done, service_errors, table
+from tenancy.console.common import confirm, console_view, done, only_post, service_errors, table
 from tenancy.console.forms import LimitsForm, MemberAddForm, MemberRoleForm, TenantCreateForm, TenantEditForm
 from tenancy.models import Membership, Role, Tenant
 from tenancy.services.members import member_add, member_remove, member_role_set
@@ -55,7 +55,7 @@ def tenant_new(request: HttpRequest) -> HttpResponse:
     form = TenantCreateForm(request.POST or None)
     if request.method == "POST" and form.is_valid():
         try:
-            tenant = tenant_create(slug=form.cleaned_data["slug"], name=form.cleaned_data["name"], **form.limits())  # type: ignore[misc]
+            tenant = tenant_create(slug=form.cleaned_data["slug"], name=form.cleaned_data["name"], **form.limits())
         except ValidationError as error:
             service_errors(form, error, {"slug": "slug"})
         else:
@@ -95,7 +95,7 @@ def tenant_edit(request: HttpRequest, slug: str) -> HttpResponse:
         try:
             with transaction.atomic():
                 tenant_details_set(tenant=tenant, name=form.cleaned_data["name"])
-                tenant_update(tenant=tenant, **form.limits())  # type: ignore[misc]
+                tenant_update(tenant=tenant, **form.limits())
         except ValidationError as error:
             tenant.refresh_from_db()
             service_errors(

@@ -31,7 +31,7 @@ from accounts.services import (
     upstream_account_set_enabled,
     upstream_account_update,
 )
-from tenancy.console.common import confirm, only_post, done, operator_view, service_errors, table
+from tenancy.console.common import confirm, done, only_post, operator_view, service_errors, table
 from tenancy.console.forms import (
     AccountEditForm,
     AccountForm,

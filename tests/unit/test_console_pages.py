@@ -5,12 +5,15 @@ anything outside the caller's tenants (or the supply side, for a non-operator) i
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from datetime import timedelta
 from decimal import Decimal
+from pathlib import Path
 
 import pytest
 from django.contrib.auth.models import User
+from django.contrib.staticfiles import finders
 from django.core.cache import cache
 from django.test import Client
 from django.utils import timezone
@@ -48,8 +51,18 @@ def operator() -> Client:
     return signed_in("olga")
 
 
+@dataclasses.dataclass
+class World:
+    mine: Tenant
+    theirs: Tenant
+    key: ApiKey
+    other_key: ApiKey
+    account: UpstreamAccount
+    route: ModelRoute
+
+
 @pytest.fixture
-def world() -> dict[str, object]:
+def world() -> World:
     """Two tenants with a key each, members of each role in ``mine``, an admin of ``theirs``,
     a pool with an account, a route and a price."""
     mine = tenant_create(slug="mine", name="Mine")
@@ -64,7 +77,14 @@ def world() -> dict[str, object]:
     account = upstream_account_create(pool=pool, base_url="http://127.0.0.1:9/v1", api_key=CREDENTIAL, models=["m1"])
     route = model_route_set(model="alias", targets=[("main", "m1")])
     price_set(model="m1", input="1", cached_input="0.5", cache_write="1", output="2")
-    return {"mine": mine, "theirs": theirs, "key": key, "other_key": other_key, "account": account, "route": route}
+    return World(mine=mine, theirs=theirs, key=key, other_key=other_key, account=account, route=route)
+
+
+def secret_on(html: str) -> str:
+    """The secret a key page shows once."""
+    found = re.search(r'<output id="secret-value"[^>]*>([^<]+)</output>', html)
+    assert found is not None
+    return found.group(1)
 
 
 def write_marks(html: str) -> int:
@@ -88,11 +108,12 @@ def write_marks(html: str) -> int:
 def test_the_vendored_and_own_assets_are_served_by_the_gateway(path: str) -> None:
     response = Client().get(path)
     assert response.status_code == 200
-    assert b"".join(response.streaming_content) if response.streaming else response.content  # type: ignore[attr-defined]
+    body = b"".join(response.streaming_content) if response.streaming else response.content  # type: ignore[attr-defined]
+    assert body == (finders.find(path.removeprefix("/static/")) or Path()).read_bytes()
 
 
-def test_no_page_has_an_inline_script_or_style(operator: Client, world: dict[str, object]) -> None:
-    account = world["account"]
+def test_no_page_has_an_inline_script_or_style(operator: Client, world: World) -> None:
+    account = world.account
     for path in [
         "/console/",
         "/console/tenants/",
@@ -101,7 +122,7 @@ def test_no_page_has_an_inline_script_or_style(operator: Client, world: dict[str
         f"/console/accounts/{account.pk}/",
         "/console/models/",
         "/console/security/",
-    ]:  # type: ignore[attr-defined]
+    ]:
         html = operator.get(path).content.decode()
         for tag in re.findall(r"<script[^>]*>", html):
             assert ' src="/static/' in tag or 'type="application/json"' in tag, (path, tag)
@@ -112,8 +133,8 @@ def test_no_page_has_an_inline_script_or_style(operator: Client, world: dict[str
 # --- the outsider gets 404 everywhere (table-driven) ---------------------------------------
 
 
-def _tenant_pages(world: dict[str, object]) -> list[str]:
-    other = world["other_key"]
+def _tenant_pages(world: World) -> list[str]:
+    other = world.other_key
     member = Membership.objects.get(user__username="tess")
     return [
         "/console/tenants/theirs/",
@@ -125,49 +146,49 @@ def _tenant_pages(world: dict[str, object]) -> list[str]:
         f"/console/tenants/theirs/members/{member.pk}/remove/",
         "/console/tenants/theirs/keys/",
         "/console/tenants/theirs/keys/new/",
-        f"/console/tenants/theirs/keys/{other.pk}/",  # type: ignore[attr-defined]
-        f"/console/tenants/theirs/keys/{other.pk}/rotate/",  # type: ignore[attr-defined]
-        f"/console/tenants/theirs/keys/{other.pk}/revoke/",  # type: ignore[attr-defined]
+        f"/console/tenants/theirs/keys/{other.pk}/",
+        f"/console/tenants/theirs/keys/{other.pk}/rotate/",
+        f"/console/tenants/theirs/keys/{other.pk}/revoke/",
         # a key of their tenant under a tenant of mine is not found either
-        f"/console/tenants/mine/keys/{other.pk}/",  # type: ignore[attr-defined]
-        f"/console/tenants/mine/keys/{other.pk}/revoke/",  # type: ignore[attr-defined]
+        f"/console/tenants/mine/keys/{other.pk}/",
+        f"/console/tenants/mine/keys/{other.pk}/revoke/",
         "/console/?tenant=theirs",
     ]
 
 
-def _operator_pages(world: dict[str, object]) -> list[str]:
-    account = world["account"]
-    route = world["route"]
+def _operator_pages(world: World) -> list[str]:
+    account = world.account
+    route = world.route
     return [
         "/console/pools/",
         "/console/pools/main/",
         "/console/pools/main/delete/",
         "/console/accounts/new/",
-        f"/console/accounts/{account.pk}/",  # type: ignore[attr-defined]
-        f"/console/accounts/{account.pk}/enable/",  # type: ignore[attr-defined]
-        f"/console/accounts/{account.pk}/disable/",  # type: ignore[attr-defined]
-        f"/console/accounts/{account.pk}/test/",  # type: ignore[attr-defined]
+        f"/console/accounts/{account.pk}/",
+        f"/console/accounts/{account.pk}/enable/",
+        f"/console/accounts/{account.pk}/disable/",
+        f"/console/accounts/{account.pk}/test/",
         "/console/models/",
-        f"/console/models/routes/{route.pk}/delete/",  # type: ignore[attr-defined]
+        f"/console/models/routes/{route.pk}/delete/",
     ]
 
 
 @pytest.mark.parametrize("username", ["owen", "adam", "vera"])
 @pytest.mark.parametrize("method", ["get", "post"])
-def test_every_page_outside_the_callers_tenants_is_404(world: dict[str, object], username: str, method: str) -> None:
+def test_every_page_outside_the_callers_tenants_is_404(world: World, username: str, method: str) -> None:
     client = signed_in(username)
     for path in [*_tenant_pages(world), *_operator_pages(world)]:
         response = getattr(client, method)(path)
         assert response.status_code == 404, (username, method, path, response.status_code)
     # ... and nothing changed
     assert Tenant.objects.get(slug="theirs").is_active
-    assert ApiKey.objects.get(pk=world["other_key"].pk).revoked_at is None  # type: ignore[attr-defined]
-    assert UpstreamAccount.objects.get(pk=world["account"].pk).enabled  # type: ignore[attr-defined]
+    assert ApiKey.objects.get(pk=world.other_key.pk).revoked_at is None
+    assert UpstreamAccount.objects.get(pk=world.account.pk).enabled
     assert ModelRoute.objects.filter(model="alias").exists()
     assert Pool.objects.filter(name="main").exists()
 
 
-def test_an_anonymous_visit_to_any_page_goes_to_the_login_page(world: dict[str, object]) -> None:
+def test_an_anonymous_visit_to_any_page_goes_to_the_login_page(world: World) -> None:
     client = Client()
     for path in [*_tenant_pages(world), *_operator_pages(world), "/console/tenants/", "/console/security/"]:
         response = client.get(path)
@@ -178,15 +199,15 @@ def test_an_anonymous_visit_to_any_page_goes_to_the_login_page(world: dict[str, 
 # --- viewers read only ------------------------------------------------------------------------
 
 
-def test_a_viewer_sees_no_change_button_and_every_write_is_refused(world: dict[str, object]) -> None:
+def test_a_viewer_sees_no_change_button_and_every_write_is_refused(world: World) -> None:
     viewer = signed_in("vera")
-    key = world["key"]
+    key = world.key
     pages = [
         "/console/tenants/",
         "/console/tenants/mine/",
         "/console/tenants/mine/keys/",
         f"/console/tenants/mine/keys/{key.pk}/",
-    ]  # type: ignore[attr-defined]
+    ]
     for path in pages:
         page = viewer.get(path)
         assert page.status_code == 200, path
@@ -202,24 +223,26 @@ def test_a_viewer_sees_no_change_button_and_every_write_is_refused(world: dict[s
         f"/console/tenants/mine/members/{member.pk}/role/": {"role": "viewer"},
         f"/console/tenants/mine/members/{member.pk}/remove/": {},
         "/console/tenants/mine/keys/new/": {"name": "sneaky"},
-        f"/console/tenants/mine/keys/{key.pk}/": {"name": "renamed"},  # type: ignore[attr-defined]
-        f"/console/tenants/mine/keys/{key.pk}/rotate/": {"grace_seconds": "0"},  # type: ignore[attr-defined]
-        f"/console/tenants/mine/keys/{key.pk}/revoke/": {},  # type: ignore[attr-defined]
+        f"/console/tenants/mine/keys/{key.pk}/": {"name": "renamed"},
+        f"/console/tenants/mine/keys/{key.pk}/rotate/": {"grace_seconds": "0"},
+        f"/console/tenants/mine/keys/{key.pk}/revoke/": {},
     }
     for path, body in writes.items():
         assert viewer.post(path, body).status_code == 403, path
-    key.refresh_from_db()  # type: ignore[attr-defined]
-    assert key.revoked_at is None and key.name == "mine key"  # type: ignore[attr-defined]
+    key.refresh_from_db()
+    assert key.revoked_at is None
+    assert key.name == "mine key"
     assert Tenant.objects.get(slug="mine").is_active
     assert not User.objects.filter(username="mallory").exists()
     assert Membership.objects.get(pk=member.pk).role == Role.ADMIN
 
 
-def test_a_tenant_admin_manages_keys_and_members_but_not_limits_or_the_owner_role(world: dict[str, object]) -> None:
+def test_a_tenant_admin_manages_keys_and_members_but_not_limits_or_the_owner_role(world: World) -> None:
     admin = signed_in("adam")
     page = admin.get("/console/tenants/mine/").content.decode()
     assert write_marks(page) > 0
-    assert "Edit limits and budget" not in page and "Suspend" not in page
+    assert "Edit limits and budget" not in page
+    assert "Suspend" not in page
     assert admin.get("/console/tenants/mine/edit/").status_code == 403
     assert admin.post("/console/tenants/mine/suspend/").status_code == 403
     assert admin.get("/console/tenants/new/").status_code == 403
@@ -254,7 +277,8 @@ def test_an_operator_creates_a_tenant_with_errors_next_to_the_fields(operator: C
             "budget_soft_percent": "80",
         },
     )
-    assert made.status_code == 302 and made["Location"] == "/console/tenants/acme/"
+    assert made.status_code == 302
+    assert made["Location"] == "/console/tenants/acme/"
     tenant = Tenant.objects.get(slug="acme")
     assert (tenant.rpm, tenant.budget_usd) == (60, Decimal("12.50"))
     duplicate = operator.post("/console/tenants/new/", {"slug": "acme", "budget_period": "month"})
@@ -273,7 +297,8 @@ def test_an_operator_edits_limits_suspends_and_resumes_a_tenant(operator: Client
     tenant = Tenant.objects.get(slug="acme")
     assert (tenant.name, tenant.tpm, tenant.budget_period) == ("Acme Corp", 1000, "day")
     confirm = operator.get("/console/tenants/acme/suspend/")
-    assert confirm.status_code == 200 and "Suspend tenant" in confirm.content.decode()
+    assert confirm.status_code == 200
+    assert "Suspend tenant" in confirm.content.decode()
     assert Tenant.objects.get(slug="acme").is_active  # a GET only asks
     assert operator.post("/console/tenants/acme/suspend/").status_code == 302
     assert not Tenant.objects.get(slug="acme").is_active
@@ -315,7 +340,7 @@ def test_a_key_is_created_with_its_secret_shown_once_then_edited_rotated_and_rev
     )
     assert created.status_code == 200
     html = created.content.decode()
-    secret = re.search(r'<output id="secret-value"[^>]*>([^<]+)</output>', html).group(1)  # type: ignore[union-attr]
+    secret = secret_on(html)
     assert 'data-copy="secret-value"' in html
     key = ApiKey.objects.get(name="ci")
     assert key.digest == key_digest(secret)
@@ -326,7 +351,8 @@ def test_a_key_is_created_with_its_secret_shown_once_then_edited_rotated_and_rev
         ["low", "medium"],
     )
     detail = operator.get(f"/console/tenants/acme/keys/{key.pk}/").content.decode()
-    assert secret not in detail and key.prefix in detail
+    assert secret not in detail
+    assert key.prefix in detail
     assert secret not in operator.get("/console/tenants/acme/keys/").content.decode()
     edited = operator.post(
         f"/console/tenants/acme/keys/{key.pk}/", {"name": "ci-2", "allowed_models": "", "budget_period": "week"}
@@ -336,9 +362,10 @@ def test_a_key_is_created_with_its_secret_shown_once_then_edited_rotated_and_rev
     assert (key.name, key.allowed_models, key.rpm, key.budget_period) == ("ci-2", [], None, "week")
     assert "Grace period" in operator.get(f"/console/tenants/acme/keys/{key.pk}/rotate/").content.decode()
     rotated = operator.post(f"/console/tenants/acme/keys/{key.pk}/rotate/", {"grace_seconds": "3600"})
-    new_secret = re.search(r'<output id="secret-value"[^>]*>([^<]+)</output>', rotated.content.decode()).group(1)  # type: ignore[union-attr]
+    new_secret = secret_on(rotated.content.decode())
     key.refresh_from_db()
-    assert key.digest == key_digest(new_secret) and key.previous_valid_until is not None
+    assert key.digest == key_digest(new_secret)
+    assert key.previous_valid_until is not None
     assert "keeps working until" in rotated.content.decode()
     assert operator.get(f"/console/tenants/acme/keys/{key.pk}/revoke/").status_code == 200
     assert ApiKey.objects.get(pk=key.pk).revoked_at is None
@@ -359,7 +386,8 @@ def test_an_operator_manages_pools_and_accounts_with_a_write_only_credential(ope
         "/console/accounts/new/",
         {"pool": "main", "base_url": "ftp://x", "models": "m1", "weight": "1", "priority": "0"},
     )
-    assert bad.status_code == 400 and "base URL must be http" in bad.content.decode()
+    assert bad.status_code == 400
+    assert "base URL must be http" in bad.content.decode()
     made = operator.post(
         "/console/accounts/new/",
         {
@@ -377,7 +405,8 @@ def test_an_operator_manages_pools_and_accounts_with_a_write_only_credential(ope
     assert made.status_code == 302
     account = UpstreamAccount.objects.get(name="primary")
     assert (account.models, account.weight, account.priority, account.max_concurrency) == (["m1", "m2"], 3, 1, 4)
-    assert account.credential_encrypted and CREDENTIAL not in account.credential_encrypted
+    assert account.credential_encrypted
+    assert CREDENTIAL not in account.credential_encrypted
     for path in ["/console/pools/", "/console/pools/main/", f"/console/accounts/{account.pk}/", "/console/"]:
         html = operator.get(path).content.decode()
         assert CREDENTIAL not in html, path
@@ -386,7 +415,8 @@ def test_an_operator_manages_pools_and_accounts_with_a_write_only_credential(ope
     assert operator.get(f"/console/accounts/{account.pk}/disable/").status_code == 200
     assert operator.post(f"/console/accounts/{account.pk}/disable/", {"reason": "quota"}).status_code == 302
     account.refresh_from_db()
-    assert not account.enabled and account.disabled_reason == "quota"
+    assert not account.enabled
+    assert account.disabled_reason == "quota"
     page = operator.get(f"/console/accounts/{account.pk}/").content.decode()
     assert "disabled by operator: quota" in page
     assert operator.post(f"/console/accounts/{account.pk}/enable/").status_code == 302
@@ -411,24 +441,29 @@ def test_an_operator_manages_pools_and_accounts_with_a_write_only_credential(ope
     assert "in use by 1 account" in refused.content.decode()
 
 
-def test_the_test_button_runs_the_api_probe_and_shows_its_answer(operator: Client, world: dict[str, object]) -> None:
-    account = world["account"]
-    full = operator.post(f"/console/accounts/{account.pk}/test/")  # type: ignore[attr-defined]
+def test_the_test_button_runs_the_api_probe_and_shows_its_answer(operator: Client, world: World) -> None:
+    account = world.account
+    full = operator.post(f"/console/accounts/{account.pk}/test/")
     assert full.status_code == 200
     html = full.content.decode()
-    assert "Test answer" in html and "no_answer" in html and "<h1>" in html
-    partial = operator.post(f"/console/accounts/{account.pk}/test/", headers={"HX-Request": "true"})  # type: ignore[attr-defined]
-    assert "no_answer" in partial.content.decode() and "<html" not in partial.content.decode()
+    assert "Test answer" in html
+    assert "no_answer" in html
+    assert "<h1>" in html
+    partial = operator.post(f"/console/accounts/{account.pk}/test/", headers={"HX-Request": "true"})
+    assert "no_answer" in partial.content.decode()
+    assert "<html" not in partial.content.decode()
     assert CREDENTIAL not in html
     assert AuditEntry.objects.filter(action="account.test", source="console").count() == 2
-    assert operator.get(f"/console/accounts/{account.pk}/test/").status_code == 405  # type: ignore[attr-defined]
+    assert operator.get(f"/console/accounts/{account.pk}/test/").status_code == 405
 
 
-def test_the_models_page_sets_routes_and_price_versions(operator: Client, world: dict[str, object]) -> None:
+def test_the_models_page_sets_routes_and_price_versions(operator: Client, world: World) -> None:
     page = operator.get("/console/models/").content.decode()
-    assert "alias" in page and "current" in page
+    assert "alias" in page
+    assert "current" in page
     bad = operator.post("/console/models/", {"route-model": "fast", "route-targets": "nopool:m1"})
-    assert bad.status_code == 400 and "unknown pool" in bad.content.decode()
+    assert bad.status_code == 400
+    assert "unknown pool" in bad.content.decode()
     ok = operator.post("/console/models/", {"route-model": "fast", "route-targets": "main:m1\nmain:m2"})
     assert ok.status_code == 302
     assert [t.upstream_model for t in ModelRoute.objects.get(model="fast").targets.all()] == ["m1", "m2"]
@@ -442,7 +477,8 @@ def test_the_models_page_sets_routes_and_price_versions(operator: Client, world:
     assert operator.post("/console/models/", price).status_code == 302
     assert PriceVersion.objects.filter(model="m1").count() == 2
     page = operator.get("/console/models/").content.decode()
-    assert page.count('badge active">current') == 1 and "earlier" in page
+    assert page.count('badge active">current') == 1
+    assert "earlier" in page
     route = ModelRoute.objects.get(model="fast")
     assert operator.post(f"/console/models/routes/{route.pk}/delete/").status_code == 302
     assert not ModelRoute.objects.filter(model="fast").exists()
@@ -471,34 +507,40 @@ def _usage(tenant: Tenant, key: ApiKey, n: int, *, status: int = 200, minutes_ag
     )
 
 
-def test_the_overview_selector_aggregates_a_time_range_of_the_given_tenants(world: dict[str, object]) -> None:
-    mine, theirs = world["mine"], world["theirs"]
-    _usage(mine, world["key"], 18)  # type: ignore[arg-type]
-    _usage(mine, world["key"], 2, status=502, model="m2")  # type: ignore[arg-type]
-    _usage(mine, world["key"], 7, minutes_ago=60 * 30)  # type: ignore[arg-type]  # outside 24 h
-    _usage(theirs, world["other_key"], 5)  # type: ignore[arg-type]
+def test_the_overview_selector_aggregates_a_time_range_of_the_given_tenants(world: World) -> None:
+    mine, theirs = world.mine, world.theirs
+    _usage(mine, world.key, 18)
+    _usage(mine, world.key, 2, status=502, model="m2")
+    _usage(mine, world.key, 7, minutes_ago=60 * 30)  # outside 24 h
+    _usage(theirs, world.other_key, 5)
     end = timezone.now()
-    seen = usage_overview(tenant_ids=[mine.pk], start=end - timedelta(hours=24), end=end, bucket="hour")  # type: ignore[attr-defined]
+    seen = usage_overview(tenant_ids=[mine.pk], start=end - timedelta(hours=24), end=end, bucket="hour")
     assert (seen["requests"], seen["errors"], seen["tokens"]) == (20, 2, 200)
     assert seen["error_rate"] == pytest.approx(0.1)
     assert seen["cost"] == Decimal("0.020")
     # 1..18 and 1..2 sorted: the 10th and 19th values (nearest rank)
     assert (seen["latency_p50"], seen["latency_p95"]) == (8.0, 17.0)
-    assert len(seen["series"]) in (24, 25) and sum(row["requests"] for row in seen["series"]) == 20
+    assert len(seen["series"]) in (24, 25)
+    assert sum(row["requests"] for row in seen["series"]) == 20
     assert [m["model"] for m in seen["top_models"]] == ["m1", "m2"]
     assert seen["top_keys"][0]["requests"] == 20
     everyone = usage_overview(tenant_ids=None, start=end - timedelta(hours=24), end=end, bucket="hour")
     assert everyone["requests"] == 25
-    empty = usage_overview(tenant_ids=[mine.pk], start=end - timedelta(minutes=1), end=end, bucket="minute")  # type: ignore[attr-defined]
-    assert empty["requests"] == 0 and empty["latency_p50"] is None and empty["error_rate"] is None
+    empty = usage_overview(tenant_ids=[mine.pk], start=end - timedelta(minutes=1), end=end, bucket="minute")
+    assert empty["requests"] == 0
+    assert empty["latency_p50"] is None
+    assert empty["error_rate"] is None
 
 
-def test_the_overview_page_shows_the_callers_figures_and_a_chart(world: dict[str, object], operator: Client) -> None:
-    _usage(world["mine"], world["key"], 4)  # type: ignore[arg-type]
-    _usage(world["theirs"], world["other_key"], 3)  # type: ignore[arg-type]
+def test_the_overview_page_shows_the_callers_figures_and_a_chart(world: World, operator: Client) -> None:
+    _usage(world.mine, world.key, 4)
+    _usage(world.theirs, world.other_key, 3)
     owner = signed_in("owen").get("/console/?range=1h").content.decode()
-    assert "<dd>4</dd>" in owner and 'id="overview-series"' in owner and "uPlot.iife.min.js" in owner
-    assert "their key" not in owner and "Upstream health" not in owner
+    assert "<dd>4</dd>" in owner
+    assert 'id="overview-series"' in owner
+    assert "uPlot.iife.min.js" in owner
+    assert "their key" not in owner
+    assert "Upstream health" not in owner
     assert "<dd>7</dd>" in operator.get("/console/").content.decode()
     assert "<dd>3</dd>" in operator.get("/console/?tenant=theirs").content.decode()
     assert "Upstream health" in operator.get("/console/").content.decode()
@@ -506,4 +548,5 @@ def test_the_overview_page_shows_the_callers_figures_and_a_chart(world: dict[str
     assert "<dd>3</dd>" in quiet
     tenant_create(slug="quiet", name="Quiet")
     empty = operator.get("/console/?tenant=quiet").content.decode()
-    assert "No request in this range for Quiet" in empty and 'id="overview-series"' not in empty
+    assert "No request in this range for Quiet" in empty
+    assert 'id="overview-series"' not in empty
