@@ -109,7 +109,9 @@ def test_the_vendored_and_own_assets_are_served_by_the_gateway(path: str) -> Non
     response = Client().get(path)
     assert response.status_code == 200
     body = b"".join(response.streaming_content) if response.streaming else response.content  # type: ignore[attr-defined]
-    assert body == (finders.find(path.removeprefix("/static/")) or Path()).read_bytes()
+    found = finders.find(path.removeprefix("/static/"))
+    assert isinstance(found, str)
+    assert body == Path(found).read_bytes()
 
 
 def test_no_page_has_an_inline_script_or_style(operator: Client, world: World) -> None:
