@@ -83,11 +83,8 @@ def login_code(request: HttpRequest) -> HttpResponse:
 def _verified_device(user: Any, token: str) -> TOTPDevice | None:
     token = token.strip().replace(" ", "")
     for device in TOTPDevice.objects.filter(user=user, confirmed=True):
-        allowed, _ = device.verify_is_allowed()
-        if allowed and device.verify_token(token):
+        if device.verify_token(token):  # throttled: refused for a while after a wrong code
             return device
-        if not allowed:
-            device.throttle_increment()
     return None
 
 
