@@ -17,6 +17,7 @@ from django.core.paginator import Page, Paginator
 from django.db.models import Model, QuerySet
 from django.http import Http404, HttpRequest, HttpResponse, HttpResponseNotAllowed
 from django.shortcuts import redirect, render
+from django_otp import user_has_device
 
 from accounts.infra.api import request_id_of
 from accounts.infra.audit import Actor, acting_as
@@ -40,11 +41,14 @@ def console_actor(request: HttpRequest) -> Actor:
     )
 
 
+def has_confirmed_device(user: Any) -> bool:
+    """Whether ``user`` enrolled a TOTP device (tenancy.console.otp) and confirmed it."""
+    return bool(getattr(user, "is_authenticated", False) and user_has_device(user, confirmed=True))
+
+
 def second_factor_pending(request: HttpRequest) -> bool:
     """Signed in with a password, but the user has a confirmed TOTP device and has not given a
     code in this session (e.g. signed in through the admin's form)."""
-    from tenancy.console.otp import has_confirmed_device
-
     user = request.user
     verified = getattr(user, "is_verified", None)
     return bool(has_confirmed_device(user) and not (verified and verified()))

@@ -20,21 +20,16 @@ from django.shortcuts import redirect, render
 from django.utils.http import url_has_allowed_host_and_scheme
 from django.utils.safestring import SafeString, mark_safe
 from django_otp import login as otp_login
-from django_otp import user_has_device
 from django_otp.plugins.otp_totp.models import TOTPDevice
 
 from accounts.infra.audit import audit_change
-from tenancy.console.common import confirm, console_view, done
+from tenancy.console.common import confirm, console_view, done, has_confirmed_device
 from tenancy.console.forms import TotpConfirmForm
 
 # The session key of a user who gave the right password and still owes a code.
 PENDING_USER = "console_otp_pending_user"
 PENDING_BACKEND = "console_otp_pending_backend"
 DEVICE_NAME = "console"
-
-
-def has_confirmed_device(user: Any) -> bool:
-    return bool(getattr(user, "is_authenticated", False) and user_has_device(user, confirmed=True))
 
 
 def start_pending(request: HttpRequest, user: Any, next_url: str) -> HttpResponse:

@@ -15,8 +15,8 @@ from django.utils import timezone
 
 from accounts.models import UpstreamAccount
 from tenancy.access import is_operator, tenant_ids_for, tenant_or_404, tenants_for
-from tenancy.console.common import console_view
-from tenancy.console.otp import has_confirmed_device, start_pending
+from tenancy.console.common import console_view, has_confirmed_device
+from tenancy.console.otp import start_pending
 from tenancy.console.upstreams import with_health
 from tenancy.selectors import usage_overview
 

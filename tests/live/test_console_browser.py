@@ -119,9 +119,8 @@ def _send(url: str, key: str) -> httpx.Response:
 
 
 def _wait_usage(request_id: str) -> Any:
-    from tests.harness import poll
-
     from tenancy.models import UsageRecord
+    from tests.harness import poll
 
     return poll(lambda: UsageRecord.objects.filter(request_id=request_id).first(), timeout=15, what="usage record")
 
@@ -272,7 +271,9 @@ def test_an_outsider_gets_404_and_a_viewer_changes_nothing(console: Any, fake_up
     member_add(tenant=other, username="tess", role=Role.ADMIN, password=PASSWORD)
     member_add(tenant=acme, username="vera", role=Role.VIEWER, password=PASSWORD)
     api_key, _ = apikey_create(tenant=acme, name="acme key")
-    account = upstream_account_create(pool=pool_get_or_create(name="main"), base_url=fake_upstream.base_url, models=[MODEL])
+    account = upstream_account_create(
+        pool=pool_get_or_create(name="main"), base_url=fake_upstream.base_url, models=[MODEL]
+    )
 
     outsider = console("outsider")
     outsider.sign_in("tess")
