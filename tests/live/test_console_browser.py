@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -100,7 +99,7 @@ class Console:
 
 
 @pytest.fixture
-def console(browser: Any, live_gateway: str, transactional_db: None, request: pytest.FixtureRequest) -> Iterator[Any]:
+def console(browser: Any, live_gateway: str, transactional_db: None) -> Iterator[Any]:
     tabs: list[Console] = []
 
     def open_tab(prefix: str) -> Console:
@@ -247,16 +246,15 @@ def test_the_request_appears_in_the_request_log(console: Any, fake_upstream: Fak
     User.objects.create_user("olga", password=PASSWORD, is_staff=True)
     upstream_account_create(pool=pool_get_or_create(name="main"), base_url=fake_upstream.base_url, models=[MODEL])
     _, secret = apikey_create(tenant=tenant_create(slug="acme", name="Acme"), name="log key")
-    sent = _send(live_url := console("log").url, secret)
+    tab = console("requests")
+    sent = _send(tab.url, secret)
     assert sent.status_code == 200, sent.text
     request_id = sent.headers["x-request-id"]
     _wait_usage(request_id)
-    tab = console("requests")
     tab.sign_in("olga")
     tab.goto("/console/requests/")
     tab.page.get_by_text(request_id).first.wait_for()
     tab.shot("requests")
-    assert live_url == tab.url
 
 
 def test_an_outsider_gets_404_and_a_viewer_changes_nothing(console: Any, fake_upstream: FakeUpstream) -> None:
@@ -310,4 +308,3 @@ def test_an_outsider_gets_404_and_a_viewer_changes_nothing(console: Any, fake_up
     assert viewer.post("/console/tenants/acme/suspend/") == 403
     assert ApiKey.objects.get(pk=api_key.pk).revoked_at is None
     assert Tenant.objects.get(pk=acme.pk).is_active
-    assert shutil.which("chromium") or CHROMIUM.exists()
