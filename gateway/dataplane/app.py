@@ -80,6 +80,10 @@ class GatewayApp:
             if not self._running and self._idle is not None:
                 self._idle.set()
 
+    async def ready_runtime(self) -> Runtime:
+        """The started runtime (started now under a server that sends no lifespan events)."""
+        return self.runtime or await self._start_without_lifespan()
+
     async def _serve(self, scope: Scope, receive: Receive, send: Send, runtime: Runtime, ex: Exchange) -> None:
         path = scope["path"]
         method = scope["method"]
