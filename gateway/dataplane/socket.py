@@ -49,6 +49,7 @@ from django.conf import settings
 
 from gateway.contract.errors import INVALID_REQUEST, GatewayError
 from gateway.dataplane.auth import authenticate
+from gateway.dataplane.runtime import Runtime
 
 logger = logging.getLogger(__name__)
 
@@ -183,7 +184,7 @@ class ResponsesSocket(AsyncWebsocketConsumer):
         self.worker: asyncio.Task[None] | None = None
         try:
             runtime = await gateway_app.ready_runtime()
-            await authenticate(self.scope, runtime.config.keys)
+            await _authenticate(self.scope, runtime)
         except GatewayError as error:
             await self._refuse(error)
             raise StopConsumer from None
@@ -375,6 +376,21 @@ class ResponsesSocket(AsyncWebsocketConsumer):
             "server": self.scope.get("server"),
             "state": {},
         }
+
+
+async def _authenticate(scope: dict[str, Any], runtime: Runtime) -> None:
+    """The key check of the upgrade, on the current configuration as for HTTP: a refusal is
+    checked once more against a newer configuration token (a key created on another replica)."""
+    for retry in (False, True):
+        snapshot = await runtime.config.current()
+        try:
+            await authenticate(scope, runtime.config.keys)
+            return
+        except GatewayError as error:
+            if retry or runtime.redis is None or error.status not in (401, 503):
+                raise
+            if await runtime.fresh_token() == snapshot.token:
+                raise
 
 
 def _invalid(message: str, param: str | None, code: str | None = None) -> dict[str, Any]:
