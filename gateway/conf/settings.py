@@ -306,6 +306,12 @@ GATEWAY_UPSTREAM_MAX_BODY_BYTES = env_int("GATEWAY_UPSTREAM_MAX_BODY_BYTES", 64 
 # httpx transport for upstream calls: "fast" (accounts/upstream/transport.py; fastest, measured) or "httpx".
 GATEWAY_UPSTREAM_TRANSPORT = env_str("GATEWAY_UPSTREAM_TRANSPORT", "fast")
 GATEWAY_UPSTREAM_MAX_CONNECTIONS = env_int("GATEWAY_UPSTREAM_MAX_CONNECTIONS", 1000, minimum=1)
+# /v1/responses over a WebSocket (gateway/dataplane/socket.py): a socket without a message for
+# this many seconds is closed; a connection lives at most this long (then the client reconnects);
+# the contexts a connection keeps for continuation (previous_response_id) hold at most this many bytes.
+GATEWAY_WS_IDLE_SECONDS = env_float("GATEWAY_WS_IDLE_SECONDS", 600.0, minimum=1.0)
+GATEWAY_WS_MAX_SECONDS = env_float("GATEWAY_WS_MAX_SECONDS", 3600.0, minimum=1.0)
+GATEWAY_WS_CONTEXT_BYTES = env_int("GATEWAY_WS_CONTEXT_BYTES", 64 * 1024 * 1024, minimum=1024)
 # A comment frame is sent on a stream after this many idle seconds.
 GATEWAY_SSE_KEEPALIVE_SECONDS = env_float("GATEWAY_SSE_KEEPALIVE_SECONDS", 15.0, minimum=0.05)
 # How often buffered usage records leave the process: appended to the journal, or XADDed (seconds).
