@@ -343,7 +343,9 @@ class ResponsesSocket(AsyncWebsocketConsumer):
         response = terminal.get("response")
         if not isinstance(response, dict) or not isinstance(response.get("id"), str):
             return
-        output = response.get("output") if isinstance(response.get("output"), list) else []
+        output = response.get("output")
+        if not isinstance(output, list):
+            output = []
         items = [*_as_items(body.get("input")), *output]
         self.contexts[response["id"]] = _Context(items, size + len(orjson.dumps(output)))
         budget = settings.GATEWAY_WS_CONTEXT_BYTES

@@ -17,7 +17,8 @@ from typing import Any
 
 import pytest
 from websockets.exceptions import ConnectionClosed, InvalidStatus
-from websockets.sync.client import ClientConnection, connect
+from websockets.sync.client import connect
+from websockets.sync.connection import Connection
 
 from tests.conftest import MODEL, Live
 
@@ -30,17 +31,17 @@ def ws_url(http_url: str) -> str:
     return "ws" + http_url.removeprefix("http") + "/v1/responses"
 
 
-def open_socket(url: str, key: str) -> ClientConnection:
+def open_socket(url: str, key: str) -> Connection:
     return connect(ws_url(url), additional_headers={"authorization": f"Bearer {key}"}, open_timeout=10, max_size=None)
 
 
-def create(ws: ClientConnection, **body: Any) -> list[dict[str, Any]]:
+def create(ws: Connection, **body: Any) -> list[dict[str, Any]]:
     """Send one ``response.create`` and read its events up to the terminal one."""
     ws.send(json.dumps({"type": "response.create", "model": MODEL, "store": False, **body}))
     return read_response(ws)
 
 
-def read_response(ws: ClientConnection, timeout: float = 15.0) -> list[dict[str, Any]]:
+def read_response(ws: Connection, timeout: float = 15.0) -> list[dict[str, Any]]:
     events: list[dict[str, Any]] = []
     while True:
         event = json.loads(ws.recv(timeout=timeout))
@@ -64,13 +65,13 @@ def record_of(response_id: str, timeout: float = 10.0) -> Any:
 
 
 @pytest.fixture
-def socket(live_gw: Live) -> Iterator[ClientConnection]:
+def socket(live_gw: Live) -> Iterator[Connection]:
     with open_socket(live_gw.url, live_gw.owner.key) as ws:
         yield ws
 
 
 def test_sequential_responses_on_one_connection_stream_like_sse_and_are_metered(
-    live_gw: Live, socket: ClientConnection
+    live_gw: Live, socket: Connection
 ) -> None:
     first = create(socket, input="first question")
     second = create(socket, input="second question", stream=False)  # a socket always streams
@@ -93,7 +94,7 @@ def test_sequential_responses_on_one_connection_stream_like_sse_and_are_metered(
         assert record.total_tokens == events[-1]["response"]["usage"]["total_tokens"]
 
 
-def test_continuation_sends_the_upstream_the_whole_context(live_gw: Live, socket: ClientConnection) -> None:
+def test_continuation_sends_the_upstream_the_whole_context(live_gw: Live, socket: Connection) -> None:
     tools = [{"type": "function", "name": "lookup", "parameters": {"type": "object", "properties": {}}}]
     first = create(socket, input="call the tool", tools=tools)
     call = first[-1]["response"]["output"][-1]
@@ -155,7 +156,7 @@ def test_an_unknown_key_never_gets_a_socket(live_gw: Live, key: str) -> None:
     assert "sk-gw-not-a-key" not in refused.value.response.body.decode()
 
 
-def test_errors_are_error_events_and_the_connection_survives(live_gw: Live, socket: ClientConnection) -> None:
+def test_errors_are_error_events_and_the_connection_survives(live_gw: Live, socket: Connection) -> None:
     socket.send(json.dumps({"type": "response.create", "input": "no model"}))
     [missing] = read_response(socket)
     assert (missing["type"], missing["status"], missing["error"]["param"]) == ("error", 400, "model")
@@ -172,7 +173,7 @@ def test_errors_are_error_events_and_the_connection_survives(live_gw: Live, sock
     assert create(socket, input="fine")[-1]["type"] == "response.completed"
 
 
-def test_an_upstream_failure_mid_stream_ends_that_response_only(live_gw: Live, socket: ClientConnection) -> None:
+def test_an_upstream_failure_mid_stream_ends_that_response_only(live_gw: Live, socket: Connection) -> None:
     events = create(socket, input="fail midway", metadata={"fake_fail_after": "8"})
     types = [event["type"] for event in events]
     assert types[0] == "response.created"
@@ -203,9 +204,7 @@ def test_a_client_that_leaves_cancels_its_response_and_is_metered(live_gw: Live)
     deadline = time.monotonic() + 10
     record = None
     while time.monotonic() < deadline and record is None:
-        record = UsageRecord.objects.filter(
-            api_key_id=live_gw.owner.api_key.id, outcome="client_disconnected"
-        ).first()
+        record = UsageRecord.objects.filter(api_key_id=live_gw.owner.api_key.id, outcome="client_disconnected").first()
         time.sleep(0.05)
     assert record is not None, "the disconnected response was not metered"
     assert record.stream is True
@@ -257,21 +256,25 @@ def test_idle_and_lifetime_limits_close_with_a_reason(live_gw: Live, start_gatew
     thread.start()
     with pytest.raises(ConnectionClosed) as idle:
         silent.recv(timeout=10)
+    assert idle.value.rcvd is not None
     assert (idle.value.rcvd.code, idle.value.rcvd.reason) == (1000, "idle timeout")
     thread.join(15)
     events, close = results["busy"]
     limit = [event for event in events if event["type"] == "error"]
-    assert limit and limit[-1]["error"]["code"] == "websocket_connection_limit_reached"
+    assert limit
+    assert limit[-1]["error"]["code"] == "websocket_connection_limit_reached"
+    assert close is not None
     assert (close.code, close.reason) == (1000, "connection lifetime reached")
     assert sum(event["type"] == "response.completed" for event in events) >= 2
 
 
-def test_compaction_items_pass_through_untouched(live_gw: Live, socket: ClientConnection) -> None:
+def test_compaction_items_pass_through_untouched(live_gw: Live, socket: Connection) -> None:
     compaction = {"type": "compaction", "id": "cmp_1", "encrypted_content": "c2VhbGVk+/="}
     items = [{"role": "user", "content": "hello"}, compaction, {"type": "compaction_trigger"}]
     events = create(socket, input=items)
     [item] = events[-1]["response"]["output"]
-    assert item["type"] == "compaction" and item["encrypted_content"]
+    assert item["type"] == "compaction"
+    assert item["encrypted_content"]
     sent = live_gw.upstream.last_request()["body"]["input"]
     assert sent[1:] == [compaction, {"type": "compaction_trigger"}]
     # Over HTTP too, and the compaction item the upstream made goes back unchanged.

@@ -317,9 +317,10 @@ def plan_answer(req: JSON, tokens: int) -> Plan:
 
     Rules (the brief): a last input item ``compaction_trigger`` asks for a compaction (one
     ``compaction`` item); otherwise call the first function tool unless the last input item is a
-    ``function_call_output`` (then say what the tool said) or a ``compaction`` (then say so); ``text.format.type == "json_schema"``
-    yields a schema-valid JSON document; ``reasoning.effort`` adds reasoning tokens (counted in
-    output tokens, and against ``max_output_tokens``, as OpenAI does).
+    ``function_call_output`` (then say what the tool said) or a ``compaction`` (then say so);
+    ``text.format.type == "json_schema"`` yields a schema-valid JSON document; ``reasoning.effort``
+    adds reasoning tokens (counted in output tokens, and against ``max_output_tokens``, as OpenAI
+    does).
     """
     items = req.get("input")
     last = items[-1] if isinstance(items, list) and items and isinstance(items[-1], dict) else {}
