@@ -32,6 +32,7 @@ PASSWORD = "correct horse battery staple"
 CREDENTIAL = "sk-upstream-browser-walk-7e2"
 
 sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed (pip install -e '.[dev]')")
+expect = sync_api.expect  # assertions that wait for the page (a click's navigation may still be under way)
 if not CHROMIUM.exists():
     pytest.skip(f"{CHROMIUM} is missing: apt-get install -y chromium (.ci/run does)", allow_module_level=True)
 
@@ -143,14 +144,14 @@ def test_an_operator_walks_through_the_console(console: Any, fake_upstream: Fake
     page.get_by_role("link", name="New tenant").click()
     page.get_by_label("Slug").fill("not a slug")
     page.get_by_role("button", name="Create tenant").click()
-    assert page.locator("#id_slug_errors").is_visible()
+    expect(page.locator("#id_slug_errors")).to_be_visible()
     tab.shot("tenant-new-error")
     page.get_by_label("Slug").fill("acme")
     page.get_by_label("Name", exact=True).fill("Acme Corp")
     page.get_by_label("Requests per minute").fill("600")
     page.get_by_role("button", name="Create tenant").click()
     page.wait_for_url("**/console/tenants/acme/")
-    assert page.get_by_role("heading", level=1).inner_text().startswith("Acme Corp")
+    expect(page.get_by_role("heading", level=1)).to_have_text(re.compile(r"^Acme Corp"))
     tab.shot("tenant")
     page.get_by_role("link", name="Edit limits and budget").click()
     tab.shot("tenant-limits")
@@ -169,6 +170,7 @@ def test_an_operator_walks_through_the_console(console: Any, fake_upstream: Fake
     page.get_by_label("Allowed models").fill(MODEL)
     tab.shot("key-new")
     page.get_by_role("button", name="Create key").click()
+    expect(page.locator("#secret-value")).to_be_visible()
     secret = page.locator("#secret-value").inner_text().strip()
     assert secret.startswith("sk-")
     page.get_by_role("button", name="Copy to clipboard").click()
@@ -202,8 +204,8 @@ def test_an_operator_walks_through_the_console(console: Any, fake_upstream: Fake
     page.get_by_role("button", name=re.compile("^Test")).click()
     answer = page.locator("#probe-answer")
     answer.wait_for()
-    assert "success" in answer.inner_text()
-    assert "200" in answer.inner_text()
+    expect(answer).to_contain_text("success")
+    expect(answer).to_contain_text("200")
     tab.shot("account-tested")
     page.get_by_role("link", name="Disable").click()
     tab.shot("account-disable-confirm")
@@ -221,14 +223,14 @@ def test_an_operator_walks_through_the_console(console: Any, fake_upstream: Fake
     assert sent.status_code == 200, sent.text
     _wait_usage(sent.headers["x-request-id"])
     tab.goto("/console/?range=1h")
-    assert page.locator(".kpi dd").first.inner_text() == "1"
+    expect(page.locator(".kpi dd").first).to_have_text("1")
     page.locator('[data-chart][data-drawn="1"]').nth(2).wait_for()
     assert page.locator('[data-chart][data-drawn="1"]').count() == 3
     assert page.locator("canvas").count() >= 3
-    assert "walk key" in page.locator("main").inner_text()
+    expect(page.locator("main")).to_contain_text("walk key")
     tab.shot("overview")
     tab.goto("/console/security/")
-    assert page.locator(".qr svg").is_visible()
+    expect(page.locator(".qr svg")).to_be_visible()
     tab.shot("security-totp")
 
 
