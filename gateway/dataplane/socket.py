@@ -43,6 +43,7 @@ from collections import OrderedDict
 from typing import Any
 
 import orjson
+from channels.consumer import get_handler_name
 from channels.exceptions import StopConsumer
 from channels.generic.websocket import AsyncWebsocketConsumer
 from django.conf import settings
@@ -130,17 +131,16 @@ class _Exchange:
             await self._flush_frames()
 
     async def _flush_frames(self) -> None:
-        while True:
-            end = self.buffer.find(b"\n\n")
-            if end < 0:
-                return
-            frame, self.buffer = self.buffer[:end], self.buffer[end + 2 :]
-            data = [line[5:].lstrip(b" ") for line in frame.split(b"\n") if line.startswith(b"data:")]
-            if not data:
+        *frames, self.buffer = self.buffer.split(b"\n\n")
+        for frame in frames:
+            if frame.startswith(b"event: ") and frame.count(b"\n") == 1:
+                # The common frame (``event: T`` then one ``data:`` line): no line list built.
+                payload = frame[frame.index(b"\ndata:") + 6 :].lstrip(b" ") if b"\ndata:" in frame else b""
+            else:
+                data = [line[5:].lstrip(b" ") for line in frame.split(b"\n") if line.startswith(b"data:")]
+                payload = data[0] if len(data) == 1 else b"\n".join(data)
+            if not payload or payload == b"[DONE]":
                 continue  # a comment (keep-alive) or an event without data
-            payload = data[0] if len(data) == 1 else b"\n".join(data)
-            if payload == b"[DONE]":
-                continue
             await self.socket.send_text(payload)
             head = payload[:64]
             if b'"response.completed"' in head or b'"response.incomplete"' in head or b'"response.failed"' in head:
@@ -172,6 +172,14 @@ class ResponsesSocket(AsyncWebsocketConsumer):
     # No channel layer: a socket talks to nobody but its client (a Redis layer would cost
     # every connection its own inbox and a blocking read loop).
     channel_layer_alias = "responses-socket-has-no-layer"
+
+    async def dispatch(self, message: dict[str, Any]) -> None:
+        """Channels' dispatch without its per-message ``close_old_connections`` (a thread hop
+        per message: this consumer touches no database connection of its own)."""
+        handler = getattr(self, get_handler_name(message), None)
+        if handler is None:
+            raise ValueError(f"No handler for message type {message['type']}")
+        await handler(message)
 
     async def websocket_connect(self, message: dict[str, Any]) -> None:
         from gateway.dataplane.app import gateway_app  # the app imports nothing of this module
