@@ -4,21 +4,25 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any
 
-from django.db.models import Count, DecimalField, F, Q, Sum, Value
+from django.db.models import Count, DecimalField, F, Q, QuerySet, Sum, Value
 from django.db.models.functions import Coalesce
 from django.utils import timezone
 
+from tenancy.access import MANAGING_ROLES, is_operator
 from tenancy.keys import key_prefix
 from tenancy.models import (
     COST_MAX_DIGITS,
     COST_PLACES,
     ApiKey,
+    AuditEntry,
     BudgetScope,
     ConfigChange,
+    Membership,
     PriceVersion,
     Tenant,
     UsageRecord,
@@ -352,3 +356,56 @@ def usage_overview(
         ],
         "top_models": top_of("model"),
     }
+
+
+# --- The request log and the audit log (the API's /usage/records/ and /audit/, and the console) ---
+
+
+@dataclass(frozen=True)
+class RecordFilter:
+    """Filters of the request log; None or "" means "any"."""
+
+    tenant_id: int | None = None
+    api_key_id: int | None = None
+    account_id: int | None = None
+    model: str = ""
+    status_code: int | None = None
+    request_id: str = ""
+    start: datetime | None = None
+    end: datetime | None = None
+
+
+def usage_records_visible(tenant_ids: Any, wanted: RecordFilter) -> QuerySet[UsageRecord]:
+    """The usage records of ``tenant_ids`` (None: every tenant) that match ``wanted``.
+
+    Every filter is an equality or a range on an indexed column (request id, the
+    ``(tenant, created_at)`` and ``(api_key, created_at)`` indexes, ``created_at``), so a
+    newest-first page of it reads an index, not the table.
+    """
+    records = UsageRecord.objects.select_related("tenant", "api_key")
+    if tenant_ids is not None:
+        records = records.filter(tenant_id__in=tenant_ids)
+    exact = {
+        "tenant_id": wanted.tenant_id,
+        "api_key_id": wanted.api_key_id,
+        "account_id": wanted.account_id,
+        "status_code": wanted.status_code,
+        "model": wanted.model or None,
+        "request_id": wanted.request_id or None,
+    }
+    records = records.filter(**{name: value for name, value in exact.items() if value is not None})
+    if wanted.start is not None:
+        records = records.filter(created_at__gte=wanted.start)
+    if wanted.end is not None:
+        records = records.filter(created_at__lt=wanted.end)
+    return records
+
+
+def audit_entries_visible(user: Any) -> QuerySet[AuditEntry]:
+    """The audit entries ``user`` may read: all for an operator, their tenants' for owners and
+    admins, none for anyone else (viewers)."""
+    entries = AuditEntry.objects.all()
+    if is_operator(user):
+        return entries
+    managed = Membership.objects.filter(user_id=user.pk or 0, role__in=MANAGING_ROLES)
+    return entries.filter(tenant_id__in=managed.values_list("tenant_id", flat=True))

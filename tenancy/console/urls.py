@@ -1,6 +1,6 @@
 from django.urls import path
 
-from tenancy.console import keys, otp, tenants, upstreams, views
+from tenancy.console import keys, logs, otp, tenants, upstreams, views
 
 app_name = "console"
 
@@ -37,4 +37,9 @@ urlpatterns = [
     path("accounts/<int:account_id>/test/", upstreams.account_test, name="account-test"),
     path("models/", upstreams.model_list, name="models"),
     path("models/routes/<int:route_id>/delete/", upstreams.route_remove, name="route-delete"),
+    # logs and usage (read-only)
+    path("requests/", logs.request_list, name="requests"),
+    path("requests/<str:request_id>/", logs.request_detail, name="request"),
+    path("audit/", logs.audit_list, name="audit"),
+    path("usage/", logs.usage, name="usage"),
 ]

@@ -135,6 +135,23 @@ def test_no_page_has_an_inline_script_or_style(operator: Client, world: World) -
 # --- the outsider gets 404 everywhere (table-driven) ---------------------------------------
 
 
+def _their_request(world: World) -> str:
+    """A request of their tenant in the request log (made on first use)."""
+    record, _ = UsageRecord.objects.get_or_create(
+        request_id="req_theirs_1",
+        defaults={
+            "tenant": world.theirs,
+            "api_key": world.other_key,
+            "model": "m1",
+            "status_code": 200,
+            "outcome": "completed",
+            "latency_ms": 5.0,
+            "created_at": timezone.now(),
+        },
+    )
+    return record.request_id
+
+
 def _tenant_pages(world: World) -> list[str]:
     other = world.other_key
     member = Membership.objects.get(user__username="tess")
@@ -155,6 +172,10 @@ def _tenant_pages(world: World) -> list[str]:
         f"/console/tenants/mine/keys/{other.pk}/",
         f"/console/tenants/mine/keys/{other.pk}/revoke/",
         "/console/?tenant=theirs",
+        f"/console/requests/{_their_request(world)}/",
+        "/console/requests/?tenant=theirs",
+        "/console/audit/?tenant=theirs",
+        "/console/usage/?tenant=theirs",
     ]
 
 
