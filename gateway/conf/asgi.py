@@ -14,11 +14,14 @@ os.environ.setdefault("DJANGO_SETTINGS_MODULE", "gateway.conf.settings")
 django_application = get_asgi_application()
 
 # Imported after Django is set up: the data plane reads settings at import time.
+from channels.auth import AuthMiddlewareStack  # noqa: E402
 from channels.routing import ProtocolTypeRouter, URLRouter  # noqa: E402
+from channels.security.websocket import AllowedHostsOriginValidator  # noqa: E402
 from django.urls import re_path  # noqa: E402
 
 from gateway.dataplane.app import gateway_app  # noqa: E402
 from gateway.dataplane.socket import ResponsesSocket  # noqa: E402
+from tenancy.console.live import LiveConsumer  # noqa: E402
 
 application = ProtocolTypeRouter(
     {
@@ -32,7 +35,16 @@ application = ProtocolTypeRouter(
             ]
         ),
         # /v1/responses over a WebSocket (the Codex CLI's transport): gateway/dataplane/socket.py.
-        "websocket": URLRouter([re_path(r"^v1/responses$", ResponsesSocket.as_asgi())]),
+        # The console's live view (tenancy/console/live.py): the session's user, a same-site Origin.
+        "websocket": URLRouter(
+            [
+                re_path(r"^v1/responses$", ResponsesSocket.as_asgi()),
+                re_path(
+                    r"^console/live/ws/$",
+                    AllowedHostsOriginValidator(AuthMiddlewareStack(LiveConsumer.as_asgi())),
+                ),
+            ]
+        ),
         "lifespan": gateway_app,
     }
 )

@@ -137,7 +137,9 @@ class GatewayApp:
                 await _answer(tracked, _internal_error(), ex)
         finally:
             if ex.key is not None and path in _METERED:
-                runtime.meter.record(ex.event(ex.billed()[1]))
+                event = ex.event(ex.billed()[1])
+                runtime.meter.record(event)
+                runtime.live.publish(event, ex.key.prefix)
 
     async def _route(self, scope: Scope, receive: Receive, send: Send, runtime: Runtime, ex: Exchange) -> None:
         path = scope["path"]

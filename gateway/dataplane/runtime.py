@@ -36,6 +36,7 @@ from gateway.config import notify
 from gateway.config.snapshot import Snapshot
 from gateway.config.state import ConfigState, DatabaseSource
 from gateway.dataplane.keepalive import KeepAlive
+from gateway.dataplane.live import LiveFeed
 from gateway.dataplane.offload import Offload
 from gateway.dataplane.outages import REDIS_ERRORS, reason
 from gateway.dataplane.readiness import Readiness
@@ -89,6 +90,7 @@ class Runtime:
             max_connections=settings.GATEWAY_UPSTREAM_MAX_CONNECTIONS,
         )
         self.keepalive = KeepAlive(settings.GATEWAY_SSE_KEEPALIVE_SECONDS)
+        self.live = LiveFeed(self.redis)  # finished requests for the console's live view
         self.usage_cache: TTLCache[tuple[int, int], tuple[dict[str, Any], dict[str, Any]]] = TTLCache(
             maxsize=USAGE_CACHE_ENTRIES, ttl=USAGE_CACHE_SECONDS
         )
@@ -262,6 +264,7 @@ class Runtime:
             return
         self._started = True
         sys.setswitchinterval(GIL_SWITCH_INTERVAL)
+        self.live.start()
         await self.health.start()
         self.prober.start()
         if settings.GATEWAY_USAGE_DRAINER:
@@ -279,6 +282,7 @@ class Runtime:
             steps.append(("usage writer", self.writer.stop))
         steps += [
             ("keep-alive ticker", self.keepalive.aclose),
+            ("live feed", self.live.aclose),
             ("config snapshot", self.config.aclose),
             ("background tasks", self._cancel_tasks),
             ("account prober", self.prober.aclose),

@@ -1,6 +1,6 @@
 from django.urls import path
 
-from tenancy.console import keys, logs, otp, tenants, upstreams, views
+from tenancy.console import keys, live, logs, otp, tenants, upstreams, views
 
 app_name = "console"
 
@@ -42,4 +42,5 @@ urlpatterns = [
     path("requests/<str:request_id>/", logs.request_detail, name="request"),
     path("audit/", logs.audit_list, name="audit"),
     path("usage/", logs.usage, name="usage"),
+    path("live/", live.live, name="live"),
 ]

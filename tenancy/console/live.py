@@ -1,0 +1,95 @@
+"""The live view: ``/console/live/`` and its WebSocket ``/console/live/ws/``.
+
+The socket is authenticated by the console's session (Channels' AuthMiddlewareStack) and
+checked against ALLOWED_HOSTS for its Origin (gateway/conf/asgi.py). Anonymous visitors, users
+whose second factor is still pending in that session, and users of no tenant are closed with
+code 4403. Operators join the group of every request, members the groups of their tenants
+(tenancy/live.py); the lines come from the data plane's feed (gateway/dataplane/live.py).
+While it is open, a socket counts as a local watcher and, with Redis, keeps the shared watch
+key alive so every replica publishes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from typing import Any
+
+from channels.db import database_sync_to_async
+from channels.generic.websocket import AsyncJsonWebsocketConsumer
+from django.conf import settings
+from django.http import HttpRequest, HttpResponse
+from django.shortcuts import render
+from django_otp import DEVICE_ID_SESSION_KEY
+
+from tenancy.access import is_operator, tenants_for
+from tenancy.console.common import console_view, has_confirmed_device
+from tenancy.live import GROUP_ALL, WATCH_KEY, WATCH_KEY_SECONDS, WATCH_REFRESH_SECONDS, LocalWatchers, tenant_group
+
+REFUSED = 4403
+
+
+@console_view
+def live(request: HttpRequest) -> HttpResponse:
+    return render(request, "console/live.html", {"operator": is_operator(request.user)})
+
+
+def _groups_of(user: Any, session: Any) -> list[str] | None:
+    """The groups ``user`` may watch (None: refused)."""
+    if not getattr(user, "is_authenticated", False) or not user.is_active:
+        return None
+    if has_confirmed_device(user) and not (session and session.get(DEVICE_ID_SESSION_KEY)):
+        return None  # signed in with a password only: the second factor is still due
+    if is_operator(user):
+        return [GROUP_ALL]
+    ids = list(tenants_for(user).values_list("id", flat=True))
+    return [tenant_group(tenant_id) for tenant_id in ids] or None
+
+
+class LiveConsumer(AsyncJsonWebsocketConsumer):
+    """Pushes ``{"lines": [...]}`` messages: the requests that finished since the last one."""
+
+    groups_joined: list[str]
+    keeper: asyncio.Task[None] | None = None
+
+    async def connect(self) -> None:
+        self.groups_joined = []
+        groups = await database_sync_to_async(_groups_of)(self.scope.get("user"), self.scope.get("session"))
+        if groups is None or self.channel_layer is None:
+            await self.close(code=REFUSED)
+            return
+        for group in groups:
+            await self.channel_layer.group_add(group, self.channel_name)
+        self.groups_joined = groups
+        LocalWatchers.count += 1
+        if settings.REDIS_URL:
+            self.keeper = asyncio.get_running_loop().create_task(self._keep_watching())
+        await self.accept()
+
+    async def disconnect(self, code: int) -> None:
+        if self.groups_joined:
+            LocalWatchers.count -= 1
+            for group in self.groups_joined:
+                await self.channel_layer.group_discard(group, self.channel_name)
+            self.groups_joined = []
+        if self.keeper is not None:
+            self.keeper.cancel()
+
+    async def receive_json(self, content: Any, **kwargs: Any) -> None:
+        """The view only listens: anything the browser sends is ignored."""
+
+    async def live_lines(self, message: dict[str, Any]) -> None:
+        await self.send_json({"lines": message["lines"]})
+
+    async def _keep_watching(self) -> None:
+        """With Redis: keep the shared watch key alive while this view is open."""
+        from redis.asyncio import Redis
+
+        client = Redis.from_url(settings.REDIS_URL)
+        try:
+            while True:
+                with contextlib.suppress(Exception):  # Redis down: the local count still works
+                    await client.set(WATCH_KEY, "1", ex=WATCH_KEY_SECONDS)
+                await asyncio.sleep(WATCH_REFRESH_SECONDS)
+        finally:
+            await client.aclose()
