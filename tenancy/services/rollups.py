@@ -30,7 +30,7 @@ import threading
 import time
 from collections import defaultdict
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -80,12 +80,14 @@ class RollupResult:
     rows: int = 0
     days: int = 0
     buckets: int = 0
+    tenant_ids: set[int] = field(default_factory=set)  # tenants whose rows were rewritten
 
     def add(self, other: RollupResult) -> None:
         self.records += other.records
         self.rows += other.rows
         self.days += other.days
         self.buckets += other.buckets
+        self.tenant_ids |= other.tenant_ids
 
 
 _held = threading.local()
@@ -156,6 +158,8 @@ def _rollup_chunk(start: datetime, end: datetime, model: str | None, prices: pri
         old = UsageRollup.objects.filter(bucket_start__gte=start, bucket_start__lt=end)
         if model is not None:
             old = old.filter(model=model)
+        result.tenant_ids = set(old.order_by().values_list("tenant_id", flat=True).distinct())
+        result.tenant_ids |= {key.tenant_id for key in rows}
         old._raw_delete(old.db)  # no signals, no cascades to collect: one DELETE
         UsageRollup.objects.bulk_create(_rollup_objects(rows), batch_size=_INSERT_BATCH)
         result.rows = len(rows)
@@ -212,7 +216,9 @@ def rollup_period(*, start: datetime, end: datetime, model: str | None = None) -
         chunk_end = min(chunk_start + CHUNK, end)
         result.add(_rollup_chunk(chunk_start, chunk_end, model, prices))
         chunk_start = chunk_end
-    result.days = _days_rebuild_range(start, end)
+    # Only the days of tenants that had or have rows in the range can have changed.
+    if result.tenant_ids:
+        result.days = _days_rebuild_range(start, end, result.tenant_ids)
     return result
 
 
