@@ -42,8 +42,6 @@ from django.utils import timezone
 from tenancy import pricing
 from tenancy.billing import (
     BUCKET,
-    COUNT_FIELDS,
-    HIST_FIELDS,
     RECORD_COLUMNS,
     Measures,
     RecordRow,
@@ -56,6 +54,7 @@ from tenancy.billing import (
     zone,
 )
 from tenancy.models import BillingState, PriceVersion, Tenant, UsageRecord, UsageRollup, UsageRollupDay
+from tenancy.reports import summed
 
 logger = logging.getLogger(__name__)
 
@@ -246,12 +245,8 @@ def _day_rebuild(day: date, zone_name: str, tenant_ids: list[int]) -> int:
         # The zone may have changed since it was read: only tenants still on it.
         ids = list(Tenant.objects.filter(pk__in=tenant_ids, rollup_time_zone=zone_name).values_list("id", flat=True))
         sums: dict[tuple[Any, ...], Measures] = {}
-        source = (
-            UsageRollup.objects.filter(tenant_id__in=ids, bucket_start__gte=day_start, bucket_start__lt=day_end)
-            .order_by()
-            .values(*_DIMENSIONS, *COUNT_FIELDS, *HIST_FIELDS)
-        )
-        for row in source.iterator(chunk_size=20_000):
+        source = UsageRollup.objects.filter(tenant_id__in=ids, bucket_start__gte=day_start, bucket_start__lt=day_end)
+        for row in summed(source.order_by(), list(_DIMENSIONS), hists=True):
             key = tuple(row[name] for name in _DIMENSIONS)
             measures = sums.get(key)
             if measures is None:
