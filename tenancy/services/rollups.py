@@ -112,9 +112,14 @@ def billing_lock() -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_EX)
             stack.callback(fcntl.flock, handle, fcntl.LOCK_UN)
         stack.enter_context(transaction.atomic())
-        if connection.vendor == "postgresql":
-            with connection.cursor() as cursor:
+        with connection.cursor() as cursor:
+            if connection.vendor == "postgresql":
                 cursor.execute("SELECT pg_advisory_xact_lock(%s)", [_ADVISORY_LOCK_ID])
+            else:
+                # SQLite: write first, so the transaction holds the write lock before it reads (a
+                # read snapshot that another writer commits past can no longer be upgraded).
+                table = connection.ops.quote_name(BillingState._meta.db_table)
+                cursor.execute(f"UPDATE {table} SET last_record_id = last_record_id WHERE id = -1")
         _held.depth = 1
         try:
             yield

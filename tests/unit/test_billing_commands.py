@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import io
 import logging
+import sqlite3
 from typing import Any
 
 import pytest
 from django.conf import settings
 from django.core.management import CommandError, call_command
-from django.db import DatabaseError
+from django.db import DatabaseError, connection
 
 from gateway.conf.celery import app as celery_app
 from tenancy.models import BillingState, UsageRecord, UsageRollup, UsageRollupDay
@@ -69,3 +70,16 @@ def test_billing_tasks_retry_database_errors_and_log_with_context(caplog: pytest
     with caplog.at_level(logging.ERROR, logger="tenancy.tasks"):
         task.on_failure(DatabaseError("down"), "id-1", ("2026-11-01", "2026-11-02"), {}, None)
     assert "billing_rollup_period('2026-11-01', '2026-11-02') failed (id id-1)" in caplog.text
+
+
+@pytest.mark.django_db(transaction=True)
+def test_on_sqlite_the_billing_lock_holds_the_write_lock_before_reading() -> None:
+    if connection.vendor != "sqlite":
+        pytest.skip("PostgreSQL takes an advisory lock")
+    with rollups.billing_lock():
+        other = sqlite3.connect(connection.settings_dict["NAME"], timeout=0)
+        try:
+            with pytest.raises(sqlite3.OperationalError, match="locked"):
+                other.execute("BEGIN IMMEDIATE")
+        finally:
+            other.close()
