@@ -158,7 +158,8 @@ def _records(start: datetime, end: datetime, model: str | None) -> Iterator[Reco
 
 
 def _rollup_chunk(start: datetime, end: datetime, model: str | None, prices: pricing.PriceTable) -> RollupResult:
-    """Recompute the 15-minute rows of ``[start, end)`` (bucket-aligned) in one locked transaction."""
+    """Recompute the 15-minute rows of ``[start, end)`` (bucket-aligned) and the local days they
+    touch, in one locked transaction: readers never see buckets and days that disagree."""
     result = RollupResult(buckets=int((end - start) / BUCKET))
     with billing_lock():
         counter = _Counting(_records(start, end, model))
@@ -172,6 +173,9 @@ def _rollup_chunk(start: datetime, end: datetime, model: str | None, prices: pri
         old._raw_delete(old.db)  # no signals, no cascades to collect: one DELETE
         rows_insert(UsageRollup, _rollup_objects(rows))
         result.rows = len(rows)
+        # Only the days of tenants that had or have rows in the chunk can have changed.
+        if result.tenant_ids:
+            result.days = _days_rebuild_range(start, end, result.tenant_ids)
     return result
 
 
@@ -224,8 +228,9 @@ def rollup_period(*, start: datetime, end: datetime, model: str | None = None) -
     """Recompute the rollups of ``[start, end)`` (widened to whole buckets) from the records.
 
     ``model``: only that model's rows (re-rating a model). Records older than the retention
-    (:func:`retention_start`) are not recomputed: the range is clamped to it. Then every local
-    day touched (per tenant, in its ``rollup_time_zone``) is rebuilt from its buckets.
+    (:func:`retention_start`) are not recomputed: the range is clamped to it. With each chunk,
+    every local day it touches (per tenant, in its ``rollup_time_zone``) is rebuilt from its
+    buckets, in the same transaction.
     Idempotent: the rows depend on the records and prices only.
     """
     if start.tzinfo is None or end.tzinfo is None:
@@ -244,9 +249,6 @@ def rollup_period(*, start: datetime, end: datetime, model: str | None = None) -
         chunk_end = min(chunk_start + CHUNK, end)
         result.add(_rollup_chunk(chunk_start, chunk_end, model, prices))
         chunk_start = chunk_end
-    # Only the days of tenants that had or have rows in the range can have changed.
-    if result.tenant_ids:
-        result.days = _days_rebuild_range(start, end, result.tenant_ids)
     return result
 
 
