@@ -108,7 +108,7 @@ def usage_sums(
 
     ``tenant_ids`` None: every tenant. ``granularity`` None: one period (key ``None``).
     ``columns``: rollup columns (``DIMENSIONS`` values, ``price_version_id``). ``hists``: also
-    merge the latency histograms (read row by row instead of summed by the database).
+    sum the latency and TTFB histograms (bin by bin, in SQL: :func:`hist_sums`).
     """
     tz = zone(tz_name)
     group_columns = [c for c in dict.fromkeys([*columns, "price_version_id"])]
