@@ -79,6 +79,8 @@ WRK_SCENARIOS = (
     f"stream{STREAM_SMALL}_c16",
     f"stream{STREAM_LARGE}_c16",
     "keymix_c16",
+    "ws_stream_c16",
+    "sse_client_stream_c16",
 )
 
 # Variables of the caller's environment that would change what the gateway under test is: the
@@ -452,6 +454,25 @@ def run_wrk(
     return result
 
 
+def run_socket_load(mode: str, target: Target, connections: int, seconds: int, payload: str) -> WrkResult:
+    """One run of bench/socket_load.py (``mode`` "ws" or "sse") against ``target``, as a WrkResult."""
+    command = [
+        sys.executable,
+        "-m",
+        "bench.socket_load",
+        f"--mode={mode}",
+        f"--port={target.port}",
+        f"--auth={target.auth}",
+        f"--body={payload}",
+        f"--connections={connections}",
+        f"--seconds={seconds}",
+    ]
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=seconds + 60)
+    if done.returncode:
+        raise BenchError(f"socket_load {mode} against {target.key} failed: {done.stderr[-500:]}")
+    return parse_wrk(done.stdout)
+
+
 def rotated(targets: Sequence[Target], shift: int) -> list[Target]:
     shift %= len(targets)
     return [*targets[shift:], *targets[:shift]]
@@ -621,7 +642,7 @@ def env_pairs(text: str, source: str) -> dict[str, str]:
     return pairs
 
 
-SCENARIOS = ("latency", "throughput", "streaming", "ttfb", "keymix", "memory", "scale")
+SCENARIOS = ("latency", "throughput", "streaming", "ttfb", "keymix", "websocket", "memory", "scale")
 
 
 def selected_scenarios() -> set[str] | None:
@@ -1075,6 +1096,26 @@ class Bench:
         )
         self.raw["keymix_c16"] = {k: [asdict(r) for r in v] for k, v in runs.items()}
 
+    def websocket(self) -> None:
+        """Streamed responses on 16 persistent connections: WebSocket (the gateway's
+        /v1/responses socket) against SSE, both driven by the same asyncio client
+        (bench/socket_load.py), with SSE straight to the fake upstream as the no-gateway line."""
+        payload = body(False, STREAM_SMALL)
+        gateway = [t for t in self.targets if t.key == "gateway"]
+        sse_targets = [t for t in self.targets if t.key in ("direct", "gateway")]
+        seconds = self.plan.seconds
+        ws_runs = interleave(
+            "WebSocket stream @16", gateway, self.plan.rounds, lambda t: run_socket_load("ws", t, 16, seconds, payload)
+        )
+        sse_runs = interleave(
+            "SSE stream, same client @16",
+            sse_targets,
+            self.plan.rounds,
+            lambda t: run_socket_load("sse", t, 16, seconds, payload),
+        )
+        self.raw["ws_stream_c16"] = {k: [asdict(r) for r in v] for k, v in ws_runs.items()}
+        self.raw["sse_client_stream_c16"] = {k: [asdict(r) for r in v] for k, v in sse_runs.items()}
+
     def memory(self) -> None:
         target = self.target("gateway")
         assert target is not None
@@ -1213,6 +1254,14 @@ class Bench:
                 budget(row, ">= 800", lambda v: v >= 800, f"stream{tokens}_c16")
             rows.append(row)
             rows.append(Row(f"stream {tokens + 8} ev: events/s @16", "rps", events))
+        if "ws_stream_c16" in self.raw:
+            label = f"stream {STREAM_SMALL + 8} ev"
+            sse = Row(
+                f"{label} over SSE, asyncio client: resp/s @16", "rps", self.medians("sse_client_stream_c16", "rps")
+            )
+            rows.append(sse)
+            ws = Row(f"{label} over WebSocket, same client: resp/s @16", "rps", self.medians("ws_stream_c16", "rps"))
+            rows.append(budget(ws, ">= 500", lambda v: v >= 500, "ws_stream_c16"))
         ttfb: dict[str, float | None] = {k: v["p50"] for k, v in self.raw.get("ttfb_stream_c1_ms", {}).items()}
         rows.append(Row("stream first byte p50 @1 (ms)", "ms", ttfb))
         direct_ttfb = ttfb.get("direct")
@@ -1371,6 +1420,7 @@ def main() -> int:
                     ("streaming", bench.streams),
                     ("ttfb", bench.ttfb),
                     ("keymix", bench.key_mix),
+                    ("websocket", bench.websocket),
                     ("memory", bench.memory),
                 ]
                 for name, run in scenarios:

@@ -18,6 +18,7 @@ from channels.routing import ProtocolTypeRouter, URLRouter  # noqa: E402
 from django.urls import re_path  # noqa: E402
 
 from gateway.dataplane.app import gateway_app  # noqa: E402
+from gateway.dataplane.socket import ResponsesSocket  # noqa: E402
 
 application = ProtocolTypeRouter(
     {
@@ -30,6 +31,8 @@ application = ProtocolTypeRouter(
                 re_path(r"", django_application),  # type: ignore[arg-type]
             ]
         ),
+        # /v1/responses over a WebSocket (the Codex CLI's transport): gateway/dataplane/socket.py.
+        "websocket": URLRouter([re_path(r"^v1/responses$", ResponsesSocket.as_asgi())]),
         "lifespan": gateway_app,
     }
 )

@@ -81,6 +81,8 @@ AXES_IPWARE_META_PRECEDENCE_ORDER = ["REMOTE_ADDR"]
 SESSION_COOKIE_AGE = env_int("GATEWAY_CONSOLE_SESSION_SECONDS", 8 * 3600, minimum=60)
 SESSION_COOKIE_HTTPONLY = True
 SESSION_COOKIE_SAMESITE = "Lax"
+# The issuer an authenticator app shows next to a console TOTP device.
+OTP_TOTP_ISSUER = "Responses gateway"
 AUTHENTICATION_BACKENDS = ["axes.backends.AxesStandaloneBackend", "django.contrib.auth.backends.ModelBackend"]
 AUTH_PASSWORD_VALIDATORS = [
     {"NAME": "django.contrib.auth.password_validation.UserAttributeSimilarityValidator"},
@@ -98,6 +100,10 @@ INSTALLED_APPS = [
     "django.contrib.messages",
     "django.contrib.staticfiles",
     "axes",
+    # The console's TOTP second factor (tenancy/console/otp.py) and its htmx requests.
+    "django_otp",
+    "django_otp.plugins.otp_totp",
+    "django_htmx",
     "rest_framework",
     "drf_spectacular",
     "drf_spectacular_sidecar",
@@ -115,6 +121,8 @@ MIDDLEWARE = [
     "django.middleware.common.CommonMiddleware",
     "django.middleware.csrf.CsrfViewMiddleware",
     "django.contrib.auth.middleware.AuthenticationMiddleware",
+    "django_otp.middleware.OTPMiddleware",
+    "django_htmx.middleware.HtmxMiddleware",
     "django.contrib.messages.middleware.MessageMiddleware",
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
     "tenancy.console.security.ConsoleSecurityHeadersMiddleware",
@@ -135,6 +143,7 @@ TEMPLATES = [
                 "django.template.context_processors.request",
                 "django.contrib.auth.context_processors.auth",
                 "django.contrib.messages.context_processors.messages",
+                "tenancy.console.common.operator_context",
             ]
         },
     }
@@ -297,6 +306,12 @@ GATEWAY_UPSTREAM_MAX_BODY_BYTES = env_int("GATEWAY_UPSTREAM_MAX_BODY_BYTES", 64 
 # httpx transport for upstream calls: "fast" (accounts/upstream/transport.py; fastest, measured) or "httpx".
 GATEWAY_UPSTREAM_TRANSPORT = env_str("GATEWAY_UPSTREAM_TRANSPORT", "fast")
 GATEWAY_UPSTREAM_MAX_CONNECTIONS = env_int("GATEWAY_UPSTREAM_MAX_CONNECTIONS", 1000, minimum=1)
+# /v1/responses over a WebSocket (gateway/dataplane/socket.py): a socket without a message for
+# this many seconds is closed; a connection lives at most this long (then the client reconnects);
+# the contexts a connection keeps for continuation (previous_response_id) hold at most this many bytes.
+GATEWAY_WS_IDLE_SECONDS = env_float("GATEWAY_WS_IDLE_SECONDS", 600.0, minimum=1.0)
+GATEWAY_WS_MAX_SECONDS = env_float("GATEWAY_WS_MAX_SECONDS", 3600.0, minimum=1.0)
+GATEWAY_WS_CONTEXT_BYTES = env_int("GATEWAY_WS_CONTEXT_BYTES", 64 * 1024 * 1024, minimum=1024)
 # A comment frame is sent on a stream after this many idle seconds.
 GATEWAY_SSE_KEEPALIVE_SECONDS = env_float("GATEWAY_SSE_KEEPALIVE_SECONDS", 15.0, minimum=0.05)
 # How often buffered usage records leave the process: appended to the journal, or XADDed (seconds).

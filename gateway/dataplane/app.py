@@ -37,6 +37,7 @@ import orjson
 
 from gateway.contract.errors import SERVER, GatewayError
 from gateway.dataplane.asgi_io import ClientGone, Receive, Scope, Send, send_error, send_json
+from gateway.dataplane.dispatch import COMPACT, INPUT_TOKENS
 from gateway.dataplane.exchange import Exchange
 from gateway.dataplane.models_endpoint import models
 from gateway.dataplane.outages import REDIS_ERRORS, database_errors, reason, unavailable
@@ -46,6 +47,9 @@ from gateway.dataplane.usage_endpoint import usage
 
 logger = logging.getLogger(__name__)
 
+
+# Paths whose requests leave a usage record (counting input tokens generates nothing).
+_METERED = frozenset({"/v1/responses", "/v1/responses/compact"})
 
 # At shutdown, how long the requests still running may take to record their usage
 # before the runtime (and its usage meter) is closed.
@@ -79,6 +83,10 @@ class GatewayApp:
             self._running -= 1
             if not self._running and self._idle is not None:
                 self._idle.set()
+
+    async def ready_runtime(self) -> Runtime:
+        """The started runtime (started now under a server that sends no lifespan events)."""
+        return self.runtime or await self._start_without_lifespan()
 
     async def _serve(self, scope: Scope, receive: Receive, send: Send, runtime: Runtime, ex: Exchange) -> None:
         path = scope["path"]
@@ -128,7 +136,7 @@ class GatewayApp:
             if not started:
                 await _answer(tracked, _internal_error(), ex)
         finally:
-            if ex.key is not None and path == "/v1/responses":
+            if ex.key is not None and path in _METERED:
                 runtime.meter.record(ex.event(ex.billed()[1]))
 
     async def _route(self, scope: Scope, receive: Receive, send: Send, runtime: Runtime, ex: Exchange) -> None:
@@ -137,6 +145,12 @@ class GatewayApp:
         if path == "/v1/responses":
             _allow(method, "POST", path)
             await responses(scope, receive, send, runtime, ex)
+        elif path == "/v1/responses/compact":
+            _allow(method, "POST", path)
+            await responses(scope, receive, send, runtime, ex, COMPACT)
+        elif path == "/v1/responses/input_tokens":
+            _allow(method, "POST", path)
+            await responses(scope, receive, send, runtime, ex, INPUT_TOKENS)
         elif path == "/v1/models" or path.startswith("/v1/models/"):
             _allow(method, "GET", path)
             await models(scope, send, runtime, ex, path[len("/v1/models/") :])

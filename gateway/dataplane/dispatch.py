@@ -81,6 +81,27 @@ def _upstream_headers(credential: str | None, stream: bool) -> httpx.Headers:
     return httpx.Headers(headers)
 
 
+@dataclasses.dataclass(frozen=True, slots=True)
+class Endpoint:
+    """An endpoint of the Responses API that the data plane relays to an account.
+
+    ``path`` is appended to the account's ``/responses`` URL; a JSON answer is valid when its
+    ``object`` is ``object``; ``billed`` endpoints generate (tokens are reserved, billed and
+    metered), the others count only against the request rate; only ``streams`` endpoints
+    may answer with a stream.
+    """
+
+    path: str
+    object: str
+    billed: bool
+    streams: bool
+
+
+RESPONSES = Endpoint("", "response", billed=True, streams=True)
+COMPACT = Endpoint("/compact", "response.compaction", billed=True, streams=False)
+INPUT_TOKENS = Endpoint("/input_tokens", "response.input_tokens", billed=False, streams=False)
+
+
 class Failed(Exception):
     """Every attempt failed: ``error`` is what the client gets."""
 
@@ -156,6 +177,7 @@ class Dispatcher:
     plan: list[tuple[str, int, str]]
     snapshot: Snapshot
     extra: list[tuple[bytes, bytes]]  # headers added to the answer (the policy's decision)
+    endpoint: Endpoint = RESPONSES
     tried: set[int] = dataclasses.field(default_factory=set, init=False)
     last_error: GatewayError | None = dataclasses.field(default=None, init=False)
     sticky_value: str = dataclasses.field(default="", init=False)
@@ -219,9 +241,9 @@ class Dispatcher:
         payload = await self.rt.offload.run(ex.body_bytes, _payload, request, account.strip_fields)
         try:
             try:
-                upstream = await self.rt.upstream.open(
-                    account.responses_url, upstream_headers(account, ex.stream), payload
-                )
+                path = self.endpoint.path
+                url = account.responses_url + path if path else account.responses_url
+                upstream = await self.rt.upstream.open(url, upstream_headers(account, ex.stream), payload)
             except asyncio.CancelledError:
                 raise deadline.check() from None
         except UpstreamError as exc:
@@ -275,13 +297,13 @@ class Dispatcher:
             response = orjson.loads(content)
         except orjson.JSONDecodeError:
             response = None
-        if not isinstance(response, dict) or response.get("object") != "response":
+        if not isinstance(response, dict) or response.get("object") != self.endpoint.object:
             await self._failed(
                 account,
                 ServerError("protocol"),
                 "upstream_error",
                 502,
-                "the upstream's answer is not a Response object",
+                f"the upstream's answer is not a {self.endpoint.object} object",
             )
             return False
         self._bind(sticky, account, upstream_model)

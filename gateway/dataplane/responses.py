@@ -1,4 +1,4 @@
-"""``POST /v1/responses``: admit -> dispatch -> settle.
+"""``POST /v1/responses`` (and its JSON siblings ``/compact`` and ``/input_tokens``): admit -> dispatch -> settle.
 
 authenticate -> read the body (size limit) -> parse -> nesting depth (at most 64 levels,
 gateway/contract/nesting.py) -> validate (seed 004) -> key policy
@@ -7,6 +7,12 @@ gateway/contract/nesting.py) -> validate (seed 004) -> key policy
 the single choke point) -> dispatch with failover (:mod:`gateway.dataplane.dispatch`) ->
 settle the reservation with what was really used. The caller (the app) meters the
 exchange whatever happened.
+
+``/v1/responses/compact`` and ``/v1/responses/input_tokens`` take the same path with their
+:class:`~gateway.dataplane.dispatch.Endpoint`: the seed's validation of the fields they share
+with a response, the key's policy and models, failover; never a stream. A compaction is
+billed like a response; counting input tokens reserves nothing and counts only against the
+request rate (and is not metered: it generates nothing).
 """
 
 from __future__ import annotations
@@ -19,22 +25,24 @@ from django.conf import settings
 
 from accounts.routing.stickiness import sticky_key
 from gateway.config.snapshot import Snapshot
-from gateway.contract.errors import SERVER, GatewayError
+from gateway.contract.errors import SERVER, GatewayError, invalid_request
 from gateway.contract.nesting import check_nesting
 from gateway.contract.policy import apply_policy
 from gateway.contract.validation import validate_request
 from gateway.dataplane.asgi_io import Receive, Scope, Send, read_body
 from gateway.dataplane.auth import Plan, authenticate, plan_request
 from gateway.dataplane.disconnect import ClientWatch
-from gateway.dataplane.dispatch import Dispatcher, Failed, sticky_value
+from gateway.dataplane.dispatch import RESPONSES, Dispatcher, Endpoint, Failed, sticky_value
 from gateway.dataplane.exchange import Exchange
 from gateway.dataplane.runtime import Runtime
 from gateway.limits.engine import Decision, estimate_tokens, rejection_error
 from tenancy.pricing import estimate_cost_usd, usd_to_micros
 
 
-async def responses(scope: Scope, receive: Receive, send: Send, runtime: Runtime, ex: Exchange) -> None:
-    """Serve one ``POST /v1/responses``; raises GatewayError for the app to answer."""
+async def responses(
+    scope: Scope, receive: Receive, send: Send, runtime: Runtime, ex: Exchange, endpoint: Endpoint = RESPONSES
+) -> None:
+    """Serve one ``POST /v1/responses`` (or ``endpoint``); raises GatewayError for the app to answer."""
     if runtime.meter.saturated:
         # Usage cannot leave this process (a full or failing disk, Redis and the spool
         # refusing): take no work it could not meter. Checked before anything is recorded.
@@ -48,8 +56,8 @@ async def responses(scope: Scope, receive: Receive, send: Send, runtime: Runtime
             if validated is None:
                 raw = await read_body(scope, receive, settings.GATEWAY_MAX_BODY_BYTES)
                 size = ex.body_bytes = len(raw)
-                validated = await runtime.offload.run(size, _parse, raw, ex)
-            request, plan, decision = await _admit(scope, runtime, ex, snapshot, validated, size)
+                validated = await runtime.offload.run(size, _parse, raw, ex, endpoint)
+            request, plan, decision = await _admit(scope, runtime, ex, snapshot, validated, size, endpoint.billed)
         except GatewayError as error:
             # With Redis this replica learns of config changes from the admission
             # script; a refusal decided before it (unknown key or model) is checked
@@ -76,7 +84,7 @@ async def responses(scope: Scope, receive: Receive, send: Send, runtime: Runtime
     ticket = decision.ticket
     try:
         async with ClientWatch(receive, send, ex) as watch:  # a client leaving cancels the dispatch
-            await Dispatcher(runtime, ex, request, plan, snapshot, decision.headers).run(receive, watch.send)
+            await Dispatcher(runtime, ex, request, plan, snapshot, decision.headers, endpoint).run(receive, watch.send)
     except Failed as failed:
         raise failed.error from None
     finally:
@@ -100,7 +108,7 @@ def _usage_backlog() -> GatewayError:
     )
 
 
-def _parse(raw: bytes, ex: Exchange) -> dict[str, Any]:
+def _parse(raw: bytes, ex: Exchange, endpoint: Endpoint = RESPONSES) -> dict[str, Any]:
     """Parse, check and validate the body (in a worker thread for a large one: Offload)."""
     try:
         body = orjson.loads(raw)
@@ -115,6 +123,8 @@ def _parse(raw: bytes, ex: Exchange) -> dict[str, Any]:
     check_nesting(raw)
     validated = validate_request(body)
     ex.stream = bool(validated.get("stream"))
+    if ex.stream and not endpoint.streams:
+        raise invalid_request("This endpoint answers with JSON only; remove 'stream' from the request.", param="stream")
     return validated
 
 
@@ -125,8 +135,10 @@ async def _admit(
     snapshot: Snapshot,
     validated: dict[str, Any],
     body_size: int,
+    billed: bool = True,
 ) -> tuple[dict[str, Any], Plan, Decision]:
-    """Policy, plan and admission under ``snapshot`` (the one choke point for limits)."""
+    """Policy, plan and admission under ``snapshot`` (the one choke point for limits); a
+    request that is not ``billed`` reserves no tokens and no spend."""
     key = ex.key
     assert key is not None
     client = scope.get("client")
@@ -144,7 +156,9 @@ async def _admit(
     tokens = estimate_tokens(body_size, max_output, default_output=settings.GATEWAY_DEFAULT_OUTPUT_RESERVE)
     ex.price = price = snapshot.prices.lookup(request["model"], now)
     micros = 0
-    if price is not None:
+    if not billed:
+        tokens = 0
+    elif price is not None:
         output = max_output if max_output is not None else settings.GATEWAY_DEFAULT_OUTPUT_RESERVE
         micros = usd_to_micros(estimate_cost_usd(tokens - output, output, price))
     value = sticky_value(request)

@@ -13,10 +13,11 @@ from django.db.models import QuerySet
 from drf_spectacular.utils import OpenApiParameter
 from rest_framework import serializers
 
-from tenancy.access import MANAGING_ROLES, is_operator, tenant_or_404
-from tenancy.api.base import ScopedViewSet, in_time_range, timed_list, whole
-from tenancy.models import AuditEntry, Membership, UsageRecord
+from tenancy.access import tenant_ids_for, tenant_or_404
+from tenancy.api.base import ScopedViewSet, in_time_range, timed_list, when, whole
+from tenancy.models import AuditEntry, UsageRecord
 from tenancy.pricing import TOKEN_FIELDS
+from tenancy.selectors import RecordFilter, audit_entries_visible, usage_records_visible
 
 
 class AuditEntrySerializer(serializers.ModelSerializer[AuditEntry]):
@@ -36,10 +37,7 @@ class AuditViewSet(ScopedViewSet):
 
     def get_queryset(self) -> QuerySet[AuditEntry]:
         user = self.request.user
-        entries = AuditEntry.objects.all()
-        if not is_operator(user):
-            managed = Membership.objects.filter(user_id=user.pk or 0, role__in=MANAGING_ROLES)
-            entries = entries.filter(tenant_id__in=managed.values_list("tenant_id", flat=True))
+        entries = audit_entries_visible(user)
         if self.action != "list":
             return entries
         params = self.request.query_params
@@ -95,15 +93,19 @@ class UsageRecordViewSet(ScopedViewSet):
     serializer_class = UsageRecordSerializer
 
     def get_queryset(self) -> QuerySet[UsageRecord]:
-        records = self.scoped(UsageRecord.objects.select_related("tenant", "api_key"))
+        user = self.request.user
         if self.action != "list":
-            return records
+            return usage_records_visible(tenant_ids_for(user), RecordFilter())
         params = self.request.query_params
-        for name, field in (("key", "api_key_id"), ("account", "account_id"), ("status", "status_code")):
-            value = whole(params, name)
-            if value is not None:
-                records = records.filter(**{field: value})
-        for name in ("model", "request_id"):
-            if params.get(name):
-                records = records.filter(**{name: params[name]})
-        return in_time_range(records, params)
+        tenant = tenant_or_404(user, params["tenant"]).pk if params.get("tenant") else None
+        wanted = RecordFilter(
+            tenant_id=tenant,
+            api_key_id=whole(params, "key"),
+            account_id=whole(params, "account"),
+            status_code=whole(params, "status"),
+            model=params.get("model", ""),
+            request_id=params.get("request_id", ""),
+            start=when(params, "from"),
+            end=when(params, "to"),
+        )
+        return usage_records_visible(tenant_ids_for(user), wanted)

@@ -12,7 +12,8 @@ creates a task and goes out in one ``write``. SSE is chunked, one chunk per even
 event delay all frames leave in that one write; with a delay each frame is written when it is due.
 Stateless answers to a body seen twice are replayed from :class:`AnswerCache` with fresh ids.
 
-Endpoints: ``POST /v1/responses`` (and ``/responses``), ``GET /v1/models`` (and ``/models``,
+Endpoints: ``POST /v1/responses`` (and ``/responses``), ``POST /v1/responses/compact`` and
+``POST /v1/responses/input_tokens`` (JSON only, same knobs), ``GET /v1/models`` (and ``/models``,
 ``/v1/models/{id}``), ``GET /health``, and for tests ``GET /_fake/stats``, ``POST /_fake/reset``,
 ``GET /_fake/requests`` (last bodies and headers received, newest last), ``GET|POST /_fake/config``.
 
@@ -28,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
 import contextlib
 import os
 import random
@@ -38,7 +40,7 @@ import sys
 import time
 import traceback
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Any, cast
 
@@ -54,6 +56,7 @@ from gateway.devtools.fake_upstream.wire import (
     SSE_TYPE,
     chunk,
     error_reply,
+    estimate_input_tokens,
     fault_reply,
     final_response,
     head,
@@ -319,10 +322,11 @@ def handle(state: State, req: Request) -> list[Step]:
         return [handle_control(state, req, path[7:])]
     if path != b"/health":  # readiness probes would crowd out what tests look for
         state.history.append((time.time(), req.method, req.url, req.headers, req.body))
-    if path == b"/responses" and req.method == b"POST":
+    handler = _POST_HANDLERS.get(path) if req.method == b"POST" else None
+    if handler is not None:
         state.stats.requests += 1
         try:
-            return handle_responses(state, req)
+            return handler(state, req)
         except Reject as exc:
             state.stats.errors += 1
             return [exc.reply]
@@ -342,6 +346,52 @@ def handle(state: State, req: Request) -> list[Step]:
 
 def handle_responses(state: State, req: Request) -> list[Step]:
     """Validate a ``POST /responses`` (auth, JSON, model; raising :class:`Reject`) and answer it."""
+    return _checked(state, req)
+
+
+def handle_compact(state: State, req: Request) -> list[Step]:
+    """``POST /responses/compact``: the input's user messages kept, then one ``compaction`` item
+    whose ``encrypted_content`` stands for the rest; usage like a response's (billed)."""
+    return _checked(state, req, answer_json=_compaction)
+
+
+def handle_input_tokens(state: State, req: Request) -> list[Step]:
+    """``POST /responses/input_tokens``: ``{"object": "response.input_tokens", "input_tokens": N}``."""
+    return _checked(state, req, answer_json=_input_tokens)
+
+
+def _compaction(state: State, body: JSON, now: int) -> JSON:
+    items = body.get("input")
+    kept = [
+        item
+        for item in (items if isinstance(items, list) else [])
+        if isinstance(item, dict) and item.get("type", "message") == "message" and item.get("role") == "user"
+    ]
+    input_tokens = estimate_input_tokens(body)
+    output_tokens = max(1, input_tokens // 10)
+    summary = base64.b64encode(orjson.dumps({"summary_of_items": len(items) if isinstance(items, list) else 1}))
+    state.stats.input_tokens += input_tokens
+    state.stats.output_tokens += output_tokens
+    return {
+        "id": IDS.new("resp"),
+        "object": "response.compaction",
+        "created_at": now,
+        "output": [*kept, {"id": IDS.new("cmp"), "type": "compaction", "encrypted_content": summary.decode()}],
+        "usage": usage_object(input_tokens, output_tokens, 0, 0, 0),
+    }
+
+
+def _input_tokens(state: State, body: JSON, now: int) -> JSON:
+    return {"object": "response.input_tokens", "input_tokens": estimate_input_tokens(body)}
+
+
+def _checked(
+    state: State,
+    req: Request,
+    answer_json: Callable[[State, JSON, int], JSON] | None = None,
+) -> list[Step]:
+    """Auth, JSON and model checks shared by the POST endpoints (raising :class:`Reject`), then
+    the answer: a response, or ``answer_json``'s object."""
     config = state.config
     raw: dict[str, str] = {}
     auth = b""
@@ -355,7 +405,7 @@ def handle_responses(state: State, req: Request) -> list[Step]:
         raise Reject(401, "Incorrect API key provided.", "invalid_api_key")
     forced = config.fail_status if config.fail_rate and random.random() < config.fail_rate else 0
     key = (req.body, tuple(raw.items()))
-    if not forced:
+    if not forced and answer_json is None:
         cached = state.answers.entries.get(key)
         if cached is not None:
             return cached.replay(state)
@@ -377,6 +427,17 @@ def handle_responses(state: State, req: Request) -> list[Step]:
         raise Reject(400, "Missing required parameter: 'model'.", "missing_required_parameter", "model")
     if not k.status and config.models and model not in config.models:
         raise Reject(404, f"The model `{model}` does not exist or you do not have access to it.", "model_not_found")
+    if answer_json is not None:
+        steps: list[Step] = [k.latency_ms / 1000.0] if k.latency_ms > 0 else []
+        if k.hang:
+            state.stats.hung += 1
+            return [HANG]
+        if k.status:
+            state.stats.errors += 1
+            return [*steps, fault_reply(k.status, k.error_code, k.retry_after)]
+        if body.get("stream"):
+            raise Reject(400, "Unsupported parameter: 'stream'.", "unsupported_parameter", "stream")
+        return [*steps, json_reply(200, answer_json(state, body, int(time.time())), OK_HEADERS)]
     stateless = not (k.status or k.hang or k.cut_after >= 0 or k.fail_after >= 0 or "prompt_cache_key" in body)
     if stateless and len(req.body) <= AnswerCache.MAX_BODY:
         return state.answers.answer(state, key, body, k)
@@ -452,6 +513,13 @@ def answer(state: State, body: JSON, k: Knobs, now: int) -> list[Step]:
         steps.append(chunk(sse_frame(event)))
     steps.append(CUT if k.fail_after < 0 <= k.cut_after else b"0\r\n\r\n")
     return steps
+
+
+_POST_HANDLERS: dict[bytes, Callable[[State, Request], list[Step]]] = {
+    b"/responses": handle_responses,
+    b"/responses/compact": handle_compact,
+    b"/responses/input_tokens": handle_input_tokens,
+}
 
 
 def handle_control(state: State, req: Request, name: bytes) -> bytes:

@@ -15,6 +15,7 @@ Contracts kept (RESPONSES_WIRE.md):
 
 from __future__ import annotations
 
+import base64
 import http
 import os
 from collections.abc import Iterator
@@ -263,8 +264,9 @@ def _resolve_ref(root: Any, ref: str) -> Any:
 class Plan:
     """The decided content of one answer, before any id or timestamp is assigned.
 
-    ``kind`` is ``"text"`` (``pieces`` are output_text deltas) or ``"function_call"`` (``pieces`` are
-    argument deltas of a call to ``tool_name``). ``reasoning_tokens`` > 0 adds a leading reasoning
+    ``kind`` is ``"text"`` (``pieces`` are output_text deltas), ``"function_call"`` (``pieces`` are
+    argument deltas of a call to ``tool_name``) or ``"compaction"`` (one ``compaction`` item; the
+    pieces count as its output tokens). ``reasoning_tokens`` > 0 adds a leading reasoning
     item; ``incomplete`` means ``max_output_tokens`` cut the output.
     """
 
@@ -313,15 +315,27 @@ def _pick_function_tool(req: JSON) -> JSON | None:
 def plan_answer(req: JSON, tokens: int) -> Plan:
     """Decide the answer to a parsed request body, with ``tokens`` filler tokens for plain text.
 
-    Rules (the brief): call the first function tool unless the last input item is a
-    ``function_call_output`` (then say what the tool said); ``text.format.type == "json_schema"``
-    yields a schema-valid JSON document; ``reasoning.effort`` adds reasoning tokens (counted in
-    output tokens, and against ``max_output_tokens``, as OpenAI does).
+    Rules (the brief): a last input item ``compaction_trigger`` asks for a compaction (one
+    ``compaction`` item); otherwise call the first function tool unless the last input item is a
+    ``function_call_output`` (then say what the tool said) or a ``compaction`` (then say so);
+    ``text.format.type == "json_schema"`` yields a schema-valid JSON document; ``reasoning.effort``
+    adds reasoning tokens (counted in output tokens, and against ``max_output_tokens``, as OpenAI
+    does).
     """
     items = req.get("input")
     last = items[-1] if isinstance(items, list) and items and isinstance(items[-1], dict) else {}
+    if last.get("type") == "compaction_trigger":
+        # Server-side compaction (what the Codex CLI's "compaction v2" asks for): one
+        # ``compaction`` item whose encrypted content stands for the whole context.
+        return Plan(
+            kind="compaction",
+            pieces=filler_pieces(max(1, min(tokens, 64))),
+            input_tokens=estimate_input_tokens(req),
+        )
     after_tool = last.get("type") == "function_call_output"
-    tool = None if after_tool else _pick_function_tool(req)
+    # After a compaction the context holds no finished tool call any more: answer, don't call again.
+    after_compaction = last.get("type") == "compaction"
+    tool = None if after_tool or after_compaction else _pick_function_tool(req)
 
     reasoning = req.get("reasoning")
     effort = reasoning.get("effort") if isinstance(reasoning, dict) else None
@@ -344,6 +358,8 @@ def plan_answer(req: JSON, tokens: int) -> Plan:
             pieces = char_pieces('{"answer": "' + " ".join(_WORDS[: max(1, tokens)]) + '"}')
         elif after_tool:
             pieces = word_pieces("The tool said: " + _tool_output_text(last))
+        elif after_compaction:
+            pieces = word_pieces("Continuing from the compacted context.")
         else:
             pieces = filler_pieces(tokens)
 
@@ -455,7 +471,11 @@ def render_output(plan: Plan) -> Rendered:
             item["encrypted_content"] = _ENCRYPTED_REASONING
         out.output.append(item)
     joined = "".join(plan.pieces)
-    if plan.kind == "function_call":
+    if plan.kind == "compaction":
+        out.item_id = IDS.new("cmp")
+        sealed = base64.b64encode(orjson.dumps({"compacted": joined})).decode()
+        out.output.append({"id": out.item_id, "type": "compaction", "encrypted_content": sealed})
+    elif plan.kind == "function_call":
         out.item_id, out.call_id = IDS.new("fc"), IDS.new("call")
         out.output.append(
             {
@@ -522,7 +542,9 @@ def stream_events(plan: Plan, rendered: Rendered, response: JSON, final: JSON) -
         index = 1
     item = rendered.output[index]
     item_id = rendered.item_id
-    if plan.kind == "function_call":
+    if plan.kind == "compaction":
+        yield {"type": "response.output_item.added", "output_index": index, "item": item}
+    elif plan.kind == "function_call":
         added_call = {**item, "status": "in_progress", "arguments": ""}
         yield {"type": "response.output_item.added", "output_index": index, "item": added_call}
         for piece in plan.pieces:

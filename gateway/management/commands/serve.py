@@ -69,7 +69,8 @@ class Command(BaseCommand):
             workers=options["workers"],
             loop="uvloop",
             http=LimitedHttpToolsProtocol,
-            ws="none",  # the gateway serves no WebSocket route
+            ws="websockets-sansio",  # /v1/responses over a WebSocket (gateway/dataplane/socket.py)
+            ws_max_size=settings.GATEWAY_MAX_BODY_BYTES,
             lifespan="on",
             log_level="warning",
             access_log=False,
