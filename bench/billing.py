@@ -54,8 +54,14 @@ def main() -> None:
         f"day rows {UsageRollupDay.objects.count():,}"
     )
     user, _ = User.objects.get_or_create(username="bench-operator", defaults={"is_staff": True})
-    client = APIClient()
+    client = APIClient(SERVER_NAME="localhost")
     client.force_authenticate(user)
+
+    def get(url: str) -> object:
+        answer = client.get(url)
+        assert answer.status_code == 200, (url, answer.status_code, answer.content[:300])
+        return answer
+
     base = f"/api/v1/reports/usage?from={start.isoformat()}&to={end.isoformat()}".replace("+", "%2B")
     cases: list[tuple[str, Callable[[], object]]] = [
         (
@@ -68,17 +74,17 @@ def main() -> None:
         ),
         (
             "API: month by key and model, all tenants",
-            lambda: client.get(base + "&granularity=month&group_by=key,model"),
+            lambda: get(base + "&granularity=month&group_by=key,model"),
         ),
         (
             "API: month by key and model, one tenant",
-            lambda: client.get(base + f"&granularity=month&group_by=key,model&tenant={tenant.slug}"),
+            lambda: get(base + f"&granularity=month&group_by=key,model&tenant={tenant.slug}"),
         ),
         (
             "API: month by key and model, all tenants, percentiles",
-            lambda: client.get(base + "&granularity=month&group_by=key,model&percentiles=true"),
+            lambda: get(base + "&granularity=month&group_by=key,model&percentiles=true"),
         ),
-        ("API: month by day and model, all tenants", lambda: client.get(base + "&granularity=day&group_by=model")),
+        ("API: month by day and model, all tenants", lambda: get(base + "&granularity=day&group_by=model")),
     ]
     for name, run in cases:
         median, slowest = _time(args.repeat, run)

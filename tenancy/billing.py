@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
 from typing import Any, NamedTuple
 
-from tenancy.pricing import PriceTable, billed_tokens, cost_pusd, rates_micro
+from tenancy.pricing import PriceTable, billed_tokens, carve, cost_pusd, rates_micro
 from tenancy.zones import time_zone_validate as time_zone_validate
 from tenancy.zones import zone as zone
 
@@ -196,25 +196,12 @@ class RecordRow(NamedTuple):
 RECORD_COLUMNS = RecordRow._fields
 
 
-def _usage_of(row: RecordRow) -> dict[str, int | None]:
-    return {
-        "input_tokens": row.input_tokens,
-        "cached_tokens": row.cached_tokens,
-        "cache_write_tokens": row.cache_write_tokens,
-        "output_tokens": row.output_tokens,
-        "reasoning_tokens": row.reasoning_tokens,
-    }
-
-
-def _add_tokens(measures: Measures, billed: tuple[int, int, int, int, int], rates: tuple[int, ...] | None) -> None:
-    counts = measures.counts
+def _add_tokens(counts: list[int], billed: tuple[int, int, int, int, int]) -> None:
     counts[4] += billed[0]
     counts[5] += billed[1]
     counts[6] += billed[2]
     counts[7] += billed[3]
     counts[8] += billed[4]
-    if rates is not None:
-        counts[9] += cost_pusd(billed, rates)  # type: ignore[arg-type]
 
 
 def _attempt_account(raw: Any) -> int | None:
@@ -228,19 +215,22 @@ def _attempt_billed(attempt: Any) -> tuple[int, int, int, int, int] | None:
 
 
 def rollup_records(records: Iterable[RecordRow], prices: PriceTable) -> dict[RollupKey, Measures]:
-    """The 15-minute rollup rows of ``records`` (see the module docstring), priced with ``prices``."""
+    """The 15-minute rollup rows of ``records`` (see the module docstring), priced with ``prices``.
+
+    Tokens are summed per row and the row's cost computed once from the sums: a row has one
+    price version, and the cost of a sum of tokens is the sum of their costs (exact integers).
+    """
     rows: dict[RollupKey, Measures] = {}
-    rates_of: dict[int, tuple[int, int, int, int, int]] = {}
+    buckets: dict[int, datetime] = {}
     for record in records:
-        bucket = bucket_floor(record.created_at)
+        stamp = int(record.created_at.timestamp()) // BUCKET_SECONDS * BUCKET_SECONDS
+        bucket = buckets.get(stamp)
+        if bucket is None:
+            bucket = buckets[stamp] = datetime.fromtimestamp(stamp, UTC)
         price = prices.lookup(record.model, record.created_at)
-        price_id = price.id if price is not None else None
-        rates = None
-        if price is not None:
-            rates = rates_of.get(price.id)
-            if rates is None:
-                rates = rates_of[price.id] = rates_micro(price)
-        key = RollupKey(bucket, record.tenant_id, record.api_key_id, record.model, record.account_id, price_id)
+        key = RollupKey(
+            bucket, record.tenant_id, record.api_key_id, record.model, record.account_id, price.id if price else None
+        )
         measures = rows.get(key)
         if measures is None:
             measures = rows[key] = Measures()
@@ -251,16 +241,24 @@ def rollup_records(records: Iterable[RecordRow], prices: PriceTable) -> dict[Rol
         measures.latency[hist_bin(record.latency_ms)] += 1
         if record.ttfb_ms is not None:
             measures.ttfb[hist_bin(record.ttfb_ms)] += 1
-        billed = billed_tokens(_usage_of(record))
+        billed = carve(
+            record.input_tokens,
+            record.cached_tokens,
+            record.cache_write_tokens,
+            record.output_tokens,
+            record.reasoning_tokens,
+        )
         if billed is None:
             if record.outcome != "rejected":
                 counts[3] += 1
         else:
-            _add_tokens(measures, billed, rates)
+            _add_tokens(counts, billed)
         attempts = record.attempts
+        if not attempts or attempts == "[]":
+            continue
         if isinstance(attempts, str):
-            attempts = [] if attempts in ("", "[]") else _json_list(attempts)
-        for attempt in attempts or ():
+            attempts = _json_list(attempts)
+        for attempt in attempts:
             account = _attempt_account(attempt.get("account_id")) if isinstance(attempt, dict) else None
             other = key._replace(account_id=account)
             at = rows.get(other)
@@ -269,7 +267,11 @@ def rollup_records(records: Iterable[RecordRow], prices: PriceTable) -> dict[Rol
             at.counts[2] += 1
             attempt_billed = _attempt_billed(attempt)
             if attempt_billed is not None:
-                _add_tokens(at, attempt_billed, rates)
+                _add_tokens(at.counts, attempt_billed)
+    rates: dict[int, tuple[int, int, int, int, int]] = {price.id: rates_micro(price) for price in prices.versions()}
+    for key, measures in rows.items():
+        if key.price_version_id is not None:
+            measures.counts[9] = cost_pusd(tuple(measures.counts[4:9]), rates[key.price_version_id])  # type: ignore[arg-type]
     return rows
 
 

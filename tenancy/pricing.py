@@ -170,13 +170,28 @@ def billed_tokens(usage: Mapping[str, int | None]) -> tuple[int, int, int, int, 
     ``(uncached input, cached input, cache write, visible output, reasoning)``: they add up to
     ``input_tokens + output_tokens`` exactly (a detail larger than its total is clamped to it).
     """
-    input_tokens = _tokens(usage, "input_tokens")
-    output_tokens = _tokens(usage, "output_tokens")
+    return carve(
+        _tokens(usage, "input_tokens"),
+        _tokens(usage, "cached_tokens"),
+        _tokens(usage, "cache_write_tokens"),
+        _tokens(usage, "output_tokens"),
+        _tokens(usage, "reasoning_tokens"),
+    )
+
+
+def carve(
+    input_tokens: int | None,
+    cached_tokens: int | None,
+    cache_write_tokens: int | None,
+    output_tokens: int | None,
+    reasoning_tokens: int | None,
+) -> tuple[int, int, int, int, int] | None:
+    """:func:`billed_tokens` of counts already known to be None or >= 0 (usage records' columns)."""
     if input_tokens is None or output_tokens is None:
         return None
-    cached = min(_tokens(usage, "cached_tokens") or 0, input_tokens)
-    cache_write = min(_tokens(usage, "cache_write_tokens") or 0, input_tokens - cached)
-    reasoning = min(_tokens(usage, "reasoning_tokens") or 0, output_tokens)
+    cached = min(cached_tokens or 0, input_tokens)
+    cache_write = min(cache_write_tokens or 0, input_tokens - cached)
+    reasoning = min(reasoning_tokens or 0, output_tokens)
     return input_tokens - cached - cache_write, cached, cache_write, output_tokens - reasoning, reasoning
 
 

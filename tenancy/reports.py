@@ -21,8 +21,10 @@ from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
+from django.db import connection
 from django.db.models import QuerySet, Sum
 from django.db.models.functions import TruncMonth
+from django.utils.dateparse import parse_date, parse_datetime
 
 from tenancy.billing import (
     COUNT_FIELDS,
@@ -106,7 +108,7 @@ def usage_sums(
 
     ``tenant_ids`` None: every tenant. ``granularity`` None: one period (key ``None``).
     ``columns``: rollup columns (``DIMENSIONS`` values, ``price_version_id``). ``hists``: also
-    merge the latency histograms (read row by row instead of summed by the database).
+    sum the latency and TTFB histograms (bin by bin, in SQL: :func:`hist_sums`).
     """
     tz = zone(tz_name)
     group_columns = [c for c in dict.fromkeys([*columns, "price_version_id"])]
@@ -129,7 +131,7 @@ def usage_sums(
             rows = rows.annotate(period=TruncMonth("day"))
         period_column = {"day": "day", "month": "period"}.get(granularity or "")
         values = [*group_columns, *([period_column] if period_column else [])]
-        for row in _summed(rows.order_by(), values, hists):
+        for row in summed(rows.order_by(), values, hists):
             period = datetime.combine(row[period_column], datetime.min.time()) if period_column else None
             _add(sums, key_of(period, row), row, hists)
     # 2. The 15-minute table: everything the day table did not cover, in index-friendly pieces:
@@ -150,18 +152,63 @@ def usage_sums(
                 in_range.filter(tenant_id__in=other_ids, bucket_start__gte=covered_start, bucket_start__lt=covered_end)
             )
     for piece in pieces:
-        for row in _summed(piece.order_by(), [*group_columns, "bucket_start"], hists):
+        for row in summed(piece.order_by(), [*group_columns, "bucket_start"], hists):
             period = period_of(row["bucket_start"], tz, granularity) if granularity else None
             _add(sums, key_of(period, row), row, hists)
     return sums
 
 
-def _summed(rows: QuerySet[Any], columns: list[str], hists: bool) -> Iterable[dict[str, Any]]:
-    """``rows`` grouped by ``columns`` with their counts summed (by the database), or, with
-    ``hists``, every row with its histograms (summed by the caller)."""
-    if hists:
-        return rows.values(*columns, *COUNT_FIELDS, *HIST_FIELDS).iterator(chunk_size=20_000)
-    return rows.values(*columns).annotate(**{name: Sum(name) for name in COUNT_FIELDS}).iterator(chunk_size=20_000)
+def summed(rows: QuerySet[Any], columns: list[str], hists: bool) -> Iterable[dict[str, Any]]:
+    """``rows`` grouped by ``columns`` with their counts summed by the database; with ``hists``,
+    each group also has its ``latency_hist`` and ``ttfb_hist`` summed (bin by bin, in SQL)."""
+    groups = rows.values(*columns).annotate(**{name: Sum(name) for name in COUNT_FIELDS})
+    if not hists:
+        return groups.iterator(chunk_size=20_000)
+    merged = {name: hist_sums(rows, columns, name) for name in HIST_FIELDS}
+    found = []
+    for group in groups.iterator(chunk_size=20_000):
+        key = tuple(_normal(column, group[column]) for column in columns)
+        for name in HIST_FIELDS:
+            group[name] = merged[name].get(key, {})
+        found.append(group)
+    return found
+
+
+def _normal(column: str, value: Any) -> Any:
+    """A grouped value as the ORM gives it, whatever the raw cursor gave (SQLite: text)."""
+    if column == "bucket_start":
+        if isinstance(value, str):
+            value = parse_datetime(value)
+        if isinstance(value, datetime) and value.tzinfo is None:
+            value = value.replace(tzinfo=UTC)
+        return value.astimezone(UTC) if isinstance(value, datetime) else value
+    if column in ("day", "period"):
+        if isinstance(value, str):
+            return parse_date(value[:10])
+        if isinstance(value, datetime):
+            return value.date()
+    return value
+
+
+def hist_sums(rows: QuerySet[Any], columns: list[str], hist: str) -> dict[tuple[Any, ...], dict[int, int]]:
+    """The histogram ``hist`` of ``rows`` summed per group of ``columns``, in one query
+    (PostgreSQL ``jsonb_each_text``, SQLite ``json_each``): {group values: {bin: count}}."""
+    inner, params = rows.values(*columns, hist).query.sql_with_params()
+    quote = connection.ops.quote_name
+    names = ", ".join(f"r.{quote(column)}" for column in columns)
+    each = (
+        f"jsonb_each_text(r.{quote(hist)}) h" if connection.vendor == "postgresql" else f"json_each(r.{quote(hist)}) h"
+    )
+    value = "h.value::bigint" if connection.vendor == "postgresql" else "h.value"
+    lead = f"{names}, " if columns else ""
+    sql = f"SELECT {lead}h.key, SUM({value}) FROM ({inner}) r CROSS JOIN {each} GROUP BY {lead}h.key"
+    sums: dict[tuple[Any, ...], dict[int, int]] = {}
+    with connection.cursor() as cursor:
+        cursor.execute(sql, params)
+        for row in cursor.fetchall():
+            key = tuple(_normal(column, value) for column, value in zip(columns, row, strict=False))
+            sums.setdefault(key, {})[int(row[-2])] = int(row[-1])
+    return sums
 
 
 @dataclass(frozen=True)

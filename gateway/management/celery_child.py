@@ -27,6 +27,8 @@ import threading
 from collections.abc import Callable
 from pathlib import Path
 
+from gateway.conf.files import private_directory
+
 logger = logging.getLogger(__name__)
 
 RESTART_DELAY = 1.0
@@ -50,6 +52,8 @@ class CeleryWorkerChild:
     """One ``celery worker -B`` child, restarted with a backoff until :meth:`stop`."""
 
     def __init__(self, data_dir: Path, *, concurrency: int = 2) -> None:
+        # The beat keeps its schedule there (also with the Redis broker, which needs no folder).
+        private_directory(data_dir / "celery")
         self._args = [
             sys.executable,
             "-m",

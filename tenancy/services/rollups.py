@@ -30,20 +30,21 @@ import threading
 import time
 from collections import defaultdict
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 from django.conf import settings
 from django.db import connection, transaction
+from django.db.models import TextField
+from django.db.models.functions import Cast
 from django.utils import timezone
+from psycopg.types.json import Jsonb
 
 from tenancy import pricing
 from tenancy.billing import (
     BUCKET,
-    COUNT_FIELDS,
-    HIST_FIELDS,
     RECORD_COLUMNS,
     Measures,
     RecordRow,
@@ -56,6 +57,7 @@ from tenancy.billing import (
     zone,
 )
 from tenancy.models import BillingState, PriceVersion, Tenant, UsageRecord, UsageRollup, UsageRollupDay
+from tenancy.reports import summed
 
 logger = logging.getLogger(__name__)
 
@@ -80,12 +82,14 @@ class RollupResult:
     rows: int = 0
     days: int = 0
     buckets: int = 0
+    tenant_ids: set[int] = field(default_factory=set)  # tenants whose rows were rewritten
 
     def add(self, other: RollupResult) -> None:
         self.records += other.records
         self.rows += other.rows
         self.days += other.days
         self.buckets += other.buckets
+        self.tenant_ids |= other.tenant_ids
 
 
 _held = threading.local()
@@ -108,9 +112,14 @@ def billing_lock() -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_EX)
             stack.callback(fcntl.flock, handle, fcntl.LOCK_UN)
         stack.enter_context(transaction.atomic())
-        if connection.vendor == "postgresql":
-            with connection.cursor() as cursor:
+        with connection.cursor() as cursor:
+            if connection.vendor == "postgresql":
                 cursor.execute("SELECT pg_advisory_xact_lock(%s)", [_ADVISORY_LOCK_ID])
+            else:
+                # SQLite: write first, so the transaction holds the write lock before it reads (a
+                # read snapshot that another writer commits past can no longer be upgraded).
+                table = connection.ops.quote_name(BillingState._meta.db_table)
+                cursor.execute(f"UPDATE {table} SET last_record_id = last_record_id WHERE id = -1")
         _held.depth = 1
         try:
             yield
@@ -142,12 +151,15 @@ def _records(start: datetime, end: datetime, model: str | None) -> Iterator[Reco
     rows = UsageRecord.objects.filter(created_at__gte=start, created_at__lt=end).order_by()
     if model is not None:
         rows = rows.filter(model=model)
-    for values in rows.values_list(*RECORD_COLUMNS).iterator(chunk_size=20_000):
+    # attempts as text: most are "[]", which needs no JSON parsing (tenancy.billing parses the rest).
+    rows = rows.annotate(attempts_text=Cast("attempts", TextField()))
+    for values in rows.values_list(*RECORD_COLUMNS[:-1], "attempts_text").iterator(chunk_size=20_000):
         yield RecordRow(*values)
 
 
 def _rollup_chunk(start: datetime, end: datetime, model: str | None, prices: pricing.PriceTable) -> RollupResult:
-    """Recompute the 15-minute rows of ``[start, end)`` (bucket-aligned) in one locked transaction."""
+    """Recompute the 15-minute rows of ``[start, end)`` (bucket-aligned) and the local days they
+    touch, in one locked transaction: readers never see buckets and days that disagree."""
     result = RollupResult(buckets=int((end - start) / BUCKET))
     with billing_lock():
         counter = _Counting(_records(start, end, model))
@@ -156,10 +168,34 @@ def _rollup_chunk(start: datetime, end: datetime, model: str | None, prices: pri
         old = UsageRollup.objects.filter(bucket_start__gte=start, bucket_start__lt=end)
         if model is not None:
             old = old.filter(model=model)
+        result.tenant_ids = set(old.order_by().values_list("tenant_id", flat=True).distinct())
+        result.tenant_ids |= {key.tenant_id for key in rows}
         old._raw_delete(old.db)  # no signals, no cascades to collect: one DELETE
-        UsageRollup.objects.bulk_create(_rollup_objects(rows), batch_size=_INSERT_BATCH)
+        rows_insert(UsageRollup, _rollup_objects(rows))
         result.rows = len(rows)
+        # Only the days of tenants that had or have rows in the chunk can have changed.
+        if result.tenant_ids:
+            result.days = _days_rebuild_range(start, end, result.tenant_ids)
     return result
+
+
+def rows_insert(model: type[UsageRollup] | type[UsageRollupDay], objects: Iterable[Any]) -> None:
+    """Insert rollup rows: ``COPY`` on PostgreSQL (a multi-row INSERT spends most of its time
+    composing tens of thousands of parameters), ``bulk_create`` elsewhere."""
+    if connection.vendor != "postgresql":
+        model.objects.bulk_create(objects, batch_size=_INSERT_BATCH)
+        return
+    fields = [f for f in model._meta.concrete_fields if not f.primary_key]
+    names = ", ".join(connection.ops.quote_name(f.column) for f in fields)
+    table = connection.ops.quote_name(model._meta.db_table)
+    with connection.cursor() as cursor, cursor.cursor.copy(f"COPY {table} ({names}) FROM STDIN") as copy:
+        for obj in objects:
+            copy.write_row(
+                [
+                    Jsonb(value) if isinstance(value, dict) else value
+                    for value in (getattr(obj, f.attname) for f in fields)
+                ]
+            )
 
 
 class _Counting:
@@ -192,8 +228,9 @@ def rollup_period(*, start: datetime, end: datetime, model: str | None = None) -
     """Recompute the rollups of ``[start, end)`` (widened to whole buckets) from the records.
 
     ``model``: only that model's rows (re-rating a model). Records older than the retention
-    (:func:`retention_start`) are not recomputed: the range is clamped to it. Then every local
-    day touched (per tenant, in its ``rollup_time_zone``) is rebuilt from its buckets.
+    (:func:`retention_start`) are not recomputed: the range is clamped to it. With each chunk,
+    every local day it touches (per tenant, in its ``rollup_time_zone``) is rebuilt from its
+    buckets, in the same transaction.
     Idempotent: the rows depend on the records and prices only.
     """
     if start.tzinfo is None or end.tzinfo is None:
@@ -212,7 +249,6 @@ def rollup_period(*, start: datetime, end: datetime, model: str | None = None) -
         chunk_end = min(chunk_start + CHUNK, end)
         result.add(_rollup_chunk(chunk_start, chunk_end, model, prices))
         chunk_start = chunk_end
-    result.days = _days_rebuild_range(start, end)
     return result
 
 
@@ -240,12 +276,8 @@ def _day_rebuild(day: date, zone_name: str, tenant_ids: list[int]) -> int:
         # The zone may have changed since it was read: only tenants still on it.
         ids = list(Tenant.objects.filter(pk__in=tenant_ids, rollup_time_zone=zone_name).values_list("id", flat=True))
         sums: dict[tuple[Any, ...], Measures] = {}
-        source = (
-            UsageRollup.objects.filter(tenant_id__in=ids, bucket_start__gte=day_start, bucket_start__lt=day_end)
-            .order_by()
-            .values(*_DIMENSIONS, *COUNT_FIELDS, *HIST_FIELDS)
-        )
-        for row in source.iterator(chunk_size=20_000):
+        source = UsageRollup.objects.filter(tenant_id__in=ids, bucket_start__gte=day_start, bucket_start__lt=day_end)
+        for row in summed(source.order_by(), list(_DIMENSIONS), hists=True):
             key = tuple(row[name] for name in _DIMENSIONS)
             measures = sums.get(key)
             if measures is None:
@@ -253,14 +285,14 @@ def _day_rebuild(day: date, zone_name: str, tenant_ids: list[int]) -> int:
             measures.add_row(row)
         old = UsageRollupDay.objects.filter(tenant_id__in=ids, day=day, time_zone=zone_name)
         old._raw_delete(old.db)
-        UsageRollupDay.objects.bulk_create(
+        rows_insert(
+            UsageRollupDay,
             (
                 UsageRollupDay(
                     day=day, time_zone=zone_name, **dict(zip(_DIMENSIONS, key, strict=True)), **measures.fields()
                 )
                 for key, measures in sums.items()
             ),
-            batch_size=_INSERT_BATCH,
         )
     return len(sums)
 

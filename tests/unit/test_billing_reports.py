@@ -237,6 +237,19 @@ def test_csv_equals_json(world: dict[str, Any], clients: dict[str, APIClient]) -
             assert line[name] == shown, name
     assert as_json.json()["data_as_of"] is not None
     assert as_json["X-Data-As-Of"] == as_json.json()["data_as_of"]
+    # A statement too: one CSV row per line item and adjustment, then the total.
+    url = f"/api/v1/tenants/{world['acme'].pk}/statement/?month=2026-03"
+    statement = clients["operator"].get(url).json()
+    lines = list(csv.DictReader(io.StringIO(clients["operator"].get(url + "&format=csv").content.decode())))
+    assert [line["section"] for line in lines] == ["line"] * len(statement["lines"]) + ["total"]
+    for line, item in zip(lines, statement["lines"], strict=False):
+        assert (line["model"], line["kind"], line["tokens"], line["amount_usd"]) == (
+            item["model"],
+            item["kind"],
+            str(item["tokens"]),
+            item["amount_usd"],
+        )
+    assert lines[-1]["amount_usd"] == statement["totals"]["total_usd"]
     # A bucket looks like OpenAI's usage API's.
     page = as_json.json()
     assert page["object"] == "page"
