@@ -1027,7 +1027,14 @@ class Bench:
     def throughput(self, connections: int) -> None:
         def measure(target: Target) -> WrkResult:
             before = redis_stats(self.redis_url) if target.key == "redis" and self.redis_url else None
+            pids = target.pids
+            cpu = sum(cpu_seconds(pid) for pid in pids)
             result = run_wrk(target, connections, self.plan.seconds, body())
+            if pids and result.requests:
+                # CPU time of the server and its children (the usage writer) per answer: less
+                # sensitive than req/s to what else the machine is doing.
+                spent = sum(cpu_seconds(pid) for pid in pids) - cpu
+                result.extra["cpu_us_per_request"] = spent * 1e6 / result.requests
             if before is not None and self.redis_url and result.requests:
                 after = redis_stats(self.redis_url)
                 # -1: the second INFO counts the first one (one command, one read).
@@ -1245,6 +1252,13 @@ class Bench:
             budget(row16, ">= 1000", lambda v: v >= 1000, "throughput_c16")
         rows.append(row16)
         rows.append(Row("req/s @64", "rps", thr64))
+        cpu: dict[str, float | None] = {}
+        for key, runs in self.raw.get("throughput_c16", {}).items():
+            values = [r["extra"]["cpu_us_per_request"] for r in runs if "cpu_us_per_request" in r["extra"]]
+            if values:
+                cpu[key] = median(values)
+        if cpu:
+            rows.append(Row("server CPU per request @16 (µs)", "us", cpu, ratios=False))
         for tokens in (STREAM_SMALL, STREAM_LARGE):
             resp = self.medians(f"stream{tokens}_c16", "rps")
             events = {k: (v * self.events_of(k, tokens) if v is not None else None) for k, v in resp.items()}
@@ -1327,8 +1341,8 @@ def fmt(value: float | None, unit: str) -> str:
         return f"{value:.2f}"
     if unit == "errors":
         return f"{value:,.0f}"
-    if unit == "mib":
-        return f"{value:.1f}"
+    if unit in ("mib", "us"):
+        return f"{value:,.1f}"
     return f"{value:.2f}"
 
 
