@@ -341,6 +341,7 @@ def _not_found(message: str, param: str | None = None) -> GatewayError:
 
 async def stored(scope: Scope, receive: Receive, send: Send, runtime: Runtime, ex: Exchange) -> None:
     """``/v1/responses/{id}[/input_items|/cancel]`` and ``/v1/conversations[/...]``."""
+    await runtime.fresh_token()  # with Redis: a key or policy changed a moment ago is seen now
     await runtime.config.current()
     key = ex.key = await authenticate(scope, runtime.config.keys)
     if not key.stateful:

@@ -45,7 +45,8 @@ def test_previous_response_id_whole_context_on_a_pool_of_three(live_gw: Live) ->
     since = len(live_gw.upstream.requests())
     context = 0  # items the upstream must receive before the new input
     first = client.responses.create(model=MODEL, input="turn one", metadata={"fake_expect_items": str(context + 1)})
-    assert first.store is True and first.status == "completed"
+    assert first.store is True
+    assert first.status == "completed"
     context += 1 + len(first.output)
     second = client.responses.create(
         model=MODEL,
@@ -79,19 +80,25 @@ def test_previous_response_id_whole_context_on_a_pool_of_three(live_gw: Live) ->
         assert sent["body"]["store"] is False
         assert "previous_response_id" not in sent["body"]
     texts = [part["text"] for item in turns[2]["body"]["input"] for part in item.get("content") or [] if "text" in part]
-    assert "turn one" in texts[0] and first.output_text in texts and "turn two" in texts
+    assert "turn one" in texts[0]
+    assert first.output_text in texts
+    assert "turn two" in texts
     # Each of the first three turns landed on another account of the pool.
     assert len({sent["headers"]["authorization"] for sent in turns[:3]}) == 3
 
     got = client.responses.retrieve(second.id)
-    assert got.id == second.id and got.output_text == second.output_text
+    assert got.id == second.id
+    assert got.output_text == second.output_text
     page = client.responses.input_items.list(third.id, limit=1, order="asc")
-    assert [item.type for item in page.data] == ["message"] and page.has_more is False
+    assert [item.type for item in page.data] == ["message"]
+    assert page.has_more is False
     items = client.responses.input_items.list(first.id)
-    assert len(items.data) == 1 and items.data[0].id
+    assert len(items.data) == 1
+    assert items.data[0].id
     replay = client.responses.retrieve(third.id, stream=True)
     events = [event.type for event in replay]
-    assert events[0] == "response.created" and events[-1] == "response.completed"
+    assert events[0] == "response.created"
+    assert events[-1] == "response.completed"
     deleted = client.responses.delete(first.id)
     assert deleted is None or getattr(deleted, "deleted", True)
     with pytest.raises(openai.NotFoundError):
@@ -116,7 +123,8 @@ def test_conversations_api(live_gw: Live) -> None:
     conversation = client.conversations.create(
         metadata={"topic": "tests"}, items=[{"type": "message", "role": "user", "content": "first"}]
     )
-    assert conversation.id.startswith("conv_") and conversation.metadata == {"topic": "tests"}
+    assert conversation.id.startswith("conv_")
+    assert conversation.metadata == {"topic": "tests"}
     added = client.conversations.items.create(
         conversation.id,
         items=[
@@ -126,9 +134,11 @@ def test_conversations_api(live_gw: Live) -> None:
     )
     assert len(added.data) == 2
     asc = client.conversations.items.list(conversation.id, order="asc", limit=2)
-    assert [item.content[0].text for item in asc.data] == ["first", "noted"] and asc.has_more
+    assert [item.content[0].text for item in asc.data] == ["first", "noted"]
+    assert asc.has_more
     rest = client.conversations.items.list(conversation.id, order="asc", limit=2, after=asc.last_id)
-    assert [item.content[0].text for item in rest.data] == ["third"] and not rest.has_more
+    assert [item.content[0].text for item in rest.data] == ["third"]
+    assert not rest.has_more
     every = list(client.conversations.items.list(conversation.id, order="desc", limit=1))
     assert [item.content[0].text for item in every] == ["third", "noted", "first"]
     one = client.conversations.items.retrieve(added.data[0].id, conversation_id=conversation.id)
@@ -138,11 +148,13 @@ def test_conversations_api(live_gw: Live) -> None:
     response = client.responses.create(
         model=MODEL, input="fourth", conversation=conversation.id, metadata={"fake_expect_items": "4"}
     )
-    assert response.conversation is not None and response.conversation.id == conversation.id
+    assert response.conversation is not None
+    assert response.conversation.id == conversation.id
     assert _upstream_turns(live_gw, since)[0]["body"]["store"] is False
     items = list(client.conversations.items.list(conversation.id, order="asc"))
     assert len(items) == 4 + len(response.output)
-    assert items[3].content[0].text == "fourth" and items[-1].id == response.output[-1].id
+    assert items[3].content[0].text == "fourth"
+    assert items[-1].id == response.output[-1].id
 
     client.conversations.items.delete(added.data[0].id, conversation_id=conversation.id)
     assert len(list(client.conversations.items.list(conversation.id))) == 3 + len(response.output)
@@ -173,7 +185,8 @@ def test_racing_turns_on_one_conversation_do_not_interleave(live_gw: Live) -> No
     items = list(client.conversations.items.list(conversation.id, order="asc"))
     assert len(items) == 8
     for index in range(0, 8, 2):  # each turn's input is followed by its own output
-        assert items[index].role == "user" and items[index + 1].role == "assistant"
+        assert items[index].role == "user"
+        assert items[index + 1].role == "assistant"
 
 
 def test_agents_sdk_conversation_session(live_gw: Live) -> None:
@@ -189,7 +202,8 @@ def test_agents_sdk_conversation_session(live_gw: Live) -> None:
         session = OpenAIConversationsSession(openai_client=client)
         first = await Runner.run(agent, "first question", session=session)
         second = await Runner.run(agent, "second question", session=session)
-        assert first.final_output and second.final_output
+        assert first.final_output
+        assert second.final_output
         items = await session.get_items()
         await client.close()
         return items
@@ -205,9 +219,11 @@ def test_background_and_cancel(live_gw: Live) -> None:
     _stateful(live_gw)
     client = live_gw.openai()
     queued = client.responses.create(model=MODEL, input="in the background", background=True)
-    assert queued.status == "queued" and queued.background is True
+    assert queued.status == "queued"
+    assert queued.background is True
     done = poll(lambda: (r := client.responses.retrieve(queued.id)).status == "completed" and r, what="background done")
-    assert done.output_text and done.id == queued.id
+    assert done.output_text
+    assert done.id == queued.id
 
     slow = client.responses.create(model=MODEL, input="slowly", background=True, metadata={"fake_latency_ms": "5000"})
     assert client.responses.retrieve(slow.id).status in ("queued", "in_progress")
