@@ -62,7 +62,7 @@ def _tenant_fields() -> dict[str, serializers.Field[Any, Any, Any, Any]]:
 
 
 TENANT_LIMITS = (*_limit_fields(), *_tenant_fields())
-KEY_LIMITS = (*TENANT_LIMITS, *_policy_fields())
+KEY_LIMITS = (*_limit_fields(), *_policy_fields())
 
 
 class LimitsSerializer(serializers.Serializer[Tenant]):
