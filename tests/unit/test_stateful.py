@@ -59,6 +59,7 @@ def test_retention_task_and_purge() -> None:
     call_command("stored_purge", "--key", other_key.prefix, stdout=out)
     assert "Deleted 1 responses and 1 conversations." in out.getvalue()
     call_command("stored_purge", "--tenant", "acme", stdout=StringIO())
-    assert not Conversation.objects.exists() and not StoredResponse.objects.exists()
+    assert not Conversation.objects.exists()
+    assert not StoredResponse.objects.exists()
     with pytest.raises(CommandError):
         call_command("stored_purge", stdout=StringIO())
