@@ -43,6 +43,7 @@ from gateway.dataplane.models_endpoint import models
 from gateway.dataplane.outages import REDIS_ERRORS, database_errors, reason, unavailable
 from gateway.dataplane.responses import responses
 from gateway.dataplane.runtime import Runtime
+from gateway.dataplane.stateful import stored
 from gateway.dataplane.usage_endpoint import usage
 
 logger = logging.getLogger(__name__)
@@ -136,7 +137,7 @@ class GatewayApp:
             if not started:
                 await _answer(tracked, _internal_error(), ex)
         finally:
-            if ex.key is not None and path in _METERED:
+            if ex.key is not None and path in _METERED and not ex.deferred:
                 event = ex.event(ex.billed()[1])
                 runtime.meter.record(event)
                 runtime.live.publish(event, ex.key.prefix)
@@ -162,12 +163,8 @@ class GatewayApp:
         elif path == "/readyz":
             _allow(method, "GET", path)
             await readyz(send, runtime, ex)
-        elif path.startswith(("/v1/responses/", "/v1/conversations")):
-            raise GatewayError(
-                501,
-                "Stored responses and conversations are not available on this gateway yet.",
-                code="not_implemented",
-            )
+        elif path.startswith("/v1/responses/") or path == "/v1/conversations" or path.startswith("/v1/conversations/"):
+            await stored(scope, receive, send, runtime, ex)  # 501 unless the key's stateful policy is on
         else:
             raise GatewayError(404, f"Invalid URL ({method} {path})", code="not_found")
 

@@ -20,6 +20,7 @@ class Exchange:
         "attempts",
         "body_bytes",
         "client_gone",
+        "deferred",
         "final",
         "headers",
         "key",
@@ -46,6 +47,8 @@ class Exchange:
         self.headers: list[tuple[bytes, bytes]] = []
         self.body_bytes = 0  # size of the request body
         self.client_gone = False  # the client disconnected before its answer was complete
+        # A background response (gateway/dataplane/stateful.py): metered when its task ends.
+        self.deferred = False
 
     @property
     def tenant_id(self) -> int:
