@@ -13,6 +13,7 @@ import dataclasses
 import errno
 import json
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -29,10 +30,25 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 
 
+# Each suite picks its servers' ports in a range of its own, below the kernel's ephemeral range
+# (32768 and up, where outgoing connections and ``bind(0)`` take theirs): .ci/run runs the embedded
+# and the PostgreSQL suites side by side, and a port found free by one could be taken by the other
+# before its server binds it; the server then fails to start while the other answers its URL.
+PORT_RANGES = {"embedded": (20000, 26300), "postgres": (26300, 32700)}
+
+
 def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+    """A port free now on 127.0.0.1, in this suite's range (see ``PORT_RANGES``)."""
+    low, high = PORT_RANGES["postgres" if os.environ.get("DATABASE_URL") else "embedded"]
+    for _ in range(500):
+        port = random.randrange(low, high)
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError(f"no free port in {low}-{high}")
 
 
 def wait_http(url: str, proc: subprocess.Popen[bytes], timeout: float = 30.0) -> None:

@@ -29,8 +29,10 @@ def _stateful(live_gw: Live, *, outsider: bool = False) -> None:
         tenant_update(tenant=live_gw.outsider.tenant, stateful=True)
 
 
-def _upstream_turns(live_gw: Live, since: int) -> list[dict[str, Any]]:
-    return [r for r in live_gw.upstream.requests()[since:] if r["path"].endswith("/responses")]
+def _upstream_turns(live_gw: Live, since: float) -> list[dict[str, Any]]:
+    """The response calls the upstream received since ``since`` (a ``time.time()``): by time, not by
+    position, since the fake upstream keeps only its last 50 requests."""
+    return [r for r in live_gw.upstream.requests() if r["path"].endswith("/responses") and r["received_at"] >= since]
 
 
 def _pool_of_three(live_gw: Live) -> None:
@@ -42,7 +44,7 @@ def test_previous_response_id_whole_context_on_a_pool_of_three(live_gw: Live) ->
     _stateful(live_gw)
     _pool_of_three(live_gw)
     client = live_gw.openai()
-    since = len(live_gw.upstream.requests())
+    since = time.time()
     context = 0  # items the upstream must receive before the new input
     first = client.responses.create(model=MODEL, input="turn one", metadata={"fake_expect_items": str(context + 1)})
     assert first.store is True
@@ -144,7 +146,7 @@ def test_conversations_api(live_gw: Live) -> None:
     one = client.conversations.items.retrieve(added.data[0].id, conversation_id=conversation.id)
     assert one.id == added.data[0].id
 
-    since = len(live_gw.upstream.requests())
+    since = time.time()
     response = client.responses.create(
         model=MODEL, input="fourth", conversation=conversation.id, metadata={"fake_expect_items": "4"}
     )
@@ -194,7 +196,7 @@ def test_agents_sdk_conversation_session(live_gw: Live) -> None:
 
     _stateful(live_gw)
     set_tracing_disabled(True)
-    since = len(live_gw.upstream.requests())
+    since = time.time()
 
     async def run() -> list[Any]:
         client = openai.AsyncOpenAI(base_url=live_gw.url + "/v1", api_key=live_gw.owner.key)
