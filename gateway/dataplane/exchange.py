@@ -17,18 +17,24 @@ class Exchange:
 
     __slots__ = (
         "account",
+        "attempt_seconds",
+        "attempt_started",
         "attempts",
         "body_bytes",
         "client_gone",
+        "error_code",
         "final",
         "headers",
         "key",
         "model",
+        "planned",
         "price",
+        "refused_by",
         "request_id",
         "rid",
         "started",
         "stream",
+        "upstream_model",
     )
 
     def __init__(self, request_id: str, started: float) -> None:
@@ -46,6 +52,16 @@ class Exchange:
         self.headers: list[tuple[bytes, bytes]] = []
         self.body_bytes = 0  # size of the request body
         self.client_gone = False  # the client disconnected before its answer was complete
+        # For metrics, logs and traces (gateway/observability/): whether ``model`` passed the
+        # plan (a known, allowed model: safe as a label), the upstream model of the last attempt,
+        # the error code answered, the limit that refused ("key.rpm"...), when the attempt under
+        # way started (0.0: none) and how long each failed attempt took (seconds).
+        self.planned = False
+        self.upstream_model = ""
+        self.error_code = ""
+        self.refused_by = ""
+        self.attempt_started = 0.0
+        self.attempt_seconds: list[float] = []
 
     @property
     def tenant_id(self) -> int:
@@ -54,6 +70,8 @@ class Exchange:
     def note_attempt(self, account_id: int, outcome: str, status: int, usage: dict[str, int | None] | None) -> None:
         """A failed attempt: recorded with the request, its usage billed too."""
         self.attempts.append({"account_id": account_id, "outcome": outcome, "status": status, **(usage or {})})
+        self.attempt_seconds.append(time.monotonic() - self.attempt_started if self.attempt_started else 0.0)
+        self.attempt_started = 0.0
 
     def finish(
         self,

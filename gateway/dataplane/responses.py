@@ -36,6 +36,7 @@ from gateway.dataplane.dispatch import RESPONSES, Dispatcher, Endpoint, Failed, 
 from gateway.dataplane.exchange import Exchange
 from gateway.dataplane.runtime import Runtime
 from gateway.limits.engine import Decision, estimate_tokens, rejection_error
+from gateway.observability import tracing
 from tenancy.pricing import estimate_cost_usd, usd_to_micros
 
 
@@ -57,7 +58,8 @@ async def responses(
                 raw = await read_body(scope, receive, settings.GATEWAY_MAX_BODY_BYTES)
                 size = ex.body_bytes = len(raw)
                 validated = await runtime.offload.run(size, _parse, raw, ex, endpoint)
-            request, plan, decision = await _admit(scope, runtime, ex, snapshot, validated, size, endpoint.billed)
+            with tracing.span("gateway.admission"):
+                request, plan, decision = await _admit(scope, runtime, ex, snapshot, validated, size, endpoint.billed)
         except GatewayError as error:
             # With Redis this replica learns of config changes from the admission
             # script; a refusal decided before it (unknown key or model) is checked
@@ -80,6 +82,7 @@ async def responses(
             await runtime.limiter.flush()
     ex.headers = decision.headers
     if not decision.allowed or decision.ticket is None:
+        ex.refused_by = decision.exceeded or ""
         raise rejection_error(decision)
     ticket = decision.ticket
     try:
@@ -144,6 +147,7 @@ async def _admit(
     client = scope.get("client")
     request = apply_policy(validated, key, client[0] if client else None)
     plan = plan_request(snapshot, key, request)
+    ex.planned = True
     if request.get("conversation") is not None:
         raise GatewayError(
             501,
