@@ -153,14 +153,14 @@ class GatewayApp:
                 await _answer(tracked, _internal_error(), ex)
         finally:
             cost = None
+            now = time.monotonic()
             if ex.key is not None and path in _METERED:
                 cost = ex.billed()[1]
-                event = ex.event(cost)
+                event = ex.event(cost, now)
                 runtime.meter.record(event)
                 runtime.live.publish(event, ex.key.prefix)
             route = _ROUTES.get(path)
             if route is not None:
-                now = time.monotonic()
                 if runtime.recorder is not None:
                     runtime.recorder.request(ex, route, cost, now)
                 if settings.GATEWAY_ACCESS_LOG:

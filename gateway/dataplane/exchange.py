@@ -110,8 +110,9 @@ class Exchange:
                     cost = (cost or Decimal(0)) + amount
         return tokens, cost
 
-    def event(self, cost: Decimal | None) -> dict[str, Any]:
-        """The usage event of this request (a dict of UsageRecord fields)."""
+    def event(self, cost: Decimal | None, now: float | None = None) -> dict[str, Any]:
+        """The usage event of this request (a dict of UsageRecord fields); ``now``: its end
+        (``time.monotonic()``), the one the metrics use too."""
         assert self.key is not None
         status, outcome, usage, response_id, ttfb = self.final or (500, "failed", unknown_usage(), "", None)
         event: dict[str, Any] = {
@@ -124,7 +125,7 @@ class Exchange:
             "outcome": outcome,
             "stream": self.stream,
             "response_id": response_id,
-            "latency_ms": (time.monotonic() - self.started) * 1000,
+            "latency_ms": ((now if now is not None else time.monotonic()) - self.started) * 1000,
             "ttfb_ms": ttfb,
             "created_at": datetime.now(UTC),
             "cost": str(cost) if cost is not None and self.final is not None and outcome != "rejected" else None,

@@ -88,6 +88,11 @@ class Runtime:
     """Everything a serving process holds between requests (see the module docstring)."""
 
     def __init__(self) -> None:
+        # Metrics (gateway/observability/): the per-request recorder and the gauges' sampler.
+        self.metrics: Metrics | None = metrics_families() if settings.GATEWAY_METRICS else None
+        self.recorder = Recorder(self.metrics) if self.metrics is not None else None
+        self.sampler: Sampler | None = None
+        self._tracing = False  # this runtime turned tracing on (and turns it off)
         # Each dependency's state, reported by the parts that use it (readiness, logged once).
         self.readiness = Readiness()
         self.redis: Any = redis_client(settings.REDIS_URL) if settings.REDIS_URL else None
@@ -105,11 +110,6 @@ class Runtime:
         self.offload = Offload()  # large bodies' parsing and serializing, off the event loop
         self.transitions = TransitionLog()
         self.health = health_store_from_settings(self.redis, self._on_transition)
-        # Metrics (gateway/observability/): the per-request recorder and the gauges' sampler.
-        self.metrics: Metrics | None = metrics_families() if settings.GATEWAY_METRICS else None
-        self.recorder = Recorder(self.metrics) if self.metrics is not None else None
-        self.sampler: Sampler | None = None
-        self._tracing = False  # this runtime turned tracing on (and turns it off)
         self.selector = Selector(self.health)
         # Probes run inside this process (no Celery needed), with short timeouts of their own.
         self.probe_client = UpstreamClient(
@@ -133,7 +133,12 @@ class Runtime:
         self.limiter: LocalLimiter | RedisLimiter
         token_source: Callable[[], Awaitable[object]]
         if self.redis is not None:
-            self.limiter = RedisLimiter(self.redis, seed=seed, on_alert=self._on_alert)
+            self.limiter = RedisLimiter(
+                self.redis,
+                seed=seed,
+                on_alert=self._on_alert,
+                on_round_trip=self.metrics.redis_round_trip.observe if self.metrics is not None else None,
+            )
             # Bindings ride on admissions: no round trip of their own.
             self.sticky = RedisStickyStore(self.redis, carry=self.limiter.carry)
             self.meter = RedisUsageSink(

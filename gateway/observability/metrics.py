@@ -233,6 +233,7 @@ class Recorder:
             scope, _, limit = ex.refused_by.partition(".")
             self.metrics.refusals.labels(scope, limit, *who).inc()
         attempts = ex.attempts
+        made = len(attempts)
         if attempts:
             seconds = ex.attempt_seconds
             for index, attempt in enumerate(attempts):
@@ -240,13 +241,14 @@ class Recorder:
                 _tokens(bound.tokens, attempt)
         if ex.attempt_started and ex.account is not None:
             # The attempt that answered (or was under way when the client left).
+            made += 1
             final_outcome = "success" if status < 400 else "upstream_rejected"
             if outcome == "client_disconnected":
                 final_outcome = outcome
             self._attempt(ex.account.account_id, final_outcome, model, upstream, now - ex.attempt_started, None)
             _tokens(bound.tokens, usage)
-            if attempts:
-                bound.failovers.inc(len(attempts))
+        if made > 1:
+            bound.failovers.inc(made - 1)
 
     def _bind(self, label: tuple[Any, ...]) -> _Bound:
         if len(self._bound) >= MAX_BOUND:
