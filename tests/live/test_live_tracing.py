@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import gc
 from collections.abc import Coroutine, Iterator
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import httpx
 import pytest
@@ -44,14 +44,16 @@ def failing() -> Iterator[KnobbedFake]:
     upstream.close()
 
 
-def _serve(key: str, payloads: list[dict[str, Any]]) -> list[httpx.Response]:
+def _serve(key: str, payloads: list[dict[str, Any]], **headers: str) -> list[httpx.Response]:
+    """POST each payload to a gateway app running in this process (started on the first request)."""
+
     async def main() -> list[httpx.Response]:
         app = GatewayApp()
-        transport = httpx.ASGITransport(app=app, client=("127.0.0.1", 50000))
+        transport = httpx.ASGITransport(app=cast(Any, app), client=("127.0.0.1", 50000))
         try:
             async with httpx.AsyncClient(transport=transport, base_url="http://gateway") as client:
-                headers = {"authorization": f"Bearer {key}"}
-                return [await client.post("/v1/responses", json=payload, headers=headers) for payload in payloads]
+                sent = {"authorization": f"Bearer {key}", **headers}
+                return [await client.post("/v1/responses", json=payload, headers=sent) for payload in payloads]
         finally:
             await app._close()
 
@@ -79,7 +81,7 @@ def test_a_request_is_one_span_with_admission_attempts_and_relay(
     (root,) = [span for span in spans if span.parent is None]
     assert root.name == "POST /v1/responses"
     assert root.kind is SpanKind.SERVER
-    attributes = dict(root.attributes or {})
+    attributes: dict[str, Any] = dict(root.attributes or {})
     assert attributes["http.response.status_code"] == 200
     assert attributes["gen_ai.request.model"] == FAILOVER_MODEL
     assert attributes["gen_ai.provider.name"] == "openai"
@@ -121,21 +123,8 @@ def test_a_stream_has_its_relay_span_and_a_client_traceparent_is_continued(
     settings.GATEWAY_USAGE_DRAINER = False
     trace_id = "4bf92f3577b34da6a3ce929d0e0e4736"
 
-    async def main() -> httpx.Response:
-        app = GatewayApp()
-        transport = httpx.ASGITransport(app=app, client=("127.0.0.1", 50000))
-        try:
-            async with httpx.AsyncClient(transport=transport, base_url="http://gateway") as client:
-                headers = {
-                    "authorization": f"Bearer {live_gw.owner.key}",
-                    "traceparent": f"00-{trace_id}-00f067aa0ba902b7-01",
-                }
-                body = {"model": "gpt-test", "input": "a stream", "stream": True}
-                return await client.post("/v1/responses", json=body, headers=headers)
-        finally:
-            await app._close()
-
-    response = _run(main())
+    body = {"model": "gpt-test", "input": "a stream", "stream": True}
+    (response,) = _serve(live_gw.owner.key, [body], traceparent=f"00-{trace_id}-00f067aa0ba902b7-01")
     assert response.status_code == 200
     assert b"response.completed" in response.content
     spans = exporter.get_finished_spans()
