@@ -18,6 +18,7 @@ import asyncio
 import logging
 import os
 import sys
+import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
@@ -242,6 +243,21 @@ class Runtime:
             waiting = await asyncio.to_thread(journal_backlog, journal_dir())
         return waiting + self.meter.pending()
 
+    async def budgets_remaining(self) -> dict[int, float]:
+        """USD left in the current window of each tenant with a money budget that the recorder
+        saw (tenant labels on; else nothing), read from the limiter like ``/v1/usage`` does."""
+        if self.recorder is None or not self.recorder.budgeted:
+            return {}
+        now = time.time()
+        scopes = [limits.scope(now) for limits in list(self.recorder.budgeted.values())]
+        reports = await self.limiter.peek(scopes, now=now)
+        remaining: dict[int, float] = {}
+        for scope, report in zip(scopes, reports, strict=True):
+            budget: Any = report.get("budget")
+            if budget and "usd" in budget:
+                remaining[scope.id] = float(budget["usd"]["remaining"])
+        return remaining
+
     def writer_up(self) -> bool:
         """The usage writer child runs (False when this process runs none)."""
         return self.writer is not None and not self.readiness.is_down("usage_writer")
@@ -265,6 +281,7 @@ class Runtime:
             pending=self.meter.pending,
             backlog=self.usage_backlog,
             snapshot=snapshot,
+            budgets=self.budgets_remaining,
         )
         return Sampler(metrics, sources, settings.GATEWAY_METRICS_SAMPLE_SECONDS)
 

@@ -40,6 +40,7 @@ from typing import TYPE_CHECKING, Any
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
 
 if TYPE_CHECKING:
+    from gateway.config.snapshot import Limits
     from gateway.dataplane.exchange import Exchange
 
 logger = logging.getLogger(__name__)
@@ -196,6 +197,9 @@ class Recorder:
         self._tenant_labels = metrics.tenant_labels
         self._bound: dict[tuple[Any, ...], _Bound] = {}
         self._bound_attempts: dict[tuple[Any, ...], _BoundAttempt] = {}
+        # Tenant labels on: the limits of each tenant seen with a money budget (its remaining
+        # budget is sampled, gateway_budget_remaining_usd); at most one entry a tenant.
+        self.budgeted: dict[int, Limits] = {}
 
     def request(self, ex: Exchange, route: str, cost: Decimal | None, now: float) -> None:
         """Count one answered request (``now``: ``time.monotonic()`` at its end). Never raises."""
@@ -213,7 +217,12 @@ class Recorder:
         upstream = ex.upstream_model
         code = ex.error_code
         key = ex.key
-        who = (str(key.tenant_id), key.prefix) if self._tenant_labels and key is not None else ()
+        who: tuple[str, ...] = ()
+        if self._tenant_labels and key is not None:
+            who = (str(key.tenant_id), key.prefix)
+            limits = key.tenant_limits
+            if limits is not None and limits.budget_micros is not None:
+                self.budgeted[key.tenant_id] = limits
         label = (route, status, code, model, upstream, who)
         bound = self._bound.get(label)
         if bound is None:

@@ -35,6 +35,7 @@ class Sources:
     pending: Callable[[], int]  # usage records held in this process's memory
     backlog: Callable[[], Awaitable[int]]
     snapshot: Callable[[], tuple[float, float] | None]  # (version, built_at monotonic) or None
+    budgets: Callable[[], Awaitable[dict[int, float]]]  # tenant id -> USD left (tenant labels on)
 
 
 class Sampler:
@@ -80,6 +81,8 @@ class Sampler:
         m.writer_up.set(1 if s.writer_up() else 0)
         m.usage_pending.set(s.pending())
         m.usage_backlog.set(await s.backlog())
+        for tenant, remaining in (await s.budgets()).items():
+            m.budget_remaining.labels(str(tenant)).set(remaining)
         snapshot = s.snapshot()
         if snapshot is not None:
             version, built_at = snapshot

@@ -25,7 +25,7 @@ from accounts.models import Pool
 from tests import harness as live
 from tests.conftest import MODEL, Live
 from tests.harness import KnobbedFake, poll
-from tests.live.test_live_limits import new_key
+from tests.live.test_live_limits import new_key, new_tenant
 from tests.live.test_live_pools import _forget_shared_health
 
 pytestmark = pytest.mark.live
@@ -199,3 +199,41 @@ def test_metrics_need_the_token_when_one_is_set(start_gateway: Callable[..., liv
     assert readiness.status_code == 200, readiness.text
     assert readiness.json()["reasons"] == []
     assert readiness.json()["usage_backlog"] >= 0
+
+
+def test_tenant_labels_and_the_remaining_budget_when_turned_on(
+    live_gw: Live, start_gateway: Callable[..., live.LiveProcess]
+) -> None:
+    from tenancy.services.prices import price_set
+
+    price_set(model=MODEL, input="2", cached_input="1", cache_write="2.5", output="8")
+    tenant = new_tenant("budgeted", budget_usd="5")
+    _, secret = new_key(live_gw, tenant=tenant)
+    gateway = start_gateway(GATEWAY_METRICS_TENANT_LABELS="true", GATEWAY_METRICS_SAMPLE_SECONDS="0.2")
+    response = httpx.post(
+        gateway.url + "/v1/responses",
+        json={"model": MODEL, "input": "spend"},
+        headers={"authorization": f"Bearer {secret}"},
+        timeout=30,
+    )
+    assert response.status_code == 200
+    record = live_gw.wait_usage(response.headers["x-request-id"])
+    assert record.cost is not None
+    assert record.cost > 0
+    who = {"tenant": str(tenant.id), "key_prefix": secret[: len(record.api_key.prefix)]}
+    assert who["key_prefix"] == record.api_key.prefix
+
+    def remaining() -> float | None:
+        samples = scrape(gateway.url)
+        found = [
+            value
+            for labels, value in samples.get("gateway_budget_remaining_usd", [])
+            if labels == {"tenant": who["tenant"]}
+        ]
+        return found[0] if found and found[0] < 5 else None
+
+    left = poll(remaining, what="the tenant's remaining budget")
+    assert left == pytest.approx(5 - float(record.cost), abs=1e-6)
+    samples = scrape(gateway.url)
+    assert total(samples, "gateway_requests_total", route="responses", status="200", **who) == 1
+    assert total(samples, "gateway_cost_usd_total", **who) == pytest.approx(float(record.cost), rel=1e-9)

@@ -237,7 +237,22 @@ def test_token_version() -> None:
     assert token_version(b"not a number") == 0.0
 
 
-def test_the_access_line_has_the_request_and_never_the_secret(caplog: pytest.LogCaptureFixture) -> None:
+def test_the_json_access_line(settings: Any, capfd: pytest.CaptureFixture[str]) -> None:
+    settings.GATEWAY_LOG_FORMAT = "json"
+    access(failed_over(10.0), "POST", "/v1/responses", 12.0)
+    line = json.loads(capfd.readouterr().err.strip().splitlines()[-1])
+    assert (line["logger"], line["level"], line["message"]) == ("gateway.access", "INFO", "POST /v1/responses 200")
+    assert (line["request_id"], line["key_prefix"], line["model"], line["attempts"]) == (
+        "req_abc",
+        "sk-gw-PREFIX0123",
+        "gpt-test",
+        2,
+    )
+    assert SECRET not in json.dumps(line)
+
+
+def test_the_access_line_has_the_request_and_never_the_secret(caplog: pytest.LogCaptureFixture, settings: Any) -> None:
+    settings.GATEWAY_LOG_FORMAT = "text"
     ex = failed_over(10.0)
     with caplog.at_level(logging.INFO, logger="gateway.access"):
         access(ex, "POST", "/v1/responses", 12.0, "ab" * 16)
