@@ -64,6 +64,7 @@ TOKEN_TYPES = (
     ("output", "output_tokens"),
     ("reasoning", "reasoning_tokens"),
 )
+SEMCONV_TOKEN_TYPES = frozenset({"input", "output"})
 GENAI = ("gen_ai_operation_name", "gen_ai_provider_name", "gen_ai_request_model", "gen_ai_response_model")
 TENANT = ("tenant", "key_prefix")
 # Past this many label combinations the caches of bound children start over (the families keep them).
@@ -177,7 +178,8 @@ class _Bound:
         self.cost = m.cost.labels(model, *who)
         self.failovers = m.failovers.labels(model)
         self.tokens = tuple(
-            (field, m.token_usage.labels(*genai, kind, *who)) for kind, field in TOKEN_TYPES
+            (field, m.token_usage.labels(*genai, kind, *who), kind in SEMCONV_TOKEN_TYPES)
+            for kind, field in TOKEN_TYPES
         )  # fmt: skip
 
 
@@ -230,11 +232,11 @@ class Recorder:
         bound.requests.inc()
         latency = now - ex.started
         bound.duration.observe(latency)
-        if ttfb_ms is not None:
+        if ttfb_ms is not None and ex.stream:  # a JSON answer's first byte is its whole: the duration
             ttft = ttfb_ms / 1000
             bound.ttft.observe(ttft)
             output = usage.get("output_tokens")
-            if ex.stream and output is not None and output > 1:
+            if output is not None and output > 1:
                 bound.tpot.observe((latency - ttft) / (output - 1))
         if cost is not None:
             bound.cost.inc(float(cost))
@@ -280,11 +282,13 @@ class Recorder:
         bound.duration.observe(seconds)
 
 
-def _tokens(children: Sequence[tuple[str, Any]], usage: dict[str, Any]) -> None:
-    """Observe each token count the upstream reported (None: not reported, not observed)."""
-    for field, child in children:
+def _tokens(children: Sequence[tuple[str, Any, bool]], usage: dict[str, Any]) -> None:
+    """Observe the token counts the upstream reported (None: not reported, not observed).
+    ``input`` and ``output`` are observed whatever their value; the other types (ours) only
+    when not 0, which saves three observations on most calls (the sums stay exact)."""
+    for field, child, always in children:
         value = usage.get(field)
-        if value is not None:
+        if value is not None and (value or always):
             child.observe(value)
 
 
