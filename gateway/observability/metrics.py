@@ -128,40 +128,52 @@ class Metrics:
             buckets=REDIS_BUCKETS, registry=r,
         )  # fmt: skip
         self.config_reloads = Counter("gateway_config_reloads", "Config snapshots built.", registry=r)
-        # Gauges, sampled in the background (gateway/observability/sampler.py).
-        self.account_health = Gauge(
-            "gateway_account_health", "1 for each account's current health state (healthy, cooling, "
-            "circuit_open, disabled), else 0.", ("account", "state"), multiprocess_mode="mostrecent", registry=r,
-        )  # fmt: skip
-        self.budget_remaining = Gauge(
-            "gateway_budget_remaining_usd", "Budget left in the tenant's window (tenant labels on only).",
-            ("tenant",), multiprocess_mode="mostrecent", registry=r,
-        )  # fmt: skip
-        self.usage_pending = Gauge(
-            "gateway_usage_pending_records", "Usage records held in serving processes' memory, not yet on "
-            "disk or in the stream.", multiprocess_mode="livesum", registry=r,
-        )  # fmt: skip
-        self.usage_backlog = Gauge(
-            "gateway_usage_backlog_records", "Usage records waiting for the usage writer (Redis: the stream "
-            "group's lag plus pending; embedded: journal bytes / 512, an estimate).",
-            multiprocess_mode="livemax", registry=r,
-        )  # fmt: skip
-        self.writer_up = Gauge(
-            "gateway_usage_writer_up", "1 while every process's usage writer child runs.",
-            multiprocess_mode="livemin", registry=r,
-        )  # fmt: skip
-        self.dependency_up = Gauge(
-            "gateway_dependency_up", "1 while a dependency answers (0 while any process sees it down).",
-            ("dependency",), multiprocess_mode="livemin", registry=r,
-        )  # fmt: skip
-        self.snapshot_version = Gauge(
-            "gateway_config_snapshot_version", "The config change token in force (Redis: the counter; "
-            "embedded: the token file's mtime, Unix seconds).", multiprocess_mode="livemax", registry=r,
-        )  # fmt: skip
-        self.snapshot_age = Gauge(
-            "gateway_config_snapshot_age_seconds", "Age of the oldest config snapshot a process serves from.",
-            multiprocess_mode="livemax", registry=r,
-        )  # fmt: skip
+
+        # Gauges, sampled in the background (gateway/observability/sampler.py); the mode says how
+        # several workers' values combine (prometheus-client multiprocess mode).
+        def gauge(name: str, doc: str, mode: Any, labels: tuple[str, ...] = ()) -> Gauge:
+            return Gauge(name, doc, labels, multiprocess_mode=mode, registry=r)
+
+        self.account_health = gauge(
+            "gateway_account_health",
+            "1 for each account's current health state (healthy, cooling, circuit_open, disabled), else 0.",
+            "mostrecent",
+            ("account", "state"),
+        )
+        self.budget_remaining = gauge(
+            "gateway_budget_remaining_usd",
+            "Budget left in the tenant's window (tenant labels on only).",
+            "mostrecent",
+            ("tenant",),
+        )
+        self.usage_pending = gauge(
+            "gateway_usage_pending_records",
+            "Usage records held in serving processes' memory, not yet on disk or in the stream.",
+            "livesum",
+        )
+        self.usage_backlog = gauge(
+            "gateway_usage_backlog_records",
+            "Usage records waiting for the usage writer (Redis: the stream group's lag plus pending; "
+            "embedded: journal bytes / 512, an estimate).",
+            "livemax",
+        )
+        self.writer_up = gauge("gateway_usage_writer_up", "1 while every process's usage writer child runs.", "livemin")
+        self.dependency_up = gauge(
+            "gateway_dependency_up",
+            "1 while a dependency answers (0 while any process sees it down).",
+            "livemin",
+            ("dependency",),
+        )
+        self.snapshot_version = gauge(
+            "gateway_config_snapshot_version",
+            "The config change token in force (Redis: the counter; embedded: the token file's mtime, Unix seconds).",
+            "livemax",
+        )
+        self.snapshot_age = gauge(
+            "gateway_config_snapshot_age_seconds",
+            "Age of the oldest config snapshot a process serves from.",
+            "livemax",
+        )
 
 
 class _Bound:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import collections
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from decimal import Decimal
 from typing import Any
 
@@ -53,14 +53,6 @@ def scrape(url: str, **headers: str) -> dict[str, list[tuple[dict[str, str], flo
 
 def total(samples: dict[str, list[tuple[dict[str, str], float]]], name: str, **match: str) -> float:
     return sum(value for labels, value in samples.get(name, []) if all(labels.get(k) == v for k, v in match.items()))
-
-
-@pytest.fixture
-def failing() -> Iterator[KnobbedFake]:
-    upstream = KnobbedFake(history=50)
-    upstream.set(status="500")
-    yield upstream
-    upstream.close()
 
 
 def _setup(live_gw: Live, failing: KnobbedFake) -> str:

@@ -36,14 +36,6 @@ def exporter() -> Iterator[InMemorySpanExporter]:
     tracing.shutdown()
 
 
-@pytest.fixture
-def failing() -> Iterator[KnobbedFake]:
-    upstream = KnobbedFake(history=50)
-    upstream.set(status="500")
-    yield upstream
-    upstream.close()
-
-
 def _serve(key: str, payloads: list[dict[str, Any]], **headers: str) -> list[httpx.Response]:
     """POST each payload to a gateway app running in this process (started on the first request)."""
 
