@@ -119,6 +119,11 @@ class Tenant(LimitFields):
     # The time zone its daily rollups (UsageRollupDay) are built in: equal to time_zone except
     # while a change of time_zone is being rebuilt (tenancy.services.rollups.rollup_days_rebuild).
     rollup_time_zone = models.CharField(max_length=64, default="UTC")
+    # The stateful policy (docs/contract.md, "Stateful policy"): stored responses and
+    # conversations for the tenant's keys (a key's own ``stateful`` overrides it).
+    stateful = models.BooleanField(default=False)
+    # Retention of the stored responses and conversations, in days (null: GATEWAY_STORED_TTL_DAYS).
+    stored_ttl_days = models.PositiveIntegerField(null=True, blank=True, validators=[MinValueValidator(1)])
 
     def __str__(self) -> str:
         return self.slug
@@ -149,6 +154,8 @@ class ApiKey(LimitFields):
     reasoning_efforts = models.JSONField(null=True, blank=True, validators=[validate_string_list])
     allowed_tools = models.JSONField(null=True, blank=True, validators=[validate_string_list])
     allowed_ips = models.JSONField(null=True, blank=True, validators=[validate_cidr_list])
+    # The stateful policy of this key: null follows the tenant's ``stateful``.
+    stateful = models.BooleanField(null=True, blank=True)
     # Rotation (tenancy/services/keys.py apikey_rotate): the secret before the last rotation stays
     # valid until previous_valid_until (its prefix and digest, like the current ones); the last
     # rotation's answer is replayable for an Idempotency-Key, its secret kept encrypted for a day.
@@ -558,3 +565,63 @@ class Statement(models.Model):
 
     def delete(self, *args: Any, **kwargs: Any) -> tuple[int, dict[str, int]]:
         raise PermissionError("a closed statement is immutable")
+
+
+class StoredResponse(models.Model):
+    """A response stored by the stateful policy (gateway/dataplane/stateful.py).
+
+    ``context`` holds the items that preceded this turn's input (the previous response's
+    context, input and output, or the conversation's items), so a continuation reads one row;
+    ``input_items`` the turn's own input (with ids), ``output`` the response's output items,
+    ``response`` the response object as the client got it, ``events`` the stream's events
+    for a replay (empty for a JSON answer). Every read is scoped by ``tenant``.
+    """
+
+    id = models.CharField(max_length=200, primary_key=True)
+    tenant = models.ForeignKey(Tenant, on_delete=models.CASCADE, related_name="stored_responses")
+    api_key = models.ForeignKey(ApiKey, on_delete=models.CASCADE, related_name="stored_responses")
+    previous_response_id = models.CharField(max_length=200, blank=True)
+    conversation_id = models.CharField(max_length=200, blank=True)
+    status = models.CharField(max_length=16)
+    model = models.CharField(max_length=200)
+    background = models.BooleanField(default=False)
+    context = models.JSONField(default=list)
+    input_items = models.JSONField(default=list)
+    output = models.JSONField(default=list)
+    response = models.JSONField(default=dict)
+    events = models.JSONField(default=list)
+    created_at = models.DateTimeField(auto_now_add=True, db_index=True)
+
+    def __str__(self) -> str:
+        return self.id
+
+
+class Conversation(models.Model):
+    """A conversation of the Conversations API; its items are :class:`ConversationItem` rows."""
+
+    id = models.CharField(max_length=200, primary_key=True)
+    tenant = models.ForeignKey(Tenant, on_delete=models.CASCADE, related_name="conversations")
+    api_key = models.ForeignKey(ApiKey, on_delete=models.CASCADE, related_name="conversations")
+    metadata = models.JSONField(default=dict)
+    # The position the next appended item takes (bumped under the row's lock: appends never interleave).
+    next_position = models.PositiveBigIntegerField(default=0)
+    created_at = models.DateTimeField(auto_now_add=True, db_index=True)
+
+    def __str__(self) -> str:
+        return self.id
+
+
+class ConversationItem(models.Model):
+    conversation = models.ForeignKey(Conversation, on_delete=models.CASCADE, related_name="items")
+    position = models.PositiveBigIntegerField()
+    item_id = models.CharField(max_length=200)
+    item = models.JSONField()
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(fields=["conversation", "position"], name="tenancy_conversationitem_position"),
+        ]
+        indexes = [models.Index(fields=["conversation", "item_id"])]
+
+    def __str__(self) -> str:
+        return self.item_id

@@ -22,8 +22,11 @@ from tenancy.models import (
     AuditEntry,
     BudgetScope,
     ConfigChange,
+    Conversation,
+    ConversationItem,
     Membership,
     PriceVersion,
+    StoredResponse,
     Tenant,
     UsageRecord,
 )
@@ -64,7 +67,8 @@ def apikeys_for_snapshot() -> list[dict[str, Any]]:
     Keys: ``id, tenant_id, tenant_slug, prefix, digest, allowed_models, expires_at``;
     the key's limits ``rpm, tpm, concurrency, budget_usd, budget_tokens, budget_period,
     budget_window_start, budget_window_end, budget_soft_percent`` and policy
-    ``max_output_tokens, reasoning_efforts, allowed_tools, allowed_ips``; and the tenant's
+    ``max_output_tokens, reasoning_efforts, allowed_tools, allowed_ips``, ``stateful`` (None:
+    the tenant's ``tenant_stateful``); and the tenant's
     limits under the same names prefixed ``tenant_`` (``tenant_rpm`` ...). A None limit or
     policy is unlimited / unrestricted (types: see tenancy.models; ``budget_usd`` is a
     Decimal, windows aware datetimes).
@@ -89,7 +93,9 @@ def _usable_keys(*extra: str) -> Any:
         *extra,
         *LIMIT_FIELDS,
         *KEY_POLICY_FIELDS,
+        "stateful",
         tenant_slug=F("tenant__slug"),
+        tenant_stateful=F("tenant__stateful"),
         **tenant_limits,
     )
 
@@ -409,3 +415,75 @@ def audit_entries_visible(user: Any) -> QuerySet[AuditEntry]:
         return entries
     managed = Membership.objects.filter(user_id=user.pk or 0, role__in=MANAGING_ROLES)
     return entries.filter(tenant_id__in=managed.values_list("tenant_id", flat=True))
+
+
+# --- the stateful policy's stored objects (every read scoped by tenant) ---------------------------
+
+
+def stored_response_get(tenant_id: int, response_id: str) -> StoredResponse | None:
+    """The tenant's stored response ``response_id``; None for an unknown id or another tenant's."""
+    return StoredResponse.objects.filter(tenant_id=tenant_id, pk=response_id).first()
+
+
+def stored_response_context(tenant_id: int, response_id: str) -> list[Any] | None:
+    """What continues after the tenant's response ``response_id``: its context, input and output
+    items, in order (None: no such response of this tenant)."""
+    row = (
+        StoredResponse.objects.filter(tenant_id=tenant_id, pk=response_id)
+        .values_list("context", "input_items", "output")
+        .first()
+    )
+    if row is None:
+        return None
+    context, inputs, output = row
+    return [*context, *inputs, *output]
+
+
+def conversation_get(tenant_id: int, conversation_id: str) -> Conversation | None:
+    """The tenant's conversation ``conversation_id``; None for an unknown id or another tenant's."""
+    return Conversation.objects.filter(tenant_id=tenant_id, pk=conversation_id).first()
+
+
+def conversation_items_all(tenant_id: int, conversation_id: str) -> list[Any] | None:
+    """Every item of the tenant's conversation, oldest first (None: no such conversation)."""
+    if not Conversation.objects.filter(tenant_id=tenant_id, pk=conversation_id).exists():
+        return None
+    return list(
+        ConversationItem.objects.filter(conversation_id=conversation_id)
+        .order_by("position")
+        .values_list("item", flat=True)
+    )
+
+
+def conversation_items_page(
+    tenant_id: int, conversation_id: str, *, after: str | None, limit: int, descending: bool
+) -> tuple[list[Any], bool] | None:
+    """A page of the conversation's items after the item ``after`` (in the order asked) and
+    whether more follow; None: no such conversation (or ``after`` is not one of its items)."""
+    if not Conversation.objects.filter(tenant_id=tenant_id, pk=conversation_id).exists():
+        return None
+    items = ConversationItem.objects.filter(conversation_id=conversation_id)
+    if after:
+        cursor = items.filter(item_id=after).values_list("position", flat=True).first()
+        if cursor is None:
+            return None
+        items = items.filter(position__lt=cursor) if descending else items.filter(position__gt=cursor)
+    rows = list(items.order_by("-position" if descending else "position").values_list("item", flat=True)[: limit + 1])
+    return rows[:limit], len(rows) > limit
+
+
+def conversation_item_get(tenant_id: int, conversation_id: str, item_id: str) -> Any | None:
+    """One item of the tenant's conversation (None: unknown conversation or item)."""
+    return (
+        ConversationItem.objects.filter(
+            conversation__tenant_id=tenant_id, conversation_id=conversation_id, item_id=item_id
+        )
+        .values_list("item", flat=True)
+        .first()
+    )
+
+
+def stored_tenants_retention() -> list[tuple[int, int | None]]:
+    """``(tenant id, stored_ttl_days)`` of every tenant that has stored responses or conversations."""
+    with_objects = Q(stored_responses__isnull=False) | Q(conversations__isnull=False)
+    return list(Tenant.objects.filter(with_objects).distinct().values_list("id", "stored_ttl_days"))

@@ -15,7 +15,8 @@ from django.conf import settings
 from django.db import DatabaseError
 
 from tenancy.models import BudgetAlert, PriceVersion
-from tenancy.services import alerts, partitions, rollups
+from tenancy.selectors import stored_tenants_retention
+from tenancy.services import alerts, partitions, rollups, stored
 from tenancy.services.rollups import (
     BILLING_DAYS_REBUILD_TASK,
     BILLING_RERATE_TASK,
@@ -117,3 +118,19 @@ def usage_partitions_maintain() -> None:
     done = partitions.usage_partitions_maintain()
     if done["created"] or done["dropped"]:
         logger.info("usage partitions: created %s, dropped %s", done["created"], done["dropped"])
+
+
+@shared_task(name="tenancy.tasks.stored_objects_expire", ignore_result=True)
+def stored_objects_expire() -> dict[str, int]:
+    """Delete the stored responses and conversations past their tenant's retention (hourly)."""
+    from datetime import timedelta
+
+    from django.utils import timezone
+
+    now = timezone.now()
+    totals = {"responses": 0, "conversations": 0}
+    for tenant_id, days in stored_tenants_retention():
+        before = now - timedelta(days=days or settings.GATEWAY_STORED_TTL_DAYS)
+        for name, count in stored.stored_objects_expire(tenant_ids=[tenant_id], before=before).items():
+            totals[name] += count
+    return totals

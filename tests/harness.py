@@ -275,7 +275,7 @@ class TcpRelay:
 T = TypeVar("T")
 
 
-def poll(check: Callable[[], T], timeout: float = 10.0, interval: float = 0.02, what: str = "condition") -> T:
+def poll(check: Callable[[], T], timeout: float = 30.0, interval: float = 0.02, what: str = "condition") -> T:
     """Call ``check`` until it returns something truthy (returned), or fail after ``timeout`` seconds."""
     deadline = time.monotonic() + timeout
     while True:
@@ -287,7 +287,7 @@ def poll(check: Callable[[], T], timeout: float = 10.0, interval: float = 0.02, 
         time.sleep(interval)
 
 
-async def poll_async(check: Callable[[], object], timeout: float = 15.0, what: str = "condition") -> None:
+async def poll_async(check: Callable[[], object], timeout: float = 30.0, what: str = "condition") -> None:
     """:func:`poll` inside an event loop: yields to it between checks."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout

@@ -37,8 +37,8 @@ def db_call(function: Callable[..., Any]) -> Callable[..., Awaitable[Any]]:
     that thread would fail.
     """
 
-    def call(*args: Any) -> Any:
+    def call(*args: Any, **kwargs: Any) -> Any:
         drop_broken_connections()
-        return function(*args)
+        return function(*args, **kwargs)
 
     return sync_to_async(call, thread_sensitive=False)

@@ -386,7 +386,11 @@ GATEWAY_BILLING_SWEEP_HOURS = env_int("GATEWAY_BILLING_SWEEP_HOURS", 48, minimum
 # Days of usage records kept (0: forever). On PostgreSQL older monthly partitions are dropped
 # (never DELETEd); their rollups and statements stay.
 GATEWAY_USAGE_RETENTION_DAYS = env_int("GATEWAY_USAGE_RETENTION_DAYS", 0, minimum=0)
+# Days stored responses and conversations (the stateful policy) are kept, for tenants without
+# their own stored_ttl_days; the hourly task stored-objects-expire deletes older ones.
+GATEWAY_STORED_TTL_DAYS = env_int("GATEWAY_STORED_TTL_DAYS", 30, minimum=1)
 CELERY_BEAT_SCHEDULE = {
+    "stored-objects-expire": {"task": "tenancy.tasks.stored_objects_expire", "schedule": 3_600.0},
     "billing-rollup-recent": {
         "task": "tenancy.tasks.billing_rollup_recent",
         "schedule": GATEWAY_BILLING_ROLLUP_SECONDS,

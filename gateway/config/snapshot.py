@@ -121,6 +121,8 @@ class KeyInfo:
     allowed_ips: tuple[IPNetwork, ...] | None = None
     key_limits: Limits | None = None
     tenant_limits: Limits | None = None
+    # The stateful policy (the key's setting, else its tenant's): gateway/dataplane/stateful.py.
+    stateful: bool = False
 
     def scopes(self, now: float) -> list[Scope]:
         """The engine scopes of this key's request: the key's then the tenant's."""
@@ -177,6 +179,7 @@ def key_info(row: Mapping[str, Any], tenants: dict[int, Limits | None]) -> KeyIn
         allowed_ips=tuple(ipaddress.ip_network(net, strict=False) for net in ips) if ips is not None else None,
         key_limits=None if key_limits.empty else key_limits,
         tenant_limits=tenants[tenant_id],
+        stateful=bool(row["stateful"] if row.get("stateful") is not None else row.get("tenant_stateful")),
     )
 
 

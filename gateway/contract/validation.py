@@ -91,16 +91,21 @@ MIN_OUTPUT_TOKENS = 16
 MAX_OUTPUT_TOKENS = 2**31 - 1
 
 
-def validate_request(body: object) -> dict[str, Any]:
-    """Check ``body`` against the contract and return the normalized request (see the module doc)."""
+def validate_request(body: object, stateful: bool = False) -> dict[str, Any]:
+    """Check ``body`` against the contract and return the normalized request (see the module doc).
+
+    ``stateful`` (the key's stateful policy, docs/contract.md): ``store: true`` and
+    ``previous_response_id`` (a string) are accepted and ``store`` keeps the client's value
+    (absent: true); gateway/dataplane/stateful.py takes them out before anything goes upstream.
+    """
     if not isinstance(body, dict):
         raise invalid_request("The request body must be a JSON object.")
     request = dict(body)
     _check_model(request.get("model"))
     _check_option_types(request)
     _check_max_output_tokens(request.get("max_output_tokens"))
-    _check_store(request)
-    _check_unsupported_context(request)
+    _check_store(request, stateful)
+    _check_unsupported_context(request, stateful)
     _check_include(request.get("include"))
     _normalize_tools(request)
     _normalize_tool_choice(request)
@@ -235,22 +240,33 @@ def _check_max_output_tokens(value: int | None) -> None:
         )
 
 
-def _check_store(request: dict[str, Any]) -> None:
+def _check_store(request: dict[str, Any], stateful: bool = False) -> None:
     store = request.get("store")
     if store is not None and not isinstance(store, bool):
         raise _invalid_type("store", "a boolean", store)
+    if stateful:
+        request["store"] = store is not False
+        return
     if store:
         raise invalid_request("'store: true' is not supported; set 'store' to false or omit it.", param="store")
     request["store"] = False
 
 
-def _check_unsupported_context(request: dict[str, Any]) -> None:
+def _check_unsupported_context(request: dict[str, Any], stateful: bool = False) -> None:
     conversation = request.get("conversation")
-    if request.get("previous_response_id") is not None:
+    previous = request.get("previous_response_id")
+    if previous is not None:
         if conversation is not None:
             raise invalid_request(
                 "'conversation' and 'previous_response_id' cannot be used together.", param="previous_response_id"
             )
+        if stateful:
+            if not isinstance(previous, str) or not previous:
+                raise _invalid_type("previous_response_id", "a string", previous)
+            if request.get("truncation") is not None:
+                raise invalid_request("'truncation' is not supported.", param="truncation")
+            request.pop("truncation", None)
+            return
         raise invalid_request(
             "'previous_response_id' is not supported; use 'conversation' for multi-turn context.",
             param="previous_response_id",

@@ -44,9 +44,9 @@ from gateway.dataplane.models_endpoint import models
 from gateway.dataplane.outages import REDIS_ERRORS, database_errors, reason, unavailable
 from gateway.dataplane.responses import responses
 from gateway.dataplane.runtime import Runtime
+from gateway.dataplane.stateful import stored
 from gateway.dataplane.usage_endpoint import usage
 from gateway.observability import exposition, tracing
-from gateway.observability.logs import access
 
 logger = logging.getLogger(__name__)
 
@@ -154,17 +154,14 @@ class GatewayApp:
         finally:
             cost = None
             now = time.monotonic()
-            if ex.key is not None and path in _METERED:
+            if ex.key is not None and path in _METERED and not ex.deferred:
                 cost = ex.billed()[1]
                 event = ex.event(cost, now)
                 runtime.meter.record(event)
                 runtime.live.publish(event, ex.key.prefix)
             route = _ROUTES.get(path)
-            if route is not None:
-                if runtime.recorder is not None:
-                    runtime.recorder.request(ex, route, cost, now)
-                if settings.GATEWAY_ACCESS_LOG:
-                    access(ex, method, path, now, tracing.trace_id())
+            if route is not None and not ex.deferred:  # a background response: when its task ends
+                runtime.observe(ex, route, method, path, cost, now)
 
     async def _route(self, scope: Scope, receive: Receive, send: Send, runtime: Runtime, ex: Exchange) -> None:
         path = scope["path"]
@@ -190,12 +187,8 @@ class GatewayApp:
         elif path == "/metrics" and runtime.metrics is not None:
             _allow(method, "GET", path)
             await metrics(scope, send, ex)
-        elif path.startswith(("/v1/responses/", "/v1/conversations")):
-            raise GatewayError(
-                501,
-                "Stored responses and conversations are not available on this gateway yet.",
-                code="not_implemented",
-            )
+        elif path.startswith("/v1/responses/") or path == "/v1/conversations" or path.startswith("/v1/conversations/"):
+            await stored(scope, receive, send, runtime, ex)  # 501 unless the key's stateful policy is on
         else:
             raise GatewayError(404, f"Invalid URL ({method} {path})", code="not_found")
 

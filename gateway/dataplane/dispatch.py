@@ -499,7 +499,7 @@ def _payload(request: dict[str, Any], strip_fields: frozenset[str]) -> bytes:
 def sticky_value(request: dict[str, Any]) -> str:
     """What binds a request to an account's prompt cache: its ``prompt_cache_key``; "" none.
 
-    (A ``conversation`` never gets here: requests with one are answered 501 before dispatch.)
+    (A stateful request's ``conversation`` is taken out before dispatch: gateway/dataplane/stateful.py.)
     """
     sticky = request.get("prompt_cache_key")
     return str(sticky) if sticky else ""

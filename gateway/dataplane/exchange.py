@@ -22,6 +22,7 @@ class Exchange:
         "attempts",
         "body_bytes",
         "client_gone",
+        "deferred",
         "error_code",
         "final",
         "headers",
@@ -62,6 +63,8 @@ class Exchange:
         self.refused_by = ""
         self.attempt_started = 0.0
         self.attempt_seconds: list[float] = []
+        # A background response (gateway/dataplane/stateful.py): metered when its task ends.
+        self.deferred = False
 
     @property
     def tenant_id(self) -> int:

@@ -22,7 +22,7 @@ from typing import Any
 
 from channels.layers import get_channel_layer
 
-from tenancy.live import GROUP_ALL, WATCH_KEY, LocalWatchers, tenant_group
+from tenancy.live import GROUP_ALL, WATCH_KEY, LocalWatchers, raise_if_cancelled, tenant_group
 
 logger = logging.getLogger(__name__)
 
@@ -85,7 +85,8 @@ class LiveFeed:
                 await self._refresh_watching()
                 if self._lines and layer is not None:
                     await self.flush(layer)
-            except Exception:  # a Redis hiccup must not end the feed
+            except Exception:  # a Redis hiccup must not end the feed (a cancellation must)
+                raise_if_cancelled()
                 logger.warning("the live feed could not send", exc_info=True)
 
     async def _refresh_watching(self) -> None:

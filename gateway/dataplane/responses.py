@@ -29,12 +29,13 @@ from gateway.contract.errors import SERVER, GatewayError, invalid_request
 from gateway.contract.nesting import check_nesting
 from gateway.contract.policy import apply_policy
 from gateway.contract.validation import validate_request
-from gateway.dataplane.asgi_io import Receive, Scope, Send, read_body
+from gateway.dataplane.asgi_io import Receive, Scope, Send, read_body, send_json
 from gateway.dataplane.auth import Plan, authenticate, plan_request
 from gateway.dataplane.disconnect import ClientWatch
 from gateway.dataplane.dispatch import RESPONSES, Dispatcher, Endpoint, Failed, sticky_value
 from gateway.dataplane.exchange import Exchange
 from gateway.dataplane.runtime import Runtime
+from gateway.dataplane.stateful import Recorder, Turn, never_receive, prepare, start_background
 from gateway.limits.engine import Decision, estimate_tokens, rejection_error
 from gateway.observability import tracing
 from tenancy.pricing import estimate_cost_usd, usd_to_micros
@@ -49,6 +50,7 @@ async def responses(
         # refusing): take no work it could not meter. Checked before anything is recorded.
         raise _usage_backlog()
     validated: dict[str, Any] | None = None
+    turn: Turn | None = None
     size = 0
     for retry in (False, True):
         snapshot = await runtime.config.current()
@@ -57,7 +59,11 @@ async def responses(
             if validated is None:
                 raw = await read_body(scope, receive, settings.GATEWAY_MAX_BODY_BYTES)
                 size = ex.body_bytes = len(raw)
-                validated = await runtime.offload.run(size, _parse, raw, ex, endpoint)
+                stateful = ex.key.stateful and endpoint is RESPONSES
+                validated = await runtime.offload.run(size, _parse, raw, ex, endpoint, stateful)
+                if stateful:
+                    # Off the stateless path: the context is read from the database (a worker thread).
+                    validated, turn = await prepare(validated, ex.key)
             with tracing.span("gateway.admission"):
                 request, plan, decision = await _admit(scope, runtime, ex, snapshot, validated, size, endpoint.billed)
         except GatewayError as error:
@@ -85,20 +91,63 @@ async def responses(
         ex.refused_by = decision.exceeded or ""
         raise rejection_error(decision)
     ticket = decision.ticket
+    dispatcher = Dispatcher(runtime, ex, request, plan, snapshot, decision.headers, endpoint)
+    if turn is not None:
+        assert ex.key is not None
+        if turn.background:
+            queued = await _background(runtime, ex, turn, request, dispatcher, ticket)
+            await send_json(send, 200, orjson.dumps(queued), ex.rid, decision.headers)
+            return
+        send = Recorder(send, turn, ex.key, request["model"])  # stores the response before its end is sent
     try:
         async with ClientWatch(receive, send, ex) as watch:  # a client leaving cancels the dispatch
-            await Dispatcher(runtime, ex, request, plan, snapshot, decision.headers, endpoint).run(receive, watch.send)
+            await dispatcher.run(receive, watch.send)
     except Failed as failed:
         raise failed.error from None
     finally:
-        tokens, cost = ex.billed()
-        micros = usd_to_micros(cost) if cost is not None else None
-        if ex.final is None or ex.final[0] >= 400:
-            # No upstream answer (every attempt failed, or none was made) or an error answer
-            # (an upstream 4xx relayed): only usage an upstream reported is billed; the rest
-            # of the reservation is refunded. Unknown usage of a real answer keeps the estimate.
-            tokens, micros = tokens or 0, micros or 0
-        runtime.limiter.settle(ticket, tokens=tokens, micros=micros)
+        _settle(runtime, ex, ticket)
+
+
+async def _background(
+    runtime: Runtime, ex: Exchange, turn: Turn, request: dict[str, Any], dispatcher: Dispatcher, ticket: Any
+) -> dict[str, Any]:
+    """Start a ``background: true`` response: dispatched in a task, settled and metered when it ends."""
+
+    async def run(send: Send) -> None:
+        try:
+            await dispatcher.run(never_receive, send)
+        except Failed as failed:
+            raise failed.error from None
+        finally:
+            _settle(runtime, ex, ticket)
+            if ex.final is None:
+                ex.finish(499 if ex.attempts else 500, "cancelled")
+            cost, now = ex.billed()[1], time.monotonic()
+            event = ex.event(cost, now)
+            runtime.meter.record(event)
+            runtime.live.publish(event, ex.key.prefix if ex.key is not None else "")
+            runtime.observe(ex, "responses", "POST", "/v1/responses", cost, now)
+
+    ex.deferred = True
+    assert ex.key is not None
+    try:
+        return await start_background(turn, request, ex.key, run)
+    except BaseException:
+        ex.deferred = False
+        _settle(runtime, ex, ticket)
+        raise
+
+
+def _settle(runtime: Runtime, ex: Exchange, ticket: Any) -> None:
+    """Replace the reservation of ``ticket`` with what the exchange really used."""
+    tokens, cost = ex.billed()
+    micros = usd_to_micros(cost) if cost is not None else None
+    if ex.final is None or ex.final[0] >= 400:
+        # No upstream answer (every attempt failed, or none was made) or an error answer
+        # (an upstream 4xx relayed): only usage an upstream reported is billed; the rest
+        # of the reservation is refunded. Unknown usage of a real answer keeps the estimate.
+        tokens, micros = tokens or 0, micros or 0
+    runtime.limiter.settle(ticket, tokens=tokens, micros=micros)
 
 
 def _usage_backlog() -> GatewayError:
@@ -111,7 +160,7 @@ def _usage_backlog() -> GatewayError:
     )
 
 
-def _parse(raw: bytes, ex: Exchange, endpoint: Endpoint = RESPONSES) -> dict[str, Any]:
+def _parse(raw: bytes, ex: Exchange, endpoint: Endpoint = RESPONSES, stateful: bool = False) -> dict[str, Any]:
     """Parse, check and validate the body (in a worker thread for a large one: Offload)."""
     try:
         body = orjson.loads(raw)
@@ -124,7 +173,7 @@ def _parse(raw: bytes, ex: Exchange, endpoint: Endpoint = RESPONSES) -> dict[str
     if isinstance(body, dict) and isinstance(body.get("model"), str):
         ex.model = body["model"]
     check_nesting(raw)
-    validated = validate_request(body)
+    validated = validate_request(body, stateful)
     ex.stream = bool(validated.get("stream"))
     if ex.stream and not endpoint.streams:
         raise invalid_request("This endpoint answers with JSON only; remove 'stream' from the request.", param="stream")

@@ -20,7 +20,8 @@ import os
 import sys
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Any
+from decimal import Decimal
+from typing import TYPE_CHECKING, Any
 
 from cachetools import TTLCache
 from django.conf import settings
@@ -53,8 +54,12 @@ from gateway.metering.stream import RedisUsageSink
 from gateway.metering.writer import UsageWriterProcess, journal_dir, spool_dir
 from gateway.observability import tracing
 from gateway.observability.exposition import multiprocess_dir
+from gateway.observability.logs import access
 from gateway.observability.metrics import Metrics, Recorder, metrics_families, token_version
 from gateway.observability.sampler import Sampler, Sources
+
+if TYPE_CHECKING:
+    from gateway.dataplane.exchange import Exchange
 
 logger = logging.getLogger(__name__)
 health_logger = logging.getLogger("gateway.health")
@@ -233,6 +238,13 @@ class Runtime:
         )
         if self.metrics is not None:
             self.metrics.transitions.labels(str(transition.account_id), str(transition.to_state)).inc()
+
+    def observe(self, ex: Exchange, route: str, method: str, path: str, cost: Decimal | None, now: float) -> None:
+        """A finished request: counted in the metrics and logged (its access line)."""
+        if self.recorder is not None:
+            self.recorder.request(ex, route, cost, now)
+        if settings.GATEWAY_ACCESS_LOG:
+            access(ex, method, path, now, tracing.trace_id())
 
     async def usage_backlog(self) -> int:
         """Usage records waiting for the usage writer (gateway/metering/backlog.py), plus those

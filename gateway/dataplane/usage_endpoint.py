@@ -39,7 +39,7 @@ def _iso(epoch: float) -> str:
     return datetime.fromtimestamp(epoch, UTC).isoformat().replace("+00:00", "Z")
 
 
-def _requests_only(scopes: Sequence[LimitScope]) -> list[LimitScope]:
+def requests_only(scopes: Sequence[LimitScope]) -> list[LimitScope]:
     """The scopes' requests-per-minute limits alone: a usage call reserves no tokens, no
     concurrency slot and no budget (a key over its budget can still read its usage)."""
     return [
@@ -53,7 +53,7 @@ async def usage(scope: Scope, send: Send, runtime: Runtime, ex: Exchange) -> Non
     await runtime.config.current()  # applies the changes announced since the last request
     key = await authenticate(scope, runtime.config.keys)
     now = time.time()
-    decision = await runtime.limiter.admit(_requests_only(key.scopes(now)), tokens=0, now=now)
+    decision = await runtime.limiter.admit(requests_only(key.scopes(now)), tokens=0, now=now)
     if not decision.allowed or decision.ticket is None:
         raise rejection_error(decision)
     runtime.limiter.settle(decision.ticket, tokens=0, micros=0)

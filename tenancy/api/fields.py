@@ -43,18 +43,33 @@ def _policy_fields() -> dict[str, serializers.Field[Any, Any, Any, Any]]:
         "reasoning_efforts": names(),
         "allowed_tools": names(),
         "allowed_ips": names(),
+        "stateful": serializers.BooleanField(
+            required=False, allow_null=True, help_text="Stateful policy; null follows the tenant's."
+        ),
     }
 
 
-TENANT_LIMITS = tuple(_limit_fields())
-KEY_LIMITS = (*TENANT_LIMITS, *_policy_fields())
+def _tenant_fields() -> dict[str, serializers.Field[Any, Any, Any, Any]]:
+    """A tenant's stateful policy and the retention of its stored objects (null: the default)."""
+    return {
+        "stateful": serializers.BooleanField(
+            required=False, help_text="Stored responses and conversations (docs/contract.md, Stateful policy)."
+        ),
+        "stored_ttl_days": serializers.IntegerField(
+            required=False, allow_null=True, min_value=1, max_value=36_500, help_text="Retention in days."
+        ),
+    }
+
+
+TENANT_LIMITS = (*_limit_fields(), *_tenant_fields())
+KEY_LIMITS = (*_limit_fields(), *_policy_fields())
 
 
 class LimitsSerializer(serializers.Serializer[Tenant]):
     """A tenant's limits (the fields only; a base for the request bodies)."""
 
     def get_fields(self) -> dict[str, serializers.Field[Any, Any, Any, Any]]:
-        return {**super().get_fields(), **_limit_fields()}
+        return {**super().get_fields(), **_limit_fields(), **_tenant_fields()}
 
 
 class KeyLimitsSerializer(serializers.Serializer[ApiKey]):

@@ -104,7 +104,25 @@ class TenantCreateForm(LimitsForm):
 
 class TenantEditForm(LimitsForm):
     name = forms.CharField(label="Name", max_length=200)
+    stateful = forms.BooleanField(
+        label="Stateful",
+        required=False,
+        help_text="Stored responses and conversations (previous_response_id, store, conversation, background).",
+    )
+    stored_ttl_days = _whole("Keep stored objects (days)", "Blank: the gateway's default.")
     field_order = ["name"]
+
+    def limits(self) -> dict[str, Any]:
+        data = self.cleaned_data
+        return {
+            **super().limits(),
+            "stateful": bool(data.get("stateful")),
+            "stored_ttl_days": data.get("stored_ttl_days"),
+        }
+
+    @classmethod
+    def initial_of(cls, row: Any) -> dict[str, Any]:
+        return {**super().initial_of(row), "stateful": row.stateful, "stored_ttl_days": row.stored_ttl_days}
 
 
 class MemberAddForm(forms.Form):
@@ -145,6 +163,12 @@ class KeyForm(LimitsForm):
         widget=forms.Textarea(attrs={"rows": 2}),
         help_text="Addresses or CIDR networks, comma- or line-separated; blank: any.",
     )
+    stateful = forms.ChoiceField(
+        label="Stateful",
+        required=False,
+        choices=[("", "as the tenant"), ("on", "on"), ("off", "off")],
+        help_text="Stored responses and conversations; overrides the tenant's setting.",
+    )
     field_order = ["name", "allowed_models", "expires_at"]
 
     def policy(self) -> dict[str, Any]:
@@ -152,7 +176,8 @@ class KeyForm(LimitsForm):
         lists = {
             name: names(data.get(name, "")) or None for name in ("reasoning_efforts", "allowed_tools", "allowed_ips")
         }
-        return {"max_output_tokens": data.get("max_output_tokens"), **lists}
+        stateful = {"on": True, "off": False}.get(data.get("stateful") or "")
+        return {"max_output_tokens": data.get("max_output_tokens"), **lists, "stateful": stateful}
 
     @classmethod
     def initial_of(cls, row: Any) -> dict[str, Any]:
@@ -165,6 +190,7 @@ class KeyForm(LimitsForm):
             reasoning_efforts=joined(row.reasoning_efforts),
             allowed_tools=joined(row.allowed_tools),
             allowed_ips=joined(row.allowed_ips),
+            stateful={True: "on", False: "off"}.get(row.stateful, ""),
         )
         return initial
 

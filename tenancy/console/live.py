@@ -24,7 +24,15 @@ from django_otp import DEVICE_ID_SESSION_KEY
 
 from tenancy.access import is_operator, tenants_for
 from tenancy.console.common import console_view, has_confirmed_device
-from tenancy.live import GROUP_ALL, WATCH_KEY, WATCH_KEY_SECONDS, WATCH_REFRESH_SECONDS, LocalWatchers, tenant_group
+from tenancy.live import (
+    GROUP_ALL,
+    WATCH_KEY,
+    WATCH_KEY_SECONDS,
+    WATCH_REFRESH_SECONDS,
+    LocalWatchers,
+    raise_if_cancelled,
+    tenant_group,
+)
 
 REFUSED = 4403
 
@@ -74,6 +82,9 @@ class LiveConsumer(AsyncJsonWebsocketConsumer):
             self.groups_joined = []
         if self.keeper is not None:
             self.keeper.cancel()
+            # Bounded: the keeper ends at its next await (see _keep_watching).
+            await asyncio.wait({self.keeper}, timeout=2.0)
+            self.keeper = None
 
     async def receive_json(self, content: Any, **kwargs: Any) -> None:
         """The view only listens: anything the browser sends is ignored."""
@@ -82,14 +93,22 @@ class LiveConsumer(AsyncJsonWebsocketConsumer):
         await self.send_json({"lines": message["lines"]})
 
     async def _keep_watching(self) -> None:
-        """With Redis: keep the shared watch key alive while this view is open."""
+        """With Redis: keep the shared watch key alive while this view is open.
+
+        Ends when cancelled, even when the cancellation lands inside a Redis call that turns it
+        into an ordinary exception (redis-py does while connecting): a keeper that swallowed it
+        would sleep on forever and hang the event loop's shutdown.
+        """
         from redis.asyncio import Redis
 
         client = Redis.from_url(settings.REDIS_URL)
         try:
             while True:
-                with contextlib.suppress(Exception):  # Redis down: the local count still works
+                try:
                     await client.set(WATCH_KEY, "1", ex=WATCH_KEY_SECONDS)
+                except Exception:  # Redis down: the local count still works
+                    raise_if_cancelled()
                 await asyncio.sleep(WATCH_REFRESH_SECONDS)
         finally:
-            await client.aclose()
+            with contextlib.suppress(Exception):
+                await client.aclose()

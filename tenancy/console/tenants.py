@@ -12,7 +12,7 @@ from django.shortcuts import get_object_or_404, redirect, render
 
 from tenancy.access import can_manage, is_operator, require_manage, role_for, tenant_or_404, tenants_for
 from tenancy.console.common import confirm, console_view, done, only_post, service_errors, table
-from tenancy.console.forms import LimitsForm, MemberAddForm, MemberRoleForm, TenantCreateForm, TenantEditForm
+from tenancy.console.forms import MemberAddForm, MemberRoleForm, TenantCreateForm, TenantEditForm
 from tenancy.models import Membership, Role, Tenant
 from tenancy.services.members import member_add, member_remove, member_role_set
 from tenancy.services.tenants import tenant_create, tenant_details_set, tenant_update
@@ -89,7 +89,7 @@ def tenant_detail(request: HttpRequest, slug: str) -> HttpResponse:
 def tenant_edit(request: HttpRequest, slug: str) -> HttpResponse:
     tenant = tenant_or_404(request.user, slug)
     _operator_only(request)
-    initial = {"name": tenant.name, **LimitsForm.initial_of(tenant)}
+    initial = {"name": tenant.name, **TenantEditForm.initial_of(tenant)}
     form = TenantEditForm(request.POST or None, initial=initial)
     if request.method == "POST" and form.is_valid():
         try:

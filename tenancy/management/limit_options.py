@@ -33,6 +33,7 @@ class _Flag:
     key_only: bool
     metavar: str
     help: str
+    tenant_only: bool = False
 
     @property
     def dest(self) -> str:
@@ -103,6 +104,24 @@ FLAGS: tuple[_Flag, ...] = (
         "CIDR,CIDR",
         "Client addresses or networks the key may be used from, e.g. 10.0.0.0/8,2001:db8::/32.",
     ),
+    _Flag(
+        "--stateful",
+        "stateful",
+        "onoff",
+        False,
+        "on|off",
+        "Stored responses and conversations (previous_response_id, store, conversation, background); "
+        "a key's setting overrides its tenant's ('none' on a key: follow the tenant).",
+    ),
+    _Flag(
+        "--stored-ttl-days",
+        "stored_ttl_days",
+        "int",
+        False,
+        "N",
+        "Days stored responses and conversations are kept (default GATEWAY_STORED_TTL_DAYS).",
+        tenant_only=True,
+    ),
 )
 
 
@@ -111,7 +130,7 @@ def add_limit_arguments(parser: CommandParser, *, key_level: bool, clearable: bo
     title = "limits (leave a flag out to keep the current value; 'none' clears it)" if clearable else "limits"
     group = parser.add_argument_group(title)
     for spec in FLAGS:
-        if spec.key_only and not key_level:
+        if (spec.key_only and not key_level) or (spec.tenant_only and key_level):
             continue
         group.add_argument(spec.flag, dest=spec.dest, default=None, metavar=spec.metavar, help=spec.help)
 
@@ -150,6 +169,11 @@ def _parse(spec: _Flag, raw: str) -> Any:
         return period
     if spec.kind == "datetime":
         return _parse_datetime(spec, raw)
+    if spec.kind == "onoff":
+        flag = raw.strip().lower()
+        if flag not in ("on", "off"):
+            raise CommandError(f"{spec.flag} must be on or off (got {raw!r}).")
+        return flag == "on"
     # names, cidrs: comma-separated; validated by the service.
     return [item.strip() for item in raw.split(",") if item.strip()]
 
@@ -161,7 +185,7 @@ def limits_from_options(options: dict[str, Any], *, key_level: bool, clearable: 
     """
     limits: dict[str, Any] = {}
     for spec in FLAGS:
-        if spec.key_only and not key_level:
+        if (spec.key_only and not key_level) or (spec.tenant_only and key_level):
             continue
         raw = options.get(spec.dest)
         if raw is None:
@@ -232,4 +256,10 @@ def describe_limits(obj: Tenant | ApiKey) -> list[str]:
             f"tools {_names(obj.allowed_tools, empty='none allowed')}; "
             f"client IPs {_names(obj.allowed_ips, empty='none')}"
         )
+        follows = "" if obj.stateful is not None else " (follows the tenant)"
+        on = obj.stateful if obj.stateful is not None else obj.tenant.stateful
+        lines.append(f"Stateful: {'on' if on else 'off'}{follows}")
+    else:
+        ttl = f"{obj.stored_ttl_days} days" if obj.stored_ttl_days is not None else "the default"
+        lines.append(f"Stateful: {'on' if obj.stateful else 'off'}; stored objects kept {ttl}")
     return lines

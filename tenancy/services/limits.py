@@ -48,6 +48,10 @@ class TenantLimits(TypedDict, total=False):
     budget_window_start: datetime | None
     budget_window_end: datetime | None
     budget_soft_percent: int | None
+    # The stateful policy: a tenant's is on or off; a key's None follows its tenant.
+    stateful: bool | None
+    # Tenants only: retention of stored responses and conversations in days (None: the default).
+    stored_ttl_days: int | None
 
 
 class ApiKeyLimits(TenantLimits, total=False):
@@ -66,13 +70,14 @@ class ApiKeyLimits(TenantLimits, total=False):
 
 
 TENANT_LIMIT_FIELDS: frozenset[str] = frozenset(TenantLimits.__optional_keys__)
-APIKEY_LIMIT_FIELDS: frozenset[str] = frozenset(ApiKeyLimits.__optional_keys__)
+APIKEY_LIMIT_FIELDS: frozenset[str] = frozenset(ApiKeyLimits.__optional_keys__) - {"stored_ttl_days"}
 _INT_LIMITS: dict[str, int] = {
     "rpm": _INT_MAX,
     "tpm": _BIGINT_MAX,
     "concurrency": _INT_MAX,
     "budget_tokens": _BIGINT_MAX,
     "max_output_tokens": _INT_MAX,
+    "stored_ttl_days": 36_500,
 }
 
 
@@ -192,6 +197,10 @@ def _clean_one(name: str, value: Any) -> Any:
         return _clean_names(name, value)
     if name == "allowed_ips":
         return _clean_cidrs(value)
+    if name == "stateful":
+        if value is not None and not isinstance(value, bool):
+            raise ValidationError(f"stateful must be true or false (got {value!r}).", code="invalid")
+        return value
     raise AssertionError(f"limit {name} has no cleaner")  # a field added to the TypedDicts only
 
 
@@ -215,6 +224,8 @@ def limits_apply(obj: Tenant | ApiKey, cleaned: Mapping[str, Any]) -> list[str]:
             setattr(obj, name, value)
             changed.append(name)
 
+    if isinstance(obj, Tenant) and "stateful" in cleaned and cleaned["stateful"] is None:
+        raise ValidationError("a tenant's stateful policy is on or off (only a key's may follow its tenant).")
     for name, value in cleaned.items():
         put(name, value)
     if obj.budget_period == BudgetPeriod.FIXED:

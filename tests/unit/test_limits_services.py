@@ -291,6 +291,8 @@ def test_apikeys_for_snapshot_carries_key_and_tenant_limits(django_assert_num_qu
         "reasoning_efforts": ["low"],
         "allowed_tools": ["function"],
         "allowed_ips": ["192.168.0.0/16"],
+        "stateful": None,
+        "tenant_stateful": False,
         # the tenant's limits
         "tenant_rpm": 1000,
         "tenant_tpm": 10**6,

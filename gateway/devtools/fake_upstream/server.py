@@ -16,6 +16,8 @@ Endpoints: ``POST /v1/responses`` (and ``/responses``), ``POST /v1/responses/com
 ``POST /v1/responses/input_tokens`` (JSON only, same knobs), ``GET /v1/models`` (and ``/models``,
 ``/v1/models/{id}``), ``GET /health``, and for tests ``GET /_fake/stats``, ``POST /_fake/reset``,
 ``GET /_fake/requests`` (last bodies and headers received, newest last), ``GET|POST /_fake/config``.
+The knob ``expect_items`` (header ``x-fake-expect-items`` or metadata ``fake_expect_items``) makes
+it answer 400 ``context_mismatch`` unless the request's ``input`` holds exactly that many items.
 
 Per-request knobs, as ``x-fake-<name>`` headers or ``fake_<name>`` metadata keys (headers win; ``-``
 in header names is ``_`` in metadata keys): ``tokens``, ``latency-ms``, ``event-delay-ms``,
@@ -420,6 +422,15 @@ def _checked(
         for key, value in metadata.items():
             if key.startswith("fake_"):
                 raw.setdefault(key[5:], str(value))
+    expected = raw.get("expect_items")
+    if expected is not None:
+        # The whole context must arrive with every turn (a gateway's stateful policy): the
+        # test names how many input items this request must carry.
+        received = len(body["input"]) if isinstance(body.get("input"), list) else 1
+        if str(received) != expected.strip():
+            raise Reject(
+                400, f"The fake upstream expected {expected} input items, received {received}.", "context_mismatch"
+            )
     k = read_knobs(config, raw)
     k.status = k.status or forced
     model = body.get("model")
