@@ -1,4 +1,4 @@
-"""ASGI entry point: /v1/* and /readyz go to the data plane, everything else to Django.
+"""ASGI entry point: /v1/*, /readyz and /metrics go to the data plane, everything else to Django.
 
 Served by uvicorn (``manage.py serve``, the measured default) or by Daphne
 (``manage.py serve --server daphne`` or ``daphne gateway.conf.asgi:application``).
@@ -26,11 +26,13 @@ from tenancy.console.live import LiveConsumer  # noqa: E402
 application = ProtocolTypeRouter(
     {
         # channels routes ASGI apps with django.urls patterns, whose stubs expect views.
-        # /readyz is the data plane's readiness (its dependencies); /healthz (Django) is liveness.
+        # /readyz is the data plane's readiness (its dependencies); /healthz (Django) is liveness;
+        # /metrics the Prometheus metrics (gateway/observability/exposition.py).
         "http": URLRouter(
             [
                 re_path(r"^v1/", gateway_app),  # type: ignore[arg-type]
                 re_path(r"^readyz$", gateway_app),  # type: ignore[arg-type]
+                re_path(r"^metrics$", gateway_app),  # type: ignore[arg-type]
                 re_path(r"", django_application),  # type: ignore[arg-type]
             ]
         ),

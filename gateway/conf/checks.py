@@ -10,6 +10,8 @@ operators refer to them.
     gateway.E004  REDIS_URL malformed                (from gateway.conf.env)
     gateway.E005  GATEWAY_UPSTREAM_TRANSPORT unknown
     gateway.E006  GATEWAY_SERVER unknown
+    gateway.E007  GATEWAY_LOG_FORMAT unknown
+    gateway.E008  GATEWAY_METRICS_TOKEN too short
     gateway.E010  a boolean variable is malformed    (from gateway.conf.env)
     gateway.E011  an integer variable is malformed   (from gateway.conf.env)
     gateway.E012  a number variable is malformed     (from gateway.conf.env)
@@ -37,6 +39,8 @@ from gateway.conf.files import readable_by_others
 
 MIN_SECRET_KEY_LENGTH = 32
 SERVERS = ("uvicorn", "daphne")
+LOG_FORMATS = ("json", "text")
+MIN_METRICS_TOKEN_LENGTH = 16
 
 SECRET_KEY_HINT = (
     "Set SECRET_KEY to a long random string, e.g. the output of "
@@ -141,6 +145,24 @@ def check_choices(app_configs: Sequence[AppConfig] | None = None, **kwargs: Any)
                 f"GATEWAY_SERVER={server!r} is not supported.",
                 hint="Set GATEWAY_SERVER to uvicorn (default, fastest) or daphne, or unset it.",
                 id="gateway.E006",
+            )
+        )
+    log_format = _setting("GATEWAY_LOG_FORMAT")
+    if log_format not in LOG_FORMATS:
+        errors.append(
+            Error(
+                f"GATEWAY_LOG_FORMAT={log_format!r} is not supported.",
+                hint="Set GATEWAY_LOG_FORMAT to json (production) or text (development), or unset it.",
+                id="gateway.E007",
+            )
+        )
+    if _setting("GATEWAY_METRICS_TOKEN") and len(_setting("GATEWAY_METRICS_TOKEN")) < MIN_METRICS_TOKEN_LENGTH:
+        errors.append(
+            Error(
+                f"GATEWAY_METRICS_TOKEN is shorter than {MIN_METRICS_TOKEN_LENGTH} characters.",
+                hint="Set GATEWAY_METRICS_TOKEN to a long random string (e.g. `openssl rand -hex 24`), "
+                "or unset it to serve /metrics to loopback clients only.",
+                id="gateway.E008",
             )
         )
     return errors

@@ -336,11 +336,43 @@ GATEWAY_KEY_CACHE_SIZE = env_int("GATEWAY_KEY_CACHE_SIZE", 100_000, minimum=1)
 # Each gateway process also writes usage to the database (else run `manage.py usage_drain`).
 GATEWAY_USAGE_DRAINER = env_bool("GATEWAY_USAGE_DRAINER", True)
 
+# --- Observability (docs/operations.md, "Observability") -------------------
+# GET /metrics (Prometheus text format) and the per-request counting behind it.
+GATEWAY_METRICS = env_bool("GATEWAY_METRICS", True)
+# Bearer token that /metrics requires; unset: /metrics answers loopback clients only.
+GATEWAY_METRICS_TOKEN = env_str("GATEWAY_METRICS_TOKEN")
+# Tenant and key-prefix labels on the request metrics (cardinality grows with tenants and keys).
+GATEWAY_METRICS_TENANT_LABELS = env_bool("GATEWAY_METRICS_TENANT_LABELS", False)
+# How often each process samples its gauges (account health, usage backlog, snapshot age...).
+GATEWAY_METRICS_SAMPLE_SECONDS = env_float("GATEWAY_METRICS_SAMPLE_SECONDS", 5.0, minimum=0.1)
+# Several worker processes share their metrics through this directory (prometheus-client's
+# multiprocess mode); `manage.py serve --workers N` (N > 1) sets one under the data directory.
+PROMETHEUS_MULTIPROC_DIR = env_str("PROMETHEUS_MULTIPROC_DIR")
+# Log lines: "json" (one object a line) or "text"; JSON unless DEBUG.
+GATEWAY_LOG_FORMAT = env_str("GATEWAY_LOG_FORMAT", "text" if DEBUG else "json")
+# One line per data-plane request on the logger gateway.access.
+GATEWAY_ACCESS_LOG = env_bool("GATEWAY_ACCESS_LOG", True)
+# /readyz answers 503 when more usage records than this wait to be written.
+GATEWAY_READY_MAX_BACKLOG = env_int("GATEWAY_READY_MAX_BACKLOG", 100_000, minimum=1)
+# OpenTelemetry traces: off unless set (the SDK reads its other OTEL_* variables itself).
+OTEL_EXPORTER_OTLP_ENDPOINT = env_str("OTEL_EXPORTER_OTLP_ENDPOINT")
+OTEL_SERVICE_NAME = env_str("OTEL_SERVICE_NAME", "responses-gateway")
+
 LOGGING = {
     "version": 1,
     "disable_existing_loggers": False,
-    "formatters": {"plain": {"format": "%(asctime)s %(levelname)s %(name)s %(message)s"}},
-    "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},
+    "formatters": {
+        "plain": {"()": "gateway.observability.logs.TextFormatter"},
+        "json": {
+            "()": "pythonjsonlogger.orjson.OrjsonFormatter",
+            "fmt": "%(asctime)s %(levelname)s %(name)s %(message)s",
+            "rename_fields": {"asctime": "time", "levelname": "level", "name": "logger"},
+            "timestamp": False,
+        },
+    },
+    "handlers": {
+        "console": {"class": "logging.StreamHandler", "formatter": "json" if GATEWAY_LOG_FORMAT == "json" else "plain"}
+    },
     "root": {"handlers": ["console"], "level": env_str("LOG_LEVEL", "INFO")},
     "loggers": {"httpx": {"level": "WARNING"}, "daphne": {"level": "WARNING"}, "axes": {"level": "WARNING"}},
 }

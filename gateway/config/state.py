@@ -125,6 +125,11 @@ class ConfigState:
         self._tasks: set[asyncio.Task[Any]] = set()
         self._loading_members = False
 
+    @property
+    def latest(self) -> Snapshot | None:
+        """The snapshot in force, without looking for a newer one (None before the first)."""
+        return self._snapshot
+
     async def current(self) -> Snapshot:
         """The snapshot for the current token (see the module docstring for the waits)."""
         token = await self._token_source()

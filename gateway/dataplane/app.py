@@ -34,6 +34,7 @@ import time
 from collections.abc import Awaitable, Callable
 
 import orjson
+from django.conf import settings
 
 from gateway.contract.errors import SERVER, GatewayError
 from gateway.dataplane.asgi_io import ClientGone, Receive, Scope, Send, send_error, send_json
@@ -45,12 +46,23 @@ from gateway.dataplane.responses import responses
 from gateway.dataplane.runtime import Runtime
 from gateway.dataplane.stateful import stored
 from gateway.dataplane.usage_endpoint import usage
+from gateway.observability import exposition, tracing
 
 logger = logging.getLogger(__name__)
 
 
 # Paths whose requests leave a usage record (counting input tokens generates nothing).
 _METERED = frozenset({"/v1/responses", "/v1/responses/compact"})
+
+# Paths counted in the metrics and the access log, and their route label (others: "other";
+# /readyz and /metrics are neither counted nor logged).
+_ROUTES = {
+    "/v1/responses": "responses",
+    "/v1/responses/compact": "compact",
+    "/v1/responses/input_tokens": "input_tokens",
+    "/v1/models": "models",
+    "/v1/usage": "usage",
+}
 
 # At shutdown, how long the requests still running may take to record their usage
 # before the runtime (and its usage meter) is closed.
@@ -79,7 +91,8 @@ class GatewayApp:
             return
         self._running += 1
         try:
-            await self._serve(scope, receive, send, runtime, ex)
+            with tracing.request_span(scope["method"], scope["path"], scope["headers"], ex):
+                await self._serve(scope, receive, send, runtime, ex)
         finally:
             self._running -= 1
             if not self._running and self._idle is not None:
@@ -119,6 +132,7 @@ class GatewayApp:
                 runtime.dependency_failed("database", reason(exc))
                 raise unavailable("database") from None
         except GatewayError as error:
+            ex.error_code = error.code or ""
             if ex.final is None:
                 outcome = "rejected"
                 if ex.attempts:
@@ -132,15 +146,22 @@ class GatewayApp:
             ex.client_left()
         except Exception:
             logger.exception("unhandled error in %s %s (%s)", method, path, ex.request_id)
+            ex.error_code = "server_error"
             if ex.final is None:
                 ex.finish(500, "failed")
             if not started:
                 await _answer(tracked, _internal_error(), ex)
         finally:
+            cost = None
+            now = time.monotonic()
             if ex.key is not None and path in _METERED and not ex.deferred:
-                event = ex.event(ex.billed()[1])
+                cost = ex.billed()[1]
+                event = ex.event(cost, now)
                 runtime.meter.record(event)
                 runtime.live.publish(event, ex.key.prefix)
+            route = _ROUTES.get(path)
+            if route is not None and not ex.deferred:  # a background response: when its task ends
+                runtime.observe(ex, route, method, path, cost, now)
 
     async def _route(self, scope: Scope, receive: Receive, send: Send, runtime: Runtime, ex: Exchange) -> None:
         path = scope["path"]
@@ -163,6 +184,9 @@ class GatewayApp:
         elif path == "/readyz":
             _allow(method, "GET", path)
             await readyz(send, runtime, ex)
+        elif path == "/metrics" and runtime.metrics is not None:
+            _allow(method, "GET", path)
+            await metrics(scope, send, ex)
         elif path.startswith("/v1/responses/") or path == "/v1/conversations" or path.startswith("/v1/conversations/"):
             await stored(scope, receive, send, runtime, ex)  # 501 unless the key's stateful policy is on
         else:
@@ -239,12 +263,44 @@ def _close_at_reactor_shutdown(close: Callable[[], Awaitable[None]]) -> None:
 
 
 async def readyz(send: Send, runtime: Runtime, ex: Exchange) -> None:
-    """The readiness report; 503 while no request can be served (see the module doc)."""
+    """The readiness report; 503 while no request can be served (see the module doc).
+
+    Not ready: Redis down, the meter saturated, the usage writer not running (when this
+    process runs one), or more than ``GATEWAY_READY_MAX_BACKLOG`` usage records waiting;
+    ``reasons`` says which, one sentence each.
+    """
     await runtime.check_redis()
     report = runtime.readiness.report()
-    serving = not runtime.readiness.is_down("redis") and not runtime.meter.saturated
-    report["serving"] = serving
-    await send_json(send, 200 if serving else 503, orjson.dumps(report), ex.rid)
+    reasons: list[str] = []
+    if runtime.readiness.is_down("redis"):
+        reasons.append("redis is unavailable")
+    if runtime.meter.saturated:
+        reasons.append("usage cannot leave this process (the meter's buffer is full)")
+    if runtime.writer is not None and not runtime.writer_up():
+        reasons.append("the usage writer is not running")
+    try:
+        backlog: int | None = await runtime.usage_backlog()
+    except Exception as exc:  # Redis went away meanwhile: reported above on the next call
+        backlog = None
+        reasons.append(f"the usage backlog cannot be read ({reason(exc)})")
+    limit = settings.GATEWAY_READY_MAX_BACKLOG
+    if backlog is not None and backlog > limit:
+        reasons.append(f"{backlog} usage records wait to be written (more than {limit})")
+    report["usage_backlog"] = backlog
+    report["reasons"] = reasons
+    report["serving"] = not reasons
+    await send_json(send, 503 if reasons else 200, orjson.dumps(report), ex.rid)
+
+
+async def metrics(scope: Scope, send: Send, ex: Exchange) -> None:
+    """``GET /metrics`` (gateway/observability/exposition.py): protected, every worker's values."""
+    client = scope.get("client")
+    authorization = next((value for name, value in scope["headers"] if name == b"authorization"), None)
+    exposition.allowed(client[0] if client else None, authorization, settings.GATEWAY_METRICS_TOKEN)
+    body, content_type = exposition.render()
+    headers = [(b"content-type", content_type.encode()), (b"x-request-id", ex.rid)]
+    await send({"type": "http.response.start", "status": 200, "headers": headers})
+    await send({"type": "http.response.body", "body": body, "more_body": False})
 
 
 async def _answer(send: Send, error: GatewayError, ex: Exchange) -> None:

@@ -44,6 +44,7 @@ from gateway.contract.sanitize import sanitize_for_upstream
 from gateway.contract.upstream_errors import upstream_error_body
 from gateway.dataplane.asgi_io import ClientGone, Receive, Send, send_json
 from gateway.dataplane.relay import COMMIT, SseRelay
+from gateway.observability import tracing
 from tenancy.pricing import usage_fields
 
 if TYPE_CHECKING:
@@ -208,15 +209,18 @@ class Dispatcher:
                     ):
                         continue
                     overrun = Deadline(settings.GATEWAY_UPSTREAM_TOTAL_TIMEOUT)
-                    try:
-                        served = await self._attempt(account, public_model, upstream_model, key, receive, send, overrun)
-                    except asyncio.CancelledError:
-                        # The deadline ran out where no step of the attempt expected it.
-                        exc = overrun.check()
-                        await self._failed(account, event_for_exception(exc), "upstream_error", 502, str(exc))
-                        served = False
-                    finally:
-                        overrun.close()
+                    with tracing.attempt_span(self.ex, account, upstream_model):
+                        try:
+                            served = await self._attempt(
+                                account, public_model, upstream_model, key, receive, send, overrun
+                            )
+                        except asyncio.CancelledError:
+                            # The deadline ran out where no step of the attempt expected it.
+                            exc = overrun.check()
+                            await self._failed(account, event_for_exception(exc), "upstream_error", 502, str(exc))
+                            served = False
+                        finally:
+                            overrun.close()
                     if served:
                         return
                 finally:
@@ -237,13 +241,16 @@ class Dispatcher:
         ex = self.ex
         ex.account = account
         ex.model = public_model
+        ex.upstream_model = upstream_model
+        ex.attempt_started = time.monotonic()
         request = self.request if upstream_model == self.request["model"] else {**self.request, "model": upstream_model}
         payload = await self.rt.offload.run(ex.body_bytes, _payload, request, account.strip_fields)
         try:
             try:
                 path = self.endpoint.path
                 url = account.responses_url + path if path else account.responses_url
-                upstream = await self.rt.upstream.open(url, upstream_headers(account, ex.stream), payload)
+                headers = tracing.inject(upstream_headers(account, ex.stream))  # traceparent, when tracing
+                upstream = await self.rt.upstream.open(url, headers, payload)
             except asyncio.CancelledError:
                 raise deadline.check() from None
         except UpstreamError as exc:
@@ -282,6 +289,7 @@ class Dispatcher:
                 if name in upstream.headers
             ]
             ex.finish(status, "upstream_rejected")
+            ex.error_code = "upstream_rejected"
             body = upstream_error_body(status, content, (account.credential,))
             await send_json(send, status, body, ex.rid, [*self.extra, *extra])
             return True
@@ -315,7 +323,8 @@ class Dispatcher:
             response_id=str(response.get("id") or ""),
             ttfb_ms=(time.monotonic() - ex.started) * 1000,
         )
-        await send_json(send, status, content, ex.rid, self.extra)
+        with tracing.span("gateway.relay"):
+            await send_json(send, status, content, ex.rid, self.extra)
         return True
 
     async def _stream(
@@ -362,7 +371,8 @@ class Dispatcher:
         self.rt.keepalive.register(relay.entry)
         tail = b""
         try:
-            await relay.run(chunks)
+            with tracing.span("gateway.relay"):
+                await relay.run(chunks)
             if relay.terminal is None:
                 outcome = "upstream_error"
                 tail = relay.failure_frames(

@@ -17,19 +17,25 @@ class Exchange:
 
     __slots__ = (
         "account",
+        "attempt_seconds",
+        "attempt_started",
         "attempts",
         "body_bytes",
         "client_gone",
         "deferred",
+        "error_code",
         "final",
         "headers",
         "key",
         "model",
+        "planned",
         "price",
+        "refused_by",
         "request_id",
         "rid",
         "started",
         "stream",
+        "upstream_model",
     )
 
     def __init__(self, request_id: str, started: float) -> None:
@@ -47,6 +53,16 @@ class Exchange:
         self.headers: list[tuple[bytes, bytes]] = []
         self.body_bytes = 0  # size of the request body
         self.client_gone = False  # the client disconnected before its answer was complete
+        # For metrics, logs and traces (gateway/observability/): whether ``model`` passed the
+        # plan (a known, allowed model: safe as a label), the upstream model of the last attempt,
+        # the error code answered, the limit that refused ("key.rpm"...), when the attempt under
+        # way started (0.0: none) and how long each failed attempt took (seconds).
+        self.planned = False
+        self.upstream_model = ""
+        self.error_code = ""
+        self.refused_by = ""
+        self.attempt_started = 0.0
+        self.attempt_seconds: list[float] = []
         # A background response (gateway/dataplane/stateful.py): metered when its task ends.
         self.deferred = False
 
@@ -57,6 +73,8 @@ class Exchange:
     def note_attempt(self, account_id: int, outcome: str, status: int, usage: dict[str, int | None] | None) -> None:
         """A failed attempt: recorded with the request, its usage billed too."""
         self.attempts.append({"account_id": account_id, "outcome": outcome, "status": status, **(usage or {})})
+        self.attempt_seconds.append(time.monotonic() - self.attempt_started if self.attempt_started else 0.0)
+        self.attempt_started = 0.0
 
     def finish(
         self,
@@ -95,8 +113,9 @@ class Exchange:
                     cost = (cost or Decimal(0)) + amount
         return tokens, cost
 
-    def event(self, cost: Decimal | None) -> dict[str, Any]:
-        """The usage event of this request (a dict of UsageRecord fields)."""
+    def event(self, cost: Decimal | None, now: float | None = None) -> dict[str, Any]:
+        """The usage event of this request (a dict of UsageRecord fields); ``now``: its end
+        (``time.monotonic()``), the one the metrics use too."""
         assert self.key is not None
         status, outcome, usage, response_id, ttfb = self.final or (500, "failed", unknown_usage(), "", None)
         event: dict[str, Any] = {
@@ -109,7 +128,7 @@ class Exchange:
             "outcome": outcome,
             "stream": self.stream,
             "response_id": response_id,
-            "latency_ms": (time.monotonic() - self.started) * 1000,
+            "latency_ms": ((now if now is not None else time.monotonic()) - self.started) * 1000,
             "ttfb_ms": ttfb,
             "created_at": datetime.now(UTC),
             "cost": str(cost) if cost is not None and self.final is not None and outcome != "rejected" else None,

@@ -37,6 +37,7 @@ from gateway.dataplane.exchange import Exchange
 from gateway.dataplane.runtime import Runtime
 from gateway.dataplane.stateful import Recorder, Turn, never_receive, prepare, start_background
 from gateway.limits.engine import Decision, estimate_tokens, rejection_error
+from gateway.observability import tracing
 from tenancy.pricing import estimate_cost_usd, usd_to_micros
 
 
@@ -63,7 +64,8 @@ async def responses(
                 if stateful:
                     # Off the stateless path: the context is read from the database (a worker thread).
                     validated, turn = await prepare(validated, ex.key)
-            request, plan, decision = await _admit(scope, runtime, ex, snapshot, validated, size, endpoint.billed)
+            with tracing.span("gateway.admission"):
+                request, plan, decision = await _admit(scope, runtime, ex, snapshot, validated, size, endpoint.billed)
         except GatewayError as error:
             # With Redis this replica learns of config changes from the admission
             # script; a refusal decided before it (unknown key or model) is checked
@@ -86,6 +88,7 @@ async def responses(
             await runtime.limiter.flush()
     ex.headers = decision.headers
     if not decision.allowed or decision.ticket is None:
+        ex.refused_by = decision.exceeded or ""
         raise rejection_error(decision)
     ticket = decision.ticket
     dispatcher = Dispatcher(runtime, ex, request, plan, snapshot, decision.headers, endpoint)
@@ -119,9 +122,11 @@ async def _background(
             _settle(runtime, ex, ticket)
             if ex.final is None:
                 ex.finish(499 if ex.attempts else 500, "cancelled")
-            event = ex.event(ex.billed()[1])
+            cost, now = ex.billed()[1], time.monotonic()
+            event = ex.event(cost, now)
             runtime.meter.record(event)
             runtime.live.publish(event, ex.key.prefix if ex.key is not None else "")
+            runtime.observe(ex, "responses", "POST", "/v1/responses", cost, now)
 
     ex.deferred = True
     assert ex.key is not None
@@ -191,6 +196,7 @@ async def _admit(
     client = scope.get("client")
     request = apply_policy(validated, key, client[0] if client else None)
     plan = plan_request(snapshot, key, request)
+    ex.planned = True
     if request.get("conversation") is not None:
         raise GatewayError(
             501,

@@ -16,14 +16,18 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import sys
+import time
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Any
+from decimal import Decimal
+from typing import TYPE_CHECKING, Any
 
 from cachetools import TTLCache
 from django.conf import settings
+from prometheus_client.multiprocess import mark_process_dead
 
-from accounts.health.machine import Event
+from accounts.health.machine import Event, Transition
 from accounts.health.probing import PROBE_CONCURRENCY, Prober
 from accounts.health.store import health_store_from_settings
 from accounts.health.transitions import TransitionLog
@@ -44,11 +48,21 @@ from gateway.limits.engine import Decision, LocalLimiter, Scope
 from gateway.limits.persistence import budget_spent_many, record_alert_retrying
 from gateway.limits.redis_backend import RedisLimiter, redis_client
 from gateway.limits.seeding import BatchSeed
+from gateway.metering.backlog import journal_backlog, stream_backlog
 from gateway.metering.journal import JournalWriter
 from gateway.metering.stream import RedisUsageSink
 from gateway.metering.writer import UsageWriterProcess, journal_dir, spool_dir
+from gateway.observability import tracing
+from gateway.observability.exposition import multiprocess_dir
+from gateway.observability.logs import access
+from gateway.observability.metrics import Metrics, Recorder, metrics_families, token_version
+from gateway.observability.sampler import Sampler, Sources
+
+if TYPE_CHECKING:
+    from gateway.dataplane.exchange import Exchange
 
 logger = logging.getLogger(__name__)
+health_logger = logging.getLogger("gateway.health")
 
 # While a worker thread computes (a snapshot load, a budget seed), each time the busy
 # event loop lets go of the GIL (its I/O poll) the worker keeps it until the loop thread
@@ -80,6 +94,11 @@ class Runtime:
     """Everything a serving process holds between requests (see the module docstring)."""
 
     def __init__(self) -> None:
+        # Metrics (gateway/observability/): the per-request recorder and the gauges' sampler.
+        self.metrics: Metrics | None = metrics_families() if settings.GATEWAY_METRICS else None
+        self.recorder = Recorder(self.metrics) if self.metrics is not None else None
+        self.sampler: Sampler | None = None
+        self._tracing = False  # this runtime turned tracing on (and turns it off)
         # Each dependency's state, reported by the parts that use it (readiness, logged once).
         self.readiness = Readiness()
         self.redis: Any = redis_client(settings.REDIS_URL) if settings.REDIS_URL else None
@@ -96,7 +115,7 @@ class Runtime:
         )
         self.offload = Offload()  # large bodies' parsing and serializing, off the event loop
         self.transitions = TransitionLog()
-        self.health = health_store_from_settings(self.redis, self.transitions.add)
+        self.health = health_store_from_settings(self.redis, self._on_transition)
         self.selector = Selector(self.health)
         # Probes run inside this process (no Celery needed), with short timeouts of their own.
         self.probe_client = UpstreamClient(
@@ -120,7 +139,12 @@ class Runtime:
         self.limiter: LocalLimiter | RedisLimiter
         token_source: Callable[[], Awaitable[object]]
         if self.redis is not None:
-            self.limiter = RedisLimiter(self.redis, seed=seed, on_alert=self._on_alert)
+            self.limiter = RedisLimiter(
+                self.redis,
+                seed=seed,
+                on_alert=self._on_alert,
+                on_round_trip=self.metrics.redis_round_trip.observe if self.metrics is not None else None,
+            )
             # Bindings ride on admissions: no round trip of their own.
             self.sticky = RedisStickyStore(self.redis, carry=self.limiter.carry)
             self.meter = RedisUsageSink(
@@ -198,6 +222,80 @@ class Runtime:
 
     def _on_reload(self, snapshot: Snapshot) -> None:
         self.health.apply_resets(snapshot.health_resets)
+        if self.metrics is not None:
+            self.metrics.config_reloads.inc()
+
+    def _on_transition(self, transition: Transition) -> None:
+        """An account's health changed: recorded (batched), counted and logged."""
+        self.transitions.add(transition)
+        health_logger.info(
+            "account %d: %s -> %s (%s)",
+            transition.account_id,
+            transition.from_state,
+            transition.to_state,
+            transition.reason,
+            extra={"account_id": transition.account_id, "to_state": str(transition.to_state)},
+        )
+        if self.metrics is not None:
+            self.metrics.transitions.labels(str(transition.account_id), str(transition.to_state)).inc()
+
+    def observe(self, ex: Exchange, route: str, method: str, path: str, cost: Decimal | None, now: float) -> None:
+        """A finished request: counted in the metrics and logged (its access line)."""
+        if self.recorder is not None:
+            self.recorder.request(ex, route, cost, now)
+        if settings.GATEWAY_ACCESS_LOG:
+            access(ex, method, path, now, tracing.trace_id())
+
+    async def usage_backlog(self) -> int:
+        """Usage records waiting for the usage writer (gateway/metering/backlog.py), plus those
+        still in this process's memory."""
+        if self.redis is not None:
+            waiting = await stream_backlog(self.redis)
+        else:
+            waiting = await asyncio.to_thread(journal_backlog, journal_dir())
+        return waiting + self.meter.pending()
+
+    async def budgets_remaining(self) -> dict[int, float]:
+        """USD left in the current window of each tenant with a money budget that the recorder
+        saw (tenant labels on; else nothing), read from the limiter like ``/v1/usage`` does."""
+        if self.recorder is None or not self.recorder.budgeted:
+            return {}
+        now = time.time()
+        scopes = [limits.scope(now) for limits in list(self.recorder.budgeted.values())]
+        reports = await self.limiter.peek(scopes, now=now)
+        remaining: dict[int, float] = {}
+        for scope, report in zip(scopes, reports, strict=True):
+            budget: Any = report.get("budget")
+            if budget and "usd" in budget:
+                remaining[scope.id] = float(budget["usd"]["remaining"])
+        return remaining
+
+    def writer_up(self) -> bool:
+        """The usage writer child runs (False when this process runs none)."""
+        return self.writer is not None and not self.readiness.is_down("usage_writer")
+
+    def _sampler(self, metrics: Metrics) -> Sampler:
+        def accounts() -> list[int]:
+            snapshot = self.config.latest
+            if snapshot is None:
+                return []
+            return list({a.account_id for accounts in snapshot.targets.values() for a in accounts})
+
+        def snapshot() -> tuple[float, float] | None:
+            latest = self.config.latest
+            return None if latest is None else (token_version(latest.token), latest.built_at)
+
+        sources = Sources(
+            health=self.health.states,
+            accounts=accounts,
+            down=lambda: set(self.readiness.report()["down"]),  # type: ignore[call-overload]
+            writer_up=self.writer_up,
+            pending=self.meter.pending,
+            backlog=self.usage_backlog,
+            snapshot=snapshot,
+            budgets=self.budgets_remaining,
+        )
+        return Sampler(metrics, sources, settings.GATEWAY_METRICS_SAMPLE_SECONDS)
 
     def _state_reporter(self, name: str) -> Callable[[str | None], None]:
         """A callback for a part that reports ``reason`` when ``name`` fails and None when it recovers."""
@@ -270,6 +368,13 @@ class Runtime:
         if settings.GATEWAY_USAGE_DRAINER:
             self.writer = UsageWriterProcess(on_state=self._state_reporter("usage_writer"))
             await self.writer.start()
+        if self.metrics is not None:
+            self.sampler = self._sampler(self.metrics)
+            self.sampler.start()
+        if settings.OTEL_EXPORTER_OTLP_ENDPOINT and not tracing.enabled():
+            tracing.configure(settings.OTEL_EXPORTER_OTLP_ENDPOINT, settings.OTEL_SERVICE_NAME)
+            self._tracing = True
+        logger.info("data plane started (pid %d)", os.getpid())
 
     async def aclose(self) -> None:
         """Close everything in order: the meter's last records reach the journal or the stream
@@ -278,6 +383,8 @@ class Runtime:
             return
         self._closed = True
         steps: list[tuple[str, Callable[[], Awaitable[object]]]] = [("usage meter", self.meter.aclose)]
+        if self.sampler is not None:
+            steps.insert(0, ("metrics sampler", self.sampler.aclose))
         if self.writer is not None:
             steps.append(("usage writer", self.writer.stop))
         steps += [
@@ -300,6 +407,11 @@ class Runtime:
                 await step()
             except Exception:
                 logger.exception("closing the %s failed", name)
+        if self._tracing:
+            tracing.shutdown()  # exports the spans still batched
+        if multiprocess_dir():
+            mark_process_dead(os.getpid())  # this process's live gauges leave the sums
+        logger.info("data plane stopped (pid %d)", os.getpid())
 
     async def _cancel_tasks(self) -> None:
         tasks = list(self._tasks)

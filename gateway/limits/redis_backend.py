@@ -190,8 +190,11 @@ class RedisLimiter:
         max_pending: int = 100_000,
         seed_retry: float = SEED_RETRY,
         budget_grace: int = BUDGET_GRACE,
+        on_round_trip: Callable[[float], object] | None = None,
     ) -> None:
         self._redis = redis
+        # Told each admission script call's round trip (seconds): the Redis latency metric.
+        self._on_round_trip = on_round_trip
         self._admit_script = redis.register_script(ADMIT_LUA)
         self._settle_script = redis.register_script(SETTLE_LUA)
         self._seeder = Seeder(seed, seed_retry)
@@ -322,7 +325,10 @@ class RedisLimiter:
         writes, write_arg = self._take_writes()
         try:
             admissions = b"[" + b",".join(admission for admission, _, _ in batch) + b"]"
+            started = time.perf_counter()
             raw = await self._admit_script(self._keys, (settle_arg, write_arg, admissions))
+            if self._on_round_trip is not None:
+                self._on_round_trip(time.perf_counter() - started)
         except BaseException as exc:
             self._queue.extendleft(reversed(carried))
             self._restore_writes(writes)

@@ -46,6 +46,8 @@ def test_nothing_else_reads_the_environment_for_settings() -> None:
         "gateway/conf/asgi.py",
         "gateway/conf/celery.py",
         "gateway/metering/writer.py",
+        # serve --workers N: hands the workers their shared metrics directory.
+        "gateway/management/commands/serve.py",
         # --password-env: a secret handed to one command run, not a setting.
         "tenancy/management/commands/member_add.py",
     }

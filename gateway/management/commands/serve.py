@@ -9,10 +9,15 @@ client address and scheme are believed.
 (:mod:`gateway.management.celery_child`): what ``make run`` does, so that the embedded
 default needs one command. In production run one ``celery -A gateway.conf.celery worker -B``
 per deployment instead (docs/operations.md).
+
+``--workers N`` (N > 1) gives the workers one directory for their metrics
+(``DATA_DIR/metrics``, or ``PROMETHEUS_MULTIPROC_DIR``), so ``GET /metrics`` on any of them
+answers for all.
 """
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +25,24 @@ from django.conf import settings
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
 from gateway.conf.checks import SERVERS
+from gateway.conf.files import private_directory
 from gateway.management.celery_child import CeleryWorkerChild
+
+
+def prepare_multiprocess_metrics(data_dir: Path) -> Path:
+    """Several uvicorn workers: each keeps its metric values in files of one shared directory
+    (prometheus-client's multiprocess mode), emptied now so that a previous run's counters do
+    not add up; the workers inherit ``PROMETHEUS_MULTIPROC_DIR``. A directory set by the
+    operator is used as it is (the operator empties it between runs)."""
+    configured = settings.PROMETHEUS_MULTIPROC_DIR
+    if configured:
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = configured
+        return Path(configured)
+    directory = private_directory(data_dir / "metrics")
+    for stale in directory.glob("*.db"):
+        stale.unlink()
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(directory)
+    return directory
 
 
 class Command(BaseCommand):
@@ -61,6 +83,9 @@ class Command(BaseCommand):
         import uvicorn
 
         from gateway.conf.server import LimitedHttpToolsProtocol
+
+        if options["workers"] > 1 and settings.GATEWAY_METRICS:
+            prepare_multiprocess_metrics(Path(settings.DATA_DIR))
 
         uvicorn.run(
             "gateway.conf.asgi:application",
