@@ -16,6 +16,7 @@ flags any sequential scan of the usage table.
 from __future__ import annotations
 
 import argparse
+import functools
 import itertools
 import os
 import re
@@ -73,9 +74,7 @@ def main() -> None:
         for names in itertools.combinations(values, size):
             chosen = {name: values[name] for name in names}
             pages.append(("log " + ("+".join(names) or "(no filter)"), "/console/requests/?" + urlencode(chosen)))
-            pages.append(
-                ("log " + "+".join([*names, "dates"]), "/console/requests/?" + urlencode({**chosen, **dates}))
-            )
+            pages.append(("log " + "+".join([*names, "dates"]), "/console/requests/?" + urlencode({**chosen, **dates})))
     pages += [
         ("log model (no match)", "/console/requests/?model=no-such-model"),
         ("log tenant+model (no match)", "/console/requests/?" + urlencode({"tenant": values["tenant"], "model": "x"})),
@@ -94,7 +93,7 @@ def main() -> None:
     print(f"{count:,} usage records; {connection.vendor}; median and slowest of {args.repeat} runs (ms)")
     for label, url in pages:
         assert client.get(url).status_code == 200, url
-        median, slowest = _time(args.repeat, lambda url=url: client.get(url))
+        median, slowest = _time(args.repeat, functools.partial(client.get, url))
         print(f"{label:<44} {median:9.1f} {slowest:9.1f}")
         if args.explain and label.startswith("log") and connection.vendor == "postgresql":
             with CaptureQueriesContext(connection) as queries:

@@ -137,8 +137,9 @@ def usage_overview(
     slot = int(start.timestamp()) // width * width
     while slot < end.timestamp():
         tally = slots.get(slot) or _Tally()
-        series.append({"t": slot, **{n: tally.counts[n] for n in ("requests", "errors", "tokens")}})
-        series[-1]["cost"] = float(tally.cost)
+        point: dict[str, Any] = {"t": slot, **{n: tally.counts[n] for n in ("requests", "errors", "tokens")}}
+        point["cost"] = float(tally.cost)
+        series.append(point)
         slot += width
     total = _Tally()
     for tally in slots.values():
@@ -174,7 +175,9 @@ def _figures(tally: _Tally) -> dict[str, Any]:
 def _top_keys(found: dict[Any, _Tally], top: int) -> list[dict[str, Any]]:
     ranked = _ranked(found, top)
     known = ApiKey.objects.filter(pk__in=[key_id for key_id, _ in ranked if key_id is not None])
-    about = {row["id"]: row for row in known.values("id", "name", "prefix", tenant_slug=F("tenant__slug"))}
+    about: dict[Any, dict[str, Any]] = {
+        row["id"]: dict(row) for row in known.values("id", "name", "prefix", tenant_slug=F("tenant__slug"))
+    }
     return [
         {
             "api_key_id": key_id,
