@@ -59,7 +59,12 @@ def tenant_or_404(user: Any, ident: str | int) -> Tenant:
     """The tenant with id or slug ``ident`` if ``user`` may see it; else Http404."""
     tenants = tenants_for(user)
     text = str(ident)
-    tenant = tenants.filter(pk=int(text)).first() if text.isdigit() else tenants.filter(slug=text).first()
+    if "\x00" in text or len(text) > 100:  # no such slug; PostgreSQL cannot compare a NUL
+        raise Http404("No such tenant.")
+    if text.isascii() and text.isdigit():
+        tenant = tenants.filter(pk=int(text)).first() if len(text) <= 18 else None
+    else:
+        tenant = tenants.filter(slug=text).first()
     if tenant is None:
         raise Http404("No such tenant.")
     return tenant

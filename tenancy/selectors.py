@@ -5,7 +5,7 @@ from __future__ import annotations
 import itertools
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime
 from decimal import Decimal
 from typing import Any
 
@@ -247,121 +247,6 @@ def budget_spent_many(
         for row in rows:
             spent[int(row[column])] = (int(row["sum_tokens"]), Decimal(row["sum_cost"]))
     return spent
-
-
-# --- the console's overview --------------------------------------------------------------------
-
-# Bucket width per time range: (trunc kind, seconds). About 24 to 170 points per chart.
-OVERVIEW_BUCKETS = {"minute": 60, "hour": 3600, "day": 86400}
-
-
-def _percentile(rows: Any, field: str, count: int, share: float) -> float | None:
-    """The nearest-rank ``share`` percentile of ``field`` over ``rows`` (``count`` of them), or None."""
-    if count == 0:
-        return None
-    rank = max(int(-(-share * count // 1)) - 1, 0)  # ceil(share * count) - 1
-    value = rows.order_by(field).values_list(field, flat=True)[rank : rank + 1]
-    found = list(value)
-    return float(found[0]) if found else None
-
-
-def usage_overview(
-    *, tenant_ids: Sequence[int] | None, start: datetime, end: datetime, bucket: str = "hour", top: int = 5
-) -> dict[str, Any]:
-    """What the console's overview shows for ``[start, end)``: totals, a time series, percentiles
-    and the top keys and models, for the tenants ``tenant_ids`` (None: all of them).
-
-    Reads UsageRecord through its ``(tenant, created_at)`` index (``created_at`` alone for all
-    tenants): each query touches the rows of the range only. A rollup table replaces this later.
-
-    Keys: ``requests, errors`` (status >= 400), ``error_rate`` (0..1, None without requests),
-    ``tokens``, ``cost`` (Decimal USD), ``latency_p50, latency_p95, ttfb_p50, ttfb_p95`` (ms or
-    None), ``series`` (one dict per bucket of width ``bucket`` (minute, hour or day) from
-    ``start``: ``t`` (epoch s), ``requests, errors, tokens, cost`` (float)), ``top_keys`` (dicts:
-    ``api_key_id, name, prefix, requests, tokens, cost``) and ``top_models`` (``model,
-    requests, tokens, cost``), by requests.
-    """
-    from django.db.models.functions import Trunc
-
-    if bucket not in OVERVIEW_BUCKETS:
-        raise ValueError(f"unknown bucket {bucket!r}")
-    rows = UsageRecord.objects.filter(created_at__gte=start, created_at__lt=end)
-    if tenant_ids is not None:
-        rows = rows.filter(tenant_id__in=list(tenant_ids))
-    errors = Q(status_code__gte=400)
-    totals = rows.aggregate(
-        n=Count("id"),
-        n_errors=Count("id", filter=errors),
-        n_ttfb=Count("ttfb_ms"),
-        sum_tokens=Coalesce(Sum("total_tokens"), 0),
-        sum_cost=Coalesce(Sum("cost"), _ZERO_COST),
-    )
-    count = int(totals["n"])
-    by_bucket = (
-        rows.annotate(slot=Trunc("created_at", bucket, tzinfo=UTC))
-        .values("slot")
-        .annotate(
-            requests=Count("id"),
-            errors=Count("id", filter=errors),
-            tokens=Coalesce(Sum("total_tokens"), 0),
-            cost=Coalesce(Sum("cost"), _ZERO_COST),
-        )
-        .order_by("slot")
-    )
-    width = OVERVIEW_BUCKETS[bucket]
-    found = {int(row["slot"].timestamp()) // width * width: row for row in by_bucket}
-    series = []
-    slot = int(start.timestamp()) // width * width
-    while slot < end.timestamp():
-        row = found.get(slot, {})
-        series.append(
-            {
-                "t": slot,
-                "requests": int(row.get("requests", 0)),
-                "errors": int(row.get("errors", 0)),
-                "tokens": int(row.get("tokens", 0)),
-                "cost": float(row.get("cost", 0)),
-            }
-        )
-        slot += width
-
-    def top_of(*group: str) -> list[dict[str, Any]]:
-        ranked = (
-            rows.values(*group)
-            .annotate(
-                requests=Count("id"), tokens=Coalesce(Sum("total_tokens"), 0), cost=Coalesce(Sum("cost"), _ZERO_COST)
-            )
-            .order_by("-requests", *group)
-        )
-        return [dict(row) for row in ranked[:top]]
-
-    keys = top_of("api_key_id", "api_key__name", "api_key__prefix", "tenant__slug")
-    with_ttfb = rows.filter(ttfb_ms__isnull=False)
-    return {
-        "requests": count,
-        "errors": int(totals["n_errors"]),
-        "error_rate": (int(totals["n_errors"]) / count) if count else None,
-        "tokens": int(totals["sum_tokens"]),
-        "cost": Decimal(totals["sum_cost"]),
-        "latency_p50": _percentile(rows, "latency_ms", count, 0.5),
-        "latency_p95": _percentile(rows, "latency_ms", count, 0.95),
-        "ttfb_p50": _percentile(with_ttfb, "ttfb_ms", int(totals["n_ttfb"]), 0.5),
-        "ttfb_p95": _percentile(with_ttfb, "ttfb_ms", int(totals["n_ttfb"]), 0.95),
-        "series": series,
-        "top_keys": [
-            {
-                "api_key_id": row["api_key_id"],
-                "name": row["api_key__name"],
-                "prefix": row["api_key__prefix"],
-                "tenant": row["tenant__slug"],
-                "requests": row["requests"],
-                "tokens": int(row["tokens"]),
-                "cost": Decimal(row["cost"]),
-            }
-            for row in keys
-        ],
-        "top_models": top_of("model"),
-    }
 
 
 # --- The request log and the audit log (the API's /usage/records/ and /audit/, and the console) ---

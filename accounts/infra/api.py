@@ -4,7 +4,8 @@
   ``X-Request-Id`` when it is sane, else a new one; echoed in the response) and makes the
   authenticated user the audit actor (accounts.infra.audit) while the view runs.
 - :class:`IsOperator`: platform operators only (active ``is_staff`` users).
-- :class:`IdCursorPagination`: newest first, cursor pagination, ``?limit=`` (1 to 500).
+- :class:`IdCursorPagination`: newest first, cursor pagination, ``?limit=`` (1 to 500); a
+  damaged ``?cursor=`` is a 400. A NUL character anywhere in the query string is a 400 too.
 - :func:`api_exception_handler`: DRF's, plus a service's ValidationError as a 400 with a
   message per field (``{"field": ["..."]}``) or ``{"detail": "..."}``, and Django's
   PermissionDenied/Http404 as 403/404, so bad input never becomes a 500.
@@ -49,6 +50,16 @@ def actor_of(request: Request, *, source: str = "api") -> Actor:
     )
 
 
+def query_check(request: Request) -> None:
+    """Refuse (400) a query string with a NUL character in any name or value: PostgreSQL can
+    neither store nor compare one, so it would otherwise fail deep in a query (a 500)."""
+    bad = sorted({name for name, value in request.query_params.lists() if "\x00" in name + "".join(value)})
+    if bad:
+        raise exceptions.ValidationError(
+            {name.replace("\x00", "?"): ["must not contain the NUL character."] for name in bad}
+        )
+
+
 class ApiViewMixin:
     """Audit actor and request id for every management API view (put it first in the bases)."""
 
@@ -57,6 +68,7 @@ class ApiViewMixin:
         actor = actor_of(request)
         request._audit_token = set_actor(actor)  # type: ignore[attr-defined]
         request._request_id = actor.request_id  # type: ignore[attr-defined]
+        query_check(request)
 
     def finalize_response(self, request: Request, response: Response, *args: Any, **kwargs: Any) -> Response:
         token = getattr(request, "_audit_token", None)
@@ -85,6 +97,21 @@ class IdCursorPagination(CursorPagination):
     page_size = 50
     page_size_query_param = "limit"
     max_page_size = 500
+
+    def decode_cursor(self, request: Request) -> Any:
+        """DRF's, but a damaged cursor is a 400 (DRF: 404), and its position must be an id
+        (DRF passes any text on to the query: a 500 there)."""
+        try:
+            cursor = super().decode_cursor(request)
+        except exceptions.NotFound:
+            cursor = None
+            damaged = True
+        else:
+            position = str(cursor.position) if cursor is not None and cursor.position is not None else None
+            damaged = position is not None and not (position.isascii() and position.isdigit() and len(position) <= 18)
+        if damaged:
+            raise exceptions.ValidationError({"cursor": ["not a page of this list (a damaged link?)."]})
+        return cursor
 
 
 def api_exception_handler(exc: Exception, context: dict[str, Any]) -> Response | None:

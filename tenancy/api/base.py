@@ -16,6 +16,7 @@ from rest_framework.response import Response
 
 from accounts.infra.api import ApiViewMixin, IdCursorPagination
 from tenancy.access import tenant_ids_for, tenant_or_404
+from tenancy.params import FIRST_YEAR, LAST_YEAR, nul_free
 
 _M = TypeVar("_M", bound=Model)
 
@@ -44,11 +45,13 @@ def when(params: Any, name: str) -> datetime | None:
     if not text:
         return None
     try:
-        value = parse_datetime(text)
+        value = parse_datetime(nul_free(text))
     except ValueError:
         value = None
     if value is None or value.tzinfo is None:
         raise ValidationError({name: "an ISO 8601 date and time with its offset, e.g. 2026-12-01T00:00:00Z."})
+    if not FIRST_YEAR <= value.year <= LAST_YEAR:
+        raise ValidationError({name: f"a date between the years {FIRST_YEAR} and {LAST_YEAR}."})
     return value
 
 
@@ -57,7 +60,7 @@ def whole(params: Any, name: str) -> int | None:
     text = params.get(name)
     if not text:
         return None
-    if not text.isdigit() or len(text) > 18:
+    if not (text.isascii() and text.isdigit()) or len(text) > 18:
         raise ValidationError({name: "a whole number."})
     return int(text)
 

@@ -54,9 +54,29 @@ def second_factor_pending(request: HttpRequest) -> bool:
     return bool(has_confirmed_device(user) and not (verified and verified()))
 
 
+def checks_own_query(view: View) -> View:
+    """Mark a page whose filter form reads every query parameter (errors next to its fields):
+    :func:`console_view` leaves its query string to it."""
+    view.checks_own_query = True  # type: ignore[attr-defined]
+    return view
+
+
+def bad_query(request: HttpRequest) -> HttpResponse | None:
+    """A 400 page naming each query parameter with a NUL character (PostgreSQL can neither
+    store nor compare one), or None when there is none."""
+    bad = sorted({name for name, values in request.GET.lists() if "\x00" in name + "".join(values)})
+    if not bad:
+        return None
+    errors = [(name.replace("\x00", "?"), "must not contain the NUL character.") for name in bad]
+    return render(request, "console/bad_query.html", {"errors": errors}, status=400)
+
+
 def console_view(view: View) -> View:
     """A console page: anonymous visits go to the login page, a pending second factor to its
-    prompt; the changes it makes are audited as the signed-in user's, from the console."""
+    prompt; a query string with a NUL character is a 400 (unless the page's own filter form
+    reads it: :func:`checks_own_query`); the changes it makes are audited as the signed-in
+    user's, from the console."""
+    own_query = getattr(view, "checks_own_query", False)
 
     @functools.wraps(view)
     def wrapper(request: HttpRequest, *args: Any, **kwargs: Any) -> HttpResponse:
@@ -64,6 +84,9 @@ def console_view(view: View) -> View:
             return redirect(f"/console/login/?{urlencode({'next': request.get_full_path()})}")
         if second_factor_pending(request):
             return redirect("console:login-otp")
+        refused = None if own_query else bad_query(request)
+        if refused is not None:
+            return refused
         with acting_as(console_actor(request)):
             return view(request, *args, **kwargs)
 

@@ -35,6 +35,8 @@ from tenancy.live import (
 )
 
 REFUSED = 4403
+# How often an open socket checks again that its user may still watch (membership, active).
+RECHECK_SECONDS = 30.0
 
 
 @console_view
@@ -54,11 +56,20 @@ def _groups_of(user: Any, session: Any) -> list[str] | None:
     return [tenant_group(tenant_id) for tenant_id in ids] or None
 
 
+def _groups_now(user_id: int | None, session: Any) -> list[str] | None:
+    """:func:`_groups_of` the user as the database has them now (None: refused or gone)."""
+    from django.contrib.auth import get_user_model
+
+    user = get_user_model().objects.filter(pk=user_id).first() if user_id is not None else None
+    return _groups_of(user, session) if user is not None else None
+
+
 class LiveConsumer(AsyncJsonWebsocketConsumer):
     """Pushes ``{"lines": [...]}`` messages: the requests that finished since the last one."""
 
     groups_joined: list[str]
     keeper: asyncio.Task[None] | None = None
+    checker: asyncio.Task[None] | None = None
 
     async def connect(self) -> None:
         self.groups_joined = []
@@ -72,6 +83,7 @@ class LiveConsumer(AsyncJsonWebsocketConsumer):
         LocalWatchers.count += 1
         if settings.REDIS_URL:
             self.keeper = asyncio.get_running_loop().create_task(self._keep_watching())
+        self.checker = asyncio.get_running_loop().create_task(self._recheck())
         await self.accept()
 
     async def disconnect(self, code: int) -> None:
@@ -85,6 +97,28 @@ class LiveConsumer(AsyncJsonWebsocketConsumer):
             # Bounded: the keeper ends at its next await (see _keep_watching).
             await asyncio.wait({self.keeper}, timeout=2.0)
             self.keeper = None
+        if self.checker is not None and self.checker is not asyncio.current_task():
+            self.checker.cancel()
+            await asyncio.wait({self.checker}, timeout=2.0)
+        self.checker = None
+
+    async def _recheck(self) -> None:
+        """Every RECHECK_SECONDS, the groups the user may watch now (from the database): a
+        tenant they left is dropped at once; a user suspended (inactive) or left with no tenant
+        stops receiving lines and is closed with 4403."""
+        user = self.scope.get("user")
+        while self.groups_joined:
+            await asyncio.sleep(RECHECK_SECONDS)
+            groups = await database_sync_to_async(_groups_now)(getattr(user, "pk", None), self.scope.get("session"))
+            kept = [group for group in self.groups_joined if group in (groups or [])]
+            if not kept:
+                await self.disconnect(REFUSED)  # leaves every group: no line reaches it from now
+                await self.close(code=REFUSED)
+                return
+            for group in self.groups_joined:
+                if group not in kept:
+                    await self.channel_layer.group_discard(group, self.channel_name)
+            self.groups_joined = kept
 
     async def receive_json(self, content: Any, **kwargs: Any) -> None:
         """The view only listens: anything the browser sends is ignored."""

@@ -10,17 +10,19 @@ the raw records.
 from __future__ import annotations
 
 import csv
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
+from django import forms
+from django.db.models import Q
 from django.http import Http404, HttpRequest, HttpResponse
 from django.shortcuts import render
 from django.utils import timezone
-from django.utils.dateparse import parse_datetime
 
 from tenancy.access import tenant_ids_for, tenant_or_404, tenants_for
-from tenancy.console.common import console_view
+from tenancy.console.common import checks_own_query, console_view
+from tenancy.console.filters import AuditFilter, RequestLogFilter, UsageFilter
 from tenancy.pricing import TOKEN_FIELDS
 from tenancy.reports import REPORT_CSV_COLUMNS, ReportError, ReportQuery, report_rows, usage_report
 from tenancy.selectors import RecordFilter, audit_entries_visible, usage_records_visible
@@ -33,34 +35,23 @@ USAGE_RANGES["30d"] = ("Last 30 days", timedelta(days=30))
 GROUPS = ("tenant", "key", "model", "account")
 
 
-def _number(text: str | None) -> int | None:
-    return int(text) if text and text.isdigit() and len(text) <= 18 else None
-
-
-def _moment(text: str | None) -> datetime | None:
-    """A date (``YYYY-MM-DD``, UTC midnight) or an ISO datetime; None when absent or unreadable."""
-    if not text:
-        return None
-    moment = parse_datetime(text) or parse_datetime(text + "T00:00:00")
-    if moment is None:
-        return None
-    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
-
-
-def _keyset(rows: Any, before: str | None, *, field: str = "created_at") -> tuple[list[Any], str]:
-    """One newest-first page of ``rows`` after the cursor ``before`` (``<iso time>,<id>``) and the
-    cursor of the next page ("" when this is the last)."""
-    if before:
-        moment_text, _, pk_text = before.rpartition(",")
-        moment, pk = _moment(moment_text), _number(pk_text)
-        if moment is not None and pk is not None:
-            rows = rows.filter(**{f"{field}__lt": moment}) | rows.filter(**{field: moment, "pk__lt": pk})
+def _keyset(rows: Any, cursor: tuple[datetime, int] | None, *, field: str = "created_at") -> tuple[list[Any], str]:
+    """One newest-first page of ``rows`` after ``cursor`` (the previous page's last time and id)
+    and the cursor text of the next page ("" when this is the last)."""
+    if cursor is not None:
+        moment, pk = cursor
+        rows = rows.filter(Q(**{f"{field}__lt": moment}) | Q(**{field: moment, "pk__lt": pk}))
     page = list(rows.order_by(f"-{field}", "-pk")[: LOG_PAGE + 1])
     if len(page) <= LOG_PAGE:
         return page, ""
     page = page[:LOG_PAGE]
     last = page[-1]
     return page, f"{getattr(last, field).isoformat()},{last.pk}"
+
+
+def _bad_filters(request: HttpRequest, template: str, form: forms.Form, context: dict[str, Any]) -> HttpResponse:
+    """The page with its filter form's errors next to their fields and no rows: a 400."""
+    return render(request, template, {**context, "form": form}, status=400)
 
 
 def _query_with(request: HttpRequest, **changes: str) -> str:
@@ -71,33 +62,42 @@ def _query_with(request: HttpRequest, **changes: str) -> str:
 
 
 @console_view
+@checks_own_query
 def request_list(request: HttpRequest) -> HttpResponse:
     """The request log: filters, search by request id, newest first."""
     user = request.user
     get = request.GET
-    tenant = tenant_or_404(user, get["tenant"]) if get.get("tenant") else None
-    wanted = RecordFilter(
-        tenant_id=tenant.pk if tenant else None,
-        api_key_id=_number(get.get("key")),
-        account_id=_number(get.get("account")),
-        status_code=_number(get.get("status")),
-        model=get.get("model", "").strip(),
-        request_id=get.get("request_id", "").strip(),
-        start=_moment(get.get("from")),
-        end=_moment(get.get("to")),
-    )
-    records, cursor = _keyset(usage_records_visible(tenant_ids_for(user), wanted), get.get("before"))
-    context = {
+    form = RequestLogFilter(get)
+    context: dict[str, Any] = {
         "section": "requests",
-        "records": records,
-        "next_url": _query_with(request, before=cursor) if cursor else "",
-        "first_url": _query_with(request, before="") if get.get("before") else "",
         "tenants": tenants_for(user).order_by("name").only("slug", "name"),
         "filters": {name: get.get(name, "") for name in RECORD_FILTERS},
         "from": get.get("from", ""),
         "to": get.get("to", ""),
         "filtered": any(get.get(name) for name in (*RECORD_FILTERS, "from", "to")),
+        "records": [],
     }
+    if not form.is_valid():
+        return _bad_filters(request, "console/requests.html", form, context)
+    data = form.cleaned_data
+    tenant = tenant_or_404(user, data["tenant"]) if data["tenant"] else None
+    wanted = RecordFilter(
+        tenant_id=tenant.pk if tenant else None,
+        api_key_id=data["key"],
+        account_id=data["account"],
+        status_code=data["status"],
+        model=data["model"].strip(),
+        request_id=data["request_id"].strip(),
+        start=data["from"],
+        end=data["to"],
+    )
+    records, cursor = _keyset(usage_records_visible(tenant_ids_for(user), wanted), data["before"])
+    context.update(
+        form=form,
+        records=records,
+        next_url=_query_with(request, before=cursor) if cursor else "",
+        first_url=_query_with(request, before="") if data["before"] else "",
+    )
     return render(request, "console/requests.html", context)
 
 
@@ -107,6 +107,8 @@ RECORD_FILTERS = ("tenant", "key", "account", "status", "model", "request_id")
 @console_view
 def request_detail(request: HttpRequest, request_id: str) -> HttpResponse:
     """One request as metered: answer, tokens by kind, cost, timings and every attempt."""
+    if "\x00" in request_id:  # no such request (PostgreSQL cannot compare a NUL)
+        raise Http404("No such request.")
     record = usage_records_visible(tenant_ids_for(request.user), RecordFilter(request_id=request_id)).first()
     if record is None:
         raise Http404("No such request.")
@@ -116,40 +118,49 @@ def request_detail(request: HttpRequest, request_id: str) -> HttpResponse:
 
 
 @console_view
+@checks_own_query
 def audit_list(request: HttpRequest) -> HttpResponse:
     """Who changed what, when, with the values before and after."""
     user = request.user
-    entries = audit_entries_visible(user)
-    if request.GET.get("tenant"):
-        entries = entries.filter(tenant_id=tenant_or_404(user, request.GET["tenant"]).pk)
-    if request.GET.get("action"):
-        entries = entries.filter(action=request.GET["action"])
-    page, cursor = _keyset(entries, request.GET.get("before"))
-    context = {
+    form = AuditFilter(request.GET)
+    context: dict[str, Any] = {
         "section": "audit",
-        "entries": page,
-        "next_url": _query_with(request, before=cursor) if cursor else "",
-        "first_url": _query_with(request, before="") if request.GET.get("before") else "",
+        "entries": [],
         "tenants": tenants_for(user).order_by("name").only("slug", "name"),
         "tenant": request.GET.get("tenant", ""),
         "action": request.GET.get("action", ""),
     }
+    if not form.is_valid():
+        return _bad_filters(request, "console/audit.html", form, context)
+    data = form.cleaned_data
+    entries = audit_entries_visible(user)
+    if data["tenant"]:
+        entries = entries.filter(tenant_id=tenant_or_404(user, data["tenant"]).pk)
+    if data["action"]:
+        entries = entries.filter(action=data["action"])
+    page, cursor = _keyset(entries, data["before"])
+    context.update(
+        form=form,
+        entries=page,
+        next_url=_query_with(request, before=cursor) if cursor else "",
+        first_url=_query_with(request, before="") if data["before"] else "",
+    )
     return render(request, "console/audit.html", context)
 
 
-def _usage_query(request: HttpRequest) -> tuple[ReportQuery, dict[str, Any]]:
+def _usage_query(request: HttpRequest, data: dict[str, Any]) -> tuple[ReportQuery, dict[str, Any]]:
     """The usage page's report query (from the rollups) and what the page shows of it."""
     user = request.user
-    range_key = request.GET.get("range", "7d")
+    range_key = data["range"] or "7d"
     if range_key not in USAGE_RANGES:
         range_key = "7d"
     label, length = USAGE_RANGES[range_key]
     now = timezone.now()
     end = now.replace(minute=now.minute - now.minute % 15, second=0, microsecond=0) + timedelta(minutes=15)
-    group_by = tuple(name for name in GROUPS if name in request.GET.getlist("group_by")) or ("tenant", "model")
+    group_by = tuple(name for name in GROUPS if name in data["group_by"]) or ("tenant", "model")
     tenant_ids: Any = tenant_ids_for(user)
-    if request.GET.get("tenant"):
-        tenant_ids = [tenant_or_404(user, request.GET["tenant"]).pk]
+    if data["tenant"]:
+        tenant_ids = [tenant_or_404(user, data["tenant"]).pk]
     elif tenant_ids is not None:
         tenant_ids = list(tenant_ids)
     query = ReportQuery(
@@ -160,15 +171,29 @@ def _usage_query(request: HttpRequest) -> tuple[ReportQuery, dict[str, Any]]:
 
 
 @console_view
+@checks_own_query
 def usage(request: HttpRequest) -> HttpResponse:
     """Usage per day over a range, grouped by tenant, key, model or account; CSV export."""
-    query, shown = _usage_query(request)
+    form = UsageFilter(request.GET)
+    if not form.is_valid():
+        context = {
+            "section": "usage",
+            "rows": [],
+            "ranges": [(key, value[0]) for key, value in USAGE_RANGES.items()],
+            "groups": GROUPS,
+            "tenants": tenants_for(request.user).order_by("name").only("slug", "name"),
+            "tenant": request.GET.get("tenant", ""),
+            "range_key": request.GET.get("range", ""),
+            "group_by": (),
+        }
+        return _bad_filters(request, "console/usage.html", form, context)
+    query, shown = _usage_query(request, form.cleaned_data)
     try:
         report = usage_report(query, as_of=_data_as_of())
     except ReportError as error:
         raise Http404(str(error)) from None
     rows = report_rows(report)
-    if request.GET.get("format") == "csv":
+    if form.cleaned_data["format"] == "csv":
         return _csv(rows)
     totals: dict[str, Any] = {
         name: sum(int(row.get(name) or 0) for row in rows)
@@ -184,6 +209,7 @@ def usage(request: HttpRequest) -> HttpResponse:
         "groups": GROUPS,
         "tenants": tenants_for(request.user).order_by("name").only("slug", "name"),
         "tenant": request.GET.get("tenant", ""),
+        "form": form,
         "csv_url": _query_with(request, format="csv"),
         **shown,
     }

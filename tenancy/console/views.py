@@ -18,7 +18,7 @@ from tenancy.access import is_operator, tenant_ids_for, tenant_or_404, tenants_f
 from tenancy.console.common import console_view, has_confirmed_device
 from tenancy.console.otp import start_pending
 from tenancy.console.upstreams import with_health
-from tenancy.selectors import usage_overview
+from tenancy.overview import usage_overview
 
 # The overview's time ranges: label, length, chart bucket.
 RANGES = {

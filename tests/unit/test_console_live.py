@@ -11,6 +11,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 import pytest
+from channels.db import database_sync_to_async
 from channels.layers import channel_layers, get_channel_layer
 from channels.testing import WebsocketCommunicator
 from django.contrib.auth.models import AnonymousUser, User
@@ -20,8 +21,8 @@ from django_otp.plugins.otp_totp.models import TOTPDevice
 from gateway.dataplane.live import LiveFeed
 from tenancy.console.live import REFUSED, LiveConsumer
 from tenancy.live import LocalWatchers
-from tenancy.models import Role, Tenant
-from tenancy.services.members import member_add
+from tenancy.models import Membership, Role, Tenant
+from tenancy.services.members import member_add, member_remove
 from tenancy.services.tenants import tenant_create
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -134,3 +135,53 @@ def test_the_feed_buffers_nothing_while_nobody_watches(tenants: tuple[Tenant, Te
     assert feed.watching is False
     feed.publish(event(acme, 1), "sk-gw-acme")
     assert not feed._lines
+
+
+@pytest.mark.parametrize("change", ["removed", "suspended"])
+def test_a_watcher_who_loses_access_is_closed_at_the_next_check(
+    tenants: tuple[Tenant, Tenant], change: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    acme, _ = tenants
+    monkeypatch.setattr("tenancy.console.live.RECHECK_SECONDS", 0.05)
+    vera = User.objects.get(username="vera")
+    membership = Membership.objects.get(user=vera, tenant=acme)
+
+    def take_access() -> None:
+        if change == "removed":
+            member_remove(membership=membership)
+        else:
+            User.objects.filter(pk=vera.pk).update(is_active=False)
+
+    async def scenario() -> tuple[bool, dict[str, Any]]:
+        member, connected, _ = await watcher(vera)
+        await database_sync_to_async(take_access)()
+        closed = await member.receive_output(timeout=5)
+        return connected, closed
+
+    connected, closed = asyncio.run(scenario())
+    assert connected
+    assert closed == {"type": "websocket.close", "code": REFUSED}
+    assert LocalWatchers.count == 0
+
+
+def test_a_watcher_who_leaves_one_tenant_keeps_the_other(
+    tenants: tuple[Tenant, Tenant], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    acme, other = tenants
+    monkeypatch.setattr("tenancy.console.live.RECHECK_SECONDS", 0.05)
+    member_add(tenant=other, username="vera", role=Role.VIEWER)
+    vera = User.objects.get(username="vera")
+    membership = Membership.objects.get(user=vera, tenant=acme)
+
+    async def scenario() -> tuple[list[str], bool]:
+        member, connected, _ = await watcher(vera)
+        assert connected
+        await database_sync_to_async(member_remove)(membership=membership)
+        await asyncio.sleep(0.3)  # a few checks
+        await publish(LiveFeed(), (event(acme, 1), "sk-gw-acme"), (event(other, 1), "sk-gw-other"))
+        seen = await received(member)
+        await member.disconnect()
+        return seen, True
+
+    seen, _ = asyncio.run(scenario())
+    assert seen == ["req_other_1"]

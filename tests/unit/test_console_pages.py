@@ -20,12 +20,14 @@ from django.utils import timezone
 
 from accounts.models import AccountTransition, ModelRoute, Pool, UpstreamAccount
 from accounts.services import model_route_set, pool_get_or_create, upstream_account_create
+from tenancy.billing import HIST_RELATIVE_ERROR
 from tenancy.keys import key_digest
 from tenancy.models import ApiKey, AuditEntry, Membership, PriceVersion, Role, Tenant, UsageRecord
-from tenancy.selectors import usage_overview
+from tenancy.overview import rolled_up_until, usage_overview
 from tenancy.services.keys import apikey_create
 from tenancy.services.members import member_add
 from tenancy.services.prices import price_set
+from tenancy.services.rollups import rollup_recent
 from tenancy.services.tenants import tenant_create
 
 pytestmark = pytest.mark.django_db
@@ -541,8 +543,9 @@ def test_the_overview_selector_aggregates_a_time_range_of_the_given_tenants(worl
     assert (seen["requests"], seen["errors"], seen["tokens"]) == (20, 2, 200)
     assert seen["error_rate"] == pytest.approx(0.1)
     assert seen["cost"] == Decimal("0.020")
-    # 1..18 and 1..2 sorted: the 10th and 19th values (nearest rank)
-    assert (seen["latency_p50"], seen["latency_p95"]) == (8.0, 17.0)
+    # 1..18 and 1..2 sorted: the 10th and 19th values (nearest rank), from a histogram
+    assert seen["latency_p50"] == pytest.approx(8.0, rel=HIST_RELATIVE_ERROR * 1.01)
+    assert seen["latency_p95"] == pytest.approx(17.0, rel=HIST_RELATIVE_ERROR * 1.01)
     assert len(seen["series"]) in (24, 25)
     assert sum(row["requests"] for row in seen["series"]) == 20
     assert [m["model"] for m in seen["top_models"]] == ["m1", "m2"]
@@ -553,6 +556,34 @@ def test_the_overview_selector_aggregates_a_time_range_of_the_given_tenants(worl
     assert empty["requests"] == 0
     assert empty["latency_p50"] is None
     assert empty["error_rate"] is None
+    assert seen["rolled_up"] is None  # no rollup has run: every figure from the records
+
+
+def test_the_overview_reads_the_rollups_for_whole_buckets_and_the_records_after_them(world: World) -> None:
+    mine = world.mine
+    _usage(mine, world.key, 18, minutes_ago=180)
+    _usage(mine, world.key, 2, status=502, minutes_ago=120, model="m2")
+    _usage(world.theirs, world.other_key, 5, minutes_ago=180)
+    end = timezone.now()
+    rollup_recent()
+    rolled_until = rolled_up_until()
+    assert rolled_until is not None
+    _usage(mine, world.key, 3, minutes_ago=0)  # after the rollup: read from the records
+    # What the rollups hold is what the overview shows for their part: change the records
+    # under them and the figures do not move (they are not read).
+    UsageRecord.objects.filter(created_at__lt=rolled_until - timedelta(minutes=60)).update(total_tokens=999)
+    seen = usage_overview(tenant_ids=[mine.pk], start=end - timedelta(hours=24), end=end + timedelta(seconds=1))
+    assert seen["rolled_up"] is not None
+    assert (seen["requests"], seen["errors"]) == (23, 2)
+    # The rolled-up records carry no input/output split (so no billed tokens) and their
+    # total_tokens changed to 999: neither is read; the 3 raw records' total_tokens are.
+    assert seen["tokens"] == 30
+    assert seen["cost"] == Decimal("0.003")  # the rolled-up records have no price: the 3 raw ones
+    assert sum(row["requests"] for row in seen["series"]) == 23
+    assert [m["model"] for m in seen["top_models"]] == ["m1", "m2"]
+    assert seen["top_keys"][0]["requests"] == 23
+    assert seen["latency_p50"] == pytest.approx(8.0, rel=0.15)
+    assert usage_overview(tenant_ids=None, start=end - timedelta(hours=24), end=end)["requests"] == 25
 
 
 def test_the_overview_page_shows_the_callers_figures_and_a_chart(world: World, operator: Client) -> None:
