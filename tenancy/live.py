@@ -4,8 +4,6 @@ someone is watching."""
 
 from __future__ import annotations
 
-import asyncio
-
 # Operators watch every request; a tenant's members watch their tenant's group.
 GROUP_ALL = "live.all"
 # Set (with a short expiry) by every open live view while Redis is configured, so that a
@@ -23,14 +21,3 @@ class LocalWatchers:
     """Live views open in this process (the embedded default serves them in-process)."""
 
     count = 0
-
-
-def raise_if_cancelled() -> None:
-    """Re-raise a cancellation of the current task that a library turned into another exception.
-
-    Call it in an ``except Exception`` around a Redis call inside a loop that must end when its
-    task is cancelled.
-    """
-    task = asyncio.current_task()
-    if task is not None and task.cancelling():
-        raise asyncio.CancelledError

@@ -51,6 +51,7 @@ import orjson
 
 from accounts.health.machine import Admission, Event, Health, HealthMachine, HealthPolicy, State, Transition
 from accounts.infra.batching import BackgroundFlush
+from accounts.infra.redis import raise_if_cancelled
 from accounts.infra.redis import sync_client as redis_client_for
 
 if TYPE_CHECKING:
@@ -448,6 +449,7 @@ class RedisHealthStore(LocalHealthStore):
             except asyncio.CancelledError:
                 raise
             except Exception:
+                raise_if_cancelled()
                 if delay == 0.5:  # the first failure of an outage; the retries are not logged
                     logger.warning("account health subscription lost; reconnecting in %.1fs", delay, exc_info=True)
                 await asyncio.sleep(delay)

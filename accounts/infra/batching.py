@@ -29,6 +29,8 @@ from collections.abc import Awaitable, Callable
 from dataclasses import KW_ONLY, dataclass, field
 from typing import TypeVar
 
+from accounts.infra.redis import raise_if_cancelled
+
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
@@ -79,6 +81,7 @@ class BackgroundFlush:
             try:
                 await self.flush()
             except Exception:
+                raise_if_cancelled()
                 self.failures += 1
                 if not self.failing:
                     self.failing = True

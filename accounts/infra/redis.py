@@ -9,6 +9,7 @@ the runtime (gateway/limits/redis_backend.py ``redis_client``).
 
 from __future__ import annotations
 
+import asyncio
 import functools
 from typing import TYPE_CHECKING
 
@@ -22,3 +23,16 @@ def sync_client(url: str) -> redis_sync.Redis:
     import redis as redis_sync
 
     return redis_sync.Redis.from_url(url)
+
+
+def raise_if_cancelled() -> None:
+    """Re-raise a cancellation of the current task that a library turned into another exception.
+
+    Call it first in an ``except Exception`` of a background loop that must end when its task is
+    cancelled: redis-py can turn a cancellation that lands inside a call into a connection error,
+    and a loop that logged it and went on would never end (its owner's ``await task`` at shutdown
+    would hang, and the process with it).
+    """
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError

@@ -22,7 +22,8 @@ from typing import Any
 
 from channels.layers import get_channel_layer
 
-from tenancy.live import GROUP_ALL, WATCH_KEY, LocalWatchers, raise_if_cancelled, tenant_group
+from accounts.infra.redis import raise_if_cancelled
+from tenancy.live import GROUP_ALL, WATCH_KEY, LocalWatchers, tenant_group
 
 logger = logging.getLogger(__name__)
 

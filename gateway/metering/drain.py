@@ -17,6 +17,7 @@ import contextlib
 import logging
 from typing import Protocol
 
+from accounts.infra.redis import raise_if_cancelled
 from gateway.metering.database import UsageWriteFailed
 
 logger = logging.getLogger(__name__)
@@ -47,6 +48,7 @@ async def drain(
         try:
             handled = await source.step()
         except Exception as exc:
+            raise_if_cancelled()
             delay = min(max(delay * 2, 0.5), max_backoff)
             if not failing:  # once per failure streak, not once per retry
                 if isinstance(exc, UsageWriteFailed):

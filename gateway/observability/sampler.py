@@ -16,6 +16,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from accounts.health.machine import Health, State
+from accounts.infra.redis import raise_if_cancelled
 from gateway.observability.metrics import Metrics
 
 logger = logging.getLogger(__name__)
@@ -59,7 +60,8 @@ class Sampler:
         while True:
             try:
                 await self.sample()
-            except Exception:  # a failed sample is retried at the next interval
+            except Exception:  # a failed sample is retried at the next interval (a cancellation ends it)
+                raise_if_cancelled()
                 logger.warning("sampling the gauges failed", exc_info=True)
             await asyncio.sleep(self.interval)
 

@@ -22,6 +22,7 @@ from django.http import HttpRequest, HttpResponse
 from django.shortcuts import render
 from django_otp import DEVICE_ID_SESSION_KEY
 
+from accounts.infra.redis import raise_if_cancelled
 from tenancy.access import is_operator, tenants_for
 from tenancy.console.common import console_view, has_confirmed_device
 from tenancy.live import (
@@ -30,7 +31,6 @@ from tenancy.live import (
     WATCH_KEY_SECONDS,
     WATCH_REFRESH_SECONDS,
     LocalWatchers,
-    raise_if_cancelled,
     tenant_group,
 )
 

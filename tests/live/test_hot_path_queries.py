@@ -323,14 +323,25 @@ def redis_url_through(proxy_port: int) -> str:
 CONNECTION_SETUP = (b"HELLO", b"AUTH", b"SELECT", b"CLIENT")
 
 
+# Read by background tasks on their own clock: the live feed's check for a watcher (EXISTS of
+# its key) and the metrics sampler's usage backlog (EXISTS, XINFO GROUPS, XLEN of the stream) and
+# Redis latency (PING).
+BACKGROUND_READS = (b"EXISTS", b"XINFO", b"XLEN", b"PING")
+
+
 def off_request_path(data: bytes) -> bool:
-    """A round trip no request pays: a new connection's set-up, or a background batch of the settle
-    script (settlements and binding writes that no admission carried within 20 ms)."""
+    """A round trip no request pays: a new connection's set-up, a background batch of the settle
+    script (settlements and binding writes that no admission carried within 20 ms), or a
+    background task's read (``BACKGROUND_READS``)."""
     from gateway.limits.redis_backend import SETTLE_LUA
 
     parts = data.split(b"\r\n")
     command = parts[2].upper() if len(parts) > 2 else b""
-    return command in CONNECTION_SETUP or hashlib.sha1(SETTLE_LUA.encode()).hexdigest().encode() in data
+    return (
+        command in CONNECTION_SETUP
+        or command in BACKGROUND_READS
+        or hashlib.sha1(SETTLE_LUA.encode()).hexdigest().encode() in data
+    )
 
 
 def usage_written_and_quiet(at_least: int, **lookup: Any) -> None:
