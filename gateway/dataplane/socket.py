@@ -251,7 +251,9 @@ class ResponsesSocket(AsyncWebsocketConsumer):
             try:
                 text = await asyncio.wait_for(self.queue.get(), min(idle, left))
             except TimeoutError:
-                if time.monotonic() - self.opened >= lifetime:
+                # Which bound ended the wait, not the clock read after it: uvloop's timers have
+                # millisecond resolution and may fire up to a millisecond early.
+                if left <= idle:
                     await self._close_for_lifetime()
                 else:
                     await self._close(1000, "idle timeout")
