@@ -19,7 +19,8 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 
 
-def _time(repeat: int, run: Callable[[], object]) -> tuple[float, float]:
+def timed(repeat: int, run: Callable[[], object]) -> tuple[float, float]:
+    """Median and slowest of ``repeat`` calls of ``run`` after one warm-up call, in ms."""
     run()  # warm-up
     took = []
     for _ in range(repeat):
@@ -87,7 +88,7 @@ def main() -> None:
         ("API: month by day and model, all tenants", lambda: get(base + "&granularity=day&group_by=model")),
     ]
     for name, run in cases:
-        median, slowest = _time(args.repeat, run)
+        median, slowest = timed(args.repeat, run)
         print(f"{name}: median {median:.1f} ms, max {slowest:.1f} ms")
 
 

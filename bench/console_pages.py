@@ -20,21 +20,10 @@ import functools
 import itertools
 import os
 import re
-import statistics
-import time
-from collections.abc import Callable
 from typing import Any
 from urllib.parse import urlencode
 
-
-def _time(repeat: int, run: Callable[[], object]) -> tuple[float, float]:
-    run()  # warm-up
-    took = []
-    for _ in range(repeat):
-        began = time.perf_counter()
-        run()
-        took.append((time.perf_counter() - began) * 1000)
-    return statistics.median(took), max(took)
+from bench.billing import timed
 
 
 def main() -> None:
@@ -93,7 +82,7 @@ def main() -> None:
     print(f"{count:,} usage records; {connection.vendor}; median and slowest of {args.repeat} runs (ms)")
     for label, url in pages:
         assert client.get(url).status_code == 200, url
-        median, slowest = _time(args.repeat, functools.partial(client.get, url))
+        median, slowest = timed(args.repeat, functools.partial(client.get, url))
         print(f"{label:<44} {median:9.1f} {slowest:9.1f}")
         if args.explain and label.startswith("log") and connection.vendor == "postgresql":
             with CaptureQueriesContext(connection) as queries:
