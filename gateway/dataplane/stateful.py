@@ -126,6 +126,17 @@ async def prepare(request: dict[str, Any], key: KeyInfo) -> tuple[dict[str, Any]
             "'background' with 'stream' is not supported; poll the response instead.", param="background"
         )
     conversation_id = conversation.get("id") if isinstance(conversation, dict) else conversation
+    if previous is not None and not _possible_id(previous):
+        raise GatewayError(
+            400,
+            "Previous response with that id not found.",
+            code="previous_response_not_found",
+            param="previous_response_id",
+        )
+    if conversation_id is not None and not _possible_id(conversation_id):
+        raise _not_found("Conversation with that id not found.", "conversation")
+    _refuse_nul(request.get("input"), "input")
+    _refuse_nul(request.get("instructions"), "instructions")
     turn = Turn(store=store or background, background=background, previous_response_id=previous)
     if previous:
         context = await db_call(selectors.stored_response_context)(key.tenant_id, previous)
@@ -339,6 +350,32 @@ def _not_found(message: str, param: str | None = None) -> GatewayError:
     return GatewayError(404, message, code="not_found", param=param)
 
 
+# The longest id looked up; longer ones, and ids with U+0000 (which PostgreSQL refuses in a
+# string), cannot exist.
+MAX_ID_LENGTH = 256
+
+
+def _possible_id(value: object) -> bool:
+    return isinstance(value, str) and 0 < len(value) <= MAX_ID_LENGTH and "\x00" not in value
+
+
+def _has_nul(value: object) -> bool:
+    if isinstance(value, str):
+        return "\x00" in value
+    if isinstance(value, dict):
+        return any(_has_nul(key) or _has_nul(item) for key, item in value.items())
+    if isinstance(value, list):
+        return any(_has_nul(item) for item in value)
+    return False
+
+
+def _refuse_nul(value: object, param: str) -> None:
+    """Content to store may not hold U+0000: PostgreSQL's ``jsonb`` cannot, and the same rule
+    holds on SQLite so that a request's answer does not depend on the database."""
+    if _has_nul(value):
+        raise invalid_request("Stored content cannot contain the character U+0000.", param=param)
+
+
 async def stored(scope: Scope, receive: Receive, send: Send, runtime: Runtime, ex: Exchange) -> None:
     """``/v1/responses/{id}[/input_items|/cancel]`` and ``/v1/conversations[/...]``."""
     await runtime.fresh_token()  # with Redis: a key or policy changed a moment ago is seen now
@@ -352,6 +389,8 @@ async def stored(scope: Scope, receive: Receive, send: Send, runtime: Runtime, e
         raise rejection_error(decision)
     runtime.limiter.settle(decision.ticket, tokens=0, micros=0)
     parts = scope["path"].split("/")[2:]  # ["responses", id, ...] or ["conversations", ...]
+    if any(not _possible_id(part) for part in parts[1:2]) or any("\x00" in part for part in parts):
+        raise _not_found("Invalid URL")
     query = {name: values[-1] for name, values in parse_qs(scope.get("query_string", b"").decode()).items()}
     method = scope["method"]
     tenant = key.tenant_id
@@ -481,6 +520,7 @@ async def _json_body(scope: Scope, receive: Receive) -> dict[str, Any]:
         raise GatewayError(400, "We could not parse the JSON body of your request.", code="invalid_json") from None
     if not isinstance(body, dict):
         raise invalid_request("The request body must be a JSON object.")
+    _refuse_nul(body, "items")
     return body
 
 

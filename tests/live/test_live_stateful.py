@@ -309,3 +309,48 @@ def test_key_policy_overrides_tenant(live_gw: Live) -> None:
     apikey_update(api_key=live_gw.owner.api_key, stateful=False)
     with httpx.Client(base_url=live_gw.url, headers={"authorization": f"Bearer {live_gw.owner.key}"}) as http:
         assert_error(http.get(f"/v1/responses/{first.id}"), 501, "not_implemented")
+
+
+def test_bad_input_to_stored_object_endpoints_is_a_4xx_envelope(live_gw: Live) -> None:
+    """Malformed bodies, ids and paging parameters on the stateful endpoints: a 4xx with the
+    OpenAI error envelope, never a 500."""
+    _stateful(live_gw)
+    client = live_gw.openai()
+    response = client.responses.create(model=MODEL, input="kept")
+    conversation = client.conversations.create()
+    stored = f"/v1/responses/{response.id}"
+    items = f"/v1/conversations/{conversation.id}/items"
+    cases: list[tuple[str, str, Any]] = [
+        ("POST", "/v1/conversations", {"metadata": ["not", "an", "object"]}),
+        ("POST", "/v1/conversations", {"items": "not a list"}),
+        ("POST", "/v1/conversations", b"{not json"),
+        ("POST", f"/v1/conversations/{conversation.id}", {"metadata": 7}),
+        ("POST", items, {"items": "not a list"}),
+        ("POST", items, {"items": [7]}),
+        ("POST", items, b"\x00\xff"),
+        ("GET", f"{items}?limit=abc", None),
+        ("GET", f"{items}?limit=0", None),
+        ("GET", f"{items}?order=sideways", None),
+        ("GET", f"{stored}/input_items?limit=1000", None),
+        ("GET", f"{stored}/input_items?after=%00", None),
+        ("GET", "/v1/responses/resp_%00", None),
+        ("GET", "/v1/responses/" + "x" * 5000, None),
+        ("DELETE", "/v1/conversations/conv_missing", None),
+        # U+0000 cannot be stored (PostgreSQL's jsonb refuses it): refused before anything is kept.
+        ("POST", items, {"items": [{"type": "message", "role": "user", "content": "a\u0000b"}]}),
+        ("POST", "/v1/conversations", {"metadata": {"k": "a\u0000b"}}),
+        ("POST", "/v1/responses", {"model": MODEL, "input": "a\u0000b"}),
+        ("POST", "/v1/responses", {"model": MODEL, "input": "x", "previous_response_id": "resp_\u0000"}),
+        ("POST", "/v1/responses", {"model": MODEL, "input": "x", "conversation": "conv_\u0000"}),
+        ("POST", f"{stored}/cancel", None),  # not a background response
+    ]
+    with httpx.Client(base_url=live_gw.url, headers={"authorization": f"Bearer {live_gw.owner.key}"}) as http:
+        for method, path, body in cases:
+            if isinstance(body, bytes):
+                answer = http.request(method, path, content=body, headers={"content-type": "application/json"})
+            else:
+                answer = http.request(method, path, json=body)
+            assert 400 <= answer.status_code < 500, (method, path, body, answer.status_code, answer.text[:300])
+            error = answer.json()["error"]
+            assert error["message"], (method, path)
+            assert set(error) >= {"message", "type", "param", "code"}, (method, path, error)
