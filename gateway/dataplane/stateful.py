@@ -520,7 +520,8 @@ async def _json_body(scope: Scope, receive: Receive) -> dict[str, Any]:
         raise GatewayError(400, "We could not parse the JSON body of your request.", code="invalid_json") from None
     if not isinstance(body, dict):
         raise invalid_request("The request body must be a JSON object.")
-    _refuse_nul(body, "items")
+    for name, value in body.items():
+        _refuse_nul(value, name)
     return body
 
 
