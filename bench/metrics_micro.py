@@ -1,16 +1,19 @@
 """CPU cost of counting one request: ``python -m bench.metrics_micro`` (docs/performance.md).
 
-Times :meth:`gateway.observability.metrics.Recorder.request` and the JSON access line
-(:func:`gateway.observability.logs.write_json_line`, to /dev/null) for two finished exchanges:
-a plain success, and a stream served after one failed attempt. Run it twice: as is (one
+Times :meth:`gateway.observability.metrics.Recorder.request` (and its flush) for two finished
+exchanges, a plain success and a stream served after one failed attempt, and the JSON access
+line (:func:`~gateway.observability.logs.json_line` into an
+:class:`~gateway.observability.logs.AccessLog` on /dev/null). Run it twice: as is (one
 process's registry, what ``serve`` with one worker uses) and with ``PROMETHEUS_MULTIPROC_DIR``
 set to an empty directory (what ``serve --workers N`` uses: values in mmap'ed files).
 """
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import os
+import time
 import timeit
 
 import django
@@ -23,7 +26,7 @@ from decimal import Decimal  # noqa: E402
 from accounts.upstream.account import AccountInfo  # noqa: E402
 from gateway.config.snapshot import KeyInfo  # noqa: E402
 from gateway.dataplane.exchange import Exchange  # noqa: E402
-from gateway.observability.logs import ACCESS_FIELDS, write_json_line  # noqa: E402
+from gateway.observability.logs import ACCESS_FIELDS, AccessLog, json_line  # noqa: E402
 from gateway.observability.metrics import Metrics, Recorder  # noqa: E402
 
 KEY = KeyInfo(1, 7, "acme", "sk-gw-PREFIX0123", "d" * 64, None, None)
@@ -50,7 +53,9 @@ def exchange(failover: bool) -> Exchange:
     return ex
 
 
-def main() -> None:
+async def measure() -> None:
+    """Timed inside a running event loop, as in a serving process: a request adds to tallies;
+    the flush into prometheus-client (once a second there) is timed on its own."""
     recorder = Recorder(Metrics())
     mode = "multiprocess (mmap files)" if os.environ.get("PROMETHEUS_MULTIPROC_DIR") else "one process"
     number = 50_000
@@ -58,10 +63,26 @@ def main() -> None:
         call = functools.partial(recorder.request, ex, "responses", Decimal("0.0001"), 0.01)
         seconds = min(timeit.repeat(call, number=number, repeat=5))
         print(f"Recorder.request, {name}, {mode}: {seconds / number * 1e6:.2f} µs")
+        recorder.flush()
+        for _ in range(3_000):  # a second's requests at ~3,000 req/s
+            call()
+        started = time.perf_counter()
+        recorder.flush()
+        print(f"  its flush after 3,000 requests: {(time.perf_counter() - started) * 1e6:.0f} µs")
     fields = dict.fromkeys(ACCESS_FIELDS, "x" * 12)
     fd = os.open(os.devnull, os.O_WRONLY)
-    seconds = min(timeit.repeat(lambda: write_json_line("POST /v1/responses 200", fields, fd), number=number, repeat=5))
-    print(f"JSON access line: {seconds / number * 1e6:.2f} µs")
+    sink = AccessLog(fd, interval=3600)  # the batch is written when 64 KiB wait
+
+    def line() -> None:
+        sink.write(json_line("POST /v1/responses 200", fields))
+
+    seconds = min(timeit.repeat(line, number=number, repeat=5))
+    sink.flush()
+    print(f"JSON access line (batched): {seconds / number * 1e6:.2f} µs")
+
+
+def main() -> None:
+    asyncio.run(measure())
 
 
 if __name__ == "__main__":

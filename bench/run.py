@@ -675,7 +675,7 @@ def extra_variants() -> dict[str, Variant]:
     for spec in filter(None, (part.strip() for part in os.environ.get("BENCH_VARIANTS", "").split(";"))):
         head, sep, pairs = spec.partition(":")
         name, at, checkout = (part.strip() for part in head.partition("@"))
-        if not sep or not name.isidentifier() or name in ("direct", "gateway", "daphne", "redis", "litellm"):
+        if not sep or not name.isidentifier() or name in ("direct", "gateway", "daphne", "redis", "watched", "litellm"):
             raise BenchError(f"BENCH_VARIANTS: {spec!r} is not NAME[@PATH]:K=V ... with a new NAME")
         if at and not (Path(checkout) / "manage.py").is_file():
             raise BenchError(f"BENCH_VARIANTS: {spec!r}: {checkout!r} is not a checkout of the gateway")
@@ -818,6 +818,9 @@ class Bench:
         self.redis_url: str | None = None
         self.redis_private = False
         self.extra: dict[str, Variant] = {}
+        self.watcher: Service | None = None  # the console live view on the `watched` column
+        self.watch_count = Path()
+        self.watch_port = 0
 
     # -- set-up ------------------------------------------------------------------------------------
 
@@ -901,13 +904,24 @@ class Bench:
             variants.append(("redis", [], {**env, "REDIS_URL": redis_url}, ROOT))
         else:
             self.notes.append("Redis variant skipped: BENCH_REDIS_URL=0, or no redis-server and no Redis on :6379.")
+        if os.environ.get("BENCH_WATCHED", "1") != "0":
+            # The default gateway with a console live view open on it (bench/live_watch.py):
+            # what publishing every request to a watcher costs, against the `gateway` column.
+            variants.append(("watched", [], env, ROOT))
         self.extra = extra_variants()
         for name, variant in self.extra.items():
             checkout = Path(variant.checkout) if variant.checkout else ROOT
             variants.append((name, [], {**env, **variant.env}, checkout))
         self.info["variants"] = {name: asdict(variant) for name, variant in self.extra.items()}
+        database = f"sqlite:///{data_dir / 'gateway.sqlite3'}"  # three slashes + an absolute path
         for key, flags, variant_env, checkout in variants:
             port = free_port()
+            # One data directory per column, sharing the database: each gateway's usage journal
+            # is drained by its own writer, so a column's CPU figure is its own work (a shared
+            # journal let one column's writer drain every column's records).
+            own_dir = data_dir / f"gateway-{key}"
+            own_dir.mkdir(mode=0o700)
+            variant_env = {**variant_env, "GATEWAY_DATA_DIR": str(own_dir), "DATABASE_URL": database}
             # Started exactly as the README serves it: `manage.py serve` with its defaults, on a free port.
             service = Service(
                 key,
@@ -919,11 +933,47 @@ class Bench:
             self.start(service, cwd=checkout)
             self.targets.append(Target(key, port, seed["main_key"], service))
             log(f"{key} serving on port {port} (pid {service.pid})")
+            if key == "watched":
+                self.watch(port, own_dir, seed["operator"], seed["operator_password"])
 
         if litellm is not None:
             self.check_litellm(litellm, litellm_version)
         else:
             self.notes.append(f"LiteLLM not measured: {litellm_version}.")
+
+    def watch(self, port: int, own_dir: Path, username: str, password: str) -> None:
+        """Open a console live view on the gateway at ``port``, signed in as ``username``, in a
+        process of its own (bench/live_watch.py) that counts the lines it receives."""
+        password_file = own_dir / "operator-password"
+        password_file.write_text(password, encoding="utf-8")
+        password_file.chmod(0o600)
+        self.watch_count = own_dir / "live-lines"
+        args = [sys.executable, "-m", "bench.live_watch", "--port", str(port), "--username", username]
+        args += ["--password-file", str(password_file), "--count-file", str(self.watch_count)]
+        count = self.watch_count
+        watcher = Service("live view", args, dict(os.environ), "", own_dir / "live-watch.log", count.exists)
+        self.start(watcher, timeout=30)
+        self.watcher = watcher
+        self.watch_port = port
+        log(f"console live view watching `watched` (pid {watcher.pid})")
+
+    def live_lines(self) -> None:
+        """Lines the live view received against the requests the watched gateway answered
+        (its ``/metrics``), read at the end of the run: every line should have arrived."""
+        if self.watcher is None:
+            return
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.watch_port}/metrics", timeout=10) as answer:
+            text = answer.read().decode()
+        answered = sum(
+            float(line.rsplit(" ", 1)[1])
+            for line in text.splitlines()
+            if line.startswith("gateway_requests_total{") and 'route="responses"' in line
+        )
+        time.sleep(1.5)  # the watcher saves its count once a second
+        self.watcher.stop()
+        received = int(self.watch_count.read_text(encoding="ascii") or 0)
+        self.info["live_view"] = {"lines": received, "requests": answered}
+        log(f"live view: {received:,} lines for {answered:,.0f} requests")
 
     def redis_for_bench(self, data_dir: Path) -> str | None:
         """The Redis of the Redis-mode variant: BENCH_REDIS_URL, else a private ``redis-server`` (so its
@@ -1028,13 +1078,17 @@ class Bench:
         def measure(target: Target) -> WrkResult:
             before = redis_stats(self.redis_url) if target.key == "redis" and self.redis_url else None
             pids = target.pids
-            cpu = sum(cpu_seconds(pid) for pid in pids)
+            cpu = [cpu_seconds(pid) for pid in pids]
             result = run_wrk(target, connections, self.plan.seconds, body())
             if pids and result.requests:
                 # CPU time of the server and its children (the usage writer) per answer: less
-                # sensitive than req/s to what else the machine is doing.
-                spent = sum(cpu_seconds(pid) for pid in pids) - cpu
-                result.extra["cpu_us_per_request"] = spent * 1e6 / result.requests
+                # sensitive than req/s to what else the machine is doing. Read once the writer
+                # has caught up, so that the run's records are all paid for; the server's own
+                # share is its own row.
+                wait_quiet(pids)
+                spent = [cpu_seconds(pid) - before for pid, before in zip(pids, cpu, strict=True)]
+                result.extra["cpu_us_per_request"] = sum(spent) * 1e6 / result.requests
+                result.extra["server_cpu_us_per_request"] = spent[0] * 1e6 / result.requests
             if before is not None and self.redis_url and result.requests:
                 after = redis_stats(self.redis_url)
                 # -1: the second INFO counts the first one (one command, one read).
@@ -1252,13 +1306,17 @@ class Bench:
             budget(row16, ">= 1000", lambda v: v >= 1000, "throughput_c16")
         rows.append(row16)
         rows.append(Row("req/s @64", "rps", thr64))
-        cpu: dict[str, float | None] = {}
-        for key, runs in self.raw.get("throughput_c16", {}).items():
-            values = [r["extra"]["cpu_us_per_request"] for r in runs if "cpu_us_per_request" in r["extra"]]
-            if values:
-                cpu[key] = median(values)
-        if cpu:
-            rows.append(Row("server CPU per request @16 (µs)", "us", cpu, ratios=False))
+        for extra, label in (
+            ("cpu_us_per_request", "server CPU per request @16 (µs)"),
+            ("server_cpu_us_per_request", "  of which the serving process (µs)"),
+        ):
+            cpu: dict[str, float | None] = {}
+            for key, runs in self.raw.get("throughput_c16", {}).items():
+                values = [r["extra"][extra] for r in runs if extra in r["extra"]]
+                if values:
+                    cpu[key] = median(values)
+            if cpu:
+                rows.append(Row(label, "us", cpu, ratios=False))
         for tokens in (STREAM_SMALL, STREAM_LARGE):
             resp = self.medians(f"stream{tokens}_c16", "rps")
             events = {k: (v * self.events_of(k, tokens) if v is not None else None) for k, v in resp.items()}
@@ -1314,6 +1372,11 @@ class Bench:
             for key, count in self.errors(scenario).items():
                 totals[key] = (totals.get(key) or 0) + count
         rows.append(Row("failed requests, all wrk runs", "errors", totals, ratios=False))
+        live = self.info.get("live_view")
+        if live and live["requests"]:
+            # 1.000: the console live view received a line for every request the gateway answered.
+            lines = {"watched": live["lines"] / live["requests"]}
+            rows.append(Row("live view lines / requests answered", "ratio", lines, ratios=False))
         redis_runs = [r["extra"] for r in self.raw.get("throughput_c16", {}).get("redis", [])]
         trips = [e["redis_round_trips_per_request"] for e in redis_runs if "redis_round_trips_per_request" in e]
         commands = [e["redis_commands_per_request"] for e in redis_runs if "redis_commands_per_request" in e]
@@ -1343,6 +1406,8 @@ def fmt(value: float | None, unit: str) -> str:
         return f"{value:,.0f}"
     if unit in ("mib", "us"):
         return f"{value:,.1f}"
+    if unit == "ratio":
+        return f"{value:.3f}"
     return f"{value:.2f}"
 
 
@@ -1354,8 +1419,9 @@ def ratio(a: float | None, b: float | None) -> str:
 
 
 def table(rows: Sequence[Row], extra: Sequence[str] = ()) -> list[list[str]]:
-    """The printed table: ``extra`` are the BENCH_VARIANTS columns, between redis and litellm."""
-    lines = [["scenario", "direct", "gateway", "gw/direct", "daphne", "redis", *extra, "litellm", "gw/litellm"]]
+    """The printed table: ``extra`` are the BENCH_VARIANTS columns, between watched and litellm."""
+    lines = [["scenario", "direct", "gateway", "gw/direct", "daphne", "redis", "watched", *extra, "litellm"]]
+    lines[0] += ["gw/litellm"]
     lines[0] += ["budget", "pass"]
     for row in rows:
         v = row.values
@@ -1367,6 +1433,7 @@ def table(rows: Sequence[Row], extra: Sequence[str] = ()) -> list[list[str]]:
                 ratio(v.get("gateway"), v.get("direct")) if row.ratios else "-",
                 fmt(v.get("daphne"), row.unit),
                 fmt(v.get("redis"), row.unit),
+                fmt(v.get("watched"), row.unit),
                 *(fmt(v.get(name), row.unit) for name in extra),
                 fmt(v.get("litellm"), row.unit),
                 ratio(v.get("gateway"), v.get("litellm")) if row.ratios else "-",
@@ -1443,6 +1510,7 @@ def main() -> int:
                 for target in bench.targets:
                     if target.service is not None and not target.service.alive():
                         raise BenchError(f"{target.key} died during the run; log:\n{target.service.tail()}")
+                bench.live_lines()
             finally:
                 bench.stop_all()
     except BenchError as exc:
@@ -1457,7 +1525,8 @@ def main() -> int:
     print()
     print(render(lines))
     print()
-    print("gateway = `manage.py serve` defaults (uvicorn); daphne = `--server daphne`; redis = REDIS_URL set.")
+    print("gateway = `manage.py serve` defaults (uvicorn); daphne = `--server daphne`; redis = REDIS_URL set;")
+    print("watched = the defaults with a console live view open (bench/live_watch.py, BENCH_WATCHED=0 skips it).")
     print(f"gateway settings: {info['gateway_settings']}; extra env: {info['gateway_env'] or 'none'}")
     limits = ", ".join(info["seed"]["limits"]) or "none (no limit fields in this build)"
     print(f"usage metering on; limits set (generous) on every key and tenant: {limits}")

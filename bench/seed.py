@@ -25,6 +25,9 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+# The operator whose console live view watches the `watched` column (bench/live_watch.py).
+OPERATOR = "bench-operator"
+
 # Generous values for the limit fields that exist in this build: checked on every request, never
 # reached by a benchmark run. Spend budgets are left unset: they depend on the price table.
 GENEROUS_LIMITS: dict[str, int] = {
@@ -66,8 +69,13 @@ def seed(routes: dict[str, str], keys: int, tenants: int, keys_file: Path) -> di
     from tenancy.keys import key_digest
     from tenancy.models import ApiKey, Tenant
     from tenancy.services.keys import apikey_create
+    from tenancy.services.members import user_get_or_create
     from tenancy.services.tenants import tenant_create
 
+    # An operator for the ``watched`` column's console live view (bench/live_watch.py).
+    operator_password = "".join(random.SystemRandom().choices(string.ascii_letters + string.digits, k=24))
+    operator, _ = user_get_or_create(username=OPERATOR, password=operator_password)
+    type(operator).objects.filter(pk=operator.pk).update(is_staff=True)
     tenant_limits = limit_values(Tenant)
     key_limits = limit_values(ApiKey)
     tenant = tenant_create(slug="bench", name="Benchmark")
@@ -112,6 +120,8 @@ def seed(routes: dict[str, str], keys: int, tenants: int, keys_file: Path) -> di
     }
     return {
         "main_key": main_secret,
+        "operator": OPERATOR,
+        "operator_password": operator_password,
         "keys": len(secrets),
         "tenants": tenants,
         "limits": sorted(key_limits),

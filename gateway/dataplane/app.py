@@ -186,7 +186,7 @@ class GatewayApp:
             await readyz(send, runtime, ex)
         elif path == "/metrics" and runtime.metrics is not None:
             _allow(method, "GET", path)
-            await metrics(scope, send, ex)
+            await metrics(scope, send, runtime, ex)
         elif path.startswith("/v1/responses/") or path == "/v1/conversations" or path.startswith("/v1/conversations/"):
             await stored(scope, receive, send, runtime, ex)  # 501 unless the key's stateful policy is on
         else:
@@ -292,11 +292,14 @@ async def readyz(send: Send, runtime: Runtime, ex: Exchange) -> None:
     await send_json(send, 503 if reasons else 200, orjson.dumps(report), ex.rid)
 
 
-async def metrics(scope: Scope, send: Send, ex: Exchange) -> None:
-    """``GET /metrics`` (gateway/observability/exposition.py): protected, every worker's values."""
+async def metrics(scope: Scope, send: Send, runtime: Runtime, ex: Exchange) -> None:
+    """``GET /metrics`` (gateway/observability/exposition.py): protected, every worker's values
+    (this process's tallies flushed first; another worker's are at most ``FLUSH_SECONDS`` old)."""
     client = scope.get("client")
     authorization = next((value for name, value in scope["headers"] if name == b"authorization"), None)
     exposition.allowed(client[0] if client else None, authorization, settings.GATEWAY_METRICS_TOKEN)
+    if runtime.recorder is not None:
+        runtime.recorder.flush()
     body, content_type = exposition.render()
     headers = [(b"content-type", content_type.encode()), (b"x-request-id", ex.rid)]
     await send({"type": "http.response.start", "status": 200, "headers": headers})

@@ -54,7 +54,7 @@ from gateway.metering.stream import RedisUsageSink
 from gateway.metering.writer import UsageWriterProcess, journal_dir, spool_dir
 from gateway.observability import tracing
 from gateway.observability.exposition import multiprocess_dir
-from gateway.observability.logs import access
+from gateway.observability.logs import AccessLog, access
 from gateway.observability.metrics import Metrics, Recorder, metrics_families, token_version
 from gateway.observability.sampler import Sampler, Sources
 
@@ -98,6 +98,7 @@ class Runtime:
         self.metrics: Metrics | None = metrics_families() if settings.GATEWAY_METRICS else None
         self.recorder = Recorder(self.metrics) if self.metrics is not None else None
         self.sampler: Sampler | None = None
+        self.access_log = AccessLog()  # the access lines, written in batches (flushed at close)
         self._tracing = False  # this runtime turned tracing on (and turns it off)
         # Each dependency's state, reported by the parts that use it (readiness, logged once).
         self.readiness = Readiness()
@@ -143,7 +144,7 @@ class Runtime:
                 self.redis,
                 seed=seed,
                 on_alert=self._on_alert,
-                on_round_trip=self.metrics.redis_round_trip.observe if self.metrics is not None else None,
+                on_round_trip=self.recorder.round_trip if self.recorder is not None else None,
             )
             # Bindings ride on admissions: no round trip of their own.
             self.sticky = RedisStickyStore(self.redis, carry=self.limiter.carry)
@@ -244,7 +245,7 @@ class Runtime:
         if self.recorder is not None:
             self.recorder.request(ex, route, cost, now)
         if settings.GATEWAY_ACCESS_LOG:
-            access(ex, method, path, now, tracing.trace_id())
+            access(ex, method, path, now, tracing.trace_id(), self.access_log)
 
     async def usage_backlog(self) -> int:
         """Usage records waiting for the usage writer (gateway/metering/backlog.py), plus those
@@ -407,6 +408,9 @@ class Runtime:
                 await step()
             except Exception:
                 logger.exception("closing the %s failed", name)
+        self.access_log.flush()  # the last access lines, before the "stopped" line
+        if self.recorder is not None:
+            self.recorder.flush()  # before this process's values are marked dead or exported
         if self._tracing:
             tracing.shutdown()  # exports the spans still batched
         if multiprocess_dir():

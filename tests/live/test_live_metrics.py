@@ -104,7 +104,15 @@ def test_metrics_add_up_to_what_was_sent_and_metered_across_two_workers(
     assert failing.received >= 1  # the failing account was tried: there were failovers
 
     records = [live_gw.wait_usage(response.headers["x-request-id"]) for response in sent]
-    samples = scrape(gateway.url)
+
+    def counted() -> dict[str, list[tuple[dict[str, str], float]]] | None:
+        # A worker adds its tallies to the shared values at most a second after a request
+        # (gateway/observability/metrics.py FLUSH_SECONDS); the one scraped adds its own at once.
+        current = scrape(gateway.url)
+        return current if total(current, "gateway_requests_total") == len(records) + 1 else None
+
+    samples = poll(counted, what="every request counted by both workers")
+    assert samples is not None
 
     # Requests by status (route responses): the records, plus the bad key (not metered).
     statuses = collections.Counter(str(record.status_code) for record in records)

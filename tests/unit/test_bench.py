@@ -105,3 +105,16 @@ def test_bad_variants_are_refused(spec: str, monkeypatch: pytest.MonkeyPatch) ->
     monkeypatch.setenv("BENCH_VARIANTS", spec)
     with pytest.raises(bench.BenchError):
         bench.extra_variants()
+
+
+def test_the_live_view_row_compares_lines_received_with_requests_answered() -> None:
+    result = bench.Bench(bench.QUICK)
+    result.raw["throughput_c16"] = {"watched": runs(wrk_stdout(10_000))}
+    result.info["live_view"] = {"lines": 9_990, "requests": 10_000.0}
+    rows = {r.label: r for r in result.rows()}
+    assert rows["live view lines / requests answered"].values == {"watched": 0.999}
+    printed = bench.render(bench.table(list(rows.values())))
+    header = printed.splitlines()[0]
+    line = next(line for line in printed.splitlines() if line.startswith("| live view"))
+    cells = [cell.strip() for cell in line.split("|")]
+    assert cells[[cell.strip() for cell in header.split("|")].index("watched")] == "0.999"

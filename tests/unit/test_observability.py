@@ -6,12 +6,20 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
+import os
+import time
+from datetime import datetime
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
 import pytest
-from prometheus_client import CollectorRegistry
+from hypothesis import given
+from hypothesis import settings as settings_hypothesis
+from hypothesis import strategies as st
+from prometheus_client import CollectorRegistry, Histogram, generate_latest
+from prometheus_client.parser import text_string_to_metric_families
 
 from accounts.upstream.account import AccountInfo
 from gateway.conf import checks as gateway_checks
@@ -21,8 +29,8 @@ from gateway.dataplane import app as dataplane_app
 from gateway.dataplane.exchange import Exchange
 from gateway.metering.backlog import RECORD_BYTES, journal_backlog, stream_backlog
 from gateway.observability import exposition
-from gateway.observability.logs import TextFormatter, access
-from gateway.observability.metrics import Metrics, Recorder, token_version
+from gateway.observability.logs import AccessLog, TextFormatter, access, json_line, pipe_buf
+from gateway.observability.metrics import FLUSH_SECONDS, Metrics, Recorder, _Buckets, token_version
 
 SECRET = "sk-gw-PREFIX0123456789-the-secret-part"
 
@@ -249,6 +257,117 @@ def test_the_json_access_line(settings: Any, capfd: pytest.CaptureFixture[str]) 
         2,
     )
     assert SECRET not in json.dumps(line)
+
+
+@settings_hypothesis(max_examples=60, deadline=None)
+@given(values=st.lists(st.floats(min_value=0, max_value=1e8, allow_nan=False), max_size=40), split=st.integers(0, 40))
+def test_tallied_observations_expose_exactly_what_observe_would(values: list[float], split: int) -> None:
+    direct, tallied = CollectorRegistry(), CollectorRegistry()
+    bounds = (0.5, 1.0, 4.0, 64.0, 1024.0)
+    expected = Histogram("h", "h", ("a",), buckets=bounds, registry=direct).labels("x")
+    child = Histogram("h", "h", ("a",), buckets=bounds, registry=tallied).labels("x")
+    tally = _Buckets(child, bounds)
+    for index, value in enumerate(values):
+        expected.observe(value)
+        tally.observe(value)
+        if index == split:
+            tally.flush()  # flushed in two parts: the second adds to the first
+    tally.flush()
+    tally.flush()  # nothing pending: adds nothing
+
+    def exposed(registry: CollectorRegistry) -> dict[tuple[str, str], float]:
+        samples = [
+            s for family in text_string_to_metric_families(generate_latest(registry).decode()) for s in family.samples
+        ]
+        return {(s.name, s.labels.get("le", "")): s.value for s in samples if not s.name.endswith("_created")}
+
+    got, want = exposed(tallied), exposed(direct)
+    assert got.keys() == want.keys()
+    for name, value in want.items():  # buckets and count exactly; the sum up to float rounding (added in another order)
+        assert value == got[name] if name[0] != "h_sum" else math.isclose(value, got[name], rel_tol=1e-12, abs_tol=1e-9)
+
+
+def test_the_recorder_flushes_its_tallies_within_a_second_in_a_serving_loop() -> None:
+    registry = CollectorRegistry()
+    recorder = Recorder(Metrics(registry))
+
+    def requests_total() -> float | None:
+        return registry.get_sample_value(
+            "gateway_requests_total", {"route": "responses", "status": "200", "error_code": ""}
+        )
+
+    async def serve() -> tuple[float | None, float | None, float | None]:
+        recorder.request(failed_over(10.0), "responses", None, now=12.0)
+        recorder.round_trip(0.0004)
+        waiting = requests_total()
+        await asyncio.sleep(FLUSH_SECONDS + 0.3)
+        after_timer = requests_total()
+        recorder.request(failed_over(10.0), "responses", None, now=12.0)
+        recorder.flush()  # what a scrape of this process and shutdown do
+        return waiting, after_timer, requests_total()
+
+    waiting, after_timer, after_flush = asyncio.run(serve())
+    assert (waiting, after_timer, after_flush) == (0.0, 1.0, 2.0)  # 0: the child exists, its tally waits
+    assert registry.get_sample_value("gateway_redis_round_trip_seconds_count") == 1.0
+
+
+def test_access_lines_are_batched_into_one_write_and_flushed(tmp_path: Any) -> None:
+    path = tmp_path / "access.log"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT)
+    sink = AccessLog(fd, interval=0.05)
+    lines = [json_line("POST /v1/responses 200", {"request_id": f"req_{n}"}) for n in range(20)]
+
+    async def serve() -> tuple[bytes, bytes]:
+        for line in lines[:10]:
+            sink.write(line)
+        waiting = path.read_bytes()  # nothing written yet: the batch waits for its timer
+        await asyncio.sleep(0.2)
+        after_timer = path.read_bytes()
+        for line in lines[10:]:
+            sink.write(line)
+        return waiting, after_timer
+
+    try:
+        waiting, after_timer = asyncio.run(serve())
+        assert waiting == b""
+        assert after_timer == b"".join(lines[:10])
+        sink.flush()  # what the runtime does at shutdown: the rest, in order
+        written = path.read_bytes().splitlines()
+        assert [json.loads(line)["request_id"] for line in written] == [f"req_{n}" for n in range(20)]
+        sink.write(lines[0])  # outside an event loop: written at once
+        assert path.read_bytes().endswith(lines[0])
+    finally:
+        os.close(fd)
+
+
+def test_access_lines_to_a_pipe_go_out_in_whole_lines_of_at_most_pipe_buf() -> None:
+    read_end, write_end = os.pipe()
+    os.set_blocking(read_end, False)
+    sink = AccessLog(write_end, limit=10**9)
+    line = json_line("POST /v1/responses 200", {"request_id": "req_" + "x" * 300})
+    sizes: list[int] = []
+    try:
+        for _ in range(40):  # ~13 KB: more than one PIPE_BUF
+            sink._lines.append(line)
+        chunks = sink._chunks(sink._lines)
+        sizes = [len(chunk) for chunk in chunks]
+        assert len(chunks) > 1
+        assert all(size <= pipe_buf(write_end) and size % len(line) == 0 for size in sizes)
+        sink.flush()
+        received = b""
+        while len(received) < 40 * len(line):
+            received += os.read(read_end, 65536)
+        assert received == line * 40
+    finally:
+        os.close(read_end)
+        os.close(write_end)
+
+
+def test_a_line_stamp_is_local_time_with_milliseconds() -> None:
+    before = time.time()
+    stamp = json.loads(json_line("m", {}))["time"]
+    parsed = datetime.strptime(stamp, "%Y-%m-%d %H:%M:%S,%f").timestamp()
+    assert int(before) - 1 <= parsed <= time.time()
 
 
 def test_the_access_line_has_the_request_and_never_the_secret(caplog: pytest.LogCaptureFixture, settings: Any) -> None:
