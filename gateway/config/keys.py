@@ -134,6 +134,11 @@ class KeyDirectory:
         self._changed_early.clear()
         self.members = members
 
+    def cached(self, prefix: str) -> KeyInfo | None:
+        """The usable key with ``prefix`` if this process has it at hand (no await: the hot
+        path's common case), else None (then :meth:`get` knows)."""
+        return self._known.get(prefix)
+
     async def get(self, prefix: str) -> KeyInfo | None:
         """The usable key with ``prefix`` (maybe expired: checked per request), or None."""
         info = self._known.get(prefix)

@@ -40,10 +40,12 @@ async def authenticate(scope: Scope, keys: KeyDirectory) -> KeyInfo:
         raise _unauthorized("The Authorization header must be 'Bearer YOUR_KEY'.")
     token = value[7:].strip().decode("latin-1")
     prefix = key_prefix(token)
-    try:
-        info = await keys.get(prefix) if prefix else None
-    except _KEY_READ_ERRORS:  # the database is down or silent: no answer for the key
-        raise unavailable("database") from None
+    info = keys.cached(prefix) if prefix else None
+    if info is None and prefix:
+        try:
+            info = await keys.get(prefix)
+        except _KEY_READ_ERRORS:  # the database is down or silent: no answer for the key
+            raise unavailable("database") from None
     if info is None or not hmac.compare_digest(key_digest(token), info.digest):
         # Never echo the key: not even a part of it.
         raise _unauthorized("Incorrect API key provided.")

@@ -244,7 +244,10 @@ class Dispatcher:
         ex.upstream_model = upstream_model
         ex.attempt_started = time.monotonic()
         request = self.request if upstream_model == self.request["model"] else {**self.request, "model": upstream_model}
-        payload = await self.rt.offload.run(ex.body_bytes, _payload, request, account.strip_fields)
+        if ex.body_bytes < self.rt.offload.threshold:  # most bodies: inline, no await
+            payload = _payload(request, account.strip_fields)
+        else:
+            payload = await self.rt.offload.run(ex.body_bytes, _payload, request, account.strip_fields)
         try:
             try:
                 path = self.endpoint.path

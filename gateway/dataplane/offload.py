@@ -10,7 +10,9 @@ largest body the size limit lets in). Smaller bodies stay on the loop, where a t
 would cost more than the work.
 
 Contract: :meth:`Offload.run` returns what ``work(*args)`` returns or raises what it raises;
-a caller cancelled while its work runs leaves the work to finish in its thread.
+a caller cancelled while its work runs leaves the work to finish in its thread. The hot path
+calls the work itself for a body under :attr:`Offload.threshold` (no coroutine, no await) and
+``run`` only for larger ones.
 """
 
 from __future__ import annotations

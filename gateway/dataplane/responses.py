@@ -60,7 +60,10 @@ async def responses(
                 raw = await read_body(scope, receive, settings.GATEWAY_MAX_BODY_BYTES)
                 size = ex.body_bytes = len(raw)
                 stateful = ex.key.stateful and endpoint is RESPONSES
-                validated = await runtime.offload.run(size, _parse, raw, ex, endpoint, stateful)
+                if size < runtime.offload.threshold:  # most bodies: inline, no await
+                    validated = _parse(raw, ex, endpoint, stateful)
+                else:
+                    validated = await runtime.offload.run(size, _parse, raw, ex, endpoint, stateful)
                 if stateful:
                     # Off the stateless path: the context is read from the database (a worker thread).
                     validated, turn = await prepare(validated, ex.key)
