@@ -5,7 +5,10 @@ costs one attribute read while nobody watches; while someone does, it appends a 
 a bounded buffer (``MAX_LINES``; lines beyond it are dropped and counted: the live view is a
 window, the usage records are the truth). One background task, owned by the runtime, sends
 the buffered lines every ``FLUSH_SECONDS`` in one channel-layer message per tenant group plus
-one to the operators' group, and re-reads whether anyone watches: a live view open in this
+one to the operators' group, the lines already encoded as JSON text (``{"type": "live.lines",
+"text": "[...]"}``: Channels' in-memory layer deep-copies every message it delivers, which for
+a list of line dicts cost more than the request itself; a string is copied for nothing, and
+the watcher's socket sends it as it is), and re-reads whether anyone watches: a live view open in this
 process (``LocalWatchers``), or, with Redis, on any replica (``WATCH_KEY``, refreshed by the
 watchers). The channel layer is Channels' own: Redis when ``REDIS_URL`` is set, in-memory
 otherwise.
@@ -20,6 +23,7 @@ import time
 from collections import deque
 from typing import Any
 
+import orjson
 from channels.layers import get_channel_layer
 
 from accounts.infra.redis import raise_if_cancelled
@@ -63,7 +67,7 @@ class LiveFeed:
                 "tokens": event.get("total_tokens"),
                 "latency_ms": round(event["latency_ms"], 1),
                 "stream": event["stream"],
-                "at": event["created_at"].isoformat(),
+                "at": event["created_at"],  # a datetime: orjson writes it as isoformat() does
             }
         )
 
@@ -106,6 +110,7 @@ class LiveFeed:
         by_tenant: dict[int, list[dict[str, Any]]] = {}
         for line in lines:
             by_tenant.setdefault(line["tenant_id"], []).append(line)
-        await layer.group_send(GROUP_ALL, {"type": "live.lines", "lines": lines, "dropped": self.dropped})
+        await layer.group_send(GROUP_ALL, {"type": "live.lines", "text": orjson.dumps(lines).decode()})
         for tenant_id, tenant_lines in by_tenant.items():
-            await layer.group_send(tenant_group(tenant_id), {"type": "live.lines", "lines": tenant_lines})
+            text = orjson.dumps(tenant_lines).decode()
+            await layer.group_send(tenant_group(tenant_id), {"type": "live.lines", "text": text})

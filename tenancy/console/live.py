@@ -124,7 +124,8 @@ class LiveConsumer(AsyncJsonWebsocketConsumer):
         """The view only listens: anything the browser sends is ignored."""
 
     async def live_lines(self, message: dict[str, Any]) -> None:
-        await self.send_json({"lines": message["lines"]})
+        """``message["text"]``: the lines as a JSON array, encoded once by the feed."""
+        await self.send(text_data='{"lines":' + message["text"] + "}")
 
     async def _keep_watching(self) -> None:
         """With Redis: keep the shared watch key alive while this view is open.
