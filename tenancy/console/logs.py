@@ -25,7 +25,7 @@ from tenancy.console.common import checks_own_query, console_view
 from tenancy.console.filters import AuditFilter, RequestLogFilter, UsageFilter
 from tenancy.pricing import TOKEN_FIELDS
 from tenancy.reports import REPORT_CSV_COLUMNS, ReportError, ReportQuery, report_rows, usage_report
-from tenancy.selectors import RecordFilter, audit_entries_visible, usage_records_visible
+from tenancy.selectors import RecordFilter, audit_entries_visible, usage_record_get, usage_records_visible
 from tenancy.services.rollups import data_as_of
 
 LOG_PAGE = 50
@@ -109,7 +109,7 @@ def request_detail(request: HttpRequest, request_id: str) -> HttpResponse:
     """One request as metered: answer, tokens by kind, cost, timings and every attempt."""
     if "\x00" in request_id:  # no such request (PostgreSQL cannot compare a NUL)
         raise Http404("No such request.")
-    record = usage_records_visible(tenant_ids_for(request.user), RecordFilter(request_id=request_id)).first()
+    record = usage_record_get(tenant_ids_for(request.user), request_id)
     if record is None:
         raise Http404("No such request.")
     tokens = [(name.replace("_", " "), getattr(record, name)) for name in TOKEN_FIELDS]
