@@ -79,11 +79,15 @@ def test_the_request_log_is_newest_first_with_keyset_pages(acme: Tenant) -> None
     assert first.status_code == 200
     ids = request_ids(first.content.decode())
     assert ids == [f"req_acme_{n}" for n in range(50)]
-    older = re.search(r'href="(\?[^"]*before=[^"]+)" rel="next"', first.content.decode())
+    older = re.search(r'href="(\?[^"]*after=[^"]+)" rel="next"', first.content.decode())
     assert older is not None
     second = client.get("/console/requests/" + older.group(1).replace("&amp;", "&"))
     assert request_ids(second.content.decode()) == [f"req_acme_{n}" for n in range(50, 60)]
     assert 'rel="next"' not in second.content.decode()
+    newer = re.search(r'href="(\?[^"]*before=[^"]+)" rel="prev"', second.content.decode())
+    assert newer is not None
+    back = client.get("/console/requests/" + newer.group(1).replace("&amp;", "&"))
+    assert request_ids(back.content.decode()) == ids
 
 
 def test_a_page_of_the_log_is_one_query_with_no_count(acme: Tenant) -> None:
