@@ -371,7 +371,8 @@ def usage_records_page(
     ids = None if tenant_ids is None else sorted(set(tenant_ids))
     if ids is not None and wanted.tenant_id is not None and wanted.tenant_id not in ids:
         return KeysetPage([], None, None)
-    scopes = [rows] if ids is None or wanted.tenant_id is not None else [rows.filter(tenant_id=i) for i in ids]
+    one_scope = ids is None or wanted.tenant_id is not None  # every tenant, or the one asked for
+    scopes = [rows] if one_scope else [rows.filter(tenant_id=tenant_id) for tenant_id in ids or ()]
     if not scopes:
         return KeysetPage([], None, None)
     if wanted.request_id:
@@ -379,7 +380,7 @@ def usage_records_page(
         return KeysetPage(sorted_rows(found, order)[:size], None, None)
     if usage_order_indexed(wanted, order):
         return keyset_page(scopes, order, after=after, before=before, size=size)
-    matching = rows if len(scopes) == 1 else rows.filter(tenant_id__in=ids)
+    matching = rows if one_scope else rows.filter(tenant_id__in=ids)
     # created_at: a column of every filter's index, so the count can read the index alone
     if matching.order_by().values("created_at")[: UNINDEXED_SORT_CAP + 1].count() > UNINDEXED_SORT_CAP:
         raise TooManyToSort(f"more than {UNINDEXED_SORT_CAP:,} requests match")

@@ -187,6 +187,9 @@ def test_an_order_no_index_serves_covers_a_bounded_date_range(acme: Tenant, monk
     since = (timezone.now() - timedelta(days=4)).date().isoformat()
     wider = client.get(f"/console/requests/?model=gpt-other&sort=-latency&from={since}").content.decode()
     assert request_ids(wider) == expected([old, *rows], "-latency")
+    # a member of one tenant sorting that way reads that tenant's records only
+    mine = signed_in("owen").get(f"/console/requests/?model=gpt-other&sort=latency&from={since}")
+    assert request_ids(mine.content.decode()) == expected([old, *rows[:12]], "latency")
     monkeypatch.setattr(selectors, "UNINDEXED_SORT_CAP", 10)
     refused = client.get(f"/console/requests/?model=gpt-other&sort=-latency&from={since}")
     assert refused.status_code == 400
