@@ -51,13 +51,15 @@ _TEXT_MAX = 200
 @dataclass(frozen=True)
 class SortKey:
     """An order a log offers: ``name`` in ``?sort=``, the model ``field`` (``"pk"``: the id
-    alone), the ``kind`` of its values (how a cursor's value is read back) and whether the
-    column may be null."""
+    alone), the ``kind`` of its values (how a cursor's value is read back), whether the
+    column may be null, and whether an index in (column, id) order serves it (else a page
+    sorts a bounded date range: tenancy.selectors.usage_order_indexed)."""
 
     name: str
     field: str
     kind: Kind
     nullable: bool = False
+    indexed: bool = True
 
 
 @dataclass(frozen=True)

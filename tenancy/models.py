@@ -311,8 +311,6 @@ class UsageRecord(models.Model):
             models.Index(fields=["tenant", "latency_ms", "id"], name="usage_tenant_latency_id"),
             models.Index(fields=["cost", "id"], name="usage_cost_id"),
             models.Index(fields=["tenant", "cost", "id"], name="usage_tenant_cost_id"),
-            models.Index(fields=["total_tokens", "id"], name="usage_tokens_id"),
-            models.Index(fields=["tenant", "total_tokens", "id"], name="usage_tenant_tokens_id"),
             models.Index(fields=["status_code", "id"], name="usage_status_id"),
             models.Index(fields=["tenant", "status_code", "id"], name="usage_tenant_status_id"),
         ]

@@ -320,7 +320,9 @@ USAGE_SORTS = {
         SortKey("time", "created_at", "time"),
         SortKey("latency", "latency_ms", "float"),
         SortKey("cost", "cost", "decimal", nullable=True),
-        SortKey("tokens", "total_tokens", "int", nullable=True),
+        # No index: total tokens' index cost the usage writer as much as latency's or cost's
+        # (random values) for an order cost answers too; a page sorts a date range instead.
+        SortKey("tokens", "total_tokens", "int", nullable=True, indexed=False),
         SortKey("status", "status_code", "int"),
     )
 }
@@ -337,10 +339,13 @@ class TooManyToSort(Exception):
 
 def usage_order_indexed(wanted: RecordFilter, order: Order) -> bool:
     """Whether an index serves the records matching ``wanted`` in ``order``: always for time
-    (migration 0010), for the other orders unless a key, account, model or status filter is
-    given (no index has those columns before the order's; a request id names one record)."""
+    (migration 0010), never for an order without an index (tokens), for the other orders
+    unless a key, account, model or status filter is given (no index has those columns before
+    the order's; a request id names one record)."""
     if order.key.name == "time" or wanted.request_id:
         return True
+    if not order.key.indexed:
+        return False
     return all(getattr(wanted, name) in (None, "") for name in UNINDEXED_WITH_SORT)
 
 

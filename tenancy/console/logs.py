@@ -125,9 +125,13 @@ def _windowed(wanted: RecordFilter, order: Order) -> tuple[RecordFilter, str]:
     if start is None:
         start = (wanted.end or timezone.now()) - SORT_WINDOW
     shown = f"{start:%Y-%m-%d %H:%M} UTC to " + (f"{wanted.end:%Y-%m-%d %H:%M} UTC" if wanted.end else "now")
+    why = (
+        f"No index sorts by {order.key.name}"
+        if not order.key.indexed
+        else "No index sorts a key, account, model or status filter by anything but time"
+    )
     note = (
-        "No index sorts a key, account, model or status filter by anything but time: this page "
-        f"sorts the requests of {shown} (From and To choose the range, up to "
+        f"{why}: this page sorts the requests of {shown} (From and To choose the range, up to "
         f"{UNINDEXED_SORT_CAP:,} requests)."
     )
     return replace(wanted, start=start), note

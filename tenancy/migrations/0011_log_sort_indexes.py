@@ -1,7 +1,7 @@
 """The console's sortable logs (docs/console.md, "Sorting"): every order the request log and the
 audit log offer reads an index in (column, id) order, so a keyset page never sorts the table.
 
-Request log: (latency_ms, id), (cost, id), (total_tokens, id), (status_code, id) for operators
+Request log: (latency_ms, id), (cost, id), (status_code, id) for operators
 across tenants, and the same after tenant for one tenant. Audit log: (actor_label, id) and
 (action, id), alone and after tenant_id. On PostgreSQL each usage index is built on every
 partition of the usage table (0008), holding a lock that blocks its writes meanwhile (measured
@@ -49,14 +49,6 @@ class Migration(migrations.Migration):
         migrations.AddIndex(
             model_name="usagerecord",
             index=models.Index(fields=["tenant", "cost", "id"], name="usage_tenant_cost_id"),
-        ),
-        migrations.AddIndex(
-            model_name="usagerecord",
-            index=models.Index(fields=["total_tokens", "id"], name="usage_tokens_id"),
-        ),
-        migrations.AddIndex(
-            model_name="usagerecord",
-            index=models.Index(fields=["tenant", "total_tokens", "id"], name="usage_tenant_tokens_id"),
         ),
         migrations.AddIndex(
             model_name="usagerecord",
