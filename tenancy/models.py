@@ -305,6 +305,14 @@ class UsageRecord(models.Model):
             models.Index(
                 fields=["status_code", "created_at"], name="usage_error_time", condition=models.Q(status_code__gte=400)
             ),
+            # The log's other orders (tenancy.selectors.USAGE_SORTS), keyset on (column, id): for
+            # operators across tenants and for one tenant (migration 0011).
+            models.Index(fields=["latency_ms", "id"], name="usage_latency_id"),
+            models.Index(fields=["tenant", "latency_ms", "id"], name="usage_tenant_latency_id"),
+            models.Index(fields=["cost", "id"], name="usage_cost_id"),
+            models.Index(fields=["tenant", "cost", "id"], name="usage_tenant_cost_id"),
+            models.Index(fields=["status_code", "id"], name="usage_status_id"),
+            models.Index(fields=["tenant", "status_code", "id"], name="usage_tenant_status_id"),
         ]
 
     def __str__(self) -> str:
@@ -418,7 +426,14 @@ class AuditEntry(models.Model):
     objects = AuditEntryQuerySet.as_manager()
 
     class Meta:
-        indexes = [models.Index(fields=["tenant_id", "id"])]
+        indexes = [
+            models.Index(fields=["tenant_id", "id"]),
+            # The console's orders (tenancy.selectors.AUDIT_SORTS), keyset on (column, id).
+            models.Index(fields=["actor_label", "id"], name="audit_actor_id"),
+            models.Index(fields=["tenant_id", "actor_label", "id"], name="audit_tenant_actor_id"),
+            models.Index(fields=["action", "id"], name="audit_action_id"),
+            models.Index(fields=["tenant_id", "action", "id"], name="audit_tenant_action_id"),
+        ]
 
     def __str__(self) -> str:
         return f"{self.action} {self.target_type}:{self.target_id} by {self.actor_label}"

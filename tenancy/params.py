@@ -1,5 +1,6 @@
-"""Query-string values shared by the console's filters and the management API: dates, ids and the
-request log's keyset cursor, read strictly so that bad input is a message, never a 500.
+"""Query-string values shared by the console's filters and the management API: dates and ids,
+read strictly so that bad input is a message, never a 500 (the logs' keyset cursors:
+tenancy.keyset).
 
 Every reader raises ValueError with a message meant for the person who typed the value; the
 console shows it next to its field, the API answers 400 with it.
@@ -46,12 +47,3 @@ def id_parse(text: str) -> int:
     if not (text.isascii() and text.isdigit()) or not 0 < int(text) <= MAX_ID:
         raise ValueError("a whole number from 1 to 9223372036854775807.")
     return int(text)
-
-
-def cursor_parse(text: str) -> tuple[datetime, int]:
-    """The keyset cursor of a newest-first page (``<ISO time>,<id>``, as the previous page made it)."""
-    moment_text, _, pk_text = text.rpartition(",")
-    try:
-        return moment_parse(moment_text, date_ok=False), id_parse(pk_text)
-    except ValueError:
-        raise ValueError("not a page of this log (a damaged link?): start again from the newest.") from None

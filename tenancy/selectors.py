@@ -15,6 +15,7 @@ from django.utils import timezone
 
 from tenancy.access import MANAGING_ROLES, is_operator
 from tenancy.keys import key_prefix
+from tenancy.keyset import KeysetPage, Order, Position, SortKey, keyset_page, sorted_rows
 from tenancy.models import (
     COST_MAX_DIGITS,
     COST_PLACES,
@@ -290,6 +291,144 @@ def usage_records_visible(tenant_ids: Any, wanted: RecordFilter) -> QuerySet[Usa
     if wanted.end is not None:
         records = records.filter(created_at__lt=wanted.end)
     return records
+
+
+def usage_record_get(tenant_ids: Any, request_id: str) -> UsageRecord | None:
+    """The record of the request ``request_id`` if it is of one of ``tenant_ids`` (None: any
+    tenant), with its tenant and key; None otherwise.
+
+    Read by the unique request-id index alone: no join and no ORDER BY, so no plan can walk
+    another index looking for it. (``.first()`` adds ``ORDER BY id LIMIT 1``, and with missing
+    or stale statistics PostgreSQL walked the primary key of every partition until the id came
+    up: 445 ms on 3,000,000 records; docs/console.md, "Measurements".) Then the tenant and the
+    key by primary key (and, for a member, their tenants' ids).
+    """
+    record = UsageRecord.objects.filter(request_id=request_id).order_by()[:1]
+    found = next(iter(record), None)
+    if found is None or (tenant_ids is not None and found.tenant_id not in set(tenant_ids)):
+        return None
+    found.tenant = Tenant.objects.get(pk=found.tenant_id)
+    found.api_key = next(iter(ApiKey.objects.filter(pk=found.api_key_id)), None) if found.api_key_id else None
+    return found
+
+
+# The request log's orders (?sort=), each served by an index on (column, id) and one on
+# (tenant, column, id) (migration 0011); time by (created_at) and (tenant, created_at, id).
+USAGE_SORTS = {
+    key.name: key
+    for key in (
+        SortKey("time", "created_at", "time"),
+        SortKey("latency", "latency_ms", "float"),
+        SortKey("cost", "cost", "decimal", nullable=True),
+        # No index: total tokens' index cost the usage writer as much as latency's or cost's
+        # (random values) for an order cost answers too; a page sorts a date range instead.
+        SortKey("tokens", "total_tokens", "int", nullable=True, indexed=False),
+        SortKey("status", "status_code", "int"),
+    )
+}
+USAGE_NEWEST_FIRST = Order(USAGE_SORTS["time"], descending=True)
+# The filters that no index combines with an order other than time (docs/console.md).
+UNINDEXED_WITH_SORT = ("api_key_id", "account_id", "model", "status_code")
+# The most records a page in an order no index serves may sort (more: TooManyToSort).
+UNINDEXED_SORT_CAP = 100_000
+
+
+class TooManyToSort(Exception):
+    """More records match than a page in an order no index serves may sort."""
+
+
+def usage_order_indexed(wanted: RecordFilter, order: Order) -> bool:
+    """Whether an index serves the records matching ``wanted`` in ``order``: always for time
+    (migration 0010), never for an order without an index (tokens), for the other orders
+    unless a key, account, model or status filter is given (no index has those columns before
+    the order's; a request id names one record)."""
+    if order.key.name == "time" or wanted.request_id:
+        return True
+    if not order.key.indexed:
+        return False
+    return all(getattr(wanted, name) in (None, "") for name in UNINDEXED_WITH_SORT)
+
+
+def usage_records_page(
+    tenant_ids: Any,
+    wanted: RecordFilter,
+    order: Order = USAGE_NEWEST_FIRST,
+    *,
+    after: Position | None = None,
+    before: Position | None = None,
+    size: int = 50,
+) -> KeysetPage[UsageRecord]:
+    """A page of the request log: the records of ``tenant_ids`` (None: every tenant) matching
+    ``wanted``, in ``order``, after or before a position (tenancy.keyset).
+
+    Index-served (:func:`usage_order_indexed`): one range read of ``size + 1`` records per
+    query, whatever the table's size (migrations 0010 and 0011). A member of several tenants
+    with no tenant filter: one query per tenant, merged (each its own index range). A request
+    id: at most one record, read by its unique index with no order at all (so no plan walks
+    another index looking for it) and sorted here.
+
+    Not index-served: the matching records are read through the filter's own index and sorted
+    (tenancy.keyset, ``indexed=False``), at most :data:`UNINDEXED_SORT_CAP` of them: a first
+    query counts them up to the cap (``LIMIT cap + 1``), and beyond it the page is refused with
+    :class:`TooManyToSort` (callers narrow the date range).
+    """
+    rows = usage_records_visible(None, wanted)
+    ids = None if tenant_ids is None else sorted(set(tenant_ids))
+    if ids is not None and wanted.tenant_id is not None and wanted.tenant_id not in ids:
+        return KeysetPage([], None, None)
+    one_scope = ids is None or wanted.tenant_id is not None  # every tenant, or the one asked for
+    scopes = [rows] if one_scope else [rows.filter(tenant_id=tenant_id) for tenant_id in ids or ()]
+    if not scopes:
+        return KeysetPage([], None, None)
+    if wanted.request_id:
+        found = [record for scope in scopes for record in scope.order_by()[:size]]
+        return KeysetPage(sorted_rows(found, order)[:size], None, None)
+    if usage_order_indexed(wanted, order):
+        return keyset_page(scopes, order, after=after, before=before, size=size)
+    matching = rows if one_scope else rows.filter(tenant_id__in=ids)
+    # created_at: a column of every filter's index, so the count can read the index alone
+    if matching.order_by().values("created_at")[: UNINDEXED_SORT_CAP + 1].count() > UNINDEXED_SORT_CAP:
+        raise TooManyToSort(f"more than {UNINDEXED_SORT_CAP:,} requests match")
+    return keyset_page([matching], order, after=after, before=before, size=size, indexed=False)
+
+
+AUDIT_SORTS = {
+    key.name: key
+    for key in (
+        # the order entries were written in (created_at is set just before, so it agrees to the
+        # millisecond); indexes: the primary key, (tenant_id, id), (action, id)
+        SortKey("time", "pk", "id"),
+        SortKey("actor", "actor_label", "text"),
+        SortKey("action", "action", "text"),
+    )
+}
+AUDIT_NEWEST_FIRST = Order(AUDIT_SORTS["time"], descending=True)
+
+
+def audit_entries_page(
+    user: Any,
+    *,
+    tenant_id: int | None = None,
+    action: str = "",
+    order: Order = AUDIT_NEWEST_FIRST,
+    after: Position | None = None,
+    before: Position | None = None,
+    size: int = 50,
+) -> KeysetPage[AuditEntry]:
+    """A page of the audit log ``user`` may read (:func:`audit_entries_visible`), of one tenant
+    and one action if given, in ``order`` (one query; tenancy.keyset).
+
+    Index-served (migration 0011): every order alone, or with a tenant (``(tenant_id, column,
+    id)``), and time or action with an action filter (``(action, id)``, ``(tenant_id, action,
+    id)``). An actor order with an action filter walks the actor index; the audit log holds
+    people's changes (thousands of rows, not millions), so that stays cheap.
+    """
+    entries = audit_entries_visible(user)
+    if tenant_id is not None:
+        entries = entries.filter(tenant_id=tenant_id)
+    if action:
+        entries = entries.filter(action=action)
+    return keyset_page([entries], order, after=after, before=before, size=size)
 
 
 def audit_entries_visible(user: Any) -> QuerySet[AuditEntry]:

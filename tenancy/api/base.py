@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+import binascii
 from datetime import datetime
 from typing import Any, TypeVar
 
@@ -13,9 +15,11 @@ from rest_framework.exceptions import ValidationError
 from rest_framework.permissions import IsAuthenticated
 from rest_framework.request import Request
 from rest_framework.response import Response
+from rest_framework.utils.urls import replace_query_param
 
 from accounts.infra.api import ApiViewMixin, IdCursorPagination
 from tenancy.access import tenant_ids_for, tenant_or_404
+from tenancy.keyset import DAMAGED, KeysetPage, Order, Position, SortKey, cursor_parse, cursor_text, keyset_page
 from tenancy.params import FIRST_YEAR, LAST_YEAR, nul_free
 
 _M = TypeVar("_M", bound=Model)
@@ -73,6 +77,65 @@ def in_time_range(rows: QuerySet[_M], params: Any, field: str = "created_at") ->
     if end is not None:
         rows = rows.filter(**{f"{field}__lt": end})
     return rows
+
+
+class TimeKeysetPagination(IdCursorPagination):
+    """Newest first by ``(created_at, id)``, keyset pagination (tenancy.keyset): ``?cursor=``
+    from a page's ``next`` or ``previous`` link, ``?limit=`` 1-500 (default 50).
+
+    Every page is one index range read after (or before) the position the cursor names, however
+    deep: no OFFSET (DRF's CursorPagination keeps one for rows sharing a time) and no COUNT. The
+    cursor is opaque: base64url of ``a:`` (the page after) or ``b:`` (the page before) and the
+    keyset cursor of the position. A damaged one, or one made for another list, is a 400.
+    The answer has DRF's shape (``next``, ``previous``, ``results``), so its schema is DRF's.
+    """
+
+    order = Order(SortKey("time", "created_at", "time"), descending=True)
+
+    def positions(self, request: Request) -> tuple[Position | None, Position | None]:
+        """``(after, before)``: the position the asked page follows or precedes (both None: the
+        first page). Raises a 400 for a damaged cursor."""
+        text = request.query_params.get(self.cursor_query_param)
+        if not text:
+            return None, None
+        try:
+            decoded = base64.b64decode(text.encode("ascii"), altchars=b"-_", validate=True).decode("utf-8")
+            way, _, cursor = decoded.partition(":")
+            if way not in ("a", "b"):
+                raise ValueError(DAMAGED)
+            position = cursor_parse(cursor, self.order)
+        except (ValueError, UnicodeError, binascii.Error):
+            raise ValidationError({"cursor": ["not a page of this list (a damaged link?)."]}) from None
+        return (position, None) if way == "a" else (None, position)
+
+    def paginate_queryset(self, queryset: Any, request: Request, view: Any = None) -> list[Any]:
+        """A page of ``queryset`` (DRF's entry point, for a view that leaves paging to it)."""
+        after, before = self.positions(request)
+        page = keyset_page([queryset], self.order, after=after, before=before, size=self.size(request))
+        self.keep(request, page)
+        return page.rows
+
+    def size(self, request: Request) -> int:
+        """The page size asked for (``?limit=``, 1-500), else the default."""
+        return self.get_page_size(request) or int(self.page_size or 50)
+
+    def keep(self, request: Request, page: KeysetPage[Any]) -> None:
+        """Remember ``page``'s links for :meth:`get_paginated_response`."""
+        self.request = request
+        self.page_url = request.build_absolute_uri()
+        self.keyset = page
+
+    def _link(self, way: str, position: Position | None) -> str | None:
+        if position is None:
+            return None
+        cursor = f"{way}:{cursor_text(self.order, position)}".encode()
+        return replace_query_param(self.page_url, self.cursor_query_param, base64.urlsafe_b64encode(cursor).decode())
+
+    def get_next_link(self) -> str | None:
+        return self._link("a", self.keyset.next)
+
+    def get_previous_link(self) -> str | None:
+        return self._link("b", self.keyset.previous)
 
 
 class ScopedViewSet(ApiViewMixin, mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.GenericViewSet):

@@ -1,5 +1,6 @@
 """Read-only logs: ``/api/v1/audit/`` (who changed what) and ``/api/v1/usage/records/`` (the
-request log). Newest first, cursor pagination, filters in the query string.
+request log). Newest first, cursor pagination (the request log: keyset on ``(created_at, id)``,
+tenancy.api.base.TimeKeysetPagination), filters in the query string.
 
 The audit log: operators read all of it; owners and admins their tenants' entries (viewers
 none). Nothing edits or deletes it. The request log: every member reads their tenants'.
@@ -12,12 +13,20 @@ from typing import Any
 from django.db.models import QuerySet
 from drf_spectacular.utils import OpenApiParameter
 from rest_framework import serializers
+from rest_framework.request import Request
+from rest_framework.response import Response
 
 from tenancy.access import tenant_ids_for, tenant_or_404
-from tenancy.api.base import ScopedViewSet, in_time_range, timed_list, when, whole
+from tenancy.api.base import ScopedViewSet, TimeKeysetPagination, in_time_range, timed_list, when, whole
 from tenancy.models import AuditEntry, UsageRecord
 from tenancy.pricing import TOKEN_FIELDS
-from tenancy.selectors import RecordFilter, audit_entries_visible, usage_records_visible
+from tenancy.selectors import (
+    USAGE_NEWEST_FIRST,
+    RecordFilter,
+    audit_entries_visible,
+    usage_records_page,
+    usage_records_visible,
+)
 
 
 class AuditEntrySerializer(serializers.ModelSerializer[AuditEntry]):
@@ -88,16 +97,18 @@ class UsageRecordSerializer(serializers.ModelSerializer[UsageRecord]):
     OpenApiParameter("request_id", str, description="The one request with this x-request-id."),
 )
 class UsageRecordViewSet(ScopedViewSet):
-    """The request log: one record per request, as metered."""
+    """The request log: one record per request, as metered; newest first by ``(created_at,
+    id)``, keyset pages (the console's request log's selector and indexes)."""
 
     serializer_class = UsageRecordSerializer
+    pagination_class = TimeKeysetPagination
 
     def get_queryset(self) -> QuerySet[UsageRecord]:
-        user = self.request.user
-        if self.action != "list":
-            return usage_records_visible(tenant_ids_for(user), RecordFilter())
-        params = self.request.query_params
-        tenant = tenant_or_404(user, params["tenant"]).pk if params.get("tenant") else None
+        return usage_records_visible(tenant_ids_for(self.request.user), RecordFilter())
+
+    def list(self, request: Request, *args: Any, **kwargs: Any) -> Response:
+        params = request.query_params
+        tenant = tenant_or_404(request.user, params["tenant"]).pk if params.get("tenant") else None
         wanted = RecordFilter(
             tenant_id=tenant,
             api_key_id=whole(params, "key"),
@@ -108,4 +119,15 @@ class UsageRecordViewSet(ScopedViewSet):
             start=when(params, "from"),
             end=when(params, "to"),
         )
-        return usage_records_visible(tenant_ids_for(user), wanted)
+        paginator = TimeKeysetPagination()
+        after, before = paginator.positions(request)
+        page = usage_records_page(
+            tenant_ids_for(request.user),
+            wanted,
+            USAGE_NEWEST_FIRST,
+            after=after,
+            before=before,
+            size=paginator.size(request),
+        )
+        paginator.keep(request, page)
+        return paginator.get_paginated_response(self.get_serializer(page.rows, many=True).data)

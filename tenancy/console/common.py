@@ -224,6 +224,42 @@ def table(
     )
 
 
+@dataclass(frozen=True)
+class LogColumn:
+    """A column of a keyset-paged log: its header, the order it sorts by (``""``: none), whether
+    it holds numbers, and whether its first click sorts descending (slowest, costliest first)."""
+
+    label: str
+    key: str = ""
+    numeric: bool = False
+    descending_first: bool = False
+
+
+def log_header(request: HttpRequest, columns: Sequence[LogColumn], current: str) -> list[Column]:
+    """The header cells of a log ordered by ``current`` (``?sort=`` text, e.g. ``-latency``), for
+    ``console/_thead.html``: each sortable column links to the first page of its order (the
+    current column flips; another starts as its ``descending_first`` says), and the current
+    column has ``aria-sort``. The links keep the filters and drop the page cursor."""
+    key = current.removeprefix("-")
+    descending = current.startswith("-")
+    query = request.GET.copy()
+    for name in ("after", "before"):
+        query.pop(name, None)
+    out: list[Column] = []
+    for column in columns:
+        if not column.key:
+            out.append(Column(column.label, "", "", "", column.numeric))
+            continue
+        if column.key == key:
+            flipped = not descending
+            aria = "descending" if descending else "ascending"
+        else:
+            flipped, aria = column.descending_first, ""
+        query["sort"] = ("-" if flipped else "") + column.key
+        out.append(Column(column.label, column.key, "?" + query.urlencode(), aria, column.numeric))
+    return out
+
+
 def operator_context(request: HttpRequest) -> dict[str, Any]:
     """Template context processor: whether the signed-in user is an operator (for the nav)."""
     return {"console_operator": is_operator(getattr(request, "user", None))}

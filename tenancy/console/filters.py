@@ -1,8 +1,9 @@
 """The console's filter forms (GET): the request log, the audit log, usage and the overview.
 
 Every value of the query string is read by a form field, so bad input (an unreadable or
-out-of-range date, a NUL character, a damaged page cursor, a non-numeric id) is an error shown
-next to its field with a 400, never a 500 (tenancy.params reads the values).
+out-of-range date, a NUL character, an unknown order, a damaged page cursor or one made for
+another order, a non-numeric id) is an error shown next to its field with a 400, never a 500
+(tenancy.params and tenancy.keyset read the values).
 """
 
 from __future__ import annotations
@@ -13,7 +14,9 @@ from typing import Any
 from django import forms
 from django.core.exceptions import ValidationError
 
-from tenancy.params import cursor_parse, id_parse, moment_parse
+from tenancy.keyset import SortKey, cursor_parse, order_parse
+from tenancy.params import id_parse, moment_parse
+from tenancy.selectors import AUDIT_SORTS, USAGE_SORTS
 
 
 class MomentField(forms.CharField):
@@ -42,39 +45,51 @@ class IdField(forms.CharField):
             raise ValidationError(str(error)) from None
 
 
-class CursorField(forms.CharField):
-    """The keyset cursor of a newest-first log (``<ISO time>,<id>``)."""
-
-    def to_python(self, value: Any) -> tuple[datetime, int] | None:  # type: ignore[override]
-        text = super().to_python(value)
-        if not text:
-            return None
-        try:
-            return cursor_parse(text)
-        except ValueError as error:
-            raise ValidationError(str(error)) from None
-
-
 def _text(max_length: int = 200) -> forms.CharField:
     # Django's CharField refuses NUL characters (ProhibitNullCharactersValidator).
     return forms.CharField(required=False, max_length=max_length)
 
 
-class TimedFilter(forms.Form):
-    """A range ``[from, to)`` and the keyset cursor of a newest-first log."""
+class SortedLogFilter(forms.Form):
+    """A log's order and keyset cursor: ``?sort=`` (one of the log's orders, ``-`` for
+    descending; absent: newest first) and ``?after=`` (the next page) or ``?before=`` (the page
+    before), each a cursor made for that order (tenancy.keyset). An unknown order, a damaged
+    cursor or one made for another order is an error next to its field.
+
+    ``cleaned_data``: ``order`` (an Order), ``after`` and ``before`` (a Position or None)."""
+
+    sorts: dict[str, SortKey] = {}
+    default_order = "-time"
 
     tenant = _text(100)
-    before = CursorField(required=False)
+    sort = _text(20)
+    after = _text(300)
+    before = _text(300)
 
     def clean(self) -> dict[str, Any]:
         data = super().clean() or {}
-        start, end = data.get("from"), data.get("to")
-        if start is not None and end is not None and end <= start:
-            self.add_error("to", "must be after From.")
+        try:
+            order = order_parse(data.get("sort") or self.default_order, self.sorts)
+        except ValueError as error:
+            self.add_error("sort", str(error))
+            return data
+        data["order"] = order
+        for name in ("after", "before"):
+            text = data.get(name)
+            if not text:
+                data[name] = None
+                continue
+            try:
+                data[name] = cursor_parse(text, order)
+            except ValueError as error:
+                self.add_error(name, str(error))
+        if data.get("after") and data.get("before"):
+            self.add_error("before", "not with After: one page at a time.")
         return data
 
 
-class RequestLogFilter(TimedFilter):
+class RequestLogFilter(SortedLogFilter):
+    sorts = USAGE_SORTS
     request_id = _text()
     key = IdField(required=False)
     account = IdField(required=False)
@@ -86,8 +101,16 @@ class RequestLogFilter(TimedFilter):
         self.fields["from"] = MomentField(required=False)
         self.fields["to"] = MomentField(required=False)
 
+    def clean(self) -> dict[str, Any]:
+        data = super().clean()
+        start, end = data.get("from"), data.get("to")
+        if start is not None and end is not None and end <= start:
+            self.add_error("to", "must be after From.")
+        return data
 
-class AuditFilter(TimedFilter):
+
+class AuditFilter(SortedLogFilter):
+    sorts = AUDIT_SORTS
     action = _text(100)
 
 

@@ -1,31 +1,41 @@
 """The request log (with one request's page), the audit log and usage: read-only pages.
 
 Members read their tenants' requests and usage; the audit log is for operators and the owners
-and admins of a tenant (as in the API). Pages are newest first with keyset pagination
-(``?before=<created_at>,<id>``): a page is one index range read, never an OFFSET or a COUNT
-over millions of rows. Usage is read from the 15-minute rollups (tenancy/reports.py), never from
+and admins of a tenant (as in the API). The logs are newest first unless a column header
+sorts them (``?sort=``), with keyset pagination both ways (``?after=`` / ``?before=`` a cursor
+of that order, tenancy.keyset): a page is one index range read, never an OFFSET or a COUNT over
+millions of rows. Usage is read from the 15-minute rollups (tenancy/reports.py), never from
 the raw records.
 """
 
 from __future__ import annotations
 
 import csv
+from dataclasses import replace
 from datetime import datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
 from django import forms
-from django.db.models import Q
 from django.http import Http404, HttpRequest, HttpResponse
 from django.shortcuts import render
 from django.utils import timezone
 
 from tenancy.access import tenant_ids_for, tenant_or_404, tenants_for
-from tenancy.console.common import checks_own_query, console_view
+from tenancy.console.common import LogColumn, checks_own_query, console_view, log_header
 from tenancy.console.filters import AuditFilter, RequestLogFilter, UsageFilter
+from tenancy.keyset import KeysetPage, Order, cursor_text
 from tenancy.pricing import TOKEN_FIELDS
 from tenancy.reports import REPORT_CSV_COLUMNS, ReportError, ReportQuery, report_rows, usage_report
-from tenancy.selectors import RecordFilter, audit_entries_visible, usage_records_visible
+from tenancy.selectors import (
+    UNINDEXED_SORT_CAP,
+    RecordFilter,
+    TooManyToSort,
+    audit_entries_page,
+    usage_order_indexed,
+    usage_record_get,
+    usage_records_page,
+)
 from tenancy.services.rollups import data_as_of
 
 LOG_PAGE = 50
@@ -33,20 +43,6 @@ LOG_PAGE = 50
 USAGE_RANGES = {"24h": ("Last 24 hours", timedelta(hours=24)), "7d": ("Last 7 days", timedelta(days=7))}
 USAGE_RANGES["30d"] = ("Last 30 days", timedelta(days=30))
 GROUPS = ("tenant", "key", "model", "account")
-
-
-def _keyset(rows: Any, cursor: tuple[datetime, int] | None, *, field: str = "created_at") -> tuple[list[Any], str]:
-    """One newest-first page of ``rows`` after ``cursor`` (the previous page's last time and id)
-    and the cursor text of the next page ("" when this is the last)."""
-    if cursor is not None:
-        moment, pk = cursor
-        rows = rows.filter(Q(**{f"{field}__lt": moment}) | Q(**{field: moment, "pk__lt": pk}))
-    page = list(rows.order_by(f"-{field}", "-pk")[: LOG_PAGE + 1])
-    if len(page) <= LOG_PAGE:
-        return page, ""
-    page = page[:LOG_PAGE]
-    last = page[-1]
-    return page, f"{getattr(last, field).isoformat()},{last.pk}"
 
 
 def _bad_filters(request: HttpRequest, template: str, form: forms.Form, context: dict[str, Any]) -> HttpResponse:
@@ -61,19 +57,102 @@ def _query_with(request: HttpRequest, **changes: str) -> str:
     return "?" + query.urlencode()
 
 
+# The request log's columns: header, order (tenancy.selectors.USAGE_SORTS), numeric, first
+# click descending.
+REQUEST_COLUMNS = [
+    LogColumn("Time (UTC)", "time", descending_first=True),
+    LogColumn("Request id"),
+    LogColumn("Tenant"),
+    LogColumn("Key"),
+    LogColumn("Model"),
+    LogColumn("Status", "status", numeric=True, descending_first=True),
+    LogColumn("Outcome"),
+    LogColumn("Account", numeric=True),
+    LogColumn("Tokens", "tokens", numeric=True, descending_first=True),
+    LogColumn("Cost (USD)", "cost", numeric=True, descending_first=True),
+    LogColumn("Latency (ms)", "latency", numeric=True, descending_first=True),
+    LogColumn("First byte (ms)", numeric=True),
+    LogColumn("Attempts", numeric=True),
+]
+AUDIT_COLUMNS = [
+    LogColumn("Time (UTC)", "time", descending_first=True),
+    LogColumn("Who", "actor"),
+    LogColumn("From"),
+    LogColumn("Action", "action"),
+    LogColumn("What"),
+    LogColumn("Before"),
+    LogColumn("After"),
+]
+# What the caption says of each order (ascending, descending).
+ORDER_WORDS = {
+    "time": ("oldest first", "newest first"),
+    "latency": ("by latency, fastest first", "by latency, slowest first"),
+    "cost": ("by cost, cheapest first (unknown last)", "by cost, costliest first (unknown last)"),
+    "tokens": ("by tokens, fewest first (unknown last)", "by tokens, most first (unknown last)"),
+    "status": ("by status, lowest first", "by status, highest first"),
+    "actor": ("by who, A to Z", "by who, Z to A"),
+    "action": ("by action, A to Z", "by action, Z to A"),
+}
+# A key, account, model or status filter in an order other than time has no index: the page
+# sorts the matching records of a date range (by default the last day; docs/console.md).
+SORT_WINDOW = timedelta(days=1)
+
+
+def _page_links(request: HttpRequest, page: KeysetPage[Any], order: Order) -> dict[str, str]:
+    """The first, previous and next page links of a keyset page (empty: none)."""
+
+    def link(**cursor: str) -> str:
+        query = request.GET.copy()
+        for name in ("after", "before"):
+            query.pop(name, None)
+        query.update(cursor)
+        return "?" + query.urlencode()
+
+    return {
+        "first_url": link() if page.previous is not None else "",
+        "previous_url": link(before=cursor_text(order, page.previous)) if page.previous is not None else "",
+        "next_url": link(after=cursor_text(order, page.next)) if page.next is not None else "",
+    }
+
+
+def _windowed(wanted: RecordFilter, order: Order) -> tuple[RecordFilter, str]:
+    """``wanted`` with a date range when no index serves it in ``order``
+    (tenancy.selectors.usage_order_indexed): none given means the last day. Also what the page
+    says of it ("" when an index serves the page)."""
+    if usage_order_indexed(wanted, order):
+        return wanted, ""
+    start = wanted.start
+    if start is None:
+        start = (wanted.end or timezone.now()) - SORT_WINDOW
+    shown = f"{start:%Y-%m-%d %H:%M} UTC to " + (f"{wanted.end:%Y-%m-%d %H:%M} UTC" if wanted.end else "now")
+    why = (
+        f"No index sorts by {order.key.name}"
+        if not order.key.indexed
+        else "No index sorts a key, account, model or status filter by anything but time"
+    )
+    note = (
+        f"{why}: this page sorts the requests of {shown} (From and To choose the range, up to "
+        f"{UNINDEXED_SORT_CAP:,} requests)."
+    )
+    return replace(wanted, start=start), note
+
+
 @console_view
 @checks_own_query
 def request_list(request: HttpRequest) -> HttpResponse:
-    """The request log: filters, search by request id, newest first."""
+    """The request log: filters, search by request id, sortable (newest first by default),
+    keyset pages both ways (tenancy.selectors.usage_records_page)."""
     user = request.user
     get = request.GET
     form = RequestLogFilter(get)
+    current = get.get("sort") or "-time"
     context: dict[str, Any] = {
         "section": "requests",
         "tenants": tenants_for(user).order_by("name").only("slug", "name"),
         "filters": {name: get.get(name, "") for name in RECORD_FILTERS},
         "from": get.get("from", ""),
         "to": get.get("to", ""),
+        "sort": current if current != "-time" else "",
         "filtered": any(get.get(name) for name in (*RECORD_FILTERS, "from", "to")),
         "records": [],
     }
@@ -81,6 +160,7 @@ def request_list(request: HttpRequest) -> HttpResponse:
         return _bad_filters(request, "console/requests.html", form, context)
     data = form.cleaned_data
     tenant = tenant_or_404(user, data["tenant"]) if data["tenant"] else None
+    order: Order = data["order"]
     wanted = RecordFilter(
         tenant_id=tenant.pk if tenant else None,
         api_key_id=data["key"],
@@ -91,12 +171,21 @@ def request_list(request: HttpRequest) -> HttpResponse:
         start=data["from"],
         end=data["to"],
     )
-    records, cursor = _keyset(usage_records_visible(tenant_ids_for(user), wanted), data["before"])
+    wanted, window = _windowed(wanted, order)
+    try:
+        page = usage_records_page(
+            tenant_ids_for(user), wanted, order, after=data["after"], before=data["before"], size=LOG_PAGE
+        )
+    except TooManyToSort as error:
+        form.add_error("from", f"{error} in this range to sort them by {order.key.name}: choose a shorter range.")
+        return _bad_filters(request, "console/requests.html", form, context)
     context.update(
         form=form,
-        records=records,
-        next_url=_query_with(request, before=cursor) if cursor else "",
-        first_url=_query_with(request, before="") if data["before"] else "",
+        records=page.rows,
+        window=window,
+        caption=ORDER_WORDS[order.key.name][order.descending],
+        table={"columns": log_header(request, REQUEST_COLUMNS, order.name)},
+        **_page_links(request, page, order),
     )
     return render(request, "console/requests.html", context)
 
@@ -109,7 +198,7 @@ def request_detail(request: HttpRequest, request_id: str) -> HttpResponse:
     """One request as metered: answer, tokens by kind, cost, timings and every attempt."""
     if "\x00" in request_id:  # no such request (PostgreSQL cannot compare a NUL)
         raise Http404("No such request.")
-    record = usage_records_visible(tenant_ids_for(request.user), RecordFilter(request_id=request_id)).first()
+    record = usage_record_get(tenant_ids_for(request.user), request_id)
     if record is None:
         raise Http404("No such request.")
     tokens = [(name.replace("_", " "), getattr(record, name)) for name in TOKEN_FIELDS]
@@ -120,30 +209,39 @@ def request_detail(request: HttpRequest, request_id: str) -> HttpResponse:
 @console_view
 @checks_own_query
 def audit_list(request: HttpRequest) -> HttpResponse:
-    """Who changed what, when, with the values before and after."""
+    """Who changed what, when, with the values before and after: sortable by time, who and
+    action, keyset pages both ways (tenancy.selectors.audit_entries_page)."""
     user = request.user
     form = AuditFilter(request.GET)
+    current = request.GET.get("sort") or "-time"
     context: dict[str, Any] = {
         "section": "audit",
         "entries": [],
         "tenants": tenants_for(user).order_by("name").only("slug", "name"),
         "tenant": request.GET.get("tenant", ""),
         "action": request.GET.get("action", ""),
+        "sort": current if current != "-time" else "",
     }
     if not form.is_valid():
         return _bad_filters(request, "console/audit.html", form, context)
     data = form.cleaned_data
-    entries = audit_entries_visible(user)
-    if data["tenant"]:
-        entries = entries.filter(tenant_id=tenant_or_404(user, data["tenant"]).pk)
-    if data["action"]:
-        entries = entries.filter(action=data["action"])
-    page, cursor = _keyset(entries, data["before"])
+    order: Order = data["order"]
+    tenant_id = tenant_or_404(user, data["tenant"]).pk if data["tenant"] else None
+    page = audit_entries_page(
+        user,
+        tenant_id=tenant_id,
+        action=data["action"],
+        order=order,
+        after=data["after"],
+        before=data["before"],
+        size=LOG_PAGE,
+    )
     context.update(
         form=form,
-        entries=page,
-        next_url=_query_with(request, before=cursor) if cursor else "",
-        first_url=_query_with(request, before="") if data["before"] else "",
+        entries=page.rows,
+        caption=ORDER_WORDS[order.key.name][order.descending],
+        table={"columns": log_header(request, AUDIT_COLUMNS, order.name)},
+        **_page_links(request, page, order),
     )
     return render(request, "console/audit.html", context)
 

@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+import base64
 from datetime import timedelta
 from typing import Any
 
 import pytest
 from django.contrib.auth.models import User
 from django.core.cache import cache
+from django.db import connection
+from django.test.utils import CaptureQueriesContext
 from django.utils import timezone
-from rest_framework.test import APIClient
+from rest_framework.request import Request
+from rest_framework.test import APIClient, APIRequestFactory
 
+from tenancy.api.base import TimeKeysetPagination
 from tenancy.keys import key_digest
 from tenancy.models import ApiKey, AuditEntry, Membership, Tenant, UsageRecord
 from tenancy.services.members import member_add
@@ -160,10 +165,10 @@ def test_the_request_log_filters_pages_and_stays_in_the_tenant(acme: Tenant) -> 
     for n in range(7):
         record(acme, n, status_code=429 if n % 3 == 0 else 200, model="gpt-4.1-mini" if n == 5 else "gpt-4.1")
     record(other, 0)
-    page = viewer.get("/api/v1/usage/records/?limit=3").json()
-    assert [r["request_id"] for r in page["results"]] == ["req_acme_6", "req_acme_5", "req_acme_4"]
+    page = viewer.get("/api/v1/usage/records/?limit=3").json()  # newest first by time, not id
+    assert [r["request_id"] for r in page["results"]] == ["req_acme_0", "req_acme_1", "req_acme_2"]
     rest = viewer.get(page["next"]).json()
-    assert [r["request_id"] for r in rest["results"]] == ["req_acme_3", "req_acme_2", "req_acme_1"]
+    assert [r["request_id"] for r in rest["results"]] == ["req_acme_3", "req_acme_4", "req_acme_5"]
     refused = viewer.get("/api/v1/usage/records/?status=429").json()["results"]
     assert sorted(r["request_id"] for r in refused) == ["req_acme_0", "req_acme_3", "req_acme_6"]
     assert [r["request_id"] for r in viewer.get("/api/v1/usage/records/?model=gpt-4.1-mini").json()["results"]] == [
@@ -178,6 +183,56 @@ def test_the_request_log_filters_pages_and_stays_in_the_tenant(acme: Tenant) -> 
     assert bad.status_code == 400
     assert "from" in bad.json()
     assert viewer.get("/api/v1/usage/records/?status=abc").status_code == 400
+
+
+def test_the_request_log_is_keyset_paged_on_time_and_id_both_ways(acme: Tenant) -> None:
+    """Newest first by (created_at, id) whatever order the records were written in, ties on the
+    time broken by id; ``next`` and ``previous`` walk every record once; each page is one query
+    with neither OFFSET nor COUNT; a cursor of another list or a damaged one is a 400."""
+    viewer = member(acme, "vic", "viewer")
+    now = timezone.now()
+    offsets = [5, 0, 9, 0, 3, 9, 9, 1]  # minutes ago, written out of time order, with ties
+    rows = [record(acme, n, created_at=now - timedelta(minutes=m)) for n, m in enumerate(offsets)]
+    newest_first = [r.request_id for r in sorted(rows, key=lambda r: (r.created_at, r.pk), reverse=True)]
+    pages: list[list[str]] = []
+    url: str | None = "/api/v1/usage/records/?limit=3"
+    with CaptureQueriesContext(connection) as queries:
+        while url:
+            body = viewer.get(url).json()
+            pages.append([r["request_id"] for r in body["results"]])
+            url = body["next"]
+    assert [row for page in pages for row in page] == newest_first
+    assert [len(page) for page in pages] == [3, 3, 2]
+    reads = [q["sql"].upper() for q in queries.captured_queries if "TENANCY_USAGERECORD" in q["sql"].upper()]
+    assert len(reads) == 3
+    assert all("OFFSET" not in sql and "COUNT(" not in sql and "LIMIT 4" in sql for sql in reads)
+    back = body["previous"]
+    for page in reversed(pages[:-1]):
+        body = viewer.get(back).json()
+        assert [r["request_id"] for r in body["results"]] == page
+        back = body["previous"]
+    assert back is None
+    other_list = base64.urlsafe_b64encode(b"a:-latency,1.5,1").decode()
+    for cursor in (other_list, "YTp4", "a:-time", "%FF", "YTotdGltZSwyMDI2LTAxLTAxVDAwOjAwOjAwKzAwOjAwLDA="):
+        refused = viewer.get(f"/api/v1/usage/records/?cursor={cursor}")
+        assert refused.status_code == 400, cursor
+        assert "cursor" in refused.json()
+
+
+def test_the_keyset_pagination_pages_any_queryset_it_is_given(acme: Tenant) -> None:
+    """DRF's entry point (paginate_queryset), for a view that leaves paging to it."""
+    now = timezone.now()
+    rows = [record(acme, n, created_at=now - timedelta(minutes=m)) for n, m in enumerate([2, 0, 2, 1, 3])]
+    newest_first = [r.request_id for r in sorted(rows, key=lambda r: (r.created_at, r.pk), reverse=True)]
+    seen: list[str] = []
+    url: str | None = "http://testserver/api/v1/usage/records/?limit=2"
+    while url:
+        paginator = TimeKeysetPagination()
+        request = Request(APIRequestFactory().get(url))
+        page = paginator.paginate_queryset(UsageRecord.objects.all(), request)
+        seen += [r.request_id for r in page]
+        url = paginator.get_paginated_response([]).data["next"]
+    assert seen == newest_first
 
 
 def test_a_viewer_reads_no_audit_log_and_an_outsider_none_of_another_tenant(acme: Tenant) -> None:

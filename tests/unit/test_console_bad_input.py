@@ -34,7 +34,13 @@ FORGED_CURSORS = [
     "0001-01-01T00:00:00-14:00,1",
     "2026-01-01T00:00:00%2B00:00%00,1",
     ",",
+    "-time,2026-01-01T00:00:00+00:00",  # no id
+    "2026-01-01T00:00:00+00:00,12",  # the cursor of before sorting: no order named
+    "-time,2026-01-01T00:00:00+00:00,12,",
+    "-latency,1.5,12",  # another order's
+    "time,2026-01-01T00:00:00+00:00,12",  # the other direction's
 ]
+BAD_SORTS = ["nope", "-nope", "--time", "-", "time%00", "t" * 40, "%C2%B2"]
 
 
 @pytest.fixture(autouse=True)
@@ -88,9 +94,15 @@ CONSOLE_FIELD_CASES = [
     ("/console/requests/", "status", BIG, "f-status"),
     ("/console/requests/", "model", "m" * 300, "f-model"),
     *[("/console/requests/", "before", cursor, "f-before") for cursor in FORGED_CURSORS],
+    *[("/console/requests/", "after", cursor, "f-after") for cursor in FORGED_CURSORS],
+    *[("/console/requests/", "sort", value, "f-sort") for value in BAD_SORTS],
+    ("/console/requests/", "sort", "actor", "f-sort"),  # the audit log's, not this one's
     ("/console/audit/", "tenant", "a%00", "a-tenant"),
     ("/console/audit/", "action", "a%00", "a-action"),
     *[("/console/audit/", "before", cursor, "a-before") for cursor in FORGED_CURSORS],
+    *[("/console/audit/", "after", cursor, "a-after") for cursor in FORGED_CURSORS],
+    *[("/console/audit/", "sort", value, "a-sort") for value in BAD_SORTS],
+    ("/console/audit/", "sort", "latency", "a-sort"),
     ("/console/usage/", "tenant", "a%00", "u-tenant"),
     ("/console/usage/", "group_by", "nope", "u-group-by"),
     ("/console/usage/", "group_by", "a%00", "u-group-by"),
@@ -107,6 +119,68 @@ def test_a_bad_filter_is_an_error_next_to_its_field(page: str, name: str, value:
     error = re.search(rf'id="{field_id}-errors" role="alert"><li>([^<]+)</li>', html)
     assert error is not None, html
     assert "req_1" not in html  # no rows under a refused filter
+
+
+# (query, the id of the field the error is next to): cursors that do not fit their order, and
+# values of every kind of column a cursor may carry that the database could not compare.
+SORTED_CURSOR_CASES = [
+    ("sort=-latency&after=-latency,nan,1", "f-after"),
+    ("sort=-latency&after=-latency,inf,1", "f-after"),
+    ("sort=-latency&after=-latency,1e999,1", "f-after"),
+    ("sort=-latency&after=-latency,abc,1", "f-after"),
+    ("sort=-latency&after=-latency,,1", "f-after"),  # latency is never unknown
+    ("sort=-latency&after=-latency,1.5," + BIG, "f-after"),
+    ("sort=-latency&after=-time,2026-01-01T00:00:00%2B00:00,1", "f-after"),  # made for time
+    ("sort=cost&before=cost,1e-999999,1", "f-before"),  # PostgreSQL's numeric cannot hold it
+    ("sort=cost&before=cost,1E5,1", "f-before"),
+    ("sort=cost&before=cost," + "9" * 30 + ",1", "f-before"),
+    ("sort=cost&before=cost,0x10,1", "f-before"),
+    ("sort=-tokens&after=-tokens,1.5,1", "f-after"),
+    ("sort=-tokens&after=-tokens," + BIG + ",1", "f-after"),
+    ("sort=status&after=status,%C2%B2,1", "f-after"),
+    ("sort=-time&after=-time,,12", "f-after"),  # a time is never unknown
+    ("sort=-time&after=-time,9999-12-31T23:59:59-14:00,1", "f-after"),
+    ("after=-time,2026-01-01T00:00:00%2B00:00,1&before=-time,2026-01-01T00:00:00%2B00:00,2", "f-before"),
+]
+SORTED_AUDIT_CASES = [
+    ("sort=actor&after=actor," + "a" * 250 + ",1", "a-after"),
+    ("sort=actor&after=actor,ann%00,1", "a-after"),
+    ("sort=-time&after=-time,12,1", "a-after"),  # time is by id alone: no value
+    ("sort=action&after=-action,x,1", "a-after"),
+]
+
+
+@pytest.mark.parametrize(("query", "field_id"), SORTED_CURSOR_CASES)
+def test_a_cursor_that_does_not_fit_its_order_is_an_error_next_to_it(query: str, field_id: str) -> None:
+    response = console().get(f"/console/requests/?{query}")
+    assert response.status_code == 400
+    html = response.content.decode()
+    assert re.search(rf'id="{field_id}-errors" role="alert"><li>[^<]+</li>', html), html
+    assert "req_1" not in html
+
+
+@pytest.mark.parametrize(("query", "field_id"), SORTED_AUDIT_CASES)
+def test_a_cursor_of_the_audit_log_that_does_not_fit_is_an_error_next_to_it(query: str, field_id: str) -> None:
+    response = console().get(f"/console/audit/?{query}")
+    assert response.status_code == 400
+    assert re.search(rf'id="{field_id}-errors" role="alert"><li>[^<]+</li>', response.content.decode())
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "/console/requests/?sort=-cost&after=-cost,,1",  # past the last unknown cost: an empty page
+        "/console/requests/?sort=cost&before=cost,0.000000001,1",
+        "/console/requests/?sort=-latency&after=-latency,1e-05,1",
+        "/console/requests/?sort=-tokens&after=-tokens,-5,1",
+        "/console/requests/?sort=status&before=status,599,9223372036854775807",
+        "/console/audit/?sort=actor&after=actor,,1",  # an empty name is a name
+        "/console/audit/?sort=-action&after=-action,a%2Cb,1",  # commas in a value
+        "/console/audit/?sort=time&before=time,,5",
+    ],
+)
+def test_a_well_formed_cursor_anywhere_in_its_order_shows_a_page(url: str) -> None:
+    assert console().get(url).status_code == 200
 
 
 def test_the_range_from_must_come_before_to() -> None:

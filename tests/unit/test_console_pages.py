@@ -176,7 +176,17 @@ def _tenant_pages(world: World) -> list[str]:
         "/console/?tenant=theirs",
         f"/console/requests/{_their_request(world)}/",
         "/console/requests/?tenant=theirs",
+        # ... in every order, on any page of it
+        *[
+            f"/console/requests/?tenant=theirs&sort={sort}"
+            for sort in ("time", "-latency", "cost", "-tokens", "status")
+        ],
+        "/console/requests/?tenant=theirs&sort=-latency&after=-latency,12.5,1",
+        "/console/requests/?tenant=theirs&sort=cost&before=cost,,7",
+        "/console/requests/?tenant=theirs&sort=-latency&model=m1",  # an order no index serves
         "/console/audit/?tenant=theirs",
+        *[f"/console/audit/?tenant=theirs&sort={sort}" for sort in ("time", "-actor", "action")],
+        "/console/audit/?tenant=theirs&sort=actor&after=actor,tess,3",
         "/console/usage/?tenant=theirs",
     ]
 
@@ -232,6 +242,9 @@ def test_a_viewer_sees_no_change_button_and_every_write_is_refused(world: World)
         "/console/tenants/mine/",
         "/console/tenants/mine/keys/",
         f"/console/tenants/mine/keys/{key.pk}/",
+        "/console/requests/?sort=-latency",
+        "/console/requests/?sort=cost&tenant=mine",
+        "/console/audit/?sort=actor",
     ]
     for path in pages:
         page = viewer.get(path)
