@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
-from datetime import datetime
+from dataclasses import dataclass, replace
+from datetime import datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
@@ -312,18 +312,18 @@ def usage_record_get(tenant_ids: Any, request_id: str) -> UsageRecord | None:
     return found
 
 
-# The request log's orders (?sort=), each served by an index on (column, id) and one on
-# (tenant, column, id) (migration 0011); time by (created_at) and (tenant, created_at, id).
+# The request log's orders (?sort=). Time is served by (created_at) and (tenant, created_at, id)
+# (migration 0010); the others by no index: a pair of indexes per order made the usage writer
+# 2.5 times as dear (random values; docs/console.md, "Sorting"), so such a page sorts the
+# records of a bounded date range instead (usage_sort_start, UNINDEXED_SORT_CAP).
 USAGE_SORTS = {
     key.name: key
     for key in (
         SortKey("time", "created_at", "time"),
-        SortKey("latency", "latency_ms", "float"),
-        SortKey("cost", "cost", "decimal", nullable=True),
-        # No index: total tokens' index cost the usage writer as much as latency's or cost's
-        # (random values) for an order cost answers too; a page sorts a date range instead.
+        SortKey("latency", "latency_ms", "float", indexed=False),
+        SortKey("cost", "cost", "decimal", nullable=True, indexed=False),
         SortKey("tokens", "total_tokens", "int", nullable=True, indexed=False),
-        SortKey("status", "status_code", "int"),
+        SortKey("status", "status_code", "int", indexed=False),
     )
 }
 USAGE_NEWEST_FIRST = Order(USAGE_SORTS["time"], descending=True)
@@ -338,15 +338,27 @@ class TooManyToSort(Exception):
 
 
 def usage_order_indexed(wanted: RecordFilter, order: Order) -> bool:
-    """Whether an index serves the records matching ``wanted`` in ``order``: always for time
-    (migration 0010), never for an order without an index (tokens), for the other orders
-    unless a key, account, model or status filter is given (no index has those columns before
-    the order's; a request id names one record)."""
+    """Whether an index serves the records matching ``wanted`` in ``order``: time with any
+    filter (migration 0010), and a request id (one record); no other order has an index."""
     if order.key.name == "time" or wanted.request_id:
         return True
     if not order.key.indexed:
         return False
     return all(getattr(wanted, name) in (None, "") for name in UNINDEXED_WITH_SORT)
+
+
+def usage_sort_start(tenant_ids: Any, wanted: RecordFilter, since: datetime) -> datetime:
+    """The start of the default range a page in an order no index serves sorts: ``since``, or
+    later when more than :data:`UNINDEXED_SORT_CAP` records of ``tenant_ids`` (None: every
+    tenant) matching ``wanted`` came after it: then just after the time of the newest cap-th
+    one (read down the time index, at most cap entries), so that the page sorts the newest
+    requests, fewer than the cap however many share a time."""
+    rows = usage_records_visible(None, replace(wanted, start=since))
+    if tenant_ids is not None:
+        rows = rows.filter(tenant_id__in=sorted(set(tenant_ids)))
+    newest = rows.order_by("-created_at").values_list("created_at", flat=True)
+    boundary = next(iter(newest[UNINDEXED_SORT_CAP - 1 : UNINDEXED_SORT_CAP]), None)
+    return max(since, boundary + timedelta(microseconds=1)) if boundary is not None else since
 
 
 def usage_records_page(

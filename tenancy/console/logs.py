@@ -35,6 +35,7 @@ from tenancy.selectors import (
     usage_order_indexed,
     usage_record_get,
     usage_records_page,
+    usage_sort_start,
 )
 from tenancy.services.rollups import data_as_of
 
@@ -115,24 +116,21 @@ def _page_links(request: HttpRequest, page: KeysetPage[Any], order: Order) -> di
     }
 
 
-def _windowed(wanted: RecordFilter, order: Order) -> tuple[RecordFilter, str]:
+def _windowed(wanted: RecordFilter, order: Order, tenant_ids: Any) -> tuple[RecordFilter, str]:
     """``wanted`` with a date range when no index serves it in ``order``
-    (tenancy.selectors.usage_order_indexed): none given means the last day. Also what the page
-    says of it ("" when an index serves the page)."""
+    (tenancy.selectors.usage_order_indexed): none given means the last day, or the newest
+    ``UNINDEXED_SORT_CAP`` requests of it when it holds more (tenancy.selectors.usage_sort_start).
+    Also what the page says of it ("" when an index serves the page)."""
     if usage_order_indexed(wanted, order):
         return wanted, ""
     start = wanted.start
     if start is None:
-        start = (wanted.end or timezone.now()) - SORT_WINDOW
+        start = usage_sort_start(tenant_ids, wanted, (wanted.end or timezone.now()) - SORT_WINDOW)
     shown = f"{start:%Y-%m-%d %H:%M} UTC to " + (f"{wanted.end:%Y-%m-%d %H:%M} UTC" if wanted.end else "now")
-    why = (
-        f"No index sorts by {order.key.name}"
-        if not order.key.indexed
-        else "No index sorts a key, account, model or status filter by anything but time"
-    )
+    default = "" if wanted.start is not None else f", by default the last day or its newest {UNINDEXED_SORT_CAP:,}"
     note = (
-        f"{why}: this page sorts the requests of {shown} (From and To choose the range, up to "
-        f"{UNINDEXED_SORT_CAP:,} requests)."
+        f"No index sorts requests by {order.key.name}: this page sorts the requests of {shown} "
+        f"(From and To choose the range, up to {UNINDEXED_SORT_CAP:,} requests{default})."
     )
     return replace(wanted, start=start), note
 
@@ -171,7 +169,7 @@ def request_list(request: HttpRequest) -> HttpResponse:
         start=data["from"],
         end=data["to"],
     )
-    wanted, window = _windowed(wanted, order)
+    wanted, window = _windowed(wanted, order, tenant_ids_for(user))
     try:
         page = usage_records_page(
             tenant_ids_for(user), wanted, order, after=data["after"], before=data["before"], size=LOG_PAGE
