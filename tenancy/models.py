@@ -306,7 +306,7 @@ class UsageRecord(models.Model):
                 fields=["status_code", "created_at"], name="usage_error_time", condition=models.Q(status_code__gte=400)
             ),
             # No index for the log's other orders (tenancy.selectors.USAGE_SORTS): a page sorts
-            # a bounded date range (a pair per order made the usage writer 2.5 times as dear).
+            # a bounded date range (a pair per order made inserts 2.5 times as slow).
         ]
 
     def __str__(self) -> str:

@@ -313,8 +313,8 @@ def usage_record_get(tenant_ids: Any, request_id: str) -> UsageRecord | None:
 
 
 # The request log's orders (?sort=). Time is served by (created_at) and (tenant, created_at, id)
-# (migration 0010); the others by no index: a pair of indexes per order made the usage writer
-# 2.5 times as dear (random values; docs/console.md, "Sorting"), so such a page sorts the
+# (migration 0010); the others by no index: a pair of indexes per order made inserting usage
+# records 2.5 times as slow on PostgreSQL (random values; docs/console.md, "Sorting"), so such a page sorts the
 # records of a bounded date range instead (usage_sort_start, UNINDEXED_SORT_CAP).
 USAGE_SORTS = {
     key.name: key

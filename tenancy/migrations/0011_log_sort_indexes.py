@@ -1,7 +1,7 @@
 """The console's sortable audit log (docs/console.md, "Sorting"): who and action read an index in
 (column, id) order, alone and after tenant_id, so a keyset page never sorts the table. The
-request log's orders other than time have no index (a pair per order made the usage writer 2.5
-times as dear): a page sorts a bounded date range instead.
+request log's orders other than time have no index (a pair per order made inserting usage
+records 2.5 times as slow on PostgreSQL): a page sorts a bounded date range instead.
 """
 
 from django.db import migrations, models
