@@ -10,8 +10,9 @@ without a date range; values taken from a real record so that every combination 
 something) plus filters that match nothing, its second page, one request, the overview over
 each range and the usage page. Then the log's orders (``?sort=``: latency, cost, tokens, status
 and time, each way; alone, with a tenant, on a deep page, going back a page, for a member of
-two tenants; the orders no index serves: a key, model, account or status filter sorted by
-something else, over the default day and a week, and a range over the cap, which is refused),
+two tenants; every order but time sorts a bounded date range (tenancy.selectors.USAGE_SORTS):
+a key, model, account or status filter sorted by something else, over the default day and a
+week, and a range over the cap, which is refused),
 the audit log's orders and the API's request log (first and second page). Prints the median
 and the slowest of ``--repeat`` runs after a warm-up, per page; ``--explain`` also prints the
 PostgreSQL plan of each request-log query and flags any sequential scan of the usage table;
