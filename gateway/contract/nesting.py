@@ -24,7 +24,7 @@ _TO_PARENS = bytes.maketrans(b"[{]}", b"(())")
 def nesting_exceeds(raw: bytes, limit: int = MAX_NESTING) -> bool:
     """Whether the valid JSON ``raw`` nests arrays and objects more than ``limit`` levels deep."""
     # Each level opens with a bracket: a body with no more brackets than the limit (strings'
-    # brackets counted too) cannot exceed it. Most bodies stop here (~0.2 µs).
+    # brackets counted too) cannot exceed it. Most bodies stop here (0.29 µs for 204 bytes).
     if raw.count(b"[") + raw.count(b"{") <= limit:
         return False
     # Escapes only occur inside strings: drop escaped backslashes first (left to right, as
