@@ -10,6 +10,7 @@ tests/unit/test_console_bad_input.py; outsiders: tests/unit/test_console_pages.p
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Callable
 from datetime import timedelta
@@ -28,6 +29,7 @@ from tenancy import selectors
 from tenancy.models import AuditEntry, Membership, Role, Tenant, UsageRecord
 from tenancy.services.members import member_add
 from tenancy.services.tenants import tenant_create
+from tests.console import acme_with_people, signed_in_client
 
 pytestmark = pytest.mark.django_db
 PASSWORD = "a-long-enough-password-42"
@@ -40,19 +42,12 @@ def _clear() -> None:
     cache.clear()
 
 
-def signed_in(username: str) -> Client:
-    client = Client()
-    assert client.post("/console/login/", {"username": username, "password": PASSWORD}).status_code == 302
-    return client
+signed_in = functools.partial(signed_in_client, password=PASSWORD)
 
 
 @pytest.fixture
 def acme() -> Tenant:
-    tenant = tenant_create(slug="acme", name="Acme")
-    member_add(tenant=tenant, username="owen", role=Role.OWNER, password=PASSWORD)
-    member_add(tenant=tenant, username="vera", role=Role.VIEWER, password=PASSWORD)
-    User.objects.create_user("olga", password=PASSWORD, is_staff=True)
-    return tenant
+    return acme_with_people(PASSWORD)
 
 
 def seed(tenant: Tenant, count: int, *, model: str = "gpt-4.1") -> list[UsageRecord]:
@@ -79,6 +74,14 @@ def seed(tenant: Tenant, count: int, *, model: str = "gpt-4.1") -> list[UsageRec
 
 FIELDS = {"time": "created_at", "latency": "latency_ms", "cost": "cost", "tokens": "total_tokens"}
 FIELDS["status"] = "status_code"
+
+
+def three_days_old(tenant: Tenant, request_id: str, **fields: Any) -> UsageRecord:
+    """A completed request of ``tenant`` three days ago (outside the default range of a sort)."""
+    created_at = timezone.now() - timedelta(days=3)
+    return UsageRecord.objects.create(
+        request_id=request_id, tenant=tenant, status_code=200, outcome="completed", created_at=created_at, **fields
+    )
 
 
 def expected(rows: list[UsageRecord], sort: str) -> list[str]:
@@ -172,15 +175,7 @@ def test_a_member_of_two_tenants_reads_both_merged_in_order(acme: Tenant) -> Non
 
 def test_an_order_no_index_serves_covers_a_bounded_date_range(acme: Tenant, monkeypatch: Any) -> None:
     rows = seed(acme, 12, model="gpt-other") + seed(tenant_create(slug="b", name="B"), 5, model="gpt-other")
-    old = UsageRecord.objects.create(
-        request_id="req_acme_900",
-        tenant=acme,
-        model="gpt-other",
-        status_code=200,
-        outcome="completed",
-        latency_ms=99.0,
-        created_at=timezone.now() - timedelta(days=3),
-    )
+    old = three_days_old(acme, "req_acme_900", model="gpt-other", latency_ms=99.0)
     client = signed_in("olga")
     page = client.get("/console/requests/?model=gpt-other&sort=-latency")
     html = page.content.decode()
@@ -308,16 +303,7 @@ def test_a_viewer_sorting_the_audit_log_sees_nothing_and_no_button(acme: Tenant)
 
 def test_tokens_have_no_index_and_sort_the_last_day_by_default(acme: Tenant) -> None:
     rows = seed(acme, 9)
-    UsageRecord.objects.create(
-        request_id="req_acme_old",
-        tenant=acme,
-        model="gpt-4.1",
-        status_code=200,
-        outcome="completed",
-        latency_ms=5.0,
-        total_tokens=10**6,
-        created_at=timezone.now() - timedelta(days=3),
-    )
+    three_days_old(acme, "req_acme_old", model="gpt-4.1", latency_ms=5.0, total_tokens=10**6)
     page = signed_in("olga").get("/console/requests/?sort=-tokens")
     html = page.content.decode()
     assert page.status_code == 200

@@ -12,18 +12,17 @@ from datetime import timedelta
 from typing import Any
 
 import pytest
-from django.contrib.auth.models import User
 from django.core.cache import cache
 from django.db import connection
 from django.test import Client
 from django.test.utils import CaptureQueriesContext
 from django.utils import timezone
 
-from tenancy.models import Role, Tenant, UsageRecord
+from tenancy.models import Tenant, UsageRecord
 from tenancy.services.keys import apikey_create, apikey_revoke
-from tenancy.services.members import member_add
 from tenancy.services.rollups import rollup_period
 from tenancy.services.tenants import tenant_create
+from tests.console import acme_with_people, signed_in_client
 
 pytestmark = pytest.mark.django_db
 PASSWORD = "a-long-enough-password-42"
@@ -35,9 +34,7 @@ def _clear() -> None:
 
 
 def signed_in(username: str) -> Client:
-    client = Client()
-    assert client.post("/console/login/", {"username": username, "password": PASSWORD}).status_code == 302
-    return client
+    return signed_in_client(username, PASSWORD)
 
 
 def record(tenant: Tenant, n: int, **fields: Any) -> UsageRecord:
@@ -60,11 +57,7 @@ def record(tenant: Tenant, n: int, **fields: Any) -> UsageRecord:
 
 @pytest.fixture
 def acme() -> Tenant:
-    tenant = tenant_create(slug="acme", name="Acme")
-    member_add(tenant=tenant, username="owen", role=Role.OWNER, password=PASSWORD)
-    member_add(tenant=tenant, username="vera", role=Role.VIEWER, password=PASSWORD)
-    User.objects.create_user("olga", password=PASSWORD, is_staff=True)
-    return tenant
+    return acme_with_people(PASSWORD)
 
 
 def request_ids(html: str) -> list[str]:

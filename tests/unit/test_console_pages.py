@@ -29,6 +29,7 @@ from tenancy.services.members import member_add
 from tenancy.services.prices import price_set
 from tenancy.services.rollups import rollup_recent
 from tenancy.services.tenants import tenant_create
+from tests.console import signed_in_client
 
 pytestmark = pytest.mark.django_db
 
@@ -42,9 +43,7 @@ def _clear() -> None:
 
 
 def signed_in(username: str) -> Client:
-    client = Client()
-    assert client.post("/console/login/", {"username": username, "password": PASSWORD}).status_code == 302
-    return client
+    return signed_in_client(username, PASSWORD)
 
 
 @pytest.fixture
