@@ -38,6 +38,7 @@ from accounts.health.machine import (
 from accounts.routing.stickiness import sticky_key
 from accounts.upstream.account import AccountInfo
 from accounts.upstream.client import UpstreamError, UpstreamStream, UpstreamTimeout
+from gateway.conf.hot import hot
 from gateway.config.snapshot import Snapshot
 from gateway.contract.errors import RATE_LIMIT, SERVER, GatewayError
 from gateway.contract.sanitize import sanitize_for_upstream
@@ -187,8 +188,8 @@ class Dispatcher:
         self.sticky_value = sticky_value(self.request)
 
     async def run(self, receive: Receive, send: Send) -> None:
-        max_attempts = settings.GATEWAY_MAX_ATTEMPTS
-        deadline = time.monotonic() + settings.GATEWAY_FAILOVER_DEADLINE
+        max_attempts = hot.GATEWAY_MAX_ATTEMPTS
+        deadline = time.monotonic() + hot.GATEWAY_FAILOVER_DEADLINE
         for public_model, pool_id, upstream_model in self.plan:
             candidates = self.snapshot.targets.get((pool_id, upstream_model), [])
             strategy = self.snapshot.strategies.get(pool_id, "weighted_round_robin")
@@ -208,7 +209,7 @@ class Dispatcher:
                         await self.rt.health.try_acquire_probe(account.account_id)
                     ):
                         continue
-                    overrun = Deadline(settings.GATEWAY_UPSTREAM_TOTAL_TIMEOUT)
+                    overrun = Deadline(hot.GATEWAY_UPSTREAM_TOTAL_TIMEOUT)
                     with tracing.attempt_span(self.ex, account, upstream_model):
                         try:
                             served = await self._attempt(
@@ -259,12 +260,12 @@ class Dispatcher:
         except UpstreamError as exc:
             await self._failed(account, event_for_exception(exc), "upstream_error", 502, str(exc))
             return False
-        is_sse = upstream.headers.get("content-type", "").startswith("text/event-stream")
+        is_sse = upstream.is_event_stream
         if ex.stream and upstream.status == 200 and is_sse:
             return await self._stream(upstream, (account, upstream_model, sticky, deadline), receive, send)
         try:
             try:
-                content = await upstream.read(settings.GATEWAY_UPSTREAM_MAX_BODY_BYTES)
+                content = await upstream.read(hot.GATEWAY_UPSTREAM_MAX_BODY_BYTES)
             except asyncio.CancelledError:
                 raise deadline.check() from None
         except UpstreamError as exc:

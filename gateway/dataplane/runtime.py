@@ -36,6 +36,7 @@ from accounts.routing.stickiness import LocalStickyStore, RedisStickyStore
 from accounts.upstream.account import AccountInfo
 from accounts.upstream.client import UpstreamClient
 from gateway.conf.db import drop_broken_connections
+from gateway.conf.hot import hot
 from gateway.config import notify
 from gateway.config.snapshot import Snapshot
 from gateway.config.state import ConfigState, DatabaseSource
@@ -244,7 +245,7 @@ class Runtime:
         """A finished request: counted in the metrics and logged (its access line)."""
         if self.recorder is not None:
             self.recorder.request(ex, route, cost, now)
-        if settings.GATEWAY_ACCESS_LOG:
+        if hot.GATEWAY_ACCESS_LOG:
             access(ex, method, path, now, tracing.trace_id(), self.access_log)
 
     async def usage_backlog(self) -> int:

@@ -20,8 +20,9 @@ import time
 from typing import TYPE_CHECKING, Any
 
 import orjson
-from django.conf import settings
 from pythonjsonlogger.core import RESERVED_ATTRS
+
+from gateway.conf.hot import hot
 
 if TYPE_CHECKING:
     from gateway.dataplane.exchange import Exchange
@@ -79,7 +80,7 @@ def access(ex: Exchange, method: str, path: str, now: float, trace_id: str = "",
         "trace_id": trace_id or None,
     }
     message = f"{method} {path} {status}"
-    if settings.GATEWAY_LOG_FORMAT == "json":
+    if hot.GATEWAY_LOG_FORMAT == "json":
         line = json_line(message, fields)
         if sink is not None:
             sink.write(line)
