@@ -125,10 +125,14 @@ class Deadline:
 
     __slots__ = ("_handle", "_idle", "_last", "_loop", "_task", "_total_at", "expired")
 
-    def __init__(self, total: float) -> None:
-        self._loop = asyncio.get_running_loop()
-        self._task = asyncio.current_task()
-        now = self._loop.time()
+    def __init__(
+        self, total: float, loop: asyncio.AbstractEventLoop | None = None, task: asyncio.Task[Any] | None = None
+    ) -> None:
+        """``loop`` and ``task``: the running loop and the task to cancel, when the caller has
+        them (each ``asyncio.get_running_loop()`` is a ``getpid`` system call)."""
+        self._loop = loop = loop or asyncio.get_running_loop()
+        self._task = task or asyncio.current_task(loop)
+        now = loop.time()
         self._total_at = now + total
         self._idle = total
         self._last = now
@@ -190,6 +194,8 @@ class Dispatcher:
     async def run(self, receive: Receive, send: Send) -> None:
         max_attempts = hot.GATEWAY_MAX_ATTEMPTS
         deadline = time.monotonic() + hot.GATEWAY_FAILOVER_DEADLINE
+        loop = asyncio.get_running_loop()
+        task = asyncio.current_task(loop)
         for public_model, pool_id, upstream_model in self.plan:
             candidates = self.snapshot.targets.get((pool_id, upstream_model), [])
             strategy = self.snapshot.strategies.get(pool_id, "weighted_round_robin")
@@ -209,7 +215,7 @@ class Dispatcher:
                         await self.rt.health.try_acquire_probe(account.account_id)
                     ):
                         continue
-                    overrun = Deadline(hot.GATEWAY_UPSTREAM_TOTAL_TIMEOUT)
+                    overrun = Deadline(hot.GATEWAY_UPSTREAM_TOTAL_TIMEOUT, loop, task)
                     with tracing.attempt_span(self.ex, account, upstream_model):
                         try:
                             served = await self._attempt(

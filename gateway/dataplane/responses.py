@@ -103,7 +103,7 @@ async def responses(
             return
         send = Recorder(send, turn, ex.key, request["model"])  # stores the response before its end is sent
     try:
-        async with ClientWatch(receive, send, ex) as watch:  # a client leaving cancels the dispatch
+        async with ClientWatch(receive, send, ex, runtime.watches) as watch:  # a client leaving cancels the dispatch
             await dispatcher.run(receive, watch.send)
     except Failed as failed:
         raise failed.error from None

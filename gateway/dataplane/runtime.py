@@ -40,6 +40,7 @@ from gateway.conf.hot import hot
 from gateway.config import notify
 from gateway.config.snapshot import Snapshot
 from gateway.config.state import ConfigState, DatabaseSource
+from gateway.dataplane.disconnect import WatchStarter
 from gateway.dataplane.keepalive import KeepAlive
 from gateway.dataplane.live import LiveFeed
 from gateway.dataplane.offload import Offload
@@ -111,6 +112,7 @@ class Runtime:
             max_connections=settings.GATEWAY_UPSTREAM_MAX_CONNECTIONS,
         )
         self.keepalive = KeepAlive(settings.GATEWAY_SSE_KEEPALIVE_SECONDS)
+        self.watches = WatchStarter()  # starts ClientWatch's watchers (gateway/dataplane/disconnect.py)
         self.live = LiveFeed(self.redis)  # finished requests for the console's live view
         self.usage_cache: TTLCache[tuple[int, int], tuple[dict[str, Any], dict[str, Any]]] = TTLCache(
             maxsize=USAGE_CACHE_ENTRIES, ttl=USAGE_CACHE_SECONDS
@@ -391,6 +393,7 @@ class Runtime:
             steps.append(("usage writer", self.writer.stop))
         steps += [
             ("keep-alive ticker", self.keepalive.aclose),
+            ("client watch ticker", self.watches.aclose),
             ("live feed", self.live.aclose),
             ("config snapshot", self.config.aclose),
             ("background tasks", self._cancel_tasks),

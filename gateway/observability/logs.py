@@ -104,7 +104,10 @@ def json_line(message: str, fields: dict[str, Any]) -> bytes:
     if second != _stamp_second:  # one strftime a second, not one a line
         _stamp_second, _stamp_text = second, time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(second))
     stamp = f"{_stamp_text},{int(now % 1 * 1000):03d}"
-    return orjson.dumps({"time": stamp, "level": "INFO", "logger": ACCESS_LOGGER, "message": message, **fields}) + b"\n"
+    return orjson.dumps(
+        {"time": stamp, "level": "INFO", "logger": ACCESS_LOGGER, "message": message, **fields},
+        option=orjson.OPT_APPEND_NEWLINE,
+    )
 
 
 class AccessLog:
