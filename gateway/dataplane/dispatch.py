@@ -38,6 +38,7 @@ from accounts.health.machine import (
 from accounts.routing.stickiness import sticky_key
 from accounts.upstream.account import AccountInfo
 from accounts.upstream.client import UpstreamError, UpstreamStream, UpstreamTimeout
+from accounts.upstream.timers import CoarseTimers
 from gateway.conf.hot import hot
 from gateway.config.snapshot import Snapshot
 from gateway.contract.errors import RATE_LIMIT, SERVER, GatewayError
@@ -117,35 +118,41 @@ class Deadline:
 
     ``total`` seconds for the whole answer; once a stream started (:meth:`stream`), also
     ``idle`` seconds without an event (:meth:`event`, called by the relay for every chunk
-    with an event in it; the upstream's keep-alive comments do not count). One timer per
-    attempt, re-armed only when it fires early, so an event costs one clock read. ``expired`` says which ran out
-    ("total" or "idle"; "" while none has): the caller turns the cancellation into
-    UpstreamTimeout with :meth:`check`.
+    with an event in it; the upstream's keep-alive comments do not count). One coarse timer
+    per attempt (``timers``: accounts/upstream/timers.py, up to its resolution late),
+    re-armed only when it fires early, so an event costs one clock read. ``expired`` says
+    which ran out ("total" or "idle"; "" while none has): the caller turns the cancellation
+    into UpstreamTimeout with :meth:`check`.
     """
 
-    __slots__ = ("_handle", "_idle", "_last", "_loop", "_task", "_total_at", "expired")
+    __slots__ = ("_idle", "_last", "_loop", "_task", "_timer", "_timers", "_total_at", "expired")
 
     def __init__(
-        self, total: float, loop: asyncio.AbstractEventLoop | None = None, task: asyncio.Task[Any] | None = None
+        self,
+        total: float,
+        timers: CoarseTimers,
+        loop: asyncio.AbstractEventLoop | None = None,
+        task: asyncio.Task[Any] | None = None,
     ) -> None:
         """``loop`` and ``task``: the running loop and the task to cancel, when the caller has
         them (each ``asyncio.get_running_loop()`` is a ``getpid`` system call)."""
         self._loop = loop = loop or asyncio.get_running_loop()
         self._task = task or asyncio.current_task(loop)
+        self._timers = timers
         now = loop.time()
         self._total_at = now + total
         self._idle = total
         self._last = now
         self.expired = ""
-        self._handle = self._loop.call_at(self._total_at, self._fire)
+        self._timer = timers.call_at(loop, self._total_at, self._fire)
 
     def stream(self, idle: float) -> None:
         """A stream started: from now on it also fails after ``idle`` seconds without an event."""
         self._idle = idle
         self._last = now = self._loop.time()
-        if now + idle < self._handle.when():
-            self._handle.cancel()
-            self._handle = self._loop.call_at(now + idle, self._fire)
+        if now + idle < self._timer.when:
+            self._timer.cancel()
+            self._timer = self._timers.call_at(self._loop, now + idle, self._fire)
 
     def event(self) -> None:
         self._last = self._loop.time()
@@ -154,7 +161,7 @@ class Deadline:
         now = self._loop.time()
         due = min(self._total_at, self._last + self._idle)
         if now < due:
-            self._handle = self._loop.call_at(due, self._fire)
+            self._timer = self._timers.call_at(self._loop, due, self._fire)
             return
         self.expired = "total" if now >= self._total_at else "idle"
         if self._task is not None:
@@ -170,7 +177,7 @@ class Deadline:
         return UpstreamTimeout(f"the upstream sent nothing for {settings.GATEWAY_UPSTREAM_IDLE_TIMEOUT:g}s")
 
     def close(self) -> None:
-        self._handle.cancel()
+        self._timer.cancel()
 
 
 @dataclasses.dataclass(eq=False, slots=True)
@@ -215,7 +222,7 @@ class Dispatcher:
                         await self.rt.health.try_acquire_probe(account.account_id)
                     ):
                         continue
-                    overrun = Deadline(hot.GATEWAY_UPSTREAM_TOTAL_TIMEOUT, loop, task)
+                    overrun = Deadline(hot.GATEWAY_UPSTREAM_TOTAL_TIMEOUT, self.rt.timers, loop, task)
                     with tracing.attempt_span(self.ex, account, upstream_model):
                         try:
                             served = await self._attempt(

@@ -35,6 +35,7 @@ from accounts.routing.selection import Selector
 from accounts.routing.stickiness import LocalStickyStore, RedisStickyStore
 from accounts.upstream.account import AccountInfo
 from accounts.upstream.client import UpstreamClient
+from accounts.upstream.timers import CoarseTimers
 from gateway.conf.db import drop_broken_connections
 from gateway.conf.hot import hot
 from gateway.config import notify
@@ -105,11 +106,15 @@ class Runtime:
         # Each dependency's state, reported by the parts that use it (readiness, logged once).
         self.readiness = Readiness()
         self.redis: Any = redis_client(settings.REDIS_URL) if settings.REDIS_URL else None
+        # The deadlines of every upstream call (reads, the attempt's total and idle), behind one
+        # loop timer (accounts/upstream/timers.py).
+        self.timers = CoarseTimers()
         self.upstream = UpstreamClient(
             transport=settings.GATEWAY_UPSTREAM_TRANSPORT,
             connect_timeout=settings.GATEWAY_UPSTREAM_CONNECT_TIMEOUT,
             read_timeout=settings.GATEWAY_UPSTREAM_READ_TIMEOUT,
             max_connections=settings.GATEWAY_UPSTREAM_MAX_CONNECTIONS,
+            timers=self.timers,
         )
         self.keepalive = KeepAlive(settings.GATEWAY_SSE_KEEPALIVE_SECONDS)
         self.watches = WatchStarter()  # starts ClientWatch's watchers (gateway/dataplane/disconnect.py)
