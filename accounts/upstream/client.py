@@ -69,28 +69,14 @@ class UpstreamReply:
 
 
 class UpstreamStream:
-    """An open streamed answer. Iterate :meth:`chunks`; always :meth:`aclose`.
+    """An open streamed answer. Iterate :meth:`chunks`; always :meth:`aclose`."""
 
-    ``is_event_stream`` (a ``text/event-stream`` content type) and ``content_length`` (the
-    declared length, None without a valid one) are read from the headers once, in one pass:
-    each ``httpx.Headers`` lookup re-encodes the name and scans every header.
-    """
-
-    __slots__ = ("_response", "content_length", "headers", "is_event_stream", "status")
+    __slots__ = ("_response", "headers", "status")
 
     def __init__(self, response: httpx.Response) -> None:
         self._response = response
         self.status = response.status_code
         self.headers = response.headers
-        content_type = length = b""
-        for name, value in response.headers.raw:
-            lower = name.lower()
-            if lower == b"content-type":
-                content_type = value
-            elif lower == b"content-length":
-                length = value
-        self.is_event_stream = content_type.lower().startswith(b"text/event-stream")
-        self.content_length = int(length) if length.isdigit() else None
 
     async def chunks(self) -> AsyncIterator[bytes]:
         """Yield body bytes as they arrive; raises UpstreamError if the connection breaks."""
@@ -107,8 +93,8 @@ class UpstreamStream:
                 return await self._response.aread()
             except httpx.HTTPError as exc:
                 raise _translate(exc) from None
-        declared = self.content_length
-        if declared is not None and declared > limit:
+        declared = self.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > limit:
             raise UpstreamTooLarge(f"the upstream's answer is over {limit} bytes")
         parts: list[bytes] = []
         size = 0

@@ -273,7 +273,7 @@ class Dispatcher:
         except UpstreamError as exc:
             await self._failed(account, event_for_exception(exc), "upstream_error", 502, str(exc))
             return False
-        is_sse = upstream.is_event_stream
+        is_sse = upstream.headers.get("content-type", "").startswith("text/event-stream")
         if ex.stream and upstream.status == 200 and is_sse:
             return await self._stream(upstream, (account, upstream_model, sticky, deadline), receive, send)
         try:
