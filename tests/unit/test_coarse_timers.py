@@ -18,11 +18,14 @@ def test_a_timer_fires_not_before_its_time_and_within_the_resolution() -> None:
         fired: list[tuple[str, float, float]] = []
         done = asyncio.Event()
         start = loop.time()
+
+        def fire(name: str, when: float) -> None:
+            fired.append((name, when, loop.time()))
+            if len(fired) == 3:
+                done.set()
+
         for name, delay in (("late", 0.13), ("early", 0.05), ("middle", 0.08)):
-            when = start + delay
-            timers.call_at(
-                loop, when, lambda n, w: (fired.append((n, w, loop.time())), len(fired) == 3 and done.set()), name, when
-            )
+            timers.call_at(loop, start + delay, fire, name, start + delay)
         await asyncio.wait_for(done.wait(), 5)
         return fired
 
