@@ -28,12 +28,10 @@ class Limits:
     """The limits of one key or tenant; :meth:`scope` gives the engine's view at a moment.
 
     The budget window depends on the time (a day, a week, a month), so it is computed
-    on first use and again only once it has ended; the scope, which depends on nothing else,
-    is built once per window and shared by the requests in it (it is immutable).
+    on first use and again only once it has ended.
     """
 
     __slots__ = (
-        "_scope",
         "_window",
         "budget_micros",
         "budget_tokens",
@@ -65,7 +63,6 @@ class Limits:
         self.fixed = (get("budget_window_start"), get("budget_window_end"))
         self.soft_percent: int | None = get("budget_soft_percent")
         self._window: tuple[int, int] | None = None
-        self._scope: tuple[tuple[int, int] | None, Scope] | None = None
 
     @property
     def empty(self) -> bool:
@@ -93,10 +90,7 @@ class Limits:
 
     def scope(self, now: float) -> Scope:
         window = self.window(now) if self.budget_micros is not None or self.budget_tokens is not None else None
-        cached = self._scope
-        if cached is not None and cached[0] == window:
-            return cached[1]
-        scope = Scope(
+        return Scope(
             name=self.name,
             id=self.id,
             rpm=self.rpm,
@@ -109,8 +103,6 @@ class Limits:
             soft_percent=self.soft_percent,
             tenant_id=self.tenant_id,
         )
-        self._scope = (window, scope)
-        return scope
 
 
 @dataclass(frozen=True, slots=True)
