@@ -19,6 +19,7 @@ Environment:
     BENCH_REDIS_URL       Redis for the Redis-mode variant; default redis://127.0.0.1:6379/14 if it answers; 0: off
     BENCH_STRICT=1        exit 1 when a budget line fails
     BENCH_KEEP=1          keep the data directory (process logs) instead of deleting it
+    BENCH_ROUNDS          rounds of every wrk scenario but latency @1 (default 3; quick 1)
     BENCH_MEMORY_REQUESTS requests of the memory scenario (default 100,000; quick 20,000; it stops after
                           240 s, quick 60 s, whatever the count, and says so)
 """
@@ -1481,6 +1482,8 @@ def main() -> int:
     plan = QUICK if os.environ.get("BENCH_QUICK") == "1" else FULL
     if os.environ.get("BENCH_MEMORY_REQUESTS"):
         plan = replace(plan, memory_requests=int(os.environ["BENCH_MEMORY_REQUESTS"]))
+    if os.environ.get("BENCH_ROUNDS"):  # more interleaved rounds: A/B of close columns on a noisy machine
+        plan = replace(plan, rounds=max(1, int(os.environ["BENCH_ROUNDS"])))
     started = datetime.now(UTC)
     only = selected_scenarios()
     if only == {"scale"}:

@@ -302,6 +302,10 @@ class HealthMachine:
         return min(p.open_cap, p.open_base * p.open_factor ** max(0, opens - 1))
 
     def on_success(self, health: Health, now: float) -> Step:
+        if health.state is State.HEALTHY and not (
+            health.rate_limits or health.failures or health.window_start or health.opens or health.blamed
+        ):
+            return Step(health, None)  # the common case: nothing to clear (no dataclass copy)
         admission = health.admission(now)
         if admission is Admission.DENY:
             return Step(health, None)  # stale: sent before the account was taken out

@@ -26,6 +26,8 @@ from dataclasses import dataclass
 
 import httpx
 
+from accounts.upstream.timers import CoarseTimers
+
 
 class UpstreamError(Exception):
     """Base of every failure talking to an upstream. The message never holds a credential."""
@@ -125,10 +127,13 @@ class UpstreamClient:
         connect_timeout: float = 10.0,
         read_timeout: float = 600.0,
         max_connections: int = 1000,
+        timers: CoarseTimers | None = None,
     ) -> None:
         """``transport`` is one of :data:`TRANSPORTS` (ValueError otherwise).
 
         ``max_connections`` bounds the pool: per upstream host with ``fast``, in total otherwise.
+        ``timers``: the fast transport's read deadlines (accounts/upstream/timers.py), to share
+        one set of coarse timers with the process's other deadlines.
         """
         limits = httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections)
         timeout = httpx.Timeout(connect=connect_timeout, read=read_timeout, write=read_timeout, pool=connect_timeout)
@@ -136,7 +141,7 @@ class UpstreamClient:
         if transport == "fast":
             from accounts.upstream.transport import FastTransport
 
-            self._transport = FastTransport(max_connections=max_connections)
+            self._transport = FastTransport(max_connections=max_connections, timers=timers)
         elif transport == "httpx":
             self._transport = httpx.AsyncHTTPTransport(limits=limits, trust_env=False)
         else:

@@ -56,6 +56,8 @@ from typing import cast
 import httptools
 import httpx
 
+from accounts.upstream.timers import CoarseTimers
+
 _DEFAULT_PORTS = {b"http": 80, b"https": 443}
 _FRAMING = (b"content-length", b"transfer-encoding")
 _BODY_METHODS = frozenset(("POST", "PUT", "PATCH"))
@@ -157,14 +159,16 @@ class _Connection(asyncio.Protocol):
         "pool",
         "reading_paused",
         "status",
+        "timers",
         "transport",
         "waiter",
         "writing_paused",
     )
 
-    def __init__(self, pool: _Pool, loop: asyncio.AbstractEventLoop, max_buffered: int) -> None:
+    def __init__(self, pool: _Pool, loop: asyncio.AbstractEventLoop, max_buffered: int, timers: CoarseTimers) -> None:
         self.pool = pool
         self.loop = loop
+        self.timers = timers  # the read and write deadlines of wait()
         self.max_buffered = max_buffered
         self.transport: asyncio.Transport | None = None
         self.poller: select.poll | None = None
@@ -349,12 +353,12 @@ class _Connection(asyncio.Protocol):
             finally:
                 self.waiter = None
             return
-        handle = self.loop.call_later(timeout, _expire, waiter, error, message)
+        timer = self.timers.call_at(self.loop, self.loop.time() + timeout, _expire, waiter, error, message)
         try:
             await waiter
         finally:
             self.waiter = None
-            handle.cancel()
+            timer.cancel()
 
     def send(self, data: bytes, *, head_only: bool, keep_alive: bool) -> None:
         self._reset(head_only=head_only, keep_alive=keep_alive)
@@ -453,11 +457,15 @@ class FastTransport(httpx.AsyncBaseTransport):
         keepalive_expiry: float = 15.0,
         max_buffered: int = 256 * 1024,
         ssl_context: ssl.SSLContext | None = None,
+        timers: CoarseTimers | None = None,
     ) -> None:
         """``max_connections`` is per (scheme, host, port); ``max_buffered`` per response.
 
         ``ssl_context`` replaces the default verifying context (e.g. to trust a private CA).
+        ``timers``: the read and write deadlines' timers (accounts/upstream/timers.py), shared
+        with the process's other deadlines; else the transport's own.
         """
+        self.timers = timers or CoarseTimers()
         self._max_connections = max_connections
         self._expiry = keepalive_expiry
         self._max_buffered = max_buffered
@@ -537,7 +545,7 @@ class FastTransport(httpx.AsyncBaseTransport):
 
     async def _connect(self, pool: _Pool, loop: asyncio.AbstractEventLoop, timeout: float | None) -> _Connection:
         """Open a connection for a slot already counted in ``pool.size``."""
-        conn = _Connection(pool, loop, self._max_buffered)
+        conn = _Connection(pool, loop, self._max_buffered, self.timers)
         pool.conns.add(conn)
         try:
             async with asyncio.timeout(timeout):

@@ -28,6 +28,10 @@ common path: one per connection, cancelled when its first head is read; after th
 is armed only when a read ends inside a head or a body, so a request that arrives in one read
 (almost all of them) arms none.
 
+A response's head goes out with its first body message, in one ``writev`` (:class:`HeldHead`):
+uvicorn writes the head on ``http.response.start`` and the body on ``http.response.body``, two
+system calls and two TCP segments for every JSON answer.
+
 Daphne (``manage.py serve --server daphne``) does not use this protocol: Twisted's own limits
 apply there (docs/operations.md).
 """
@@ -87,6 +91,49 @@ def _refusal(status: int, message: str, code: str) -> bytes:
     )
 
 
+class HeldHead:
+    """The transport of one request's cycle, holding the response's head until its first body write.
+
+    uvicorn's cycle writes the status line and headers, then each body message, each with its
+    own ``transport.write``: a JSON answer cost two system calls and two TCP segments. Given to
+    the cycle in place of the connection's transport, this holds the head (the first write that
+    starts a status line other than ``100 Continue``) and writes it with the next write, or
+    before a close, in one ``writelines`` (one ``writev``). The application always sends a body
+    message after the start (uvicorn closes the connection if it ends without one), so a head
+    waits only while the application prepares its first body bytes.
+
+    Measured under ``make bench`` (docs/performance.md, "The gap to 064532d, closed").
+    """
+
+    __slots__ = ("_head", "_started", "transport")
+
+    def __init__(self, transport: asyncio.Transport) -> None:
+        self.transport = transport
+        self._head: bytes | None = None
+        self._started = False
+
+    def write(self, data: bytes) -> None:
+        head = self._head
+        if head is not None:
+            self._head = None
+            self.transport.writelines((head, data))
+        elif not self._started and data.startswith(b"HTTP/1.1 ") and not data.startswith(b"HTTP/1.1 100 "):
+            self._started = True
+            self._head = data
+        else:
+            self.transport.write(data)
+
+    def close(self) -> None:
+        head = self._head
+        if head is not None:
+            self._head = None
+            self.transport.write(head)
+        self.transport.close()
+
+    def is_closing(self) -> bool:
+        return self.transport.is_closing()
+
+
 class LimitedHttpToolsProtocol(HttpToolsProtocol):
     """uvicorn's httptools protocol with head size and count limits and head and body timeouts."""
 
@@ -117,6 +164,7 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
 
     def _start_asgi_task(self, cycle: RequestResponseCycle, app: Any) -> None:
         self._serving = cycle
+        cycle.transport = HeldHead(cycle.transport)  # type: ignore[assignment]
         super()._start_asgi_task(cycle, app)
 
     def data_received(self, data: bytes) -> None:

@@ -330,7 +330,7 @@ GATEWAY_DEFAULT_OUTPUT_RESERVE = env_int("GATEWAY_DEFAULT_OUTPUT_RESERVE", 4096,
 # The config snapshot is rebuilt this often (seconds) even without a change token, so edits
 # made outside the services (raw SQL) arrive eventually.
 GATEWAY_SNAPSHOT_MAX_AGE = env_float("GATEWAY_SNAPSHOT_MAX_AGE", 60.0, minimum=1.0)
-# API keys are loaded on first use and kept in a bounded cache (least recently used go first):
+# API keys are loaded on first use and kept in a bounded cache (the one stored longest ago goes first):
 # at most this many known keys, and as many unknown prefixes (gateway/config/keys.py).
 GATEWAY_KEY_CACHE_SIZE = env_int("GATEWAY_KEY_CACHE_SIZE", 100_000, minimum=1)
 # Each gateway process also writes usage to the database (else run `manage.py usage_drain`).

@@ -28,10 +28,12 @@ class Limits:
     """The limits of one key or tenant; :meth:`scope` gives the engine's view at a moment.
 
     The budget window depends on the time (a day, a week, a month), so it is computed
-    on first use and again only once it has ended.
+    on first use and again only once it has ended; the scope, which depends on nothing else,
+    is built once per window and shared by the requests in it (it is immutable).
     """
 
     __slots__ = (
+        "_scope",
         "_window",
         "budget_micros",
         "budget_tokens",
@@ -63,6 +65,7 @@ class Limits:
         self.fixed = (get("budget_window_start"), get("budget_window_end"))
         self.soft_percent: int | None = get("budget_soft_percent")
         self._window: tuple[int, int] | None = None
+        self._scope: tuple[tuple[int, int] | None, Scope] | None = None
 
     @property
     def empty(self) -> bool:
@@ -90,7 +93,10 @@ class Limits:
 
     def scope(self, now: float) -> Scope:
         window = self.window(now) if self.budget_micros is not None or self.budget_tokens is not None else None
-        return Scope(
+        cached = self._scope
+        if cached is not None and cached[0] == window:
+            return cached[1]
+        scope = Scope(
             name=self.name,
             id=self.id,
             rpm=self.rpm,
@@ -103,6 +109,8 @@ class Limits:
             soft_percent=self.soft_percent,
             tenant_id=self.tenant_id,
         )
+        self._scope = (window, scope)
+        return scope
 
 
 @dataclass(frozen=True, slots=True)

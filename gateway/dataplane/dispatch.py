@@ -38,6 +38,8 @@ from accounts.health.machine import (
 from accounts.routing.stickiness import sticky_key
 from accounts.upstream.account import AccountInfo
 from accounts.upstream.client import UpstreamError, UpstreamStream, UpstreamTimeout
+from accounts.upstream.timers import CoarseTimers
+from gateway.conf.hot import hot
 from gateway.config.snapshot import Snapshot
 from gateway.contract.errors import RATE_LIMIT, SERVER, GatewayError
 from gateway.contract.sanitize import sanitize_for_upstream
@@ -116,31 +118,41 @@ class Deadline:
 
     ``total`` seconds for the whole answer; once a stream started (:meth:`stream`), also
     ``idle`` seconds without an event (:meth:`event`, called by the relay for every chunk
-    with an event in it; the upstream's keep-alive comments do not count). One timer per
-    attempt, re-armed only when it fires early, so an event costs one clock read. ``expired`` says which ran out
-    ("total" or "idle"; "" while none has): the caller turns the cancellation into
-    UpstreamTimeout with :meth:`check`.
+    with an event in it; the upstream's keep-alive comments do not count). One coarse timer
+    per attempt (``timers``: accounts/upstream/timers.py, up to its resolution late),
+    re-armed only when it fires early, so an event costs one clock read. ``expired`` says
+    which ran out ("total" or "idle"; "" while none has): the caller turns the cancellation
+    into UpstreamTimeout with :meth:`check`.
     """
 
-    __slots__ = ("_handle", "_idle", "_last", "_loop", "_task", "_total_at", "expired")
+    __slots__ = ("_idle", "_last", "_loop", "_task", "_timer", "_timers", "_total_at", "expired")
 
-    def __init__(self, total: float) -> None:
-        self._loop = asyncio.get_running_loop()
-        self._task = asyncio.current_task()
-        now = self._loop.time()
+    def __init__(
+        self,
+        total: float,
+        timers: CoarseTimers,
+        loop: asyncio.AbstractEventLoop | None = None,
+        task: asyncio.Task[Any] | None = None,
+    ) -> None:
+        """``loop`` and ``task``: the running loop and the task to cancel, when the caller has
+        them (each ``asyncio.get_running_loop()`` is a ``getpid`` system call)."""
+        self._loop = loop = loop or asyncio.get_running_loop()
+        self._task = task or asyncio.current_task(loop)
+        self._timers = timers
+        now = loop.time()
         self._total_at = now + total
         self._idle = total
         self._last = now
         self.expired = ""
-        self._handle = self._loop.call_at(self._total_at, self._fire)
+        self._timer = timers.call_at(loop, self._total_at, self._fire)
 
     def stream(self, idle: float) -> None:
         """A stream started: from now on it also fails after ``idle`` seconds without an event."""
         self._idle = idle
         self._last = now = self._loop.time()
-        if now + idle < self._handle.when():
-            self._handle.cancel()
-            self._handle = self._loop.call_at(now + idle, self._fire)
+        if now + idle < self._timer.when:
+            self._timer.cancel()
+            self._timer = self._timers.call_at(self._loop, now + idle, self._fire)
 
     def event(self) -> None:
         self._last = self._loop.time()
@@ -149,7 +161,7 @@ class Deadline:
         now = self._loop.time()
         due = min(self._total_at, self._last + self._idle)
         if now < due:
-            self._handle = self._loop.call_at(due, self._fire)
+            self._timer = self._timers.call_at(self._loop, due, self._fire)
             return
         self.expired = "total" if now >= self._total_at else "idle"
         if self._task is not None:
@@ -165,7 +177,7 @@ class Deadline:
         return UpstreamTimeout(f"the upstream sent nothing for {settings.GATEWAY_UPSTREAM_IDLE_TIMEOUT:g}s")
 
     def close(self) -> None:
-        self._handle.cancel()
+        self._timer.cancel()
 
 
 @dataclasses.dataclass(eq=False, slots=True)
@@ -187,8 +199,10 @@ class Dispatcher:
         self.sticky_value = sticky_value(self.request)
 
     async def run(self, receive: Receive, send: Send) -> None:
-        max_attempts = settings.GATEWAY_MAX_ATTEMPTS
-        deadline = time.monotonic() + settings.GATEWAY_FAILOVER_DEADLINE
+        max_attempts = hot.GATEWAY_MAX_ATTEMPTS
+        deadline = time.monotonic() + hot.GATEWAY_FAILOVER_DEADLINE
+        loop = asyncio.get_running_loop()
+        task = asyncio.current_task(loop)
         for public_model, pool_id, upstream_model in self.plan:
             candidates = self.snapshot.targets.get((pool_id, upstream_model), [])
             strategy = self.snapshot.strategies.get(pool_id, "weighted_round_robin")
@@ -208,7 +222,7 @@ class Dispatcher:
                         await self.rt.health.try_acquire_probe(account.account_id)
                     ):
                         continue
-                    overrun = Deadline(settings.GATEWAY_UPSTREAM_TOTAL_TIMEOUT)
+                    overrun = Deadline(hot.GATEWAY_UPSTREAM_TOTAL_TIMEOUT, self.rt.timers, loop, task)
                     with tracing.attempt_span(self.ex, account, upstream_model):
                         try:
                             served = await self._attempt(
@@ -264,7 +278,7 @@ class Dispatcher:
             return await self._stream(upstream, (account, upstream_model, sticky, deadline), receive, send)
         try:
             try:
-                content = await upstream.read(settings.GATEWAY_UPSTREAM_MAX_BODY_BYTES)
+                content = await upstream.read(hot.GATEWAY_UPSTREAM_MAX_BODY_BYTES)
             except asyncio.CancelledError:
                 raise deadline.check() from None
         except UpstreamError as exc:

@@ -21,9 +21,9 @@ import time
 from typing import Any
 
 import orjson
-from django.conf import settings
 
 from accounts.routing.stickiness import sticky_key
+from gateway.conf.hot import hot
 from gateway.config.snapshot import Snapshot
 from gateway.contract.errors import SERVER, GatewayError, invalid_request
 from gateway.contract.nesting import check_nesting
@@ -57,7 +57,7 @@ async def responses(
         try:
             ex.key = await authenticate(scope, runtime.config.keys)
             if validated is None:
-                raw = await read_body(scope, receive, settings.GATEWAY_MAX_BODY_BYTES)
+                raw = await read_body(scope, receive, hot.GATEWAY_MAX_BODY_BYTES)
                 size = ex.body_bytes = len(raw)
                 stateful = ex.key.stateful and endpoint is RESPONSES
                 if size < runtime.offload.threshold:  # most bodies: inline, no await
@@ -103,7 +103,7 @@ async def responses(
             return
         send = Recorder(send, turn, ex.key, request["model"])  # stores the response before its end is sent
     try:
-        async with ClientWatch(receive, send, ex) as watch:  # a client leaving cancels the dispatch
+        async with ClientWatch(receive, send, ex, runtime.watches) as watch:  # a client leaving cancels the dispatch
             await dispatcher.run(receive, watch.send)
     except Failed as failed:
         raise failed.error from None
@@ -209,13 +209,13 @@ async def _admit(
         )
     now = time.time()
     max_output = request.get("max_output_tokens")
-    tokens = estimate_tokens(body_size, max_output, default_output=settings.GATEWAY_DEFAULT_OUTPUT_RESERVE)
+    tokens = estimate_tokens(body_size, max_output, default_output=hot.GATEWAY_DEFAULT_OUTPUT_RESERVE)
     ex.price = price = snapshot.prices.lookup(request["model"], now)
     micros = 0
     if not billed:
         tokens = 0
     elif price is not None:
-        output = max_output if max_output is not None else settings.GATEWAY_DEFAULT_OUTPUT_RESERVE
+        output = max_output if max_output is not None else hot.GATEWAY_DEFAULT_OUTPUT_RESERVE
         micros = usd_to_micros(estimate_cost_usd(tokens - output, output, price))
     value = sticky_value(request)
     # The request's prompt-cache bindings, one per pool it may go to, are read with the admission.

@@ -35,10 +35,13 @@ from accounts.routing.selection import Selector
 from accounts.routing.stickiness import LocalStickyStore, RedisStickyStore
 from accounts.upstream.account import AccountInfo
 from accounts.upstream.client import UpstreamClient
+from accounts.upstream.timers import CoarseTimers
 from gateway.conf.db import drop_broken_connections
+from gateway.conf.hot import hot
 from gateway.config import notify
 from gateway.config.snapshot import Snapshot
 from gateway.config.state import ConfigState, DatabaseSource
+from gateway.dataplane.disconnect import WatchStarter
 from gateway.dataplane.keepalive import KeepAlive
 from gateway.dataplane.live import LiveFeed
 from gateway.dataplane.offload import Offload
@@ -103,13 +106,18 @@ class Runtime:
         # Each dependency's state, reported by the parts that use it (readiness, logged once).
         self.readiness = Readiness()
         self.redis: Any = redis_client(settings.REDIS_URL) if settings.REDIS_URL else None
+        # The deadlines of every upstream call (reads, the attempt's total and idle), behind one
+        # loop timer (accounts/upstream/timers.py).
+        self.timers = CoarseTimers()
         self.upstream = UpstreamClient(
             transport=settings.GATEWAY_UPSTREAM_TRANSPORT,
             connect_timeout=settings.GATEWAY_UPSTREAM_CONNECT_TIMEOUT,
             read_timeout=settings.GATEWAY_UPSTREAM_READ_TIMEOUT,
             max_connections=settings.GATEWAY_UPSTREAM_MAX_CONNECTIONS,
+            timers=self.timers,
         )
         self.keepalive = KeepAlive(settings.GATEWAY_SSE_KEEPALIVE_SECONDS)
+        self.watches = WatchStarter()  # starts ClientWatch's watchers (gateway/dataplane/disconnect.py)
         self.live = LiveFeed(self.redis)  # finished requests for the console's live view
         self.usage_cache: TTLCache[tuple[int, int], tuple[dict[str, Any], dict[str, Any]]] = TTLCache(
             maxsize=USAGE_CACHE_ENTRIES, ttl=USAGE_CACHE_SECONDS
@@ -244,7 +252,7 @@ class Runtime:
         """A finished request: counted in the metrics and logged (its access line)."""
         if self.recorder is not None:
             self.recorder.request(ex, route, cost, now)
-        if settings.GATEWAY_ACCESS_LOG:
+        if hot.GATEWAY_ACCESS_LOG:
             access(ex, method, path, now, tracing.trace_id(), self.access_log)
 
     async def usage_backlog(self) -> int:
@@ -390,6 +398,7 @@ class Runtime:
             steps.append(("usage writer", self.writer.stop))
         steps += [
             ("keep-alive ticker", self.keepalive.aclose),
+            ("client watch ticker", self.watches.aclose),
             ("live feed", self.live.aclose),
             ("config snapshot", self.config.aclose),
             ("background tasks", self._cancel_tasks),

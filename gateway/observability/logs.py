@@ -20,8 +20,9 @@ import time
 from typing import TYPE_CHECKING, Any
 
 import orjson
-from django.conf import settings
 from pythonjsonlogger.core import RESERVED_ATTRS
+
+from gateway.conf.hot import hot
 
 if TYPE_CHECKING:
     from gateway.dataplane.exchange import Exchange
@@ -79,7 +80,7 @@ def access(ex: Exchange, method: str, path: str, now: float, trace_id: str = "",
         "trace_id": trace_id or None,
     }
     message = f"{method} {path} {status}"
-    if settings.GATEWAY_LOG_FORMAT == "json":
+    if hot.GATEWAY_LOG_FORMAT == "json":
         line = json_line(message, fields)
         if sink is not None:
             sink.write(line)
@@ -103,7 +104,10 @@ def json_line(message: str, fields: dict[str, Any]) -> bytes:
     if second != _stamp_second:  # one strftime a second, not one a line
         _stamp_second, _stamp_text = second, time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(second))
     stamp = f"{_stamp_text},{int(now % 1 * 1000):03d}"
-    return orjson.dumps({"time": stamp, "level": "INFO", "logger": ACCESS_LOGGER, "message": message, **fields}) + b"\n"
+    return orjson.dumps(
+        {"time": stamp, "level": "INFO", "logger": ACCESS_LOGGER, "message": message, **fields},
+        option=orjson.OPT_APPEND_NEWLINE,
+    )
 
 
 class AccessLog:

@@ -270,3 +270,54 @@ def test_many_silent_connections_are_shed(limited: live.LiveProcess) -> None:
         for sock in sockets:
             sock.close()
     assert healthy(limited)
+
+
+# --- the response's head held for its first body write (gateway/conf/server.py HeldHead) ---------
+
+
+def test_expect_100_continue_is_answered_before_the_body(live_gw: Live, limited: live.LiveProcess) -> None:
+    """The interim ``100 Continue`` goes out at once (it is not held like a response's head):
+    a client that waits for it before sending its body is answered."""
+    body = json.dumps({"model": MODEL, "input": "hello"}).encode()
+    with connect(limited) as sock:
+        sock.sendall(
+            request(
+                "/v1/responses",
+                b"Authorization: Bearer %s\r\nContent-Type: application/json\r\nContent-Length: %d\r\n"
+                b"Expect: 100-continue\r\nConnection: close\r\n" % (live_gw.owner.key.encode(), len(body)),
+                b"POST",
+            )
+        )
+        interim = sock.recv(65536)
+        assert interim.startswith(b"HTTP/1.1 100 Continue\r\n\r\n"), interim
+        sock.sendall(body)
+        answer = interim[len(b"HTTP/1.1 100 Continue\r\n\r\n") :] + read_answer(sock)
+    assert status_of(answer) == 200, answer[:500]
+    _head, _, payload = answer.partition(b"\r\n\r\n")
+    assert json.loads(payload)["object"] == "response"
+
+
+def test_heads_and_bodies_of_kept_alive_answers_stay_in_order(live_gw: Live, limited: live.LiveProcess) -> None:
+    """Several answers on one connection (JSON, an error, a stream): each head is followed by
+    its own body, whole, before the next answer starts."""
+    ok = json.dumps({"model": MODEL, "input": "hello"}).encode()
+    stream = json.dumps({"model": MODEL, "input": "hello", "stream": True}).encode()
+    auth = b"Authorization: Bearer %s\r\nContent-Type: application/json\r\n" % live_gw.owner.key.encode()
+    with connect(limited) as sock:
+        for payload, status in ((ok, 200), (b"{", 400), (stream, 200), (ok, 200)):
+            sock.sendall(request("/v1/responses", auth + b"Content-Length: %d\r\n" % len(payload), b"POST") + payload)
+            answer = b""
+            while b"\r\n\r\n" not in answer:
+                answer += sock.recv(65536)
+            head, _, rest = answer.partition(b"\r\n\r\n")
+            assert status_of(head) == status, head
+            if b"transfer-encoding: chunked" in head.lower():
+                while not rest.endswith(b"0\r\n\r\n"):
+                    rest += sock.recv(65536)
+                assert b"response.completed" in rest
+            else:
+                length = int(head.lower().split(b"content-length: ", 1)[1].split(b"\r\n", 1)[0])
+                while len(rest) < length:
+                    rest += sock.recv(65536)
+                assert len(rest) == length, (head, rest[:200])
+                json.loads(rest)

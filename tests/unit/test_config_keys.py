@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from gateway.config.keys import KeyDirectory, PrefixSet, prefix_number
+from gateway.config.keys import ExpiringCache, KeyDirectory, PrefixSet, prefix_number
 from gateway.config.snapshot import Snapshot, build_snapshot
 from gateway.config.state import ConfigState
 
@@ -313,3 +313,24 @@ def test_memory_stays_flat_across_a_thousand_config_changes() -> None:
     finally:
         tracemalloc.stop()
     assert after - before < 1_000_000, (before, after)
+
+
+def test_the_expiring_cache_answers_within_its_ttl_and_evicts_the_oldest() -> None:
+    now = [100.0]
+    cache: ExpiringCache[int] = ExpiringCache(3, ttl=10.0, clock=lambda: now[0])
+    for n in range(3):
+        cache[f"k{n}"] = n
+    assert cache.get("k0") == 0
+    cache["k3"] = 3  # full: the one stored longest ago goes, even if used lately
+    assert cache.get("k0") is None
+    assert [key for key, _ in cache.items()] == ["k1", "k2", "k3"]
+    cache["k1"] = 11  # stored again: the newest now
+    cache["k4"] = 4
+    assert "k2" not in cache
+    assert cache.get("k1") == 11
+    now[0] += 10.0  # every entry stored at 100.0 has expired
+    assert cache.get("k3") is None
+    assert len(cache) == 2  # k1 and k4 are still held until looked up, and expired too
+    assert cache.items() == []
+    assert cache.pop("k4") == 4
+    assert cache.pop("k4", -1) == -1

@@ -9,7 +9,7 @@ import pytest
 
 from gateway.dataplane.app import GatewayApp
 from gateway.dataplane.asgi_io import ClientGone
-from gateway.dataplane.disconnect import WATCH_AFTER, ClientWatch
+from gateway.dataplane.disconnect import WATCH_AFTER, ClientWatch, WatchStarter
 from gateway.dataplane.exchange import Exchange
 
 
@@ -19,8 +19,10 @@ class Client:
     def __init__(self) -> None:
         self.gone = asyncio.Event()
         self.sent: list[dict[str, Any]] = []
+        self.reads = 0
 
     async def receive(self) -> dict[str, Any]:
+        self.reads += 1
         await self.gone.wait()
         return {"type": "http.disconnect"}
 
@@ -44,7 +46,7 @@ def test_a_client_leaving_cancels_the_work_and_raises_client_gone() -> None:
             finally:
                 upstream_closed.set()
 
-        async with ClientWatch(client.receive, client.send, ex):
+        async with ClientWatch(client.receive, client.send, ex, WatchStarter()):
             asyncio.get_running_loop().call_soon(client.leave)
             await slow_upstream()
 
@@ -62,7 +64,7 @@ def test_the_task_is_not_left_cancelling() -> None:
         ex = Exchange("req_1", 0.0)
 
         async def served() -> None:
-            async with ClientWatch(client.receive, client.send, ex):
+            async with ClientWatch(client.receive, client.send, ex, WatchStarter()):
                 client.leave()
                 await asyncio.sleep(10)
 
@@ -82,7 +84,7 @@ def test_the_disconnect_after_a_complete_answer_is_not_a_client_leaving() -> Non
 
     async def main() -> None:
         client = Client()
-        async with ClientWatch(client.receive, client.send, ex) as watch:
+        async with ClientWatch(client.receive, client.send, ex, WatchStarter()) as watch:
             await asyncio.sleep(WATCH_AFTER * 2)  # the watcher is reading by now
             await watch.send({"type": "http.response.start", "status": 200, "headers": []})
             await watch.send({"type": "http.response.body", "body": b"{}", "more_body": False})
@@ -100,7 +102,7 @@ def test_work_that_ends_first_is_untouched() -> None:
 
     async def main() -> str:
         client = Client()
-        async with ClientWatch(client.receive, client.send, ex):
+        async with ClientWatch(client.receive, client.send, ex, WatchStarter()):
             await asyncio.sleep(0)
             return "done"
 
@@ -108,21 +110,63 @@ def test_work_that_ends_first_is_untouched() -> None:
     assert not ex.client_gone
 
 
-def test_a_quick_answer_starts_no_watcher() -> None:
-    """An answer complete within WATCH_AFTER never reads the client: no task was started."""
-    ex = Exchange("req_1", 0.0)
+def test_quick_answers_start_no_watcher() -> None:
+    """Answers complete within WATCH_AFTER never read the client: no task per request, only
+    the starter's one ticker, which ends once no block is open."""
+    starter = WatchStarter()
+    exchanges = [Exchange(f"req_{n}", 0.0) for n in range(50)]
+    client = Client()
 
-    async def main() -> tuple[int, int]:
-        client = Client()
-        before = len(asyncio.all_tasks())
-        async with ClientWatch(client.receive, client.send, ex):
+    async def quick(ex: Exchange) -> None:
+        async with ClientWatch(client.receive, client.send, ex, starter):
             await asyncio.sleep(0)
-            during = len(asyncio.all_tasks())
-        return before, during
 
-    before, during = asyncio.run(main())
-    assert during == before
-    assert not ex.client_gone
+    async def main() -> tuple[int, int, int]:
+        before = len(asyncio.all_tasks())
+        serving = [asyncio.create_task(quick(ex)) for ex in exchanges]
+        await asyncio.sleep(0)
+        during = len(asyncio.all_tasks()) - len(serving)
+        await asyncio.gather(*serving)
+        await asyncio.sleep(WATCH_AFTER)  # the ticker's next round finds nothing open
+        return before, during, len(asyncio.all_tasks())
+
+    before, during, after = asyncio.run(main())
+    assert during == before + 1  # the ticker
+    assert after == before
+    assert client.reads == 0
+    assert not any(ex.client_gone for ex in exchanges)
+
+
+def test_only_blocks_open_long_enough_are_watched() -> None:
+    """Of blocks opened at different times, the ticker starts the watchers of those open for
+    WATCH_AFTER, and a client that leaves one of them cancels that one alone."""
+    starter = WatchStarter()
+    old_ex, young_ex = Exchange("req_old", 0.0), Exchange("req_young", 0.0)
+    old_client, young_client = Client(), Client()
+
+    async def serve(client: Client, ex: Exchange, seconds: float) -> str:
+        try:
+            async with ClientWatch(client.receive, client.send, ex, starter):
+                await asyncio.sleep(seconds)
+        except ClientGone:
+            return "gone"
+        return "done"
+
+    async def main() -> list[str]:
+        old = asyncio.create_task(serve(old_client, old_ex, 30))
+        await asyncio.sleep(WATCH_AFTER * 2)
+        young = asyncio.create_task(serve(young_client, young_ex, WATCH_AFTER / 4))
+        await asyncio.sleep(0)
+        assert old_client.reads == 1  # watched
+        old_client.leave()
+        results = await asyncio.gather(old, young)
+        assert young_client.reads == 0  # ended before its watcher was due
+        await starter.aclose()
+        return list(results)
+
+    assert asyncio.run(main()) == ["gone", "done"]
+    assert old_ex.client_gone
+    assert not young_ex.client_gone
 
 
 def test_a_client_leaving_later_is_still_noticed() -> None:
@@ -131,7 +175,7 @@ def test_a_client_leaving_later_is_still_noticed() -> None:
 
     async def main() -> None:
         client = Client()
-        async with ClientWatch(client.receive, client.send, ex):
+        async with ClientWatch(client.receive, client.send, ex, WatchStarter()):
             asyncio.get_running_loop().call_later(WATCH_AFTER * 3, client.leave)
             await asyncio.sleep(30)
 

@@ -299,6 +299,18 @@ def test_a_success_clears_the_failure_count() -> None:
     assert transition is None
 
 
+def test_a_success_on_a_clean_healthy_account_changes_nothing() -> None:
+    m = machine()
+    health = Health(1, since=T0, version=3)
+    same, transition = m.on_success(health, T0 + 5)
+    assert transition is None
+    assert same is health  # nothing to clear: the record is kept as it is
+    limited, _ = m.on_rate_limited(health, T0, retry_after=None)
+    recovered, _ = m.on_success(limited, T0 + 3600)
+    assert recovered.rate_limits == 0
+    assert recovered.state is State.HEALTHY
+
+
 def test_half_open_trial_success_closes_the_circuit() -> None:
     m = machine()
     health = open_circuit(m)
