@@ -127,5 +127,7 @@ class CoarseTimers:
         # Buckets emptied by cancels need no wake-up: skip them.
         while heap and heap[0] not in self._buckets:
             self._queued.discard(heapq.heappop(heap))
-        if heap and self._handle is None:
+        # A callback that armed a timer while ``_handle`` was None scheduled the loop timer for
+        # its own bucket, which may be later than one already queued: wake for the earliest.
+        if heap and (self._handle is None or heap[0] < self._due):
             self._schedule(heap[0])

@@ -100,7 +100,8 @@ class HeldHead:
     starts a status line other than ``100 Continue``) and writes it with the next write, or
     before a close, in one ``writelines`` (one ``writev``). The application always sends a body
     message after the start (uvicorn closes the connection if it ends without one), so a head
-    waits only while the application prepares its first body bytes.
+    waits only while the application prepares its first body bytes. A ``HEAD`` request's
+    cycle is not given one: uvicorn writes no body for it, so its head would wait forever.
 
     Measured under ``make bench`` (docs/performance.md, "The gap to 064532d, closed").
     """
@@ -164,7 +165,9 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
 
     def _start_asgi_task(self, cycle: RequestResponseCycle, app: Any) -> None:
         self._serving = cycle
-        cycle.transport = HeldHead(cycle.transport)  # type: ignore[assignment]
+        # A HEAD answer has no body write (uvicorn skips it): its head must go out unheld.
+        if cycle.scope["method"] != "HEAD":
+            cycle.transport = HeldHead(cycle.transport)  # type: ignore[assignment]
         super()._start_asgi_task(cycle, app)
 
     def data_received(self, data: bytes) -> None:

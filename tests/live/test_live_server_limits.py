@@ -321,3 +321,21 @@ def test_heads_and_bodies_of_kept_alive_answers_stay_in_order(live_gw: Live, lim
                     rest += sock.recv(65536)
                 assert len(rest) == length, (head, rest[:200])
                 json.loads(rest)
+
+
+def test_a_head_request_is_answered_at_once_on_a_kept_alive_connection(limited: live.LiveProcess) -> None:
+    """``HEAD`` answers have no body write (uvicorn skips it), so their head is not held: the
+    client gets it at once, and the connection serves the next request."""
+    with connect(limited) as sock:
+        sock.settimeout(5)
+        sock.sendall(request(method=b"HEAD"))
+        answer = b""
+        while b"\r\n\r\n" not in answer:
+            chunk = sock.recv(65536)
+            assert chunk, answer
+            answer += chunk
+        head, _, rest = answer.partition(b"\r\n\r\n")
+        assert status_of(head) == 200, head
+        assert rest == b""
+        sock.sendall(request(headers=b"Connection: close\r\n"))
+        assert status_of(read_answer(sock)) == 200

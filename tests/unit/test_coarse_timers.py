@@ -132,3 +132,31 @@ def test_a_new_event_loop_starts_afresh() -> None:
     for n in range(runs):
         asyncio.run(main(n))
     assert fired == list(range(runs))
+
+
+def test_a_timer_armed_by_a_callback_does_not_delay_the_buckets_already_queued() -> None:
+    """A callback that arms a far timer (as ``Deadline`` re-arms itself) while it fires must not
+    move the loop timer past a nearer bucket already queued: that one still fires on time."""
+    timers = CoarseTimers(RESOLUTION)
+
+    async def main() -> list[str]:
+        loop = asyncio.get_running_loop()
+        fired: list[str] = []
+        done = asyncio.Event()
+        start = loop.time()
+
+        def rearm() -> None:
+            fired.append("first")
+            timers.call_at(loop, loop.time() + 60, fired.append, "far")
+
+        def near() -> None:
+            fired.append("near")
+            done.set()
+
+        timers.call_at(loop, start + 0.02, rearm)
+        timers.call_at(loop, start + 0.2, near)
+        await asyncio.wait_for(done.wait(), 5)
+        assert len(timers) == 1  # the far one, still armed
+        return fired
+
+    assert asyncio.run(main()) == ["first", "near"]
