@@ -114,16 +114,19 @@ class CoarseTimers:
         while heap and heap[0] * self.resolution <= now:
             number = heapq.heappop(heap)
             self._queued.discard(number)
-            bucket = self._buckets.pop(number, None)
-            if not bucket:
-                continue
-            for timer in list(bucket):
+            # Taken out one at a time, the bucket still registered: a timer that an earlier
+            # callback of this bucket cancelled is gone from it and never fires.
+            bucket = self._buckets.get(number)
+            while bucket:
+                timer = next(iter(bucket))
+                del bucket[timer]
                 try:
                     timer.callback(*timer.args)
                 except Exception as exc:
                     loop.call_exception_handler(
                         {"message": "a coarse timer's callback failed", "exception": exc, "timer": timer}
                     )
+            self._buckets.pop(number, None)
         # Buckets emptied by cancels need no wake-up: skip them.
         while heap and heap[0] not in self._buckets:
             self._queued.discard(heapq.heappop(heap))

@@ -160,3 +160,25 @@ def test_a_timer_armed_by_a_callback_does_not_delay_the_buckets_already_queued()
         return fired
 
     assert asyncio.run(main()) == ["first", "near"]
+
+
+def test_a_timer_cancelled_by_a_callback_of_its_own_bucket_does_not_fire() -> None:
+    timers = CoarseTimers(RESOLUTION)
+    fired: list[str] = []
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        when = loop.time() + 0.03
+        second: list[Any] = []
+
+        def first() -> None:
+            fired.append("first")
+            second[0].cancel()
+
+        timers.call_at(loop, when, first)
+        second.append(timers.call_at(loop, when, fired.append, "second"))
+        await asyncio.sleep(0.03 + 3 * RESOLUTION)
+
+    asyncio.run(main())
+    assert fired == ["first"]
+    assert len(timers) == 0
