@@ -117,20 +117,14 @@ def random_key(rng: random.Random) -> tuple[str, str]:
     return secret, secret[:PREFIX_LENGTH]
 
 
-def bulk_keys(count: int, tenants: int, keep: int) -> list[str]:
-    """COPY ``count`` keys over ``tenants`` new tenants; return the secrets of the first ``keep``."""
-    from django.db import connection, transaction
-    from django.utils import timezone
+def key_row_template(now: Any) -> tuple[list[Any], list[Any]]:
+    """ApiKey's columns (but the id) and a row's values for COPY: tenant, prefix and digest to
+    fill in per key; every other column its default, NULL or empty. A new column this cannot
+    fill is a BenchError (tests/unit/test_bench.py builds it against the current model)."""
+    from tenancy.models import ApiKey
 
-    from gateway.config import notify
-    from tenancy.keys import key_digest
-    from tenancy.models import ApiKey, Tenant
-
-    rng = random.Random(os.urandom(16))
-    mix = Tenant.objects.bulk_create([Tenant(slug=f"scale-{i:05d}", name=f"Scale {i}") for i in range(tenants)])
     given = {"tenant": None, "name": "scale", "prefix": None, "digest": None, "allowed_models": "[]"}
     fields = [f for f in ApiKey._meta.concrete_fields if not f.primary_key]
-    now = timezone.now()
     template: list[Any] = []
     for f in fields:
         if f.name in given:
@@ -142,8 +136,25 @@ def bulk_keys(count: int, tenants: int, keep: int) -> list[str]:
         elif f.has_default():
             default = f.get_default()
             template.append(json.dumps(default) if f.get_internal_type() == "JSONField" else default)
+        elif f.blank and f.empty_strings_allowed:  # a text field left empty (the key was never rotated)
+            template.append("")
         else:
             raise BenchError(f"bench/scale.py does not know what to put in ApiKey.{f.name}")
+    return fields, template
+
+
+def bulk_keys(count: int, tenants: int, keep: int) -> list[str]:
+    """COPY ``count`` keys over ``tenants`` new tenants; return the secrets of the first ``keep``."""
+    from django.db import connection, transaction
+    from django.utils import timezone
+
+    from gateway.config import notify
+    from tenancy.keys import key_digest
+    from tenancy.models import ApiKey, Tenant
+
+    rng = random.Random(os.urandom(16))
+    mix = Tenant.objects.bulk_create([Tenant(slug=f"scale-{i:05d}", name=f"Scale {i}") for i in range(tenants)])
+    fields, template = key_row_template(timezone.now())
     at = {f.name: i for i, f in enumerate(fields)}
     columns = ", ".join(f'"{f.column}"' for f in fields)
     kept: list[str] = []

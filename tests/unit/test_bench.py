@@ -118,3 +118,21 @@ def test_the_live_view_row_compares_lines_received_with_requests_answered() -> N
     line = next(line for line in printed.splitlines() if line.startswith("| live view"))
     cells = [cell.strip() for cell in line.split("|")]
     assert cells[[cell.strip() for cell in header.split("|")].index("watched")] == "0.999"
+
+
+def test_the_scale_scenario_fills_every_column_of_the_key_table() -> None:
+    """bench/scale.py COPYs keys row by row: a column added to ApiKey that it cannot fill made
+    ``make bench`` fail at its last scenario (``previous_prefix``, added by key rotation)."""
+    from datetime import UTC, datetime
+
+    from bench.scale import key_row_template
+    from tenancy.models import ApiKey
+
+    fields, template = key_row_template(datetime(2026, 1, 1, tzinfo=UTC))
+    assert [f.name for f in fields] == [f.name for f in ApiKey._meta.concrete_fields if not f.primary_key]
+    row = dict(zip([f.name for f in fields], template, strict=True))
+    assert row["previous_prefix"] == ""
+    assert row["rotation_secret_encrypted"] == ""
+    assert row["previous_valid_until"] is None
+    for name in ("tenant", "prefix", "digest"):  # filled in per key
+        assert row[name] is None
