@@ -211,7 +211,8 @@ def live_gw(transactional_db: None, live_gateway: str, fake_upstream: FakeUpstre
 def start_gateway(live_env: dict[str, str], fake_upstream: FakeUpstream) -> Iterator[Callable[..., live.LiveProcess]]:
     """Start a dedicated gateway process: ``start_gateway(server="uvicorn", args=(), **env_overrides)``.
 
-    Every process started is stopped (SIGTERM) at teardown unless the test stopped it.
+    Every process started is stopped (SIGTERM) at teardown unless the test stopped it, and
+    whatever it left running is killed (``LiveProcess.reap``).
     """
     started: list[live.LiveProcess] = []
 
@@ -224,4 +225,4 @@ def start_gateway(live_env: dict[str, str], fake_upstream: FakeUpstream) -> Iter
 
     yield start
     for process in started:
-        process.stop()
+        process.reap()

@@ -20,6 +20,7 @@ import subprocess
 import sys
 import threading
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
@@ -72,14 +73,22 @@ class LiveProcess:
         self.log = log
         self.proc: subprocess.Popen[bytes] | None = None
         self.url = ""  # base URL, for servers
+        # What was still running in the process's group once it had ended (killed by stop()).
+        self.survivors: list[tuple[int, str]] = []
 
     def start(self) -> LiveProcess:
         handle = open(self.log, "ab")  # noqa: SIM115 - lives as long as the process
-        self.proc = subprocess.Popen(self.args, cwd=ROOT, env=self.env, stdout=handle, stderr=subprocess.STDOUT)
+        # A process group of its own: whatever it starts (uvicorn workers, the usage writer,
+        # Celery) can be found, and killed, once it has ended (stop()).
+        self.proc = subprocess.Popen(
+            self.args, cwd=ROOT, env=self.env, stdout=handle, stderr=subprocess.STDOUT, start_new_session=True
+        )
         wait_http(self.ready_url, self.proc)
         return self
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 15.0) -> int | None:
+        """Signal the process and wait for it (killed after ``timeout``). Its children are left
+        alone (tests check that they end on their own): :meth:`reap` them after."""
         if self.proc is None:
             return None
         if self.proc.poll() is None:
@@ -91,6 +100,19 @@ class LiveProcess:
                 self.proc.wait()
         return self.proc.returncode
 
+    def reap(self) -> list[tuple[int, str]]:
+        """Once the test is done with it: kill whatever of the process's group still runs and
+        say what it was (also kept in :attr:`survivors`). A child that outlived its parent (a
+        uvicorn worker whose shutdown hung) would otherwise serve on into later tests as one
+        more replica on their database and Redis, probing their accounts."""
+        if self.proc is None:
+            return []
+        self.stop()
+        self.survivors = kill_group(self.proc.pid)
+        for pid, command in self.survivors:
+            warnings.warn(f"{self.args[1:4]}: process {pid} ({command[:120]}) outlived it; killed", stacklevel=2)
+        return self.survivors
+
 
 @contextlib.contextmanager
 def running(process: LiveProcess) -> Iterator[LiveProcess]:
@@ -98,7 +120,7 @@ def running(process: LiveProcess) -> Iterator[LiveProcess]:
     try:
         yield process
     finally:
-        process.stop()
+        process.reap()
 
 
 def fake_upstream(port: int, env: dict[str, str], log: Path, *extra: str) -> LiveProcess:
@@ -135,6 +157,29 @@ def _stat(pid: int) -> list[str] | None:
     except (FileNotFoundError, ProcessLookupError):
         return None
     return text.rpartition(")")[2].split()
+
+
+def group(pgid: int) -> list[tuple[int, str]]:
+    """The live processes of group ``pgid``: each one's pid and command line."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            fields = _stat(int(entry.name))
+            if fields is not None and int(fields[2]) == pgid and fields[0] not in ("Z", "X"):
+                found.append((int(entry.name), " ".join(cmdline(int(entry.name)))))
+    return found
+
+
+def kill_group(pgid: int, grace: float = 5.0) -> list[tuple[int, str]]:
+    """Give group ``pgid`` ``grace`` seconds to end on its own (an orphaned usage writer's last
+    pass), then SIGKILL what is left; returns what was left."""
+    deadline = time.monotonic() + grace
+    while (left := group(pgid)) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    if left:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(pgid, signal.SIGKILL)
+    return left
 
 
 def cmdline(pid: int) -> list[str]:

@@ -57,6 +57,7 @@ from accounts.health.machine import (
     event_for_exception,
     event_for_status,
 )
+from accounts.infra.redis import raise_if_cancelled
 from accounts.upstream.account import AccountInfo
 
 if TYPE_CHECKING:
@@ -191,6 +192,7 @@ class Prober:
 
     async def _run(self) -> None:
         while True:
+            raise_if_cancelled()  # a cancellation swallowed whole inside a round still ends it
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), PROBE_TICK)
             self._wake.clear()

@@ -74,6 +74,7 @@ class BackgroundFlush:
         assert self._wake is not None
         backoff = 0.0
         while True:
+            raise_if_cancelled()  # a cancellation swallowed whole inside flush() still ends the loop
             if not backoff and not self.pending():
                 self._wake.clear()
                 await self._wake.wait()

@@ -31,7 +31,10 @@ def raise_if_cancelled() -> None:
     Call it first in an ``except Exception`` of a background loop that must end when its task is
     cancelled: redis-py can turn a cancellation that lands inside a call into a connection error,
     and a loop that logged it and went on would never end (its owner's ``await task`` at shutdown
-    would hang, and the process with it).
+    would hang, and the process with it). Call it once per round of the loop too: a cancellation
+    can also be swallowed whole, the call returning as if nothing happened (seen in a uvicorn
+    worker whose metrics sampler never ended, so neither did its shutdown). The task's
+    ``cancelling()`` count still says it was asked to stop.
     """
     task = asyncio.current_task()
     if task is not None and task.cancelling():

@@ -93,6 +93,7 @@ class LiveFeed:
             except Exception:  # a Redis hiccup must not end the feed (a cancellation must)
                 raise_if_cancelled()
                 logger.warning("the live feed could not send", exc_info=True)
+            raise_if_cancelled()  # also when a library swallowed it whole
 
     async def _refresh_watching(self) -> None:
         now = time.monotonic()

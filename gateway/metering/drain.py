@@ -45,6 +45,7 @@ async def drain(
     delay = 0.0
     failing = False
     while not stop.is_set():
+        raise_if_cancelled()  # a cancellation a library swallowed whole still ends the loop
         try:
             handled = await source.step()
         except Exception as exc:

@@ -63,6 +63,7 @@ class Sampler:
             except Exception:  # a failed sample is retried at the next interval (a cancellation ends it)
                 raise_if_cancelled()
                 logger.warning("sampling the gauges failed", exc_info=True)
+            raise_if_cancelled()  # a cancellation a library swallowed whole (no exception) still ends it
             await asyncio.sleep(self.interval)
 
     async def sample(self) -> None:

@@ -143,6 +143,7 @@ class LiveConsumer(AsyncJsonWebsocketConsumer):
                     await client.set(WATCH_KEY, "1", ex=WATCH_KEY_SECONDS)
                 except Exception:  # Redis down: the local count still works
                     raise_if_cancelled()
+                raise_if_cancelled()  # also when redis-py swallowed it whole
                 await asyncio.sleep(WATCH_REFRESH_SECONDS)
         finally:
             with contextlib.suppress(Exception):
