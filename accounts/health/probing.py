@@ -69,6 +69,7 @@ PROBE_MAX_OUTPUT_TOKENS = 16
 PROBE_CONCURRENCY = 10
 PROBE_TICK = 1.0  # how often the store's records are looked at (a due trial waits at most this)
 DISABLED_PROBE_INTERVAL = 5.0  # a DISABLED account is probed at most this often (per replica)
+SLOW_TARGETS_SECONDS = 5.0  # reading the accounts to probe (the config snapshot) slower than this is logged
 
 
 Targets = Callable[[], Awaitable[Iterable[AccountInfo]]]
@@ -146,6 +147,8 @@ class Prober:
     def consider(self, account_id: int, event: Event) -> None:
         """After a tenant request's ``event`` was reported: probe the account now if it asks for it."""
         if self.store.machine.wants_probe(self.store.health(account_id), event):
+            if account_id not in self._suspects:
+                logger.info("account %s is suspect (%s): a probe is queued", account_id, type(event).__name__)
             self._suspects.add(account_id)
             self._wake.set()
 
@@ -166,18 +169,30 @@ class Prober:
     async def run_once(self) -> list[ProbeOutcome]:
         """One round: probe every due account whose probe lock this process gets."""
         now = self._clock()
+        suspects = set(self._suspects)
         due = self.due(now)
         self._suspects.clear()
         if not due:
             return []
+        asked = time.monotonic()
         targets = {target.account_id: target for target in await self._targets() if target.account_id in due}
-        locked = [target for account_id, target in targets.items() if await self.store.try_lock_probe(account_id, now)]
+        if time.monotonic() - asked > SLOW_TARGETS_SECONDS:
+            logger.warning("the accounts to probe took %.1fs to read", time.monotonic() - asked)
+        for account_id in suspects - targets.keys():
+            logger.warning("suspect account %s not probed: this process's configuration does not serve it", account_id)
+        locked = []
+        for account_id, target in targets.items():
+            if await self.store.try_lock_probe(account_id, now):
+                locked.append(target)
+            elif account_id in suspects:
+                logger.info("account %s not probed here: its probe lock is held (another replica's probe)", account_id)
         return list(await asyncio.gather(*(self._probe(target) for target in locked)))
 
     async def _probe(self, target: AccountInfo) -> ProbeOutcome:
         account_id = target.account_id
         before = self.store.health(account_id).state
         async with self._gate:  # cancelled (shutdown): the lock expires after policy.trial_ttl
+            logger.info("probing account %s (%s)", account_id, before.value)
             status, event, detail = await probe_one(self._client, target)
         if before is State.DISABLED and isinstance(event, Success | RateLimited):
             await self.store.report(account_id, Reset(f"probe succeeded ({detail})"))
