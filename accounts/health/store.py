@@ -388,7 +388,18 @@ class RedisHealthStore(LocalHealthStore):
     def _accept(self, health: Health) -> None:
         current = self._states.get(health.account_id)
         if current is None or health.version > current.version:
-            self._states[health.account_id] = health
+            self._states[health.account_id] = self._with_pending(health)
+
+    def _with_pending(self, health: Health) -> Health:
+        """``health`` (a shared record) with this replica's events not written yet applied on
+        top, as :meth:`report` applied them to the mirror: a shared record older than those
+        events must not take them back. (It did: a write of the first of three quick server
+        errors, accepted between the second and the third, left the mirror at two failures when
+        the third was reported, so the probe that three failures of one tenant ask for was never
+        queued.) Transitions are not logged here; the writer logs them against the shared record."""
+        for event, at in self._pending.get(health.account_id, ()):
+            health, _ = self.machine.apply(health, event, at)
+        return health
 
     def on_message(self, data: bytes | str) -> None:
         """Apply one published record to the mirror (ignored if malformed or not newer)."""
@@ -420,7 +431,7 @@ class RedisHealthStore(LocalHealthStore):
             health = Health.from_wire(raw)
             current = self._states.get(account_id)
             if current is None or health.version > current.version:
-                self._states[account_id] = health
+                self._states[account_id] = self._with_pending(health)
                 updated += 1
         if stale:
             await self._redis.srem(self._ids_key(), *stale)

@@ -538,3 +538,40 @@ def test_one_probe_per_account_across_replicas() -> None:
 
 async def _gone(redis: Any, key: str) -> bool:
     return not await redis.exists(key)
+
+
+def test_a_shared_record_older_than_this_replicas_unwritten_events_does_not_take_them_back() -> None:
+    """Three quick server errors of one tenant must leave the mirror at three failures, so that
+    the confirming probe is asked for, even when a shared record written before the last ones
+    (another replica's, or this one's own first write) arrives in between. Before, the mirror
+    took the shared record as it was: the third error was applied to one failure, not two, and
+    no probe was queued (the live test
+    test_one_tenants_server_errors_do_not_open_the_circuit_for_the_others failed now and then)."""
+    import redis.asyncio as aioredis
+
+    machine = HealthMachine()
+
+    async def scenario() -> tuple[int, bool, int]:
+        # No Redis behind it: nothing here waits on it (the writer only retries in the background).
+        store = RedisHealthStore(aioredis.Redis.from_url("redis://127.0.0.1:9/0"), machine)
+        try:
+            now = time.time()
+            await store.report(9, ServerError("500", tenant=1), now)
+            await store.report(9, ServerError("500", tenant=1), now)
+            # A record another replica wrote with one failure of the same tenant (a newer version).
+            shared, _ = machine.apply(Health(9, version=5), ServerError("500", tenant=1), now)
+            store.on_message(orjson.dumps(shared.to_wire()))
+            after_message = store.health(9).failures  # its one and this replica's two unwritten
+            await store.report(9, ServerError("500", tenant=1), now)
+            return (
+                after_message,
+                machine.wants_probe(store.health(9), ServerError("500", tenant=1)),
+                store.health(9).version,
+            )
+        finally:
+            await store.aclose(timeout=0.2)
+
+    after_message, wants_probe, version = asyncio.run(scenario())
+    assert after_message == 3
+    assert wants_probe
+    assert version == 5  # still the shared record's version: a newer write replaces it
