@@ -73,13 +73,13 @@ class LiveProcess:
         self.log = log
         self.proc: subprocess.Popen[bytes] | None = None
         self.url = ""  # base URL, for servers
-        # What was still running in the process's group once it had ended (killed by stop()).
+        # What was still running in the process's group once it had ended (killed by reap()).
         self.survivors: list[tuple[int, str]] = []
 
     def start(self) -> LiveProcess:
         handle = open(self.log, "ab")  # noqa: SIM115 - lives as long as the process
         # A process group of its own: whatever it starts (uvicorn workers, the usage writer,
-        # Celery) can be found, and killed, once it has ended (stop()).
+        # Celery) can be found, and killed, once it has ended (reap()).
         self.proc = subprocess.Popen(
             self.args, cwd=ROOT, env=self.env, stdout=handle, stderr=subprocess.STDOUT, start_new_session=True
         )
@@ -161,13 +161,7 @@ def _stat(pid: int) -> list[str] | None:
 
 def group(pgid: int) -> list[tuple[int, str]]:
     """The live processes of group ``pgid``: each one's pid and command line."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            fields = _stat(int(entry.name))
-            if fields is not None and int(fields[2]) == pgid and fields[0] not in ("Z", "X"):
-                found.append((int(entry.name), " ".join(cmdline(int(entry.name)))))
-    return found
+    return [(pid, " ".join(cmdline(pid))) for pid in _pids_where(2, pgid, running_only=True)]
 
 
 def kill_group(pgid: int, grace: float = 5.0) -> list[tuple[int, str]]:
@@ -190,15 +184,23 @@ def cmdline(pid: int) -> list[str]:
     return [part.decode() for part in raw.split(b"\0") if part]
 
 
-def children(pid: int) -> list[int]:
-    """The pids whose parent is ``pid``."""
+def _pids_where(field: int, value: int, *, running_only: bool = False) -> list[int]:
+    """The pids whose /proc/<pid>/stat ``field`` (see :func:`_stat`) is ``value``
+    (``running_only``: zombies left out)."""
     found = []
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
             fields = _stat(int(entry.name))
-            if fields is not None and int(fields[1]) == pid:
+            if fields is None or int(fields[field]) != value:
+                continue
+            if not (running_only and fields[0] in ("Z", "X")):
                 found.append(int(entry.name))
     return sorted(found)
+
+
+def children(pid: int) -> list[int]:
+    """The pids whose parent is ``pid``."""
+    return _pids_where(1, pid)
 
 
 @dataclasses.dataclass(frozen=True)

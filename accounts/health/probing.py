@@ -176,8 +176,8 @@ class Prober:
             return []
         asked = time.monotonic()
         targets = {target.account_id: target for target in await self._targets() if target.account_id in due}
-        if time.monotonic() - asked > SLOW_TARGETS_SECONDS:
-            logger.warning("the accounts to probe took %.1fs to read", time.monotonic() - asked)
+        if (took := time.monotonic() - asked) > SLOW_TARGETS_SECONDS:
+            logger.warning("the accounts to probe took %.1fs to read", took)
         for account_id in suspects - targets.keys():
             logger.warning("suspect account %s not probed: this process's configuration does not serve it", account_id)
         locked = []

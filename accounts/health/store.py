@@ -450,7 +450,7 @@ class RedisHealthStore(LocalHealthStore):
                 delay = 0.5
                 next_resync = time.monotonic() + self._resync_interval
                 while True:
-                    raise_if_cancelled()  # a cancellation redis-py swallowed whole still ends it
+                    raise_if_cancelled()  # a cancellation a library swallowed whole still ends it
                     wait = max(0.0, next_resync - time.monotonic())
                     message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=wait)
                     if message is not None and message.get("type") == "message":
